@@ -1,0 +1,273 @@
+"""Build ViTs and describe their token layout.
+
+Supported: timm ``VisionTransformer`` models (``vit_*``, ``deit_*`` including distilled,
+``vit_*_patch14_dinov2*`` with and without registers) and any model that looks like one:
+a ``blocks`` sequence whose blocks have timm's attribute names (``norm1``, ``attn`` with
+``qkv``/``num_heads``/``proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
+``drop_path2``) and a ``patch_embed``, such as the DINOv2 authors' hub models.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TokenLayout",
+    "token_layout",
+    "vit_blocks",
+    "unsupported_reason",
+    "is_supported_vit",
+    "find_vit",
+    "create_model",
+    "load_weights",
+]
+
+BLOCK_ATTRIBUTES = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+ATTENTION_ATTRIBUTES = ("qkv", "num_heads", "proj")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How many tokens a ViT carries through its blocks.
+
+    ``tokens`` (N) enter the first block: ``prefix_tokens`` (p: CLS, distillation token,
+    registers), which are never pruned, followed by ``patch_tokens`` ordinary tokens.
+    """
+
+    tokens: int
+    prefix_tokens: int
+    depth: int
+    embed_dim: int
+    num_heads: int
+    grid_size: tuple[int, int]
+
+    @property
+    def patch_tokens(self) -> int:
+        return self.tokens - self.prefix_tokens
+
+
+def _flatten_blocks(blocks: nn.Module) -> Iterator[nn.Module]:
+    for child in blocks.children() if not hasattr(blocks, "attn") else [blocks]:
+        if hasattr(child, "attn"):
+            yield child
+        elif isinstance(child, nn.Identity):
+            continue  # padding inside the DINOv2 authors' chunked blocks
+        elif isinstance(child, (nn.ModuleList, nn.Sequential)):
+            yield from _flatten_blocks(child)
+        else:
+            yield child  # reported as unsupported by unsupported_reason
+
+
+def vit_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model`` in execution order."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no `blocks` module: it is not a supported ViT")
+    return list(_flatten_blocks(blocks))
+
+
+def _prefix_tokens(model: nn.Module) -> int | None:
+    if isinstance(getattr(model, "num_prefix_tokens", None), int):
+        return int(model.num_prefix_tokens)
+    if hasattr(model, "cls_token") or hasattr(model, "register_tokens"):
+        cls = 1 if getattr(model, "cls_token", None) is not None else 0
+        regs = int(getattr(model, "num_register_tokens", 0) or 0)
+        dist = 1 if getattr(model, "dist_token", None) is not None else 0
+        return cls + regs + dist
+    return None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be pruned, or None when it can."""
+    name = type(model).__name__
+    if not isinstance(getattr(model, "blocks", None), nn.Module):
+        return f"{name} has no `blocks` attribute"
+    if not isinstance(getattr(model, "patch_embed", None), nn.Module):
+        return f"{name} has no `patch_embed` attribute"
+    if _prefix_tokens(model) is None:
+        return f"{name} has neither `num_prefix_tokens` nor `cls_token`/`register_tokens`"
+    blocks = vit_blocks(model)
+    if not blocks:
+        return f"{name}.blocks is empty"
+    for i, block in enumerate(blocks):
+        missing = [a for a in BLOCK_ATTRIBUTES if not hasattr(block, a)]
+        if missing:
+            return f"{name}.blocks[{i}] ({type(block).__name__}) lacks {', '.join(missing)}"
+        missing = [a for a in ATTENTION_ATTRIBUTES if not hasattr(block.attn, a)]
+        if missing:
+            return f"{name}.blocks[{i}].attn ({type(block.attn).__name__}) lacks {', '.join(missing)}"
+    return None
+
+
+def is_supported_vit(model: nn.Module) -> bool:
+    return unsupported_reason(model) is None
+
+
+def _require_supported(model: nn.Module) -> None:
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(
+            f"unsupported model {type(model).__name__}: {reason}. Supported are timm VisionTransformer "
+            "models (vit_*, deit_*, vit_*_dinov2*) and models whose blocks use timm's attribute names "
+            f"({', '.join(BLOCK_ATTRIBUTES)}; attn with {', '.join(ATTENTION_ATTRIBUTES)})."
+        )
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> TokenLayout:
+    """Token layout of ``model`` for inputs of ``img_size`` (default: the model's own size)."""
+    _require_supported(model)
+    pe = model.patch_embed
+    if img_size is not None:
+        patch = getattr(pe, "patch_size", None)
+        if patch is None:
+            raise ValueError(f"{type(pe).__name__} has no `patch_size`: cannot derive tokens for img_size")
+        ph, pw = _pair(patch)
+        h, w = _pair(img_size)
+        if h < ph or w < pw:
+            raise ValueError(f"img_size {img_size} is smaller than the patch size {(ph, pw)}")
+        grid = (h // ph, w // pw)
+    elif getattr(pe, "grid_size", None) is not None:
+        grid = _pair(pe.grid_size)
+    elif getattr(pe, "patches_resolution", None) is not None:  # DINOv2 authors' PatchEmbed
+        grid = _pair(pe.patches_resolution)
+    elif isinstance(getattr(pe, "num_patches", None), int):
+        side = int(pe.num_patches**0.5)
+        grid = (side, pe.num_patches // max(side, 1))
+    else:
+        raise ValueError(f"{type(pe).__name__} has no grid_size/patches_resolution/num_patches")
+    prefix = _prefix_tokens(model)
+    blocks = vit_blocks(model)
+    embed_dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
+    if embed_dim is None:
+        embed_dim = blocks[0].attn.qkv.in_features
+    return TokenLayout(
+        tokens=grid[0] * grid[1] + prefix,
+        prefix_tokens=prefix,
+        depth=len(blocks),
+        embed_dim=int(embed_dim),
+        num_heads=int(blocks[0].attn.num_heads),
+        grid_size=grid,
+    )
+
+
+def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
+    """The ViT inside ``root``: the submodule at dotted ``path``, or the first supported one.
+
+    Returns ``(path, module)`` (path ``""`` when ``root`` itself is the ViT).
+    """
+    if path:
+        try:
+            module = root.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f"{type(root).__name__} has no submodule at path {path!r}") from err
+        _require_supported(module)
+        return path, module
+    searched = []
+    for name, module in root.named_modules():
+        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
+            if is_supported_vit(module):
+                return name, module
+            searched.append(f"{name or '<root>'} ({type(module).__name__}: {unsupported_reason(module)})")
+    detail = "; candidates rejected: " + "; ".join(searched) if searched else ""
+    raise ValueError(
+        f"no supported ViT found inside {type(root).__name__}: searched all submodules for one with "
+        f"`patch_embed` and `blocks` of timm-style blocks{detail}. Pass the attribute path explicitly."
+    )
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
+    """Load a ``.safetensors`` or ``torch.save`` state dict into ``model`` (never unpickles code).
+
+    Accepts plain state dicts and checkpoints that nest them under ``state_dict``/``model``;
+    a missing file or mismatched keys raise an error naming the file and a few offending keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt file or pickled code
+            raise ValueError(f"cannot read weights from {path}: {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    own = model.state_dict()
+    for prefix in ("model.", "module.", "vit."):
+        if state and not (set(state) & set(own)) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if shape or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
+        if shape:
+            parts.append(f"{len(shape)} with other shapes (e.g. {', '.join(shape[:5])})")
+        raise ValueError(f"weights in {path} do not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    weights: str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """A timm ViT by name, optionally with pretrained (hub) or local weights.
+
+    ``weights`` is a local file loaded through the model's own checkpoint filter, so
+    original (non-timm) key names work as they do for timm's pretrained loading.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = [m for m in timm.list_models(f"*{name.split('.')[0]}*")][:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown timm model {name!r}.{hint}")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if pretrained and weights is None:
+            raise RuntimeError(
+                f"could not fetch pretrained weights for {name!r} ({err}). Without network access, "
+                "download them elsewhere and pass `weights=PATH`, or set pretrained=False."
+            ) from err
+        raise
+    _require_supported(model)
+    return model

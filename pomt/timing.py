@@ -1,0 +1,165 @@
+"""One timer for the whole project: the latency profiler, the benchmarks and the
+LightningModule's per-batch latency all measure through this module.
+
+On CUDA every measurement is bracketed by ``torch.cuda.synchronize`` (or CUDA events),
+so the asynchronous launch queue is never mistaken for the work itself; on the CPU it is
+``time.perf_counter`` and the thread count is recorded beside the numbers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["TimingStats", "synchronize", "time_call", "Stopwatch", "device_name"]
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("no samples to summarise")
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    frac = pos - lo
+    return float(sorted_values[lo] * (1 - frac) + sorted_values[hi] * frac)
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Summary of repeated latency samples, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p25_ms: float
+    p75_ms: float
+    p90_ms: float
+    mean_ms: float
+    samples: int
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.p75_ms - self.p25_ms
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> TimingStats:
+        values = sorted(float(v) for v in samples_ms)
+        if not values:
+            raise ValueError("TimingStats needs at least one sample")
+        return cls(
+            median_ms=_percentile(values, 50),
+            p10_ms=_percentile(values, 10),
+            p25_ms=_percentile(values, 25),
+            p75_ms=_percentile(values, 75),
+            p90_ms=_percentile(values, 90),
+            mean_ms=statistics.fmean(values),
+            samples=len(values),
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU)."""
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human-readable name of the hardware behind ``device`` (GPU name or CPU model)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        import platform
+
+        return platform.processor() or platform.machine() or "cpu"
+    return device.type
+
+
+class Stopwatch:
+    """Times one region, synchronising ``device`` before reading the clock at both ends.
+
+    >>> with Stopwatch("cpu") as sw:
+    ...     _ = sum(range(10))
+    >>> sw.elapsed_ms >= 0
+    True
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = device
+        self.elapsed_ms = float("nan")
+        self._start = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.elapsed_ms = (time.perf_counter() - self._start) * 1e3
+
+
+def time_call(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    repeats: int | None = None,
+    min_run_time: float = 0.5,
+    max_repeats: int = 10_000,
+) -> TimingStats:
+    """Median-oriented latency of ``fn()`` on ``device``.
+
+    Runs ``warmup`` untimed calls, then times single calls until ``repeats`` samples are
+    taken or, when ``repeats`` is None, until ``min_run_time`` seconds have passed (at least
+    5 samples, at most ``max_repeats``). Each call is timed on its own so the spread is real
+    (IQR, p10/p90), not an average over a block of calls.
+    """
+    device = torch.device(device)
+    for _ in range(max(0, warmup)):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    use_events = device.type == "cuda"
+    deadline = time.perf_counter() + min_run_time
+    while True:
+        if use_events:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        n = len(samples)
+        if repeats is not None:
+            if n >= repeats:
+                break
+        elif (n >= 5 and time.perf_counter() >= deadline) or n >= max_repeats:
+            break
+    return TimingStats.from_samples(samples)
