@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["TimingStats", "synchronize", "time_call", "Stopwatch", "device_name"]
+__all__ = ["TimingStats", "synchronize", "time_call", "time_interleaved", "Stopwatch", "device_name"]
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -163,3 +163,28 @@ def time_call(
         elif (n >= 5 and time.perf_counter() >= deadline) or n >= max_repeats:
             break
     return TimingStats.from_samples(samples)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    rounds: int = 30,
+    warmup: int = 3,
+) -> dict[str, TimingStats]:
+    """Time several callables side by side: A B C A B C ... for ``rounds`` rounds.
+
+    Interleaving spreads slow drifts of the machine (clocks, other load) over every
+    candidate alike, so ratios between them are far steadier than back-to-back runs.
+    """
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(max(0, warmup)):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            with Stopwatch(device) as sw:
+                fn()
+            samples[name].append(sw.elapsed_ms)
+    return {name: TimingStats.from_samples(values) for name, values in samples.items()}
