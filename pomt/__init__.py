@@ -4,20 +4,30 @@
 and is not imported here.
 """
 
+from pomt import plots  # (matplotlib itself is imported only when plotting)
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
+from pomt.profiling import AccuracyProfile, LatencyProfile, estimate_accuracy, profile_latency
 from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_schedule
+from pomt.selection import Selection, select_r
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AccuracyProfile",
+    "LatencyProfile",
+    "Selection",
     "TokenLayout",
     "apply_pruning",
     "create_model",
+    "estimate_accuracy",
     "find_vit",
     "load_weights",
+    "plots",
+    "profile_latency",
     "pruning_config",
     "remove_pruning",
+    "select_r",
     "token_layout",
     "token_schedule",
 ]

@@ -1,0 +1,383 @@
+"""Command-line tools for the offline step of POMT.
+
+Three commands, each with ``--help`` (installed as console scripts, or run as
+``python -m pomt.cli <command> ...``):
+
+- ``pomt-profile-latency``: time L(n) of a timm ViT on this device and save a JSON profile;
+- ``pomt-estimate-accuracy``: estimate A(n) on an image folder and save a JSON profile;
+- ``pomt-select-r``: combine saved profiles (possibly from different machines), print R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
+
+
+def _token_list(text: str) -> list[int]:
+    """'2,10,50-60,197' -> token counts (ranges inclusive)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"bad token list {text!r}: use e.g. '2,10,50-60,197'") from err
+    if not out:
+        raise argparse.ArgumentTypeError("empty token list")
+    return out
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="timm model name, e.g. deit_small_patch16_224")
+    group.add_argument("--weights", help="local weights file (.safetensors or a torch state dict)")
+    group.add_argument(
+        "--pretrained", action="store_true", help="download timm's pretrained weights (needs network)"
+    )
+    group.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's)")
+    group.add_argument("--img-size", type=int, help="input size (default: the model's)")
+
+
+def _build_model(args: argparse.Namespace):
+    from pomt.models import create_model
+
+    return create_model(
+        args.model,
+        pretrained=args.pretrained,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+    ).eval()
+
+
+def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def latency_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pomt-profile-latency",
+        description=(
+            "Measure the latency profile L(n) of a ViT pruned with POMT on this device and save it as JSON. "
+            "Run it on the deployment device (e.g. the Jetson) with the deployment batch size and dtype; "
+            "weights do not matter for latency, so random weights are fine."
+        ),
+    )
+    _model_args(parser)
+    parser.add_argument("--output", "-o", required=True, help="where to write the JSON profile")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    parser.add_argument("--layer", type=int, default=3, help="block where POMT prunes (0-based)")
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--tokens", type=_token_list, help="explicit token counts, e.g. '2,10,50-60,197'")
+    grid.add_argument("--full-grid", action="store_true", help="time every n from N down to p+1 (slow)")
+    parser.add_argument(
+        "--accuracy", help="accuracy profile (JSON) to guide the fast search towards n* at --alpha (optional)"
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="utility weight used with --accuracy")
+    parser.add_argument("--coarse-points", type=int, default=9, help="coarse grid size of the fast search")
+    parser.add_argument(
+        "--max-points", type=int, help="point budget of the fast search (default 9%% of the grid)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed calls per point")
+    parser.add_argument("--repeats", type=int, help="fixed number of timed calls per point instead")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay CUDA graphs (removes launch overhead)"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (torch.set_num_threads); recorded in the profile"
+    )
+    parser.add_argument("--plot", help="also save a PNG of L(n)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _profile_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from pomt.profiling import AccuracyProfile, profile_latency
+    from pomt.selection import full_grid
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _build_model(args)
+    accuracy = AccuracyProfile.load(args.accuracy) if args.accuracy else None
+    tokens = args.tokens
+    if args.full_grid:
+        from pomt.models import token_layout
+
+        layout = token_layout(model, args.img_size)
+        tokens = full_grid(layout.prefix_tokens + 1, layout.tokens)
+    lat = profile_latency(
+        model,
+        batch_size=args.batch_size,
+        device=args.device,
+        layer=args.layer,
+        dtype=args.dtype,
+        img_size=args.img_size,
+        tokens=tokens,
+        accuracy=accuracy,
+        alpha=args.alpha,
+        warmup=args.warmup,
+        min_run_time=args.min_run_time,
+        repeats=args.repeats,
+        cuda_graphs=args.cuda_graphs,
+        coarse_points=args.coarse_points,
+        max_points=args.max_points,
+        progress=not args.no_progress,
+        name=args.model,
+    )
+    path = lat.save(args.output)
+    print(f"saved latency profile ({len(lat.points)} points, {lat.device}, batch {lat.batch_size}) to {path}")
+    for p in lat.points:
+        print(f"  n={p.tokens:5d}  median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
+    if args.plot:
+        _plot_latency(lat, args.plot)
+    return 0
+
+
+def _plot_latency(lat, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    from pomt.plots import save_figure
+
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    tokens = [p.tokens for p in lat.points]
+    med = [p.median_ms for p in lat.points]
+    err = [[p.median_ms - p.p25_ms for p in lat.points], [p.p75_ms - p.median_ms for p in lat.points]]
+    ax.errorbar(tokens, med, yerr=err, fmt="o-", ms=3, lw=0.8, ecolor="#9ecae1")
+    ax.set_xlabel("tokens kept after the pruning block (n)")
+    ax.set_ylabel("latency [ms] (median, IQR)")
+    ax.set_title(f"{lat.model} | {lat.device} | batch {lat.batch_size}, {lat.dtype}", fontsize=10)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    print(f"saved plot to {path}")
+
+
+def profile_latency_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pomt-profile-latency``."""
+    return _run(_profile_latency, argv, latency_parser())
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def accuracy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pomt-estimate-accuracy",
+        description=(
+            "Estimate the accuracy profile A(n) (top-1 with n random tokens kept after the embedding) on a "
+            "seeded, class-balanced sample of an image folder, and save it as JSON. Accuracy does not depend "
+            "on the device, so run it wherever it is fast (a server), with the real weights."
+        ),
+    )
+    _model_args(parser)
+    parser.add_argument(
+        "--data", required=True, help="image folder: one subfolder per class (ImageFolder layout)"
+    )
+    parser.add_argument("--output", "-o", required=True, help="where to write the JSON profile")
+    parser.add_argument(
+        "--class-map",
+        choices=("auto", "folder", "imagenet"),
+        default="auto",
+        help="label of a class folder: its sorted position (folder), its ImageNet-1k index by wnid "
+        "(imagenet), or imagenet when every folder is a wnid and the model has 1000 classes (auto)",
+    )
+    parser.add_argument("--num-samples", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--tokens", type=_token_list, help="explicit token counts (default: --points evenly spread)"
+    )
+    parser.add_argument(
+        "--points", type=int, default=16, help="number of token counts when --tokens is not given"
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="data loading workers")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def image_folder(root: str | Path, model, class_map: str = "auto"):
+    """``torchvision.datasets.ImageFolder`` with the model's own eval preprocessing (timm
+    data config), labelled per ``class_map`` (see ``pomt-estimate-accuracy --help``)."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    from pomt.models import find_vit
+    from pomt.profiling import _image_size
+
+    config = timm.data.resolve_model_data_config(model)
+    height, width = _image_size(find_vit(model)[1], None)
+    config["input_size"] = (config["input_size"][0], height, width)  # the model's size, if overridden
+    transform = timm.data.create_transform(**config, is_training=False)
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
+    if class_map != "folder":
+        info = timm.data.ImageNetInfo()
+        wnids = {name: i for i, name in enumerate(info.label_names())}
+        all_wnids = all(c in wnids for c in dataset.classes)
+        outputs = getattr(model, "num_classes", None)
+        if class_map == "imagenet" and not all_wnids:
+            bad = [c for c in dataset.classes if c not in wnids][:5]
+            raise ValueError(f"--class-map imagenet needs ImageNet wnid folder names; not wnids: {bad}")
+        if all_wnids and (class_map == "imagenet" or outputs == 1000):
+            index = {i: wnids[c] for i, c in enumerate(dataset.classes)}
+            dataset.targets = [index[t] for t in dataset.targets]
+            dataset.samples = [(path, index[t]) for path, t in dataset.samples]
+            dataset.imgs = dataset.samples
+    return dataset
+
+
+def _estimate_accuracy(args: argparse.Namespace) -> int:
+    from pomt.profiling import estimate_accuracy
+
+    model = _build_model(args)
+    dataset = image_folder(args.data, model, args.class_map)
+    acc = estimate_accuracy(
+        model,
+        dataset,
+        num_samples=args.num_samples,
+        tokens=args.tokens,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        points=args.points,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        name=args.model,
+        dataset=str(Path(args.data).resolve()),
+    )
+    path = acc.save(args.output)
+    balanced = "class-balanced" if acc.class_balanced else "not class-balanced"
+    print(f"saved accuracy profile ({acc.num_samples} images, {balanced}, seed {acc.seed}) to {path}")
+    for p in acc.points:
+        print(f"  n={p.tokens:5d}  top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
+    return 0
+
+
+def estimate_accuracy_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pomt-estimate-accuracy``."""
+    return _run(_estimate_accuracy, argv, accuracy_parser())
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pomt-select-r",
+        description=(
+            "Choose R (tokens POMT removes) from a saved latency profile and a saved accuracy profile, "
+            "which may come from different machines, and print it. Default: maximise the utility "
+            "U(n) = alpha (1 - L/max L) + (1 - alpha) A/max A; or the most accurate n under a latency "
+            "budget; or the fastest n above an accuracy floor."
+        ),
+    )
+    parser.add_argument("--latency", required=True, help="latency profile JSON (pomt-profile-latency)")
+    parser.add_argument("--accuracy", required=True, help="accuracy profile JSON (pomt-estimate-accuracy)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="latency weight in [0, 1] (default 0.5)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--latency-budget-ms", type=float, help="most accurate n with latency <= this")
+    mode.add_argument("--accuracy-floor", type=float, help="fastest n with accuracy >= this fraction (0.75)")
+    parser.add_argument("--model", help="reject profiles measured for another model")
+    parser.add_argument(
+        "--batch-size", type=int, help="reject a latency profile measured at another batch size"
+    )
+    parser.add_argument("--dtype", help="reject a latency profile measured in another dtype")
+    parser.add_argument("--no-denoise", action="store_true", help="use the raw medians (not recommended)")
+    parser.add_argument("--plot", help="save a PNG of L(n), A(n), U(n) with n* marked")
+    parser.add_argument("--json", help="write the selection (with its curves) as JSON")
+    return parser
+
+
+def _select_r(args: argparse.Namespace) -> int:
+    from pomt.profiling import AccuracyProfile, LatencyProfile
+    from pomt.selection import select_r
+
+    expect_lat = {
+        k: v for k, v in (("model", args.model), ("batch_size", args.batch_size), ("dtype", args.dtype)) if v
+    }
+    lat = LatencyProfile.load(args.latency, expect=expect_lat)
+    acc = AccuracyProfile.load(args.accuracy, expect={"model": args.model} if args.model else None)
+    sel = select_r(
+        lat,
+        acc,
+        alpha=args.alpha,
+        latency_budget_ms=args.latency_budget_ms,
+        accuracy_floor=args.accuracy_floor,
+        denoise=not args.no_denoise,
+    )
+    print(f"latency: {lat.model} on {lat.device}, batch {lat.batch_size}, {lat.dtype}, layer {lat.layer}")
+    print(f"accuracy: {acc.num_samples} images, seed {acc.seed}")
+    print(sel.summary())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(sel.to_dict(), indent=1) + "\n", encoding="utf-8")
+    if args.plot:
+        from pomt.plots import plot_profiles, save_figure
+
+        save_figure(plot_profiles(lat, acc, sel), args.plot)
+        print(f"saved plot to {args.plot}")
+    print(f"R={sel.r}")
+    return 0
+
+
+def select_r_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pomt-select-r``."""
+    return _run(_select_r, argv, select_parser())
+
+
+# --------------------------------------------------------------------------- python -m pomt.cli
+
+COMMANDS = {
+    "profile-latency": profile_latency_main,
+    "estimate-accuracy": estimate_accuracy_main,
+    "select-r": select_r_main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pomt.cli {profile-latency,estimate-accuracy,select-r} ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = ", ".join(COMMANDS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m pomt.cli {{{names}}} [--help | options]\n\n{__doc__}")
+        return 0 if argv else 2
+    command = argv[0].removeprefix("pomt-")
+    if command not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; valid: {names}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
