@@ -536,7 +536,7 @@ def profile_latency(
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         cuda_graphs=graphs_ok,
         search=search,
-        torch_version=torch.__version__,
+        torch_version=str(torch.__version__),
         timm_version=_timm_version(),
         points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.tokens),
     )
@@ -754,7 +754,9 @@ def estimate_accuracy(
                         if not metrics:
                             classes = num_classes or int(logits.shape[-1])
                             for m in grid:
-                                metric = MulticlassAccuracy(num_classes=classes, top_k=1, average="micro")
+                                metric = MulticlassAccuracy(
+                                    num_classes=classes, top_k=1, average="micro", sync_on_compute=False
+                                )
                                 metrics[m] = metric.to(device)
                         if n == grid[0]:
                             _check_labels(labels, classes)
@@ -777,7 +779,7 @@ def estimate_accuracy(
         img_size=_image_size(vit, None),
         tokens_total=n_total,
         prefix_tokens=prefix,
-        torch_version=torch.__version__,
+        torch_version=str(torch.__version__),
         timm_version=_timm_version(),
         points=sorted(
             (AccuracyPoint(tokens=n, accuracy=float(metrics[n].compute()), samples=seen) for n in grid),

@@ -1,0 +1,336 @@
+"""``ViTClassifier``: a LightningModule that trains, validates, tests and predicts with a ViT.
+
+It builds a timm ViT by name (random, pretrained or from a local weights file), wraps a
+model the user passes, or puts a DINOv2 backbone under the linear head layout of the
+DINOv2 authors. It logs top-1/top-5 accuracy and the per-batch forward latency, so a
+pruned and an unpruned run can be compared from their logged metrics alone.
+
+This is the one module inside ``pomt/`` that imports Lightning; ``pomt/__init__`` does not
+import it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from pomt.models import create_model, load_weights
+from pomt.timing import Stopwatch, TimingStats
+
+__all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features", "split_batch"]
+
+HEADS = ("dinov2_linear",)
+_STAGES = ("train", "val", "test")
+
+
+def dinov2_linear_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """concat(CLS token, mean of the patch tokens) of the backbone's normalised last tokens.
+
+    This is the input of the DINOv2 authors' one-block linear heads, so their head files
+    (``weight``/``bias`` of shape ``[classes, 2 * embed_dim]``) load as they are. Register
+    tokens are neither CLS nor patch tokens and stay out of the mean; after POMT pruning the
+    fused token counts as one patch token.
+    """
+    tokens = backbone.forward_features(x)
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images, labels or None)`` from a tuple/list, a dict or a bare tensor batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in ("image", "images", "pixel_values", "x") if k in batch), None)
+        y = next((batch[k] for k in ("label", "labels", "target", "y") if k in batch), None)
+        if x is None:
+            raise ValueError(f"batch dict has no image key (image/images/pixel_values/x): {sorted(batch)}")
+        return x, y
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise ValueError(
+        f"unsupported batch type {type(batch).__name__}: expected (images, labels), dict or tensor"
+    )
+
+
+def _existing_file(path: str | os.PathLike[str], what: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    return str(path)
+
+
+def _load_original_keys(model: nn.Module, path: str) -> bool:
+    """Load a checkpoint with original (non-timm) key names through timm's checkpoint filter
+    of the model's family; True only when every key then matches exactly (else nothing is loaded)."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return False
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        state = filter_fn(state, model)
+    except Exception:
+        return False
+    own = model.state_dict()
+    if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
+        return False
+    model.load_state_dict(state)
+    return True
+
+
+class ViTClassifier(pl.LightningModule):
+    """Image classification with a ViT: fine-tune, validate, test (with latency) and predict.
+
+    Build a timm model by ``model_name`` (``model_kwargs`` are extra timm arguments, e.g.
+    ``patch_size``/``embed_dim``/``depth``/``num_heads`` for a tiny ViT) or pass ``model``.
+    ``weights`` is a local ``.safetensors``/``torch.save`` file (a Lightning checkpoint of
+    this module works too). ``head="dinov2_linear"`` builds the backbone with no classifier
+    and adds the DINOv2 linear head (``head_weights``: a local head file).
+
+    The ViT the POMT callback prunes is ``self.model`` (timm classifier) or
+    ``self.backbone`` (DINOv2 head); ``forward(x)`` returns logits.
+
+    Latency: each validation/test batch's forward pass is timed with
+    :class:`pomt.timing.Stopwatch` (CUDA synchronised); the first ``latency_warmup_batches``
+    and batches of another size than the first are left out. Logged at epoch end as
+    ``{stage}/latency_ms`` (median), ``{stage}/latency_p90_ms`` and ``{stage}/latency_batch_size``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int | None = None,
+        img_size: int | None = None,
+        pretrained: bool = False,
+        weights: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        head: str | None = None,
+        head_weights: str | None = None,
+        freeze_backbone: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+        latency_warmup_batches: int = 2,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        if head is not None and head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)} or None")
+        if head_weights is not None and head is None:
+            raise ValueError("head_weights given without head: set head='dinov2_linear'")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if latency_warmup_batches < 0:
+            raise ValueError(f"latency_warmup_batches must be >= 0, got {latency_warmup_batches}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+
+        if head == "dinov2_linear":
+            backbone = model if model is not None else self._build(num_classes=0)
+            if num_classes is None:
+                raise ValueError("head='dinov2_linear' needs num_classes (e.g. 1000 for ImageNet-1k)")
+            self.backbone = backbone
+            embed_dim = int(getattr(backbone, "embed_dim", None) or backbone.num_features)
+            self.head = nn.Linear(2 * embed_dim, num_classes)
+            if head_weights is not None:
+                load_weights(self.head, _existing_file(head_weights, "head weights"))
+            if freeze_backbone:
+                backbone.requires_grad_(False)
+        else:
+            self.model = model if model is not None else self._build(num_classes=num_classes)
+            if freeze_backbone:
+                for name, p in self.model.named_parameters():
+                    p.requires_grad_(name.startswith("head"))
+            if num_classes is None:
+                num_classes = getattr(self.model, "num_classes", None)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"cannot tell the number of classes ({num_classes!r}): pass num_classes")
+        self.num_classes = num_classes
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_acc{k}": MulticlassAccuracy(num_classes, top_k=top, average="micro")
+                for stage in _STAGES
+                for k, top in ((1, 1), (5, top5))
+            }
+        )
+        self._latency: dict[str, list[tuple[int, float]]] = {}
+        self._batches_seen: dict[str, int] = {}
+        self.last_latency: dict[str, TimingStats] = {}
+
+    # ----------------------------------------------------------------- building
+    def _build(self, num_classes: int | None) -> nn.Module:
+        hp = self.hparams
+        kwargs = dict(hp.model_kwargs or {})
+        weights = hp.weights
+        if weights is None:
+            return create_model(
+                hp.model_name,
+                pretrained=hp.pretrained,
+                num_classes=num_classes,
+                img_size=hp.img_size,
+                **kwargs,
+            )
+        _existing_file(weights, "weights")
+        model = create_model(
+            hp.model_name, pretrained=False, num_classes=num_classes, img_size=hp.img_size, **kwargs
+        )
+        try:  # timm key names, our own checkpoints (prefix "model.") or plain state dicts
+            return load_weights(model, weights)
+        except ValueError as ours:
+            if _load_original_keys(model, weights):  # e.g. the DeiT/DINOv2 releases' own key names
+                return model
+            raise ours from None
+
+    @property
+    def vit(self) -> nn.Module:
+        """The ViT that pruning acts on."""
+        return self.backbone if self.hparams.head == "dinov2_linear" else self.model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.head == "dinov2_linear":
+            return self.head(dinov2_linear_features(self.backbone, x))
+        return self.model(x)
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = split_batch(batch)
+        if y is None:
+            raise ValueError("training batches need labels: (images, labels)")
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.metrics["train_acc1"](logits, y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log(
+            "train/acc1", self.metrics["train_acc1"], on_step=False, on_epoch=True, batch_size=x.shape[0]
+        )
+        return loss
+
+    def _timed_forward(self, stage: str, x: torch.Tensor) -> torch.Tensor:
+        seen = self._batches_seen.get(stage, 0)
+        self._batches_seen[stage] = seen + 1
+        with Stopwatch(self.device) as sw:
+            logits = self(x)
+        if seen >= self.hparams.latency_warmup_batches:
+            self._latency.setdefault(stage, []).append((int(x.shape[0]), sw.elapsed_ms))
+        return logits
+
+    def _eval_step(self, stage: str, batch: Any) -> torch.Tensor:
+        x, y = split_batch(batch)
+        logits = self._timed_forward(stage, x)
+        if y is not None:
+            n = x.shape[0]
+            loss = F.cross_entropy(logits, y)
+            self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+            for k in (1, 5):
+                metric = self.metrics[f"{stage}_acc{k}"]
+                metric(logits, y)
+                self.log(f"{stage}/acc{k}", metric, on_epoch=True, batch_size=n, prog_bar=k == 1)
+        return logits
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._eval_step("test", batch)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Logits of the batch's images."""
+        x, _ = split_batch(batch)
+        return self._timed_forward("predict", x)
+
+    # ----------------------------------------------------------------- latency
+    def _reset_latency(self, stage: str) -> None:
+        self._latency[stage] = []
+        self._batches_seen[stage] = 0
+
+    def _log_latency(self, stage: str) -> None:
+        samples = self._latency.get(stage, [])
+        if not samples:
+            return
+        batch_size = samples[0][0]  # the loader's batch size; a smaller last batch is left out
+        stats = TimingStats.from_samples([ms for b, ms in samples if b == batch_size])
+        self.last_latency[stage] = stats
+        if stage == "predict":
+            return  # self.log is not available in predict; read `last_latency`
+        self.log(f"{stage}/latency_ms", stats.median_ms, sync_dist=True)
+        self.log(f"{stage}/latency_p90_ms", stats.p90_ms, sync_dist=True)
+        self.log(f"{stage}/latency_batch_size", float(batch_size), sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_latency("val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_latency("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_latency("test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_latency("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self._reset_latency("predict")
+
+    def on_predict_epoch_end(self) -> None:
+        self._log_latency("predict")
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no weight decay on biases, norms, tokens and position embeddings), then
+        per-step linear warm-up for ``warmup_epochs`` and cosine decay to ``min_lr_ratio * lr``."""
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token", "dist_token"))
+            (no_decay if skip else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr)
+
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if math.isfinite(total) and max_epochs and max_epochs > 0:
+            total = max(1, int(total))
+            warmup = int(round(total * hp.warmup_epochs / max_epochs))
+        else:
+            total, warmup = None, 0
+        schedule = _warmup_cosine(warmup, total, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup_cosine(warmup: int, total: int | None, min_ratio: float):
+    """LR factor per step: linear from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if total is None or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
