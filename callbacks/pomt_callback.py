@@ -105,6 +105,9 @@ class POMTCallback(Callback):
         on_fit_validation: also run before the validation inside ``fit`` (searched once,
             pruned for each validation epoch and unpruned again for training).
         log_plots: log the curves (table, line plots, PNG); scalars are always logged.
+        cuda_graphs: on CUDA, time each token count by replaying a captured CUDA graph, which
+            removes the Python/launch overhead a deployed (graph-captured or TensorRT) model
+            does not pay; ignored on other devices.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class POMTCallback(Callback):
         on_predict: bool = True,
         on_fit_validation: bool = False,
         log_plots: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if method not in _PRUNING_METHODS:
@@ -186,6 +190,7 @@ class POMTCallback(Callback):
             "fit": on_fit_validation,
         }
         self.log_plots = log_plots
+        self.cuda_graphs = cuda_graphs
 
         # results (like BatchSizeFinder.optimal_batch_size)
         self.selection: Any = None
@@ -464,6 +469,7 @@ class POMTCallback(Callback):
             alpha=self.alpha,
             warmup=self.warmup,
             min_run_time=self.min_run_time,
+            cuda_graphs=self.cuda_graphs,
             coarse_points=self.coarse_points,
             max_points=self.max_points,
             progress=progress,

@@ -171,19 +171,26 @@ def time_interleaved(
     device: torch.device | str = "cpu",
     rounds: int = 30,
     warmup: int = 3,
+    prepare: Callable[[str], object] | None = None,
 ) -> dict[str, TimingStats]:
     """Time several callables side by side: A B C A B C ... for ``rounds`` rounds.
 
     Interleaving spreads slow drifts of the machine (clocks, other load) over every
     candidate alike, so ratios between them are far steadier than back-to-back runs.
+    ``prepare(name)``, when given, runs untimed before each call of candidate ``name``
+    (e.g. to switch one model between pruning configurations).
     """
     device = torch.device(device)
-    for fn in fns.values():
+    for name, fn in fns.items():
+        if prepare is not None:
+            prepare(name)
         for _ in range(max(0, warmup)):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if prepare is not None:
+                prepare(name)
             with Stopwatch(device) as sw:
                 fn()
             samples[name].append(sw.elapsed_ms)

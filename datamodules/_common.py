@@ -1,0 +1,324 @@
+"""Shared parts of the datamodules: the common interface, seeded class-balanced splits,
+and evaluation transforms taken from a model's own timm data config."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ClassificationDataModule",
+    "ImageFileDataset",
+    "balanced_indices",
+    "default_num_workers",
+    "model_data_config",
+    "stratified_split",
+    "trainer_vit",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def default_num_workers() -> int:
+    """Loader processes: the CPU count, at most 8 (decoding JPEGs is the usual bottleneck)."""
+    return min(8, os.cpu_count() or 1)
+
+
+def balanced_indices(labels: Sequence[int], size: int, seed: int) -> list[int]:
+    """``size`` positions of ``labels``, drawn so that every class gets the same share (±1).
+
+    Classes are visited round-robin in a seeded random order, each contributing its next
+    seeded-random member, so the sample is balanced and reproducible. A class with too few
+    members simply runs out; the rest is filled from the others.
+    """
+    if size < 0:
+        raise ValueError(f"sample size must be >= 0, got {size}")
+    if size > len(labels):
+        raise ValueError(f"cannot draw {size} samples from a split of {len(labels)} images")
+    rng = random.Random(seed)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        members[int(label)].append(i)
+    pools = []
+    for label in sorted(members):
+        pool = members[label]
+        rng.shuffle(pool)
+        pools.append(pool)
+    rng.shuffle(pools)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < size:
+        for pool in pools:
+            if depth < len(pool):
+                chosen.append(pool[depth])
+                if len(chosen) == size:
+                    break
+        depth += 1
+    return sorted(chosen)
+
+
+def stratified_split(labels: Sequence[int], sizes: Sequence[int], seed: int) -> list[list[int]]:
+    """Disjoint, class-balanced parts of the given ``sizes`` and a last part with the rest.
+
+    Each part is a :func:`balanced_indices` sample of what the previous parts left over.
+    """
+    remaining = list(range(len(labels)))
+    parts = []
+    for k, size in enumerate(sizes):
+        if size > len(remaining):
+            raise ValueError(f"split sizes {list(sizes)} exceed the {len(labels)} images available")
+        picked = balanced_indices([labels[i] for i in remaining], size, seed + k)
+        picked_set = set(picked)
+        parts.append([remaining[i] for i in picked])
+        remaining = [r for i, r in enumerate(remaining) if i not in picked_set]
+    parts.append(remaining)
+    return parts
+
+
+def trainer_vit(datamodule: pl.LightningDataModule) -> nn.Module | None:
+    """The ViT of the LightningModule the datamodule's trainer runs, or None without one."""
+    trainer = getattr(datamodule, "trainer", None)
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    if module is None:
+        return None
+    vit = getattr(module, "vit", None)
+    if isinstance(vit, nn.Module):
+        return vit
+    from pomt.models import find_vit
+
+    try:
+        return find_vit(module)[1]
+    except ValueError:
+        return None
+
+
+def _input_size(model: nn.Module) -> tuple[int, int] | None:
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def model_data_config(
+    model: nn.Module | None = None,
+    model_name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The preprocessing a model expects (timm data config: input size, interpolation, crop, mean/std).
+
+    From a built ``model`` (its ``pretrained_cfg``, with the input size it was actually built
+    for: timm reports the pretrained size, e.g. 518 for DINOv2 built at 224), else from a timm
+    ``model_name`` (no weights loaded), else timm's defaults with a warning. ``overrides`` win.
+    """
+    import timm
+    import timm.data
+
+    if model is not None:
+        cfg = dict(timm.data.resolve_model_data_config(model))
+        size = _input_size(model)
+        if size is not None:
+            cfg["input_size"] = (3, *size)
+    elif model_name is not None:
+        if not timm.is_model(model_name):
+            raise ValueError(f"unknown timm model name {model_name!r} for the data config")
+        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+        if pretrained_cfg is None:
+            built = timm.create_model(model_name, pretrained=False)
+            cfg = dict(timm.data.resolve_model_data_config(built))
+        else:
+            cfg = dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict()))
+    else:
+        warnings.warn(
+            "no model to take the preprocessing from: using timm's ImageNet defaults. Pass model_name "
+            "or attach the datamodule to a trainer with the model.",
+            stacklevel=2,
+        )
+        cfg = {
+            "input_size": (3, 224, 224),
+            "interpolation": "bicubic",
+            "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+            "std": timm.data.IMAGENET_DEFAULT_STD,
+            "crop_pct": timm.data.DEFAULT_CROP_PCT,
+            "crop_mode": "center",
+        }
+    for key, value in (overrides or {}).items():
+        if key == "input_size" and isinstance(value, int):
+            value = (3, value, value)
+        cfg[key] = tuple(value) if isinstance(value, list) else value
+    return cfg
+
+
+def create_transforms(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
+    """(train, eval) transforms of a timm data config; eval is resize, centre crop, normalise."""
+    import timm.data
+
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    args = {k: cfg[k] for k in keys if k in cfg}
+    return timm.data.create_transform(**args, is_training=True), timm.data.create_transform(
+        **args, is_training=False
+    )
+
+
+class ImageFileDataset(Dataset):
+    """``(transform(image), label)`` for a list of ``(path, label)`` image files."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            image = img.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Labels of a map-style dataset, without decoding images where the dataset can tell them."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return [int(v) for v in labels]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """What every datamodule of the project offers.
+
+    ``train``/``val``/``test``/``predict``/``selection`` datasets and dataloaders, where
+    ``selection`` is a seeded, class-balanced held-out split for the accuracy estimate during
+    R selection, disjoint from the reported split (``val``/``test``). Also ``num_classes``,
+    ``class_names`` and ``data_config`` (the preprocessing used). Subclasses fill the datasets
+    in :meth:`_build` (``pin_memory=None``: pin when CUDA is available); the dataloader methods build them on first use, so a library user can
+    call ``selection_dataloader()`` without a trainer.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        selection_size: int = 1024,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if selection_size < 1:
+            raise ValueError(f"selection_size must be >= 1, got {selection_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.selection_size = selection_size
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.selection_dataset: Dataset | None = None
+        self.data_config: dict[str, Any] = {}
+        self._built = False
+
+    # subclasses -------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    # Lightning --------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if not self._built:
+            self._build()
+            self._built = True
+
+    def _require(self, attribute: str, split: str) -> Dataset:
+        self.setup()
+        dataset = getattr(self, attribute)
+        if dataset is None:
+            raise ValueError(f"{type(self).__name__} has no {split} split ({self._describe_source()})")
+        return dataset
+
+    def _describe_source(self) -> str:
+        return "no source"
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle and not iterable,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._require("train_dataset", "train"), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._require("val_dataset", "validation"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The reported split."""
+        return self._loader(self._require("test_dataset", "test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def selection_dataloader(self) -> DataLoader:
+        """The held-out, class-balanced split for accuracy estimation (never the reported split)."""
+        return self._loader(self._require("selection_dataset", "selection"), shuffle=False)
+
+
+def take_balanced(
+    examples: Iterable[tuple[Any, int]], size: int, num_classes: int, max_scan: int
+) -> list[tuple[Any, int]]:
+    """The first class-balanced ``size`` examples of a (shuffled) stream: at most
+    ``ceil(size / num_classes)`` per class, scanning at most ``max_scan`` examples."""
+    quota = -(-size // num_classes)
+    counts: dict[int, int] = defaultdict(int)
+    kept: list[tuple[Any, int]] = []
+    for scanned, (item, label) in enumerate(examples):
+        if scanned >= max_scan:
+            break
+        if counts[label] < quota:
+            counts[label] += 1
+            kept.append((item, label))
+            if len(kept) == size:
+                break
+    return kept

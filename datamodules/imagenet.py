@@ -1,0 +1,580 @@
+"""ImageNet-1k (or any labelled image folder) as a LightningDataModule.
+
+Three sources, one interface:
+
+* a Hugging Face hub dataset through ``datasets`` (default ``ILSVRC/imagenet-1k``, gated:
+  accept its terms on the hub, then ``HF_TOKEN`` or ``huggingface-cli login``), optionally
+  streamed;
+* a local ILSVRC tree: ``CLS-LOC/train/<wnid>/*.JPEG`` and ``CLS-LOC/val/`` either flat,
+  labelled by ``LOC_val_solution.csv``, or as ``val/<wnid>/*.JPEG``;
+* any local image folder: ``<root>/<class>/<image>`` (optionally with ``train/`` and
+  ``val/`` above the class folders).
+
+Labels follow the standard 1000-class wnid order whenever the class folders are ImageNet
+wnids, so pretrained heads read them directly. Preprocessing comes from the model's own timm
+data config (interpolation, crop, mean/std), not one recipe for every model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from datamodules._common import (
+    IMAGE_EXTENSIONS,
+    ClassificationDataModule,
+    ImageFileDataset,
+    balanced_indices,
+    create_transforms,
+    default_num_workers,
+    image_files,
+    model_data_config,
+    take_balanced,
+    trainer_vit,
+)
+
+__all__ = [
+    "DEFAULT_HUB_ID",
+    "ImageNetDataModule",
+    "LocalTree",
+    "find_local_tree",
+    "imagenet_class_names",
+    "imagenet_wnids",
+]
+
+DEFAULT_HUB_ID = "ILSVRC/imagenet-1k"
+GATED_HUB_IDS = {DEFAULT_HUB_ID, "imagenet-1k", "ILSVRC/imagenet-21k"}
+VAL_SOLUTION_CSV = "LOC_val_solution.csv"
+LAYOUT_HELP = (
+    "expected an ILSVRC tree (CLS-LOC/train/<wnid>/*.JPEG and CLS-LOC/val/ either flat with "
+    f"{VAL_SOLUTION_CSV} beside it or as val/<wnid>/*.JPEG) or an image folder (<root>/<class>/<image>, "
+    "optionally under <root>/train and <root>/val)"
+)
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in the standard label order."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def imagenet_class_names() -> list[str]:
+    """Human-readable names of the 1000 ImageNet-1k classes, in label order."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+# ----------------------------------------------------------------------------- local trees
+class LocalTree:
+    """Where the splits of a local dataset lie: ``train`` / ``val`` folders (either may be None)
+    and, for a flat ILSVRC val folder, the CSV that labels it."""
+
+    def __init__(self, root: Path, train: Path | None, val: Path | None, val_csv: Path | None) -> None:
+        self.root, self.train, self.val, self.val_csv = root, train, val, val_csv
+
+    def __repr__(self) -> str:
+        return f"LocalTree(root={self.root}, train={self.train}, val={self.val}, val_csv={self.val_csv})"
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_csv(base: Path, root: Path) -> Path | None:
+    for folder in (base, *base.parents):
+        candidate = folder / VAL_SOLUTION_CSV
+        if candidate.is_file():
+            return candidate
+        if folder == root or folder == folder.parent:
+            break
+    return None
+
+
+def find_local_tree(root: str | os.PathLike[str]) -> LocalTree:
+    """Locate the train/val folders of an ILSVRC tree or an image folder under ``root``."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"dataset root not found: {root} ({LAYOUT_HELP})")
+    if not root.is_dir():
+        raise ValueError(f"dataset root {root} is a file, not a folder ({LAYOUT_HELP})")
+    bases = [root, root / "CLS-LOC", root / "Data" / "CLS-LOC", root / "ILSVRC" / "Data" / "CLS-LOC"]
+    for base in bases:
+        train = base / "train" if (base / "train").is_dir() else None
+        val = next((base / n for n in ("val", "validation") if (base / n).is_dir()), None)
+        if train is not None or val is not None:
+            return LocalTree(root, train, val, _find_csv(base, root))
+    if _subdirs(root):
+        return LocalTree(root, None, root, None)  # a plain image folder: one labelled split
+    if image_files(root):
+        raise ValueError(f"{root} holds images but no class folders: {LAYOUT_HELP}")
+    raise ValueError(f"no images or class folders found in {root}: {LAYOUT_HELP}")
+
+
+def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
+    """``{class folder name: sorted image paths}`` of ``folder/<class>/<image>``."""
+    found = {}
+    for sub in _subdirs(folder):
+        with os.scandir(sub) as entries:
+            files = sorted(
+                e.path for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in _EXTS
+            )
+        found[sub.name] = files
+    return found
+
+
+def _read_val_csv(csv_path: Path) -> dict[str, str]:
+    """``{image id: wnid}`` from ``LOC_val_solution.csv`` (first wnid of each PredictionString)."""
+    labels = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise ValueError(
+                f"{csv_path} is not an ILSVRC val solution file: expected the columns ImageId,PredictionString"
+            )
+        for row in reader:
+            parts = row["PredictionString"].split()
+            if parts:
+                labels[row["ImageId"]] = parts[0]
+    if not labels:
+        raise ValueError(f"{csv_path} has no labelled rows")
+    return labels
+
+
+def _flat_val_samples(val: Path, csv_path: Path | None) -> list[tuple[str, str]]:
+    files = image_files(val)
+    if not files:
+        raise ValueError(f"no images found in {val}: {LAYOUT_HELP}")
+    if csv_path is None:
+        raise FileNotFoundError(
+            f"{val} is a flat ILSVRC val folder but no {VAL_SOLUTION_CSV} was found beside it or in a parent "
+            "folder: put the CSV (from the Kaggle ImageNet release) there, or sort val into val/<wnid>/ folders"
+        )
+    labels = _read_val_csv(csv_path)
+    unlabelled = [p.name for p in files if p.stem not in labels]
+    if unlabelled:
+        raise ValueError(
+            f"{len(unlabelled)} images in {val} have no row in {csv_path} (e.g. {', '.join(unlabelled[:3])})"
+        )
+    return [(str(p), labels[p.stem]) for p in files]
+
+
+def _split_samples(folder: Path, csv_path: Path | None) -> list[tuple[str, str]]:
+    """``(path, class name)`` of one split folder: class subfolders, or flat + CSV."""
+    if _subdirs(folder):
+        samples = [(p, name) for name, files in _scan_class_folders(folder).items() for p in files]
+        if not samples:
+            raise ValueError(f"the class folders in {folder} hold no images: {LAYOUT_HELP}")
+        return samples
+    return _flat_val_samples(folder, csv_path)
+
+
+_EXTS = set(IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- hub datasets
+class HubImageDataset(Dataset):
+    """``(transform(image), label)`` rows of a map-style Hugging Face dataset; ``label_map``
+    turns the dataset's label ids into the module's (e.g. wnid folders into ImageNet order)."""
+
+    def __init__(
+        self,
+        ds: Any,
+        transform: Callable | None,
+        image_key: str,
+        label_key: str,
+        label_map: list[int] | None = None,
+    ) -> None:
+        self.ds, self.transform, self.image_key, self.label_key = ds, transform, image_key, label_key
+        self.label_map = label_map
+
+    def _label(self, value: Any) -> int:
+        return self.label_map[int(value)] if self.label_map is not None else int(value)
+
+    @property
+    def labels(self) -> list[int]:
+        return [self._label(v) for v in self.ds[self.label_key]]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        row = self.ds[int(index)]
+        image = row[self.image_key].convert("RGB")
+        return (self.transform(image) if self.transform else image), self._label(row[self.label_key])
+
+
+class HubStreamDataset(IterableDataset):
+    """``(transform(image), label)`` from a streamed Hugging Face dataset (shards split over workers)."""
+
+    def __init__(
+        self,
+        ds: Any,
+        transform: Callable | None,
+        image_key: str,
+        label_key: str,
+        label_map: list[int] | None = None,
+    ) -> None:
+        self.ds, self.transform, self.image_key, self.label_key = ds, transform, image_key, label_key
+        self.label_map = label_map
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        for row in self.ds:
+            image = row[self.image_key].convert("RGB")
+            label = int(row[self.label_key])
+            label = self.label_map[label] if self.label_map is not None else label
+            yield (self.transform(image) if self.transform else image), label
+
+
+class _InMemoryImages(Dataset):
+    """Decoded images kept in memory (the selection split drawn from a stream)."""
+
+    def __init__(self, items: list[tuple[Any, int]], transform: Callable | None) -> None:
+        self.items, self.transform = items, transform
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.items[index]
+        return (self.transform(image) if self.transform else image), label
+
+
+def _hub_token(hub_kwargs: dict[str, Any]) -> str | None:
+    if hub_kwargs.get("token"):
+        return str(hub_kwargs["token"])
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except ImportError:  # pragma: no cover - datasets depends on huggingface_hub
+        return os.environ.get("HF_TOKEN")
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _hub_help(hub_id: str) -> str:
+    return (
+        f"To use {hub_id}: accept its terms at https://huggingface.co/datasets/{hub_id}, then set HF_TOKEN=<your "
+        "token> or run `huggingface-cli login`, with network access (or a warm `datasets` cache). Without "
+        "network, point `root` at a local ILSVRC tree or image folder instead."
+    )
+
+
+def load_hub_split(hub_id: str, split: str, streaming: bool, hub_kwargs: dict[str, Any]) -> Any:
+    """One split of a hub dataset, turning missing credentials and no network into clear errors."""
+    import datasets
+
+    if hub_id in GATED_HUB_IDS and not _offline() and _hub_token(hub_kwargs) is None:
+        raise ValueError(
+            f"{hub_id} is a gated dataset and no Hugging Face token was found (HF_TOKEN unset, not logged in). "
+            + _hub_help(hub_id)
+        )
+    try:
+        return datasets.load_dataset(hub_id, split=split, streaming=streaming, **hub_kwargs)
+    except (ConnectionError, TimeoutError, OSError) as err:
+        if isinstance(err, FileNotFoundError) and "offline" not in str(err).lower():
+            raise ValueError(
+                f"hub dataset {hub_id!r} (split {split!r}) not found: {err}. " + _hub_help(hub_id)
+            ) from err
+        raise ValueError(
+            f"cannot reach the Hugging Face hub for {hub_id!r} (split {split!r}): no network, offline mode, "
+            f"or nothing cached ({type(err).__name__}: {err}). " + _hub_help(hub_id)
+        ) from err
+    except Exception as err:
+        name = type(err).__name__
+        if name in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError", "HfHubHTTPError"):
+            raise ValueError(
+                f"hub dataset {hub_id!r} (split {split!r}) is not accessible ({name}: {err}). "
+                + _hub_help(hub_id)
+            ) from err
+        if isinstance(err, ValueError) and "split" in str(err).lower():
+            raise ValueError(f"hub dataset {hub_id!r} has no split {split!r}: {err}") from err
+        raise
+
+
+def _hub_label_names(ds: Any, label_key: str) -> list[str] | None:
+    feature = getattr(ds, "features", None) or {}
+    names = getattr(feature.get(label_key), "names", None) if hasattr(feature, "get") else None
+    return list(names) if names else None
+
+
+# ----------------------------------------------------------------------------- datamodule
+class ImageNetDataModule(ClassificationDataModule):
+    """ImageNet-1k (hub or local) or any labelled image folder, with a held-out selection split.
+
+    Source: ``root`` (a local ILSVRC tree or image folder) if given, else ``hub_id`` through
+    ``datasets.load_dataset`` (``hub_kwargs`` are passed on, e.g. ``cache_dir``, ``revision``;
+    ``streaming=True`` reads it without a full download).
+
+    Splits: the reported split is the validation split (``val_dataloader`` and
+    ``test_dataloader``). The selection split (``selection_size`` images, seeded and
+    class-balanced) for the accuracy estimate during R selection comes from ``selection_from``:
+    ``"val"`` holds it out of the validation split, which is then reported without it (only
+    the validation split is read); ``"train"`` draws it from the training split. Streaming
+    always draws it from the (seeded, shuffled) training stream.
+
+    Preprocessing: the timm data config of ``model_name`` if given, else of the model the
+    trainer runs, else timm's defaults; ``data_config`` entries override any of it.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        hub_id: str = DEFAULT_HUB_ID,
+        hub_kwargs: dict[str, Any] | None = None,
+        streaming: bool = False,
+        train_split: str = "train",
+        val_split: str = "validation",
+        image_key: str = "image",
+        label_key: str = "label",
+        model_name: str | None = None,
+        data_config: dict[str, Any] | None = None,
+        selection_from: Literal["val", "train"] = "val",
+        selection_size: int = 1024,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        stream_scan_limit: int = 100_000,
+    ) -> None:
+        workers = default_num_workers() if num_workers is None else num_workers
+        super().__init__(batch_size, workers, selection_size, seed, pin_memory)
+        if selection_from not in ("val", "train"):
+            raise ValueError(f"selection_from must be 'val' or 'train', got {selection_from!r}")
+        self.root = root
+        self.hub_id = hub_id
+        self.hub_kwargs = dict(hub_kwargs or {})
+        self.streaming = streaming
+        self.train_split = train_split
+        self.val_split = val_split
+        self.image_key = image_key
+        self.label_key = label_key
+        self.model_name = model_name
+        self.data_config_overrides = dict(data_config or {})
+        self.selection_from = selection_from
+        self.stream_scan_limit = stream_scan_limit
+        self._model: nn.Module | None = None
+        self._class_names: list[str] | None = None
+        self.wnids: list[str] | None = None
+        self.tree: LocalTree | None = None
+        self._label_map: list[int] | None = None
+        self._train_source: Any = None
+        self._train_tf: Callable | None = None
+        self._config_source: nn.Module | None = None
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def class_names(self) -> list[str]:
+        if self._class_names is None:
+            self.setup()
+        assert self._class_names is not None
+        return self._class_names
+
+    def use_model(self, model: nn.Module) -> ImageNetDataModule:
+        """Take the preprocessing from ``model`` (for use without a trainer)."""
+        self._model = model
+        if self._built:
+            self.setup()
+        return self
+
+    def _describe_source(self) -> str:
+        return f"root {self.root}" if self.root else f"hub dataset {self.hub_id}"
+
+    def _config_model(self) -> nn.Module | None:
+        if self.model_name:
+            return None
+        return self._model if self._model is not None else trainer_vit(self)
+
+    def _transforms(self) -> tuple[Callable, Callable]:
+        model = self._config_model()
+        self._config_source = model
+        self.data_config = model_data_config(model, self.model_name, self.data_config_overrides)
+        return create_transforms(self.data_config)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the splits once; re-derive the preprocessing when a (new) model is attached,
+        e.g. the splits were first built without a trainer (``class_names`` or a dataloader)."""
+        super().setup(stage)
+        if self._config_model() is not self._config_source:
+            train_tf, eval_tf = self._transforms()
+            self._train_tf = train_tf
+            for dataset in {
+                id(d): d for d in (self.val_dataset, self.test_dataset, self.selection_dataset)
+            }.values():
+                if dataset is not None:
+                    dataset.transform = eval_tf
+            if self.train_dataset is not None:
+                self.train_dataset.transform = train_tf
+
+    def _build(self) -> None:
+        train_tf, eval_tf = self._transforms()
+        if self.root is not None:
+            self._build_local(train_tf, eval_tf)
+        elif self.streaming:
+            self._build_stream(train_tf, eval_tf)
+        else:
+            self._build_hub(train_tf, eval_tf)
+
+    # ------------------------------------------------------------------ splits
+    def _hold_out(self, labels: list[int], where: str) -> tuple[list[int], list[int]]:
+        """(selection, rest) positions: a class-balanced selection sample and what remains."""
+        if self.selection_size >= len(labels):
+            raise ValueError(
+                f"selection_size={self.selection_size} leaves nothing of the {len(labels)} images in {where}: "
+                "lower selection_size or use selection_from='train'"
+            )
+        chosen = balanced_indices(labels, self.selection_size, self.seed)
+        taken = set(chosen)
+        return chosen, [i for i in range(len(labels)) if i not in taken]
+
+    def _class_index(self, names: set[str]) -> dict[str, int]:
+        wnids = imagenet_wnids()
+        if names <= set(wnids):
+            self.wnids = wnids
+            self._class_names = imagenet_class_names()
+            return {w: i for i, w in enumerate(wnids)}
+        ordered = sorted(names)
+        self.wnids = None
+        self._class_names = ordered
+        return {n: i for i, n in enumerate(ordered)}
+
+    def _build_local(self, train_tf: Callable, eval_tf: Callable) -> None:
+        tree = self.tree = find_local_tree(self.root)
+        train = _split_samples(tree.train, None) if tree.train is not None else []
+        if tree.val is None:
+            raise ValueError(f"no validation split under {tree.root}: {LAYOUT_HELP}")
+        val = _split_samples(tree.val, tree.val_csv)
+        index = self._class_index({name for _, name in train} | {name for _, name in val})
+        val_samples = [(p, index[n]) for p, n in val]
+        train_samples = [(p, index[n]) for p, n in train]
+        if self.selection_from == "val":
+            chosen, rest = self._hold_out([label for _, label in val_samples], str(tree.val))
+            self.selection_dataset = ImageFileDataset([val_samples[i] for i in chosen], eval_tf)
+            val_samples = [val_samples[i] for i in rest]
+        else:
+            if not train_samples:
+                raise ValueError(
+                    f"selection_from='train' but {tree.root} has no train split: add train/<class>/ folders "
+                    "or use selection_from='val'"
+                )
+            chosen, rest = self._hold_out([label for _, label in train_samples], str(tree.train))
+            self.selection_dataset = ImageFileDataset([train_samples[i] for i in chosen], eval_tf)
+            train_samples = [train_samples[i] for i in rest]
+        self.train_dataset = ImageFileDataset(train_samples, train_tf) if train_samples else None
+        self.val_dataset = self.test_dataset = ImageFileDataset(val_samples, eval_tf)
+
+    def _build_hub(self, train_tf: Callable, eval_tf: Callable) -> None:
+        val = load_hub_split(self.hub_id, self.val_split, False, self.hub_kwargs)
+        self._hub_classes(val)
+        if len(val) == 0:
+            raise ValueError(f"split {self.val_split!r} of {self.hub_id} is empty")
+        self._train_tf = train_tf
+        self._train_source = None
+        if self.selection_from == "train":
+            train = load_hub_split(self.hub_id, self.train_split, False, self.hub_kwargs)
+            labels = self._hub_dataset(train, None).labels
+            chosen, rest = self._hold_out(labels, f"{self.hub_id}:{self.train_split}")
+            self.selection_dataset = self._hub_dataset(train.select(chosen), eval_tf)
+            self._train_source = train.select(rest)
+        else:
+            labels = self._hub_dataset(val, None).labels
+            chosen, rest = self._hold_out(labels, f"{self.hub_id}:{self.val_split}")
+            self.selection_dataset = self._hub_dataset(val.select(chosen), eval_tf)
+            val = val.select(rest)
+        self.val_dataset = self.test_dataset = self._hub_dataset(val, eval_tf)
+
+    def _hub_dataset(self, ds: Any, transform: Callable | None) -> HubImageDataset:
+        missing = [k for k in (self.image_key, self.label_key) if k not in ds.column_names]
+        if missing:
+            raise ValueError(
+                f"{self.hub_id} has no column(s) {missing}; its columns are {ds.column_names}: "
+                "set image_key/label_key"
+            )
+        return HubImageDataset(ds, transform, self.image_key, self.label_key, self._label_map)
+
+    def _hub_classes(self, ds: Any) -> None:
+        """Class names and the map from the dataset's label ids to ours (wnid names: ImageNet order)."""
+        names = _hub_label_names(ds, self.label_key)
+        if names is None:
+            raise ValueError(
+                f"{self.hub_id}: the {self.label_key!r} column is not a ClassLabel: cannot name classes"
+            )
+        wnids = imagenet_wnids()
+        self._label_map = None
+        if len(names) == 1000 or set(names) <= set(wnids):
+            self.wnids, self._class_names = wnids, imagenet_class_names()
+            if len(names) != 1000:  # e.g. an imagefolder of wnid folders
+                position = {w: i for i, w in enumerate(wnids)}
+                self._label_map = [position[n] for n in names]
+        else:
+            self.wnids, self._class_names = None, names
+
+    def _node(self, ds: Any) -> Any:
+        trainer = getattr(self, "trainer", None)
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if world > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            return split_dataset_by_node(ds, rank=trainer.global_rank, world_size=world)
+        return ds
+
+    def _build_stream(self, train_tf: Callable, eval_tf: Callable) -> None:
+        val = load_hub_split(self.hub_id, self.val_split, True, self.hub_kwargs)
+        train = load_hub_split(self.hub_id, self.train_split, True, self.hub_kwargs)
+        self._hub_classes(train)
+        shuffled = HubStreamDataset(
+            train.shuffle(seed=self.seed, buffer_size=10_000),
+            None,
+            self.image_key,
+            self.label_key,
+            self._label_map,
+        )
+        items = take_balanced(
+            iter(shuffled), self.selection_size, len(self.class_names), self.stream_scan_limit
+        )
+        if len(items) < self.selection_size:
+            raise ValueError(
+                f"scanned {self.stream_scan_limit} streamed images of {self.hub_id}:{self.train_split} and found "
+                f"only {len(items)} for a balanced selection of {self.selection_size}: raise stream_scan_limit"
+            )
+        self.selection_dataset = _InMemoryImages(items, eval_tf)
+        self.val_dataset = self.test_dataset = HubStreamDataset(
+            self._node(val), eval_tf, self.image_key, self.label_key, self._label_map
+        )
+        self.train_dataset = HubStreamDataset(
+            self._node(train.shuffle(seed=self.seed + 1, buffer_size=10_000)),
+            train_tf,
+            self.image_key,
+            self.label_key,
+            self._label_map,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Training images; a map-style hub train split is loaded on first use only."""
+        self.setup()
+        if self.train_dataset is None and self.root is None and not self.streaming:
+            if self._train_source is None:
+                self._train_source = load_hub_split(self.hub_id, self.train_split, False, self.hub_kwargs)
+            self.train_dataset = self._hub_dataset(self._train_source, self._train_tf)
+        if self.train_dataset is None:
+            raise ValueError(f"no train split in {self._describe_source()}: {LAYOUT_HELP}")
+        return self._loader(self.train_dataset, shuffle=True)

@@ -1,0 +1,107 @@
+"""Accuracy against latency on this device: unpruned, POMT, ToMe and Top-K.
+
+    python evaluate.py --config configs/digits_evaluate.yaml
+
+A LightningCLI entry point: ``model:`` (:class:`pomt.lightning.ViTClassifier`, with the
+checkpoint in ``model.weights``), ``data:`` (any datamodule of ``datamodules``),
+``trainer:`` (device, precision, devices/strategy) and ``sweep:``
+(:class:`callbacks.TradeoffEvaluation`: methods, r values, the POMT callback's settings,
+output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
+``report.json``, ``tradeoff.png``, the latency/accuracy profiles and the config, prints the
+table, and leaves one (offline) W&B run per configuration in one group plus a summary run.
+When ``model.weights`` does not exist yet and ``--train_config`` is given, the model is
+trained first with ``train.py``. ``--print_config`` shows every option.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from callbacks import TradeoffEvaluation, TradeoffResult
+from datamodules import ClassificationDataModule
+from pomt.lightning import ViTClassifier
+
+
+class EvaluateCLI(LightningCLI):
+    """LightningCLI with a ``sweep:`` section and an optional train-first step."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(TradeoffEvaluation, "sweep")
+        parser.add_argument(
+            "--train_config",
+            type=str | None,
+            default=None,
+            help="train.py config to run first when model.weights does not exist yet",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        weights = self.config.model.get("weights")
+        train_config = self.config.get("train_config")
+        if weights and not Path(weights).is_file():
+            if not train_config:
+                raise FileNotFoundError(
+                    f"model.weights {weights} does not exist: train first "
+                    f"(python train.py --config configs/digits_train.yaml) or pass --train_config"
+                )
+            import train
+
+            print(f"{weights} not found: training first with {train_config}")
+            train.main(["--config", train_config])
+            _finish_wandb()
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"training with {train_config} did not write {weights}")
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+class _OncePerMessage(logging.Filter):
+    """Lightning repeats its device lines and tips for every Trainer of the sweep: show them once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(("GPU available", "TPU available", "💡 Tip")):
+            return True
+        if message in self.seen or message.startswith("💡 Tip"):
+            return False
+        self.seen.add(message)
+        return True
+
+
+def main(args: list[str] | None = None) -> TradeoffResult:
+    """Parse the config, run the sweep and return its result (report rows and paths)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _OncePerMessage) for f in lightning_log.filters):
+        lightning_log.addFilter(_OncePerMessage())
+    cli = EvaluateCLI(
+        ViTClassifier,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_callback=None,  # the sweep saves the config into its own run directory
+        trainer_defaults={"logger": False, "enable_checkpointing": False},
+        run=False,
+        args=args,
+    )
+    sweep: TradeoffEvaluation = cli.config_init["sweep"]
+    result = sweep.run(cli.model, cli.datamodule, trainer_factory=cli.instantiate_trainer)
+    cli.parser.save(cli.config, str(result.out_dir / "config.yaml"), overwrite=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

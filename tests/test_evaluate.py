@@ -1,0 +1,138 @@
+"""evaluate.py end to end on a tiny config (embedded digits, random weights, seconds), the
+report/plot/W&B outputs, the configs that ship with the project, and the sweep's r matching."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_vit
+
+import evaluate
+import pomt
+from callbacks.tradeoff import matching_r_values
+from pomt.report import ReportRow, format_table, read_report, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--model.model_name=vit_tiny_patch16_224",
+        "--model.num_classes=10",
+        "--model.img_size=16",
+        '--model.model_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}',
+        "--data=datamodules.DigitsDataModule",
+        "--data.img_size=16",
+        "--data.batch_size=32",
+        "--data.selection_size=40",
+        "--data.augment=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.limit_test_batches=2",
+        "--trainer.enable_progress_bar=false",
+        '--sweep.pomt={"layer": 1, "tokens": [17, 13, 9, 5], "accuracy_tokens": [17, 13, 9, 5], '
+        '"accuracy_samples": 40, "min_run_time": 0.0, "warmup": 1}',
+        "--sweep.latency_rounds=3",
+        f"--sweep.out_dir={tmp_path}",
+        "--sweep.run_name=tiny",
+        *extra,
+    ]
+
+
+def test_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = evaluate.main(tiny_args(tmp_path))
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "tiny"
+    methods = [row.method for row in result.rows]
+    assert methods[:2] == ["none", "pomt"] and "tome" in methods and "topk" in methods
+    pomt_row = next(row for row in result.rows if row.method == "pomt")
+    assert pomt_row.selected and int(pomt_row.r) == result.pomt_callback.selection.r
+    assert pomt_row.tokens == 17 - int(pomt_row.r)
+    for row in result.rows:
+        assert 0.0 <= row.acc1 <= row.acc5 <= 1.0
+        assert row.latency_ms > 0 and row.latency_p90_ms >= row.latency_ms
+        assert row.batch_size == 32
+    assert read_report(run_dir / "report.json") == result.rows
+    assert (run_dir / "report.csv").read_text().splitlines()[0].startswith("method,r,tokens")
+    assert (run_dir / "tradeoff.png").stat().st_size > 10_000
+    assert (run_dir / "config.yaml").is_file()
+    assert "R chosen by POMT for this device" in out and "unpruned" in out
+    # one offline W&B run per configuration plus the summary run, in one folder
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(result.rows) + 1
+    tables = list((run_dir / "wandb").glob("offline-run-*/files/media/table/tradeoff/table_*.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == len(result.rows)
+    assert {"method", "acc1", "latency_ms"} <= set(table["columns"])
+
+
+def test_evaluate_sweeps_batch_sizes_and_reuses_accuracy(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = tiny_args(
+        tmp_path, "--sweep.batch_sizes=[4, 8]", "--sweep.wandb=false", "--sweep.methods=[none, pomt, tome]"
+    )
+    result = evaluate.main(args)
+    assert sorted({row.batch_size for row in result.rows}) == [4, 8]
+    for batch in (4, 8):
+        assert (tmp_path / "tiny" / f"bs{batch}" / "report.csv").is_file()
+        assert (tmp_path / "tiny" / f"bs{batch}" / "latency_profile.json").is_file()
+    # one accuracy profile, shared: accuracy does not depend on the batch size
+    assert len(list((tmp_path / "tiny").glob("**/accuracy_profile.json"))) == 1
+    unpruned = [row for row in result.rows if row.method == "none"]
+    assert unpruned[0].acc1 == unpruned[1].acc1
+    assert {row.batch_size for row in read_report(tmp_path / "tiny" / "report.json")} == {4, 8}
+
+
+def test_missing_checkpoint_without_train_config_is_explained(tmp_path):
+    args = tiny_args(tmp_path, f"--model.weights={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(FileNotFoundError, match="does not exist: train first"):
+        evaluate.main(args)
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "train.py"])
+def test_help(script):
+    out = subprocess.run(
+        [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--config" in out.stdout and "--model" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if "train" not in p.name)
+)
+def test_shipped_evaluate_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--config", str(ROOT / "configs" / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "sweep:" in capsys.readouterr().out
+
+
+def test_matching_r_values_span_the_pomt_range():
+    vit = make_tiny_vit(depth=4)  # 17 tokens, 16 ordinary
+    pomt_mean = sum(pomt.token_schedule(vit, "pomt", 8, 1)) / 4  # (17 + 3 * 9) / 4 = 11
+    r_values = matching_r_values(vit, "topk", [17 - 6 * s for s in (0.5, 1.0)], layer=1)
+    means = [sum(pomt.token_schedule(vit, "topk", r, 1)) / 4 for r in r_values]
+    assert r_values == sorted(r_values) and len(r_values) == 2
+    assert abs(means[-1] - pomt_mean) <= 1.0
+    assert matching_r_values(vit, "tome", [-50.0]) == []  # out of reach: skipped, not clamped
+
+
+def test_report_round_trip_and_table(tmp_path):
+    rows = [
+        ReportRow("none", "0", 17, 17.0, 0.9, 1.0, 10.0, 11.0, 10.5, 4, "cpu", "float32"),
+        ReportRow("pomt", "8", 9, 11.0, 0.85, 1.0, 6.0, 6.5, 6.2, 4, "cpu", "float32", selected=True),
+    ]
+    _, json_path = write_report(rows, tmp_path)
+    assert read_report(json_path) == rows
+    table = format_table(rows)
+    assert "pomt r=8 *" in table and "1.667" in table  # 10 ms / 6 ms
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a pomt report"):
+        read_report(tmp_path / "bad.json")
