@@ -16,6 +16,12 @@ r in {28, 56, 100}, pruning at block 3, on the current device. In one run, inter
 
 It ends with ``pruned/ideal=X.XXX``: the worst pomt/ideal ratio over the table.
 
+On Linux CPUs, glibc returns large freed buffers to the OS and page-faults them back in on
+the next forward; explicit attention allocates two (B, H, N, N) buffers, so it pays more
+for this than fused attention. ``--malloc-tuned`` keeps such buffers in the heap (as
+jemalloc/tcmalloc or ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` would), which
+makes every variant faster and shows the cost of POMT's own work.
+
     python benchmarks/pruning_latency.py            # about 2-4 minutes on a 2-core CPU
     python benchmarks/pruning_latency.py --quick    # a smaller run
 """
@@ -49,6 +55,21 @@ def build_variants(base: torch.nn.Module, r: int, layer: int) -> dict[str, torch
     return variants
 
 
+def tune_glibc_malloc(threshold: int = 64 << 20) -> bool:
+    """Keep freed buffers below ``threshold`` bytes in the heap instead of unmapping them."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(
+        libc.mallopt(m_trim_threshold, 2 * threshold)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,7 +81,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (samples per variant)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="batch 1 only, r=56, 15 rounds")
+    parser.add_argument("--malloc-tuned", action="store_true", help="keep large buffers in glibc's heap")
     args = parser.parse_args()
+    malloc = "default malloc"
+    if args.malloc_tuned:
+        malloc = "glibc malloc tuned" if tune_glibc_malloc() else "default malloc (mallopt unavailable)"
     if args.quick:
         args.batch_sizes, args.r, args.rounds = [1], [56], 15
 
@@ -70,7 +95,7 @@ def main() -> None:
     n = pomt.token_layout(base).tokens
     print(
         f"# {args.model} (N={n}) on {device_name(device)}, threads={torch.get_num_threads()}, "
-        f"layer={args.layer}, {args.rounds} interleaved rounds, median ms"
+        f"layer={args.layer}, {args.rounds} interleaved rounds, {malloc}, median ms"
     )
     header = (
         f"{'batch':>5} {'r':>4} {'tokens':>6} {'unpruned':>9} {'pomt':>8} {'ideal':>8} {'cut_bef':>8} "

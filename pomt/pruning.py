@@ -119,7 +119,12 @@ def _attn_output(attn: nn.Module, heads_out: torch.Tensor, x: torch.Tensor) -> t
 def _explicit_attention(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output, softmax probabilities (B, H, N, N) and values (B, H, N, D)."""
     q, k, v = _qkv(attn, x)
-    probs = ((q * _attn_scale(attn, q.shape[-1])) @ k.transpose(-2, -1)).softmax(dim=-1)
+    logits = (q * _attn_scale(attn, q.shape[-1])) @ k.transpose(-2, -1)
+    if logits.requires_grad:
+        probs = logits.softmax(dim=-1)
+    else:  # softmax in place: one (B, H, N, N) buffer instead of two (large CPU allocations page-fault)
+        probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        probs = probs.div_(probs.sum(dim=-1, keepdim=True))
     attn_drop = getattr(attn, "attn_drop", None)
     heads_out = (attn_drop(probs) if attn_drop is not None else probs) @ v
     return _attn_output(attn, heads_out, x), probs, v
@@ -157,14 +162,15 @@ def pomt_token_scores(probs: torch.Tensor, values: torch.Tensor, prefix: int) ->
     rows (how much each token is attended to), divided by its per-image maximum. Value term:
     max over heads of V summed over features, softmax over all tokens, prefix dropped.
     """
-    attn_term = probs[:, :, prefix:, prefix:].amax(dim=1).sum(dim=1, dtype=torch.float32)
+    attn_term = probs.amax(dim=1)[:, prefix:, prefix:].sum(dim=1, dtype=torch.float32)
     attn_term = attn_term / attn_term.amax(dim=1, keepdim=True)
     value_term = values.amax(dim=1).sum(dim=-1, dtype=torch.float32).softmax(dim=-1)[:, prefix:]
     return attn_term + value_term
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """Tokens ``x[b, index[b, i]]`` of each image b, shape (B, K, C)."""
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), index]
 
 
 def _check_room(tokens: int, prefix: int, removed: int, where: str) -> None:

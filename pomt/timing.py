@@ -8,6 +8,7 @@ so the asynchronous launch queue is never mistaken for the work itself; on the C
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -176,7 +177,9 @@ def time_interleaved(
     """Time several callables side by side: A B C A B C ... for ``rounds`` rounds.
 
     Interleaving spreads slow drifts of the machine (clocks, other load) over every
-    candidate alike, so ratios between them are far steadier than back-to-back runs.
+    candidate alike, so ratios between them are far steadier than back-to-back runs. The
+    order within a round is shuffled (seeded), so cache effects of a fixed order do not
+    favour one candidate.
     ``prepare(name)``, when given, runs untimed before each call of candidate ``name``
     (e.g. to switch one model between pruning configurations).
     """
@@ -187,8 +190,11 @@ def time_interleaved(
         for _ in range(max(0, warmup)):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in fns.items():
+        shuffle(order)  # no candidate always runs right after the same one
+        for name, fn in order:
             if prepare is not None:
                 prepare(name)
             with Stopwatch(device) as sw:

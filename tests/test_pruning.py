@@ -449,3 +449,13 @@ def test_hub_style_dinov2_with_registers():
     assert tokens_after_each_block(model, x) == [21, 6, 6]
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("method", ["pomt", "topk", "tome"])
+def test_pruned_model_trains(method):
+    model = make_tiny_vit(reg_tokens=1).train()
+    pomt.apply_pruning(model, method, r=3, layer=1)
+    loss = model(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads[:5])
