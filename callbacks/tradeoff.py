@@ -8,7 +8,6 @@ all in one group), and the whole comparison lands in one run directory as a repo
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import pomt
+from callbacks.logging import wandb_logger
 from callbacks.pomt_callback import POMTCallback
 from pomt.lightning import split_batch
 from pomt.models import find_vit
@@ -189,18 +189,13 @@ class TradeoffEvaluation:
     def _logger(self, name: str, group: str, run_dir: Path) -> Logger | bool:
         if not self.wandb:
             return False
-        from lightning.pytorch.loggers import WandbLogger
-
-        if self.wandb_offline:
-            os.environ.setdefault("WANDB_MODE", "offline")
-        return WandbLogger(
-            project=self.wandb_project,
-            group=group,
-            name=name,
-            save_dir=str(run_dir),
-            offline=self.wandb_offline,
-            job_type="evaluate",
-        )
+        kwargs = dict(project=self.wandb_project, group=group, name=name, job_type="evaluate")
+        try:
+            return wandb_logger(save_dir=run_dir, offline=self.wandb_offline, **kwargs)
+        except ValueError as err:  # online without credentials: keep the results, log offline
+            rank_zero_warn(f"{err}; logging this evaluation offline instead")
+            self.wandb_offline = True
+            return wandb_logger(save_dir=run_dir, offline=True, **kwargs)
 
     @staticmethod
     def _finish(logger: Logger | bool, dirs: list[str]) -> None:
@@ -260,6 +255,7 @@ class TradeoffEvaluation:
                     rounds=self.latency_rounds,
                     warmup=3,
                     prepare=prepare,
+                    progress=f"timing {len(by_label)} configurations",
                 )
         finally:
             pomt.remove_pruning(ctx.vit)

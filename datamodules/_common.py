@@ -4,7 +4,6 @@ and evaluation transforms taken from a model's own timm data config."""
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from pomt.profiling import balanced_indices
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -34,39 +35,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 def default_num_workers() -> int:
     """Loader processes: the CPU count, at most 8 (decoding JPEGs is the usual bottleneck)."""
     return min(8, os.cpu_count() or 1)
-
-
-def balanced_indices(labels: Sequence[int], size: int, seed: int) -> list[int]:
-    """``size`` positions of ``labels``, drawn so that every class gets the same share (±1).
-
-    Classes are visited round-robin in a seeded random order, each contributing its next
-    seeded-random member, so the sample is balanced and reproducible. A class with too few
-    members simply runs out; the rest is filled from the others.
-    """
-    if size < 0:
-        raise ValueError(f"sample size must be >= 0, got {size}")
-    if size > len(labels):
-        raise ValueError(f"cannot draw {size} samples from a split of {len(labels)} images")
-    rng = random.Random(seed)
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        members[int(label)].append(i)
-    pools = []
-    for label in sorted(members):
-        pool = members[label]
-        rng.shuffle(pool)
-        pools.append(pool)
-    rng.shuffle(pools)
-    chosen: list[int] = []
-    depth = 0
-    while len(chosen) < size:
-        for pool in pools:
-            if depth < len(pool):
-                chosen.append(pool[depth])
-                if len(chosen) == size:
-                    break
-        depth += 1
-    return sorted(chosen)
 
 
 def stratified_split(labels: Sequence[int], sizes: Sequence[int], seed: int) -> list[list[int]]:

@@ -15,7 +15,9 @@ import datetime as _dt
 import json
 import math
 import os
+import random
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -572,33 +574,37 @@ def _dataset_labels(ds: object) -> list[int] | None:
     return None
 
 
-def balanced_indices(labels: Sequence[int], num_samples: int, seed: int) -> list[int]:
-    """A seeded, class-balanced sample of indices: classes take turns (in a seeded order),
-    each giving a random not-yet-taken index, so per-class counts differ by at most one
-    (unless a class runs out)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    by_class: dict[int, list[int]] = {}
+def balanced_indices(labels: Sequence[int], size: int, seed: int) -> list[int]:
+    """``size`` positions of ``labels``, drawn so that every class gets the same share (±1).
+
+    Classes are visited round-robin in a seeded random order, each contributing its next
+    seeded-random member, so the sample is balanced and reproducible. A class with too few
+    members simply runs out; the rest is filled from the others.
+    """
+    if size < 0:
+        raise ValueError(f"sample size must be >= 0, got {size}")
+    if size > len(labels):
+        raise ValueError(f"cannot draw {size} samples from a split of {len(labels)} images")
+    rng = random.Random(seed)
+    members: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(i)
-    classes = sorted(by_class)
-    classes = [classes[i] for i in torch.randperm(len(classes), generator=gen).tolist()]
-    pools = {
-        c: [by_class[c][i] for i in torch.randperm(len(by_class[c]), generator=gen).tolist()] for c in classes
-    }
-    out: list[int] = []
+        members[int(label)].append(i)
+    pools = []
+    for label in sorted(members):
+        pool = members[label]
+        rng.shuffle(pool)
+        pools.append(pool)
+    rng.shuffle(pools)
+    chosen: list[int] = []
     depth = 0
-    while len(out) < num_samples:
-        added = False
-        for c in classes:
-            if depth < len(pools[c]):
-                out.append(pools[c][depth])
-                added = True
-                if len(out) == num_samples:
+    while len(chosen) < size:
+        for pool in pools:
+            if depth < len(pool):
+                chosen.append(pool[depth])
+                if len(chosen) == size:
                     break
-        if not added:
-            break
         depth += 1
-    return out
+    return sorted(chosen)
 
 
 def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:

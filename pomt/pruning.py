@@ -152,6 +152,16 @@ def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def _explicit_attention_residual(
+    block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks, then ``x + attention(x)`` with the attention probabilities and values exposed."""
+    _no_mask(attn_mask, is_causal)
+    _check_room(x.shape[1], block._pomt_spec.prefix, block._pomt_spec.r, method)
+    attn_out, probs, values = _explicit_attention(block.attn, block.norm1(x))
+    return x + block.drop_path1(block.ls1(attn_out)), probs, values
+
+
 # --------------------------------------------------------------------------- POMT
 
 
@@ -187,12 +197,8 @@ class _POMTBlock(nn.Module):
     _pomt_spec: _BlockSpec
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
-        spec = self._pomt_spec
-        prefix, r = spec.prefix, spec.r
-        _check_room(x.shape[1], prefix, r, "POMT")
-        attn_out, probs, values = _explicit_attention(self.attn, self.norm1(x))
-        x = x + self.drop_path1(self.ls1(attn_out))
+        x, probs, values = _explicit_attention_residual(self, x, attn_mask, is_causal, "POMT")
+        prefix, r = self._pomt_spec.prefix, self._pomt_spec.r
         ordinary = x[:, prefix:]
         keep = ordinary.shape[1] - r - 1
         order = pomt_token_scores(probs, values, prefix).argsort(dim=1, descending=True)
@@ -224,12 +230,9 @@ class _TopKBlock(nn.Module):
     _pomt_spec: _BlockSpec
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
+        x, probs, _ = _explicit_attention_residual(self, x, attn_mask, is_causal, "Top-K")
         spec = self._pomt_spec
         prefix, r = spec.prefix, spec.r
-        _check_room(x.shape[1], prefix, r, "Top-K")
-        attn_out, probs, _ = _explicit_attention(self.attn, self.norm1(x))
-        x = x + self.drop_path1(self.ls1(attn_out))
         if spec.has_cls:
             importance = probs[:, :, 0, prefix:].mean(dim=1)
         else:  # no CLS token: the attention each token receives, averaged over queries and heads

@@ -173,6 +173,7 @@ def time_interleaved(
     rounds: int = 30,
     warmup: int = 3,
     prepare: Callable[[str], object] | None = None,
+    progress: str | None = None,
 ) -> dict[str, TimingStats]:
     """Time several callables side by side: A B C A B C ... for ``rounds`` rounds.
 
@@ -181,7 +182,8 @@ def time_interleaved(
     order within a round is shuffled (seeded), so cache effects of a fixed order do not
     favour one candidate.
     ``prepare(name)``, when given, runs untimed before each call of candidate ``name``
-    (e.g. to switch one model between pruning configurations).
+    (e.g. to switch one model between pruning configurations). ``progress``, when given,
+    is the description of a progress bar over the rounds.
     """
     device = torch.device(device)
     for name, fn in fns.items():
@@ -192,7 +194,14 @@ def time_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns.items())
     shuffle = random.Random(0).shuffle
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=rounds, desc=progress, unit="round", leave=False)
     for _ in range(rounds):
+        if bar is not None:
+            bar.update(1)
         shuffle(order)  # no candidate always runs right after the same one
         for name, fn in order:
             if prepare is not None:
@@ -200,4 +209,6 @@ def time_interleaved(
             with Stopwatch(device) as sw:
                 fn()
             samples[name].append(sw.elapsed_ms)
+    if bar is not None:
+        bar.close()
     return {name: TimingStats.from_samples(values) for name, values in samples.items()}

@@ -136,3 +136,14 @@ def test_report_round_trip_and_table(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a pomt report"):
         read_report(tmp_path / "bad.json")
+
+
+def test_online_wandb_without_login_falls_back_to_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    args = tiny_args(tmp_path, "--sweep.wandb_offline=false", "--sweep.methods=[none, pomt]")
+    with pytest.warns(UserWarning, match="W&B online mode needs credentials"):
+        result = evaluate.main(args)
+    assert [row.method for row in result.rows] == ["none", "pomt"]
+    assert (tmp_path / "tiny" / "report.json").is_file()
+    assert len(list((tmp_path / "tiny" / "wandb").glob("offline-run-*"))) == 3
