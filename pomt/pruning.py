@@ -424,7 +424,8 @@ def apply_pruning(
     has_cls = getattr(model, "cls_token", None) is not None
     common = dict(prefix=layout.prefix_tokens, has_cls=has_cls)
     if method in ("pomt", CUT_METHOD):
-        targets = {layer: _BlockSpec(r=int(r), **common)}
+        # r=0 deploys the unpruned model: no block pays for scoring that removes nothing
+        targets = {layer: _BlockSpec(r=int(r), **common)} if r > 0 else {}
         stored_r: int | tuple[int, ...] = int(r)
     else:
         per_block = _per_block_r(method, r, layout.depth)

@@ -151,7 +151,7 @@ def reference_pomt_block(block: nn.Module, x: torch.Tensor, r: int, p: int) -> t
         {"class_token": False, "global_pool": "avg"},  # no prefix token at all
     ],
 )
-@pytest.mark.parametrize("r", [0, 3, 15])
+@pytest.mark.parametrize("r", [1, 3, 15])
 def test_pomt_block_matches_reference(overrides, r):
     model = make_tiny_vit(**overrides)
     layout = pomt.token_layout(model)
@@ -247,6 +247,15 @@ def test_topk_keeps_tokens_with_most_cls_attention():
         pruned = block(x)
     kept = {j for j in range(16) for t in pruned[0, 1:] if torch.allclose(t, full[0, 1 + j], atol=1e-6)}
     assert kept == expected_kept
+
+
+def test_r0_deploys_the_unpruned_model(tiny_vit):
+    for method in pomt.METHODS:
+        pomt.apply_pruning(tiny_vit, method, r=0, layer=1)
+        if method != "tome":  # ToMe's proportional attention runs in every block
+            assert all(type(b).__name__ == "Block" for b in vit_blocks(tiny_vit))
+        config = pomt.pruning_config(tiny_vit)
+        assert config is None if method == "none" else config.tokens == (17,) * 4
 
 
 def test_per_block_list(tiny_vit):
