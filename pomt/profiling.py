@@ -50,36 +50,19 @@ SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
-class LatencyPoint:
+class LatencyPoint(TimingStats):
     """Latency of the deployed model with ``tokens`` tokens after the pruning block."""
 
-    tokens: int
-    median_ms: float
-    p10_ms: float
-    p25_ms: float
-    p75_ms: float
-    p90_ms: float
-    mean_ms: float
-    samples: int
-
-    @property
-    def iqr_ms(self) -> float:
-        return self.p75_ms - self.p25_ms
+    tokens: int = 0
 
     @classmethod
     def from_stats(cls, tokens: int, stats: TimingStats) -> LatencyPoint:
         return cls(tokens=int(tokens), **stats.to_dict())
 
     def stats(self) -> TimingStats:
-        return TimingStats(
-            median_ms=self.median_ms,
-            p10_ms=self.p10_ms,
-            p25_ms=self.p25_ms,
-            p75_ms=self.p75_ms,
-            p90_ms=self.p90_ms,
-            mean_ms=self.mean_ms,
-            samples=self.samples,
-        )
+        values = self.to_dict()
+        del values["tokens"]
+        return TimingStats(**values)
 
 
 @dataclass(frozen=True)
