@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
+        "--relative",
+        action="store_true",
+        help="time every point call by call against the unpruned model (profile_latency(relative=True))",
+    )
+    parser.add_argument(
         "--repeat-full",
         action="store_true",
         help="time the full grid a second time: its gap on the first full grid is the noise floor of the gap",
@@ -103,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         min_run_time=min_run_time,
         progress=False,
         name=model_name,
+        relative=args.relative,
     )
     print(
         f"model={model_name} (random weights) N={n_total} p={prefix} batch={args.batch_size} device={args.device} "
         f"threads={torch.get_num_threads()} warmup={warmup} min_run_time={min_run_time}s alpha={args.alpha}"
+        f"{' timing=relative-to-N' if args.relative else ''}"
     )
     print("accuracy: FIXED SYNTHETIC smooth A(n) (no trained weights), 16-point grid, interpolated")
 

@@ -108,6 +108,8 @@ class POMTCallback(Callback):
         cuda_graphs: on CUDA, time each token count by replaying a captured CUDA graph, which
             removes the Python/launch overhead a deployed (graph-captured or TensorRT) model
             does not pay; ignored on other devices.
+        relative_timing: time each token count call by call against the unpruned model
+            (``profile_latency(relative=True)``): robust to a machine whose speed drifts.
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class POMTCallback(Callback):
         on_fit_validation: bool = False,
         log_plots: bool = True,
         cuda_graphs: bool = False,
+        relative_timing: bool = False,
     ) -> None:
         super().__init__()
         if method not in _PRUNING_METHODS:
@@ -191,6 +194,7 @@ class POMTCallback(Callback):
         }
         self.log_plots = log_plots
         self.cuda_graphs = cuda_graphs
+        self.relative_timing = relative_timing
 
         # results (like BatchSizeFinder.optimal_batch_size)
         self.selection: Any = None
@@ -470,6 +474,7 @@ class POMTCallback(Callback):
             warmup=self.warmup,
             min_run_time=self.min_run_time,
             cuda_graphs=self.cuda_graphs,
+            relative=self.relative_timing,
             coarse_points=self.coarse_points,
             max_points=self.max_points,
             progress=progress,

@@ -107,6 +107,11 @@ def latency_parser() -> argparse.ArgumentParser:
         "--cuda-graphs", action="store_true", help="replay CUDA graphs (removes launch overhead)"
     )
     parser.add_argument(
+        "--relative",
+        action="store_true",
+        help="time each n call by call against the unpruned model, so a drifting machine draws no fake steps",
+    )
+    parser.add_argument(
         "--threads", type=int, help="CPU threads (torch.set_num_threads); recorded in the profile"
     )
     parser.add_argument("--plot", help="also save a PNG of L(n)")
@@ -144,6 +149,7 @@ def _profile_latency(args: argparse.Namespace) -> int:
         min_run_time=args.min_run_time,
         repeats=args.repeats,
         cuda_graphs=args.cuda_graphs,
+        relative=args.relative,
         coarse_points=args.coarse_points,
         max_points=args.max_points,
         progress=not args.no_progress,

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import statistics
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,7 +30,7 @@ from torch import nn
 from pomt.models import find_vit, token_layout
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
 from pomt.selection import as_tokens, coarse_grid, default_max_points, search_tokens
-from pomt.timing import TimingStats, device_name, time_call
+from pomt.timing import TimingStats, device_name, time_call, time_paired
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -406,6 +407,7 @@ def profile_latency(
     min_run_time: float = 0.5,
     repeats: int | None = None,
     cuda_graphs: bool = False,
+    relative: bool = False,
     coarse_points: int = 9,
     max_points: int | None = None,
     progress: bool = True,
@@ -421,6 +423,11 @@ def profile_latency(
     graph (falls back to eager with a warning if capture fails; ignored elsewhere). The
     model's pruning, train/eval flags, device and dtype are restored afterwards.
     ``measure`` replaces the timing with a function n -> TimingStats (for tests).
+
+    ``relative=True`` times every n call by call against the unpruned model
+    (``pomt.timing.time_paired``) and scales the ratios by the unpruned model's pooled median:
+    the same total timing, but a machine whose speed drifts between points (shared servers,
+    thermal throttling) no longer draws fake steps into the curve. Eager calls only.
     """
     if vit is None:
         vit = find_vit(model)[1]
@@ -441,11 +448,43 @@ def profile_latency(
     acc_total = getattr(accuracy, "tokens_total", None)
     if acc_total is not None and acc_total != n_total:
         raise ValueError(f"the accuracy profile is for N={acc_total} tokens, this model has N={n_total}")
-    use_graphs = bool(cuda_graphs) and device.type == "cuda" and measure is None
+    use_graphs = bool(cuda_graphs) and device.type == "cuda" and measure is None and not relative
+    if cuda_graphs and relative:
+        warnings.warn("cuda_graphs=True ignored: relative timing alternates eager calls", stacklevel=2)
     if cuda_graphs and device.type != "cuda":
         warnings.warn("cuda_graphs=True ignored: CUDA graphs need a CUDA device", stacklevel=2)
     state = _Restore(model, vit)
     graphs_ok = use_graphs
+
+    reference_ms: list[float] = []  # relative mode: every sample of the unpruned model
+    ratios: dict[int, list[float]] = {}
+
+    def prune_to(n: int) -> None:
+        if n == n_total:
+            remove_pruning(vit)
+        else:
+            apply_pruning(vit, "pomt", r=n_total - n, layer=layer)
+
+    def scaled(n: int) -> TimingStats:
+        if n == n_total:
+            return TimingStats.from_samples(reference_ms)
+        level = statistics.median(reference_ms)
+        return TimingStats.from_samples([ratio * level for ratio in ratios[n]])
+
+    def timed_relative(n: int) -> TimingStats:
+        pair_ratios, ref = time_paired(
+            lambda: model(x),
+            lambda: model(x),
+            device=device,
+            warmup=warmup,
+            min_run_time=min_run_time,
+            min_pairs=repeats or 5,
+            prepare=lambda: prune_to(n),
+            prepare_reference=lambda: prune_to(n_total),
+        )
+        reference_ms.extend(ref)
+        ratios[n] = pair_ratios
+        return scaled(n)
 
     def timed(n: int) -> TimingStats:
         nonlocal graphs_ok
@@ -485,7 +524,7 @@ def profile_latency(
                 model.to(device=device)
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(batch_size, _in_chans(vit), *size, generator=gen).to(device=device, dtype=dtype)
-        fn = measure if measure is not None else timed
+        fn = measure if measure is not None else (timed_relative if relative else timed)
         with torch.inference_mode():
             if grid is not None:
                 points = {}
@@ -505,6 +544,9 @@ def profile_latency(
                     on_point=on_point,
                 )
                 search = "fast" if accuracy is None else f"fast-guided(alpha={alpha:g})"
+            if relative and measure is None:  # final scale: the pooled median of all reference samples
+                points = {n: scaled(n) for n in points}
+                search += ", relative to N"
     finally:
         bar.close()
         state.restore()

@@ -16,7 +16,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["TimingStats", "synchronize", "time_call", "time_interleaved", "Stopwatch", "device_name"]
+__all__ = [
+    "TimingStats",
+    "synchronize",
+    "time_call",
+    "time_interleaved",
+    "time_paired",
+    "Stopwatch",
+    "device_name",
+]
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -212,3 +220,44 @@ def time_interleaved(
     if bar is not None:
         bar.close()
     return {name: TimingStats.from_samples(values) for name, values in samples.items()}
+
+
+def time_paired(
+    fn: Callable[[], object],
+    reference: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    min_run_time: float = 0.5,
+    min_pairs: int = 5,
+    prepare: Callable[[], object] | None = None,
+    prepare_reference: Callable[[], object] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Alternate ``fn`` and ``reference`` call by call for ``min_run_time`` seconds in all.
+
+    Returns the per-pair ratios ``t_fn / t_reference`` and the reference's samples (ms). A
+    slow drift of the machine (clocks, thermal throttling, other tenants) scales both calls
+    of a pair alike, so the ratio cancels it where absolute times would wander between
+    points measured minutes apart. ``prepare``/``prepare_reference`` run untimed before
+    each call of the respective function.
+    """
+    device = torch.device(device)
+    for _ in range(max(0, warmup)):
+        for setup, call in ((prepare, fn), (prepare_reference, reference)):
+            if setup is not None:
+                setup()
+            call()
+    ratios: list[float] = []
+    ref_samples: list[float] = []
+    deadline = time.perf_counter() + min_run_time
+    while len(ratios) < min_pairs or time.perf_counter() < deadline:
+        times = []
+        for setup, call in ((prepare, fn), (prepare_reference, reference)):
+            if setup is not None:
+                setup()
+            with Stopwatch(device) as sw:
+                call()
+            times.append(sw.elapsed_ms)
+        ratios.append(times[0] / max(times[1], 1e-9))
+        ref_samples.append(times[1])
+    return ratios, ref_samples

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from pomt.profiling import (
     profile_latency,
 )
 from pomt.pruning import apply_pruning, pruning_config
-from pomt.timing import TimingStats
+from pomt.timing import TimingStats, time_paired
 
 FAST = dict(warmup=0, repeats=2, progress=False)
 
@@ -71,6 +73,46 @@ def test_profile_latency_of_a_tiny_vit_on_cpu():
     for p in lat.points:
         assert 0 < p.p10_ms <= p.p25_ms <= p.median_ms <= p.p75_ms <= p.p90_ms and p.samples == 2
     assert model.training and pruning_config(model) is None  # state restored
+
+
+def test_relative_profile_pairs_every_point_with_the_unpruned_model():
+    model = tiny_vit()
+    calls: list[int] = []
+    hook = model.blocks[-1].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
+    lat = profile_latency(
+        model,
+        batch_size=2,
+        tokens=[17, 9, 3],
+        layer=1,
+        relative=True,
+        warmup=0,
+        min_run_time=0.0,
+        repeats=4,
+        progress=False,
+    )
+    hook.remove()
+    assert lat.tokens == [3, 9, 17] and lat.search.endswith("relative to N")
+    assert calls[:8] == [17] * 8  # n = N first: both calls of each pair are the unpruned model
+    assert calls[8:16] == [9, 17] * 4  # then n = 9 alternating with the reference, call by call
+    assert lat.points[-1].samples == 3 * 4  # N pools the reference samples of every pair
+    assert all(p.median_ms > 0 for p in lat.points) and pruning_config(model) is None
+
+
+def test_time_paired_ratio_cancels_a_drifting_machine():
+    speed = iter([1.0, 1.0, 3.0, 3.0, 0.5, 0.5, 2.0, 2.0, 1.0, 1.0, 4.0, 4.0])  # drift shared within a pair
+    work = {"a": 2, "b": 1}
+
+    def run(name):
+        def call():
+            factor = next(speed)
+            time.sleep(0.004 * work[name] * factor)
+
+        return call
+
+    ratios, ref = time_paired(run("a"), run("b"), warmup=0, min_run_time=0.0, min_pairs=6)
+    assert len(ratios) == len(ref) == 6
+    assert statistics.median(ratios) == pytest.approx(2.0, rel=0.35)
+    assert max(ref) / min(ref) > 3  # the absolute times drifted eightfold
 
 
 def test_profile_latency_times_the_deployed_model_inside_a_wrapper():
