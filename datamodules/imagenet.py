@@ -182,9 +182,10 @@ _EXTS = set(IMAGE_EXTENSIONS)
 
 
 # ----------------------------------------------------------------------------- hub datasets
-class HubImageDataset(Dataset):
-    """``(transform(image), label)`` rows of a map-style Hugging Face dataset; ``label_map``
-    turns the dataset's label ids into the module's (e.g. wnid folders into ImageNet order)."""
+class _HubRows:
+    """What both hub datasets share: the rows' image/label keys and the label mapping
+    (``label_map`` turns the dataset's label ids into the module's, e.g. wnid folders
+    into ImageNet order)."""
 
     def __init__(
         self,
@@ -200,6 +201,14 @@ class HubImageDataset(Dataset):
     def _label(self, value: Any) -> int:
         return self.label_map[int(value)] if self.label_map is not None else int(value)
 
+    def _example(self, row: Any) -> tuple[Any, int]:
+        image = row[self.image_key].convert("RGB")
+        return (self.transform(image) if self.transform else image), self._label(row[self.label_key])
+
+
+class HubImageDataset(_HubRows, Dataset):
+    """``(transform(image), label)`` rows of a map-style Hugging Face dataset."""
+
     @property
     def labels(self) -> list[int]:
         return [self._label(v) for v in self.ds[self.label_key]]
@@ -208,31 +217,15 @@ class HubImageDataset(Dataset):
         return len(self.ds)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        row = self.ds[int(index)]
-        image = row[self.image_key].convert("RGB")
-        return (self.transform(image) if self.transform else image), self._label(row[self.label_key])
+        return self._example(self.ds[int(index)])
 
 
-class HubStreamDataset(IterableDataset):
+class HubStreamDataset(_HubRows, IterableDataset):
     """``(transform(image), label)`` from a streamed Hugging Face dataset (shards split over workers)."""
-
-    def __init__(
-        self,
-        ds: Any,
-        transform: Callable | None,
-        image_key: str,
-        label_key: str,
-        label_map: list[int] | None = None,
-    ) -> None:
-        self.ds, self.transform, self.image_key, self.label_key = ds, transform, image_key, label_key
-        self.label_map = label_map
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         for row in self.ds:
-            image = row[self.image_key].convert("RGB")
-            label = int(row[self.label_key])
-            label = self.label_map[label] if self.label_map is not None else label
-            yield (self.transform(image) if self.transform else image), label
+            yield self._example(row)
 
 
 class _InMemoryImages(Dataset):
