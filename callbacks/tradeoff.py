@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import pomt
 from callbacks.logging import wandb_logger
 from callbacks.pomt_callback import POMTCallback
-from pomt.lightning import split_batch
 from pomt.models import find_vit
+from pomt.profiling import split_batch
 from pomt.report import ReportRow, format_table, plot_tradeoff, write_report
 from pomt.timing import TimingStats, device_name, time_interleaved
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from pomt.models import create_model, load_weights
+from pomt.models import create_model, load_weights, read_state_dict
+from pomt.profiling import split_batch
 from pomt.timing import Stopwatch, TimingStats
 
 __all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features", "split_batch"]
@@ -44,23 +45,6 @@ def dinov2_linear_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor
     return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(images, labels or None)`` from a tuple/list, a dict or a bare tensor batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in ("image", "images", "pixel_values", "x") if k in batch), None)
-        y = next((batch[k] for k in ("label", "labels", "target", "y") if k in batch), None)
-        if x is None:
-            raise ValueError(f"batch dict has no image key (image/images/pixel_values/x): {sorted(batch)}")
-        return x, y
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise ValueError(
-        f"unsupported batch type {type(batch).__name__}: expected (images, labels), dict or tensor"
-    )
-
-
 def _existing_file(path: str | os.PathLike[str], what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
@@ -74,16 +58,7 @@ def _load_original_keys(model: nn.Module, path: str) -> bool:
     if filter_fn is None:
         return False
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "module"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        state = filter_fn(state, model)
+        state = filter_fn(read_state_dict(path), model)
     except Exception:
         return False
     own = model.state_dict()

@@ -26,6 +26,7 @@ __all__ = [
     "find_vit",
     "create_model",
     "load_weights",
+    "read_state_dict",
 ]
 
 BLOCK_ATTRIBUTES = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -187,12 +188,9 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
     )
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
-    """Load a ``.safetensors`` or ``torch.save`` state dict into ``model`` (never unpickles code).
-
-    Accepts plain state dicts and checkpoints that nest them under ``state_dict``/``model``;
-    a missing file or mismatched keys raise an error naming the file and a few offending keys.
-    """
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.safetensors`` or ``torch.save`` file (``weights_only``: never
+    unpickles code), unnested from ``state_dict``/``model``/``module`` checkpoint keys."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -210,6 +208,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
+    """Load a ``.safetensors`` or ``torch.save`` state dict into ``model`` (never unpickles code).
+
+    Accepts plain state dicts and checkpoints that nest them under ``state_dict``/``model``;
+    a missing file or mismatched keys raise an error naming the file and a few offending keys.
+    """
+    path = Path(path)
+    state = read_state_dict(path)
     own = model.state_dict()
     for prefix in ("model.", "module.", "vit."):
         if state and not (set(state) & set(own)) and all(k.startswith(prefix) for k in state):

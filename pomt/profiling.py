@@ -42,6 +42,7 @@ __all__ = [
     "estimate_accuracy",
     "model_name",
     "balanced_indices",
+    "split_batch",
 ]
 
 SCHEMA_VERSION = 1
@@ -632,27 +633,40 @@ def balanced_indices(labels: Sequence[int], size: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images, labels or None)`` from a tuple/list, a dict or a bare tensor batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
     if isinstance(batch, Mapping):
-        image = next((batch[k] for k in ("image", "pixel_values", "images", "x") if k in batch), None)
-        label = next((batch[k] for k in ("label", "labels", "target", "y") if k in batch), None)
-        if label is None:
-            image = None
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        image, label = batch[0], batch[1]
-    else:
-        image = None
-    if image is not None:
-        if not isinstance(image, torch.Tensor):
-            raise ValueError(
-                f"images must be tensors, got {type(image).__name__}: give the dataset a transform "
-                "(e.g. timm.data.create_transform(**timm.data.resolve_model_data_config(model)))"
-            )
-        return image, torch.as_tensor(label)
+        x = next((batch[k] for k in ("image", "images", "pixel_values", "x") if k in batch), None)
+        y = next((batch[k] for k in ("label", "labels", "target", "y") if k in batch), None)
+        if x is None:
+            raise ValueError(f"batch dict has no image key (image/images/pixel_values/x): {sorted(batch)}")
+        return x, y
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
     raise ValueError(
-        "data must yield (images, labels) pairs or dicts with 'image'/'pixel_values' and 'label'/'labels'; "
-        f"got a {type(batch).__name__}"
+        f"unsupported batch type {type(batch).__name__}: expected (images, labels), dict or tensor"
     )
+
+
+def _labelled_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of a batch that must carry both, images already tensors."""
+    try:
+        image, label = split_batch(batch)
+    except ValueError:
+        image = label = None
+    if image is None or label is None:
+        raise ValueError(
+            "data must yield (images, labels) pairs or dicts with 'image'/'pixel_values' and 'label'/'labels'; "
+            f"got a {type(batch).__name__}"
+        )
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(
+            f"images must be tensors, got {type(image).__name__}: give the dataset a transform "
+            "(e.g. timm.data.create_transform(**timm.data.resolve_model_data_config(model)))"
+        )
+    return image, torch.as_tensor(label)
 
 
 def _check_labels(labels: torch.Tensor, classes: int) -> None:
@@ -689,7 +703,7 @@ def _sample_loader(
         def first(loader: Iterable[Any]) -> Iterable[Any]:
             seen = 0
             for batch in loader:
-                images, labels = _split_batch(batch)
+                images, labels = _labelled_batch(batch)
                 take = min(len(labels), num_samples - seen)
                 yield images[:take], labels[:take]
                 seen += take
@@ -776,7 +790,7 @@ def estimate_accuracy(
             model.to(device=device)
             with torch.inference_mode():
                 for batch in loader:
-                    images, labels = _split_batch(batch)
+                    images, labels = _labelled_batch(batch)
                     images = images.to(device=device, dtype=in_dtype)
                     labels = labels.to(device=device).long().reshape(-1)
                     for n in grid:
