@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import fields
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,19 +30,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
 from callbacks import logging as pomt_logging
+from pomt.selection import Selection
 
 __all__ = ["POMTCallback"]
 
 _STAGE_OF_FN = {"validate": "validate", "fit": "validate", "test": "test", "predict": "predict"}
 _PRUNING_METHODS = ("pomt", "topk", "tome")
-
-
-def _selection_from_dict(data: dict[str, Any]) -> Any:
-    from pomt.selection import Selection
-
-    names = {f.name for f in fields(Selection)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
-    return Selection(**kwargs)
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -273,7 +265,7 @@ class POMTCallback(Callback):
         from pomt.profiling import AccuracyProfile, LatencyProfile
 
         sel = state_dict.get("selection")
-        self.selection = None if sel is None else _selection_from_dict(sel)
+        self.selection = None if sel is None else Selection.from_dict(sel)
         lat = state_dict.get("latency_profile")
         self.latency_profile = None if lat is None else LatencyProfile.from_dict(lat)
         acc = state_dict.get("accuracy_profile")
@@ -591,14 +583,9 @@ class POMTCallback(Callback):
             mark_x=sel.tokens,
             title="POMT",
         )
-        try:
-            from pomt.plots import plot_profiles
-        except ImportError:
-            return
-        import matplotlib.pyplot as plt
+        from pomt.plots import plot_profiles
 
-        figure = plot_profiles(self.latency_profile, self.accuracy_profile, sel)
-        try:
-            pomt_logging.log_figure(trainer, "pomt/profiles", figure)
-        finally:
-            plt.close(figure)
+        # a plain matplotlib Figure (not pyplot's): nothing to close, freed with the object
+        pomt_logging.log_figure(
+            trainer, "pomt/profiles", plot_profiles(self.latency_profile, self.accuracy_profile, sel)
+        )

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import pomt
 from callbacks.logging import wandb_logger
 from callbacks.pomt_callback import POMTCallback
+from pomt import METHODS
 from pomt.models import find_vit
 from pomt.profiling import split_batch
 from pomt.report import ReportRow, format_table, plot_tradeoff, write_report
@@ -155,11 +156,9 @@ class TradeoffEvaluation:
         latency_rounds: int = 30,
         batch_sizes: list[int] | None = None,
     ) -> None:
-        unknown = [m for m in methods if m not in pomt_methods()]
+        unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
-            raise ValueError(
-                f"methods must be a non-empty list of {', '.join(pomt_methods())}; got {list(methods)}"
-            )
+            raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
         if any(s <= 0 for s in span):
             raise ValueError(f"span values must be > 0, got {list(span)}")
         self.methods = list(methods)
@@ -466,7 +465,3 @@ class TradeoffEvaluation:
         if base is not None:
             run.summary.update({"unpruned/acc1": base.acc1, "unpruned/latency_ms": base.latency_ms})
         self._finish(logger, dirs)
-
-
-def pomt_methods() -> tuple[str, ...]:
-    return pomt.METHODS
