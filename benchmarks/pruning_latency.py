@@ -1,58 +1,146 @@
-"""How much does POMT's scoring and fusion cost over simply having fewer tokens?
+"""What do the pruning blocks cost over simply having fewer tokens?
 
-DeiT-S (random weights: latency does not depend on the weights) at batch sizes 1 and 4,
-r in {28, 56, 100}, pruning at block 3, on the current device. In one run, interleaved
-(A B C A B C ...), it times:
+For each method, the pruned model is timed side by side (interleaved rounds, shuffled order)
+with its *ideal*: the same model with the sequence cut to the same token counts at the same
+points, with no scoring (``apply_pruning(model, "cut", ...)``), so a ratio of 1 means the
+scoring, ranking and gathering are free.
 
-- ``unpruned``: the model as timm builds it;
-- ``pomt``: the POMT-pruned model;
-- ``ideal``: the same model with the sequence simply cut to N - r tokens at the point where
-  POMT prunes (after block 3's attention), with no scoring and fused attention: the cost
-  of POMT minus its scoring and fusion;
-- ``cut_before``: the sequence cut to N - r tokens *before* block 3 (block 3's attention
-  also runs on fewer tokens), a lower bound no method that scores tokens in block 3 reaches;
-- ``unfused``: POMT with explicit (unfused) attention in every block, as the authors'
-  release computes it.
+- ``pomt`` (r in ``--r``, pruned once at ``--layer``) against ``ideal``: N - r tokens after
+  that block's attention;
+- ``topk`` and ``tome`` (r per block in ``--topk-r``/``--tome-r``) against their ideal: the
+  same per-block token counts (ToMe's clamped schedule included);
+- ``unpruned``, for the speed-up; with ``--legacy``, also the blocks as this project first
+  built them (``pomt_v1``/``topk_v1``: explicit softmax attention, so the attention matrix is
+  written, in one block for POMT, in every block for Top-K); ``v1/pruned`` is how much faster
+  the current blocks are.
 
-It ends with ``pruned/ideal=X.XXX``: the worst pomt/ideal ratio over the table.
+Ratios are medians of round-by-round ratios (each pair timed moments apart), so a drifting
+machine cancels out. ``ops`` counts what one eager forward launches (torch.profiler): aten
+operators on the CPU, CUDA kernels on a GPU. The last line is
+``pruned/ideal=X.XXX topk/ideal=Y.YYY tome/ideal=Z.ZZZ``: the worst ratio of each method.
+
+    python benchmarks/pruning_latency.py                  # CPU: batch 1 and 4, about 5 minutes on 2 cores
+    python benchmarks/pruning_latency.py --quick          # batch 1, r=56, 15 rounds
+    # GPU (H100/H200): fp16, CUDA graphs, batch 1/16/64, Triton kernels (the default on CUDA)
+    python benchmarks/pruning_latency.py --device cuda --dtype float16 --cuda-graphs --batch-sizes 1 16 64 --legacy
+    # the same with the plain torch path, to compare the two implementations
+    python benchmarks/pruning_latency.py --device cuda --dtype float16 --cuda-graphs --batch-sizes 1 16 64 --kernels torch
 
 On Linux CPUs, glibc returns large freed buffers to the OS and page-faults them back in on
-the next forward; explicit attention allocates two (B, H, N, N) buffers, so it pays more
-for this than fused attention. ``--malloc-tuned`` keeps such buffers in the heap (as
-jemalloc/tcmalloc or ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` would), which
-makes every variant faster and shows the cost of POMT's own work.
-
-    python benchmarks/pruning_latency.py            # about 2-4 minutes on a 2-core CPU
-    python benchmarks/pruning_latency.py --quick    # a smaller run
+the next forward. ``--malloc-tuned`` keeps such buffers in the heap (as jemalloc/tcmalloc or
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` would), which makes every variant
+faster and steadier.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+from collections.abc import Callable
 
 import timm
 import torch
+from torch import nn
 
 import pomt
+from pomt import ops
+from pomt.blocks import qkv_heads
 from pomt.models import vit_blocks
-from pomt.timing import device_name, time_interleaved
+from pomt.timing import cuda_graph, device_name, interleaved_samples, paired_ratio
+
+# ----------------------------------------------------------------------------- the first blocks (--legacy)
 
 
-def build_variants(base: torch.nn.Module, r: int, layer: int) -> dict[str, torch.nn.Module]:
-    n = pomt.token_layout(base).tokens
-    variants = {
-        "pomt": pomt.apply_pruning(copy.deepcopy(base), "pomt", r=r, layer=layer),
-        "ideal": pomt.apply_pruning(copy.deepcopy(base), "cut", r=r, layer=layer),
+def _explicit(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention residual through an explicit softmax, exactly as the first version computed it."""
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv_heads(attn, h)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # in place: one (B, H, N, N) buffer
+    probs = probs.div_(probs.sum(dim=-1, keepdim=True))
+    out = attn.proj((probs @ v).transpose(1, 2).reshape(x.shape))
+    return x + block.ls1(out), probs, v
+
+
+class _LegacyPOMT(nn.Module):
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        spec = self._pomt_spec
+        x, probs, v = _explicit(self, x)
+        p = spec.prefix
+        attn_term = probs.amax(dim=1)[:, p:, p:].sum(dim=1, dtype=torch.float32)
+        attn_term = attn_term / attn_term.amax(dim=1, keepdim=True)
+        scores = attn_term + v.amax(dim=1).sum(dim=-1, dtype=torch.float32).softmax(dim=-1)[:, p:]
+        keep = x.shape[1] - p - spec.r - 1
+        order = scores.argsort(dim=1, descending=True)
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        ordinary = x[:, p:]
+        fused = ordinary[rows, order[:, keep:]].mean(dim=1, keepdim=True)
+        x = torch.cat([x[:, :p], ordinary[rows, order[:, :keep]], fused], dim=1)
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class _LegacyTopK(nn.Module):
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        spec = self._pomt_spec
+        x, probs, _ = _explicit(self, x)
+        p = spec.prefix
+        importance = probs[:, :, 0, p:].mean(dim=1)
+        keep = importance.topk(x.shape[1] - p - spec.r, dim=1).indices.sort(dim=1).values
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        x = torch.cat([x[:, :p], x[:, p:][rows, keep]], dim=1)
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def apply_legacy(model: nn.Module, method: str, r: int, layer: int) -> nn.Module:
+    """Prune ``model`` in place by ``method`` with the first version's explicit-attention blocks."""
+    pomt.apply_pruning(model, method, r=r, layer=layer)
+    mixin = {"pomt": _LegacyPOMT, "topk": _LegacyTopK}[method]
+    for block in vit_blocks(model):
+        if hasattr(block, "_pomt_spec"):
+            base = type(block)._pomt_base_class
+            block.__class__ = type(f"Legacy{base.__name__}", (mixin, base), {"_pomt_base_class": base})
+    return model
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def configurations(
+    model: nn.Module, method: str, r: int, layer: int, with_legacy: bool
+) -> dict[str, Callable[[], object]]:
+    """Functions that put ``model`` into each variant: unpruned, pruned, its ideal (cut to the
+    same token counts) and, optionally, the first version. One instance serves all, so that
+    no variant gains from where its copy of the weights happens to lie in memory."""
+    schedule = pomt.token_schedule(model, method, r, layer)
+    if method == "pomt":
+        cut: int | list[int] = r
+    else:  # the per-block removals of the method's own schedule
+        previous = [pomt.token_layout(model).tokens, *schedule[:-1]]
+        cut = [before - after for before, after in zip(previous, schedule, strict=True)]
+    out = {
+        "unpruned": lambda: pomt.remove_pruning(model),
+        method: lambda: pomt.apply_pruning(model, method, r=r, layer=layer),
+        "ideal": lambda: pomt.apply_pruning(model, "cut", r=cut, layer=layer),
     }
-    cut_before = copy.deepcopy(base)
-    vit_blocks(cut_before)[layer].register_forward_pre_hook(lambda m, args: (args[0][:, : n - r],))
-    variants["cut_before"] = cut_before
-    unfused = pomt.apply_pruning(copy.deepcopy(base), "pomt", r=r, layer=layer)
-    for block in vit_blocks(unfused):
-        block.attn.fused_attn = False
-    variants["unfused"] = unfused
-    return variants
+    if with_legacy and method in ("pomt", "topk"):
+        out[f"{method}_v1"] = lambda: apply_legacy(model, method, r, layer)
+    return out
+
+
+def ops_per_forward(fn: Callable[[], object], device: torch.device) -> int:
+    """Top-level aten operators (CPU) or CUDA kernels (GPU) that one call of ``fn`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
 
 
 def tune_glibc_malloc(threshold: int = 64 << 20) -> bool:
@@ -70,57 +158,101 @@ def tune_glibc_malloc(threshold: int = 64 << 20) -> bool:
     )
 
 
+def measure(
+    base: nn.Module, x: torch.Tensor, method: str, r: int, args: argparse.Namespace
+) -> tuple[str, float]:
+    """One table row (after the batch column) and its pruned/ideal ratio."""
+    device = x.device
+    configure = configurations(base, method, r, args.layer, args.legacy)
+
+    def call() -> object:
+        return base(x)
+
+    counts, calls = {}, {}
+    for name, setup in configure.items():
+        setup()
+        counts[name] = ops_per_forward(call, device)
+        calls[name] = cuda_graph(call, device) if args.cuda_graphs else call
+    prepare = None if args.cuda_graphs else (lambda name: configure[name]())
+    samples = interleaved_samples(calls, device=device, rounds=args.rounds, prepare=prepare)
+    med = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    ratio = paired_ratio(samples[method], samples["ideal"])
+    legacy_name = method + "_v1"
+    v1 = f"{paired_ratio(samples[legacy_name], samples[method]):.3f}" if legacy_name in samples else "-"
+    tokens = pomt.token_schedule(base, method, r, args.layer)[-1]
+    row = (
+        f"{method:>6} {r:>4} {tokens:>6} {med['unpruned']:>9.3f} {med[method]:>8.3f} {med['ideal']:>8.3f} "
+        f"{paired_ratio(samples['unpruned'], samples[method]):>8.3f} {ratio:>12.3f} {v1:>9} "
+        f"{counts[method]:>5} {counts['ideal']:>9}"
+    )
+    return row, ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--r", type=int, nargs="+", default=[28, 56, 100])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 4 (CPU), 1 16 64 (CUDA)")
+    parser.add_argument(
+        "--methods", nargs="+", default=["pomt", "topk", "tome"], choices=["pomt", "topk", "tome"]
+    )
+    parser.add_argument("--r", type=int, nargs="+", default=[28, 56, 100], help="POMT's r values")
+    parser.add_argument("--topk-r", type=int, nargs="+", default=[8], help="Top-K's r per block")
+    parser.add_argument("--tome-r", type=int, nargs="+", default=[8], help="ToMe's r per block")
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (samples per variant)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="batch 1 only, r=56, 15 rounds")
+    parser.add_argument("--cuda-graphs", action="store_true", help="time CUDA-graph replays (CUDA only)")
+    parser.add_argument("--kernels", choices=ops.KERNEL_MODES, default="auto", help="pomt.ops implementation")
+    parser.add_argument("--legacy", action="store_true", help="also time the first version's blocks")
+    parser.add_argument("--quick", action="store_true", help="batch 1, r=56, 15 rounds")
     parser.add_argument("--malloc-tuned", action="store_true", help="keep large buffers in glibc's heap")
     args = parser.parse_args()
-    malloc = "default malloc"
-    if args.malloc_tuned:
-        malloc = "glibc malloc tuned" if tune_glibc_malloc() else "default malloc (mallopt unavailable)"
-    if args.quick:
-        args.batch_sizes, args.r, args.rounds = [1], [56], 15
-
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    batch_sizes = args.batch_sizes or ([1, 16, 64] if cuda else [1, 4])
+    if args.quick:
+        batch_sizes, args.r, args.rounds = [1], [56], 15
+    if args.cuda_graphs and not cuda:
+        parser.error("--cuda-graphs needs --device cuda")
+    malloc = ""
+    if args.malloc_tuned:
+        malloc = ", glibc malloc tuned" if tune_glibc_malloc() else ", mallopt unavailable"
+
     torch.manual_seed(0)
-    base = timm.create_model(args.model, pretrained=False).eval().to(device)
+    base = timm.create_model(args.model, pretrained=False).eval().to(device=device, dtype=dtype)
     n = pomt.token_layout(base).tokens
+    threads = f", threads={torch.get_num_threads()}" if not cuda else ""
     print(
-        f"# {args.model} (N={n}) on {device_name(device)}, threads={torch.get_num_threads()}, "
-        f"layer={args.layer}, {args.rounds} interleaved rounds, {malloc}, median ms"
+        f"# {args.model} (N={n}) on {device_name(device)}, {str(dtype).removeprefix('torch.')}{threads}, "
+        f"layer={args.layer}, {args.rounds} interleaved rounds, "
+        f"{'CUDA graphs' if args.cuda_graphs else 'eager'}, kernels={args.kernels}{malloc}; median ms, "
+        "ratios are medians of per-round ratios"
     )
     header = (
-        f"{'batch':>5} {'r':>4} {'tokens':>6} {'unpruned':>9} {'pomt':>8} {'ideal':>8} {'cut_bef':>8} "
-        f"{'unfused':>8} {'speedup':>8} {'pomt/ideal':>10} {'pomt/cut_bef':>12} {'unfused/ideal':>13}"
+        f"{'batch':>5} {'method':>6} {'r':>4} {'tokens':>6} {'unpruned':>9} {'pruned':>8} {'ideal':>8} "
+        f"{'speedup':>8} {'pruned/ideal':>12} {'v1/pruned':>9} {'ops':>5} {'ideal ops':>9}"
     )
     print(header)
-    worst = 0.0
-    with torch.inference_mode():
-        for batch in args.batch_sizes:
-            x = torch.randn(batch, 3, 224, 224, device=device)
-            for r in args.r:
-                models = {"unpruned": base, **build_variants(base, r, args.layer)}
-                stats = time_interleaved(
-                    {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}, device=device, rounds=args.rounds
-                )
-                med = {k: s.median_ms for k, s in stats.items()}
-                ratio = med["pomt"] / med["ideal"]
-                worst = max(worst, ratio)
-                print(
-                    f"{batch:>5} {r:>4} {n - r:>6} {med['unpruned']:>9.2f} {med['pomt']:>8.2f} "
-                    f"{med['ideal']:>8.2f} {med['cut_before']:>8.2f} {med['unfused']:>8.2f} "
-                    f"{med['unpruned'] / med['pomt']:>8.3f} {ratio:>10.3f} "
-                    f"{med['pomt'] / med['cut_before']:>12.3f} {med['unfused'] / med['ideal']:>13.3f}"
-                )
-    print(f"pruned/ideal={worst:.3f}")
+    worst: dict[str, float] = {}
+    with torch.inference_mode(), ops.kernels(args.kernels):
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, *base.patch_embed.img_size, device=device, dtype=dtype)
+            groups = [("pomt", r) for r in args.r] + [("topk", r) for r in args.topk_r]
+            groups += [("tome", r) for r in args.tome_r]
+            for method, r in groups:
+                if method not in args.methods:
+                    continue
+                row, ratio = measure(base, x, method, r, args)
+                worst[method] = max(worst.get(method, 0.0), ratio)
+                print(f"{batch:>5} {row}", flush=True)
+    names = {"pomt": "pruned", "topk": "topk", "tome": "tome"}
+    print(" ".join(f"{names[m]}/ideal={worst[m]:.3f}" for m in ("pomt", "topk", "tome") if m in worst))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import nn
 from pomt.models import find_vit, token_layout
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
 from pomt.selection import as_tokens, coarse_grid, default_max_points, search_tokens
-from pomt.timing import TimingStats, device_name, time_call, time_paired
+from pomt.timing import TimingStats, cuda_graph, device_name, time_call, time_paired
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -375,20 +375,6 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """Capture ``fn`` in a CUDA graph and return its replay (inputs must be static)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 # --------------------------------------------------------------------------- latency
 
 
@@ -496,7 +482,7 @@ def profile_latency(
         call: Callable[[], object] = lambda: model(x)  # noqa: E731
         if graphs_ok:
             try:
-                call = _cuda_graph(call, device)
+                call = cuda_graph(call, device)
             except Exception as err:  # capture is not possible for every model/driver
                 warnings.warn(f"CUDA graph capture failed ({err}); timing eager calls", stacklevel=3)
                 graphs_ok = False

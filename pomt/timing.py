@@ -20,8 +20,11 @@ __all__ = [
     "TimingStats",
     "synchronize",
     "time_call",
+    "interleaved_samples",
     "time_interleaved",
+    "paired_ratio",
     "time_paired",
+    "cuda_graph",
     "Stopwatch",
     "device_name",
 ]
@@ -174,7 +177,7 @@ def time_call(
     return TimingStats.from_samples(samples)
 
 
-def time_interleaved(
+def interleaved_samples(
     fns: dict[str, Callable[[], object]],
     *,
     device: torch.device | str = "cpu",
@@ -182,16 +185,16 @@ def time_interleaved(
     warmup: int = 3,
     prepare: Callable[[str], object] | None = None,
     progress: str | None = None,
-) -> dict[str, TimingStats]:
+) -> dict[str, list[float]]:
     """Time several callables side by side: A B C A B C ... for ``rounds`` rounds.
 
-    Interleaving spreads slow drifts of the machine (clocks, other load) over every
+    Returns every sample (ms) per name, in round order, so that ratios can be taken round
+    by round. Interleaving spreads slow drifts of the machine (clocks, other load) over every
     candidate alike, so ratios between them are far steadier than back-to-back runs. The
     order within a round is shuffled (seeded), so cache effects of a fixed order do not
-    favour one candidate.
-    ``prepare(name)``, when given, runs untimed before each call of candidate ``name``
-    (e.g. to switch one model between pruning configurations). ``progress``, when given,
-    is the description of a progress bar over the rounds.
+    favour one candidate. ``prepare(name)``, when given, runs untimed before each call of
+    candidate ``name`` (e.g. to switch one model between pruning configurations).
+    ``progress``, when given, is the description of a progress bar over the rounds.
     """
     device = torch.device(device)
     for name, fn in fns.items():
@@ -219,7 +222,33 @@ def time_interleaved(
             samples[name].append(sw.elapsed_ms)
     if bar is not None:
         bar.close()
-    return {name: TimingStats.from_samples(values) for name, values in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], **kwargs: object) -> dict[str, TimingStats]:
+    """:func:`interleaved_samples` summarised per candidate (same arguments)."""
+    return {name: TimingStats.from_samples(v) for name, v in interleaved_samples(fns, **kwargs).items()}
+
+
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Median of the round-by-round ratios ``samples[i] / reference[i]`` (interleaved samples):
+    each pair was measured moments apart, so a drift of the machine cancels in its ratio."""
+    return statistics.median(a / max(b, 1e-12) for a, b in zip(samples, reference, strict=True))
+
+
+def cuda_graph(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:
+    """Capture ``fn`` (static inputs) in a CUDA graph and return its replay."""
+    device = torch.device(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def time_paired(

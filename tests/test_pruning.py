@@ -12,8 +12,9 @@ from conftest import make_tiny_vit
 from torch import nn
 
 import pomt
+from pomt.blocks import tome_merge
 from pomt.models import vit_blocks
-from pomt.pruning import _tome_merge, random_token_subset
+from pomt.pruning import random_token_subset
 
 MODELS_224 = {
     "deit_small_patch16_224": {},
@@ -200,6 +201,67 @@ def test_prefix_tokens_are_never_pruned(method, r):
     assert before.shape[1] == 17 + 4
 
 
+# ----------------------------------------------------------------------------- reference ToMe
+
+
+def reference_tome_logits(model: nn.Module, x: torch.Tensor, r: int, p: int) -> torch.Tensor:
+    """Token Merging (Bolya et al., ICLR 2023) on a timm ViT, written out image by image.
+
+    Per block: attention with ``log(size)`` added to every key's logit (proportional
+    attention); then bipartite soft matching: tokens at even positions form set A, odd
+    positions set B; each A token's most similar B token by cosine similarity of the keys
+    (mean over heads); the r most similar edges merge their A token into the B token by
+    size-weighted average. The p prefix tokens are protected where they stand (no edge
+    from them, none into them) and leave the block first, then the unmerged A tokens, then
+    the B tokens, each in position order.
+    """
+    outputs = []
+    for img in model.norm_pre(model._pos_embed(model.patch_embed(x))):
+        size = torch.ones(img.shape[0])
+        for block in vit_blocks(model):
+            n, c = img.shape
+            h = block.attn.num_heads
+            qkv = block.attn.qkv(block.norm1(img)).reshape(n, 3, h, c // h).permute(1, 2, 0, 3)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            logits = q @ k.transpose(-1, -2) * (c // h) ** -0.5 + size.log()[None, None, :]
+            img = img + block.ls1(block.attn.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c)))
+            merges = min(r, (n - p) // 2)
+            keys = k.mean(dim=0)
+            keys = keys / keys.norm(dim=-1, keepdim=True)
+            set_a = [i for i in range(p, n) if i % 2 == 0]
+            set_b = [i for i in range(p, n) if i % 2 == 1]
+            similarity = keys[set_a] @ keys[set_b].T
+            best, where = similarity.max(dim=1)
+            edges = sorted(range(len(set_a)), key=lambda e: -float(best[e]))[:merges]
+            mass = {i: img[i] * size[i] for i in range(n)}
+            weight = {i: size[i] for i in range(n)}
+            for e in edges:
+                a, b = set_a[e], set_b[int(where[e])]
+                mass[b], weight[b] = mass[b] + mass.pop(a), weight[b] + weight.pop(a)
+            order = list(range(p)) + [i for i in set_a if i in mass] + set_b
+            img = torch.stack([mass[i] / weight[i] for i in order])
+            size = torch.stack([weight[i] for i in order])
+            img = img + block.ls2(block.mlp(block.norm2(img)))
+        outputs.append(model.forward_head(model.norm(img[None]))[0])
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("r", [8, 13, 16])
+def test_tome_equals_the_papers_algorithm(model_224, r):
+    name, model = model_224
+    if name.startswith("vit") and r != 8:
+        pytest.skip("one r is enough for the slower registers model")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(r))
+    pomt.apply_pruning(model, "tome", r=r)
+    try:
+        with torch.no_grad():
+            ours = model(x)
+            theirs = reference_tome_logits(model, x, r, pomt.token_layout(model).prefix_tokens)
+    finally:
+        pomt.remove_pruning(model)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- ToMe and Top-K specifics
 
 
@@ -208,7 +270,7 @@ def test_tome_merge_conserves_mass_and_size():
     x = torch.randn(2, 11, 8)
     keys = torch.randn(2, 3, 11, 4)
     size = torch.rand(2, 11, 1) + 0.5
-    merged, new_size = _tome_merge(x, keys, size, r=3, prefix=1)
+    merged, new_size = tome_merge(x, keys, size, r=3, prefix=1)
     assert merged.shape == (2, 8, 8) and new_size.shape == (2, 8, 1)
     torch.testing.assert_close(merged[:, :1], x[:, :1])  # prefix token untouched
     torch.testing.assert_close((merged * new_size).sum(1), (x * size).sum(1), atol=1e-5, rtol=1e-5)
@@ -219,7 +281,7 @@ def test_tome_merges_identical_tokens_first():
     x = torch.randn(1, 7, 4)
     keys = torch.randn(1, 1, 7, 4)
     keys[0, 0, 3] = keys[0, 0, 4]  # ordinary tokens 2 (set A) and 3 (set B) have identical keys
-    merged, size = _tome_merge(x, keys, torch.ones(1, 7, 1), r=1, prefix=1)
+    merged, size = tome_merge(x, keys, torch.ones(1, 7, 1), r=1, prefix=1)
     assert sorted(size.flatten().tolist()) == [1.0] * 5 + [2.0]
     mean = (x[0, 3] + x[0, 4]) / 2
     assert any(torch.allclose(tok, mean) for tok in merged[0])
@@ -256,6 +318,16 @@ def test_r0_deploys_the_unpruned_model(tiny_vit):
             assert all(type(b).__name__ == "Block" for b in vit_blocks(tiny_vit))
         config = pomt.pruning_config(tiny_vit)
         assert config is None if method == "none" else config.tokens == (17,) * 4
+
+
+def test_cut_is_the_ideal_of_each_method(tiny_vit):
+    """``cut`` (the benchmarks' ideal) removes the same tokens at the same blocks, unscored."""
+    for method, r, cut in (("pomt", 5, 5), ("topk", [0, 3, 0, 2], [0, 3, 0, 2])):
+        pomt.apply_pruning(tiny_vit, "cut", r=cut, layer=1)
+        counts = tokens_after_each_block(tiny_vit, torch.randn(1, 3, 32, 32))
+        assert counts == pomt.token_schedule(tiny_vit, method, r, layer=1)
+    with pytest.raises(ValueError, match="at most 15 can be removed"):
+        pomt.apply_pruning(tiny_vit, "cut", r=[4, 4, 4, 4])
 
 
 def test_per_block_list(tiny_vit):

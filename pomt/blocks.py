@@ -1,0 +1,258 @@
+"""The pruning blocks: mixins that ``pomt.pruning.apply_pruning`` puts in front of a timm-style
+block's class, so that its ``forward`` prunes while its parameters stay where they are.
+
+Blocks keep fused attention (``F.scaled_dot_product_attention``) for their output, and
+what a method needs beyond it is computed on the side by ``pomt.ops``: POMT's scores from
+the queries and keys (one block only), Top-K's CLS row, ToMe's key similarities. The one
+exception is POMT's block on the CPU, where an explicit softmax is as fast as the fused
+kernel and its probabilities are the scores' input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pomt import ops
+
+__all__ = ["BlockSpec", "ToMeState", "MIXINS", "tome_merge", "qkv_heads"]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What one patched block removes: ``r`` tokens, never the ``prefix`` first ones."""
+
+    r: int
+    prefix: int
+    has_cls: bool
+    first: bool = False
+    last: bool = False
+    state: ToMeState | None = None
+
+
+class ToMeState:
+    """Token sizes carried from block to block within one forward pass (ToMe only)."""
+
+    def __init__(self) -> None:
+        self.size: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def qkv_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of shape (B, heads, N, head_dim), with the module's q/k norms applied."""
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    return q, k, v
+
+
+def _scale(attn: nn.Module, head_dim: int) -> float:
+    return float(getattr(attn, "scale", head_dim**-0.5))
+
+
+def _dropout(attn: nn.Module) -> float:
+    attn_drop = getattr(attn, "attn_drop", None)
+    return attn_drop.p if (attn.training and attn_drop is not None) else 0.0
+
+
+def _attn_output(attn: nn.Module, heads_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Merge heads and apply the module's output norm, gate and projection."""
+    b, _, n, _ = heads_out.shape
+    out = heads_out.transpose(1, 2).reshape(b, n, -1)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    out = attn.proj(out)
+    proj_drop = getattr(attn, "proj_drop", None)
+    return proj_drop(out) if proj_drop is not None else out
+
+
+def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("attention masks and causal attention are not supported in pruned blocks")
+
+
+def check_room(tokens: int, prefix: int, removed: int, where: str) -> None:
+    if tokens - removed < prefix + 1:
+        raise ValueError(
+            f"{where}: removing {removed} of {tokens} tokens ({prefix} prefix) leaves no ordinary token; "
+            f"at most {tokens - prefix - 1} can be removed for this input size"
+        )
+
+
+def _attention_residual(
+    block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x + attention(x)`` through fused attention, with q, k, v exposed for scoring."""
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv_heads(attn, h)
+    heads_out = nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=_dropout(attn), scale=_scale(attn, q.shape[-1])
+    )
+    return x + block.drop_path1(block.ls1(_attn_output(attn, heads_out, h))), q, k, v
+
+
+def _explicit_attention_residual(
+    block: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x + attention(x)`` through an explicit softmax, with its probabilities (B, H, N, N) and
+    the values exposed. Outside autograd the softmax runs in place: one (B, H, N, N) buffer."""
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = qkv_heads(attn, h)
+    logits = (q * _scale(attn, q.shape[-1])) @ k.transpose(-2, -1)
+    if logits.requires_grad:
+        probs = logits.softmax(dim=-1)
+    else:
+        probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        probs = probs.div_(probs.sum(dim=-1, keepdim=True))
+    attn_drop = getattr(attn, "attn_drop", None)
+    heads_out = (attn_drop(probs) if attn_drop is not None else probs) @ v
+    return x + block.drop_path1(block.ls1(_attn_output(attn, heads_out, h))), probs, v
+
+
+def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+# --------------------------------------------------------------------------- POMT, cut, Top-K
+
+
+class _POMTBlock(nn.Module):
+    """Mixin: POMT pruning inside one block: score after the attention, keep the best, fuse the rest.
+
+    On CUDA the block keeps fused attention and scores from q and k on the side (Triton
+    kernels, or one aligned GEMM and a softmax). On the CPU an explicit softmax attention
+    costs no more than the fused kernel and its probabilities give the scores for free.
+    """
+
+    _pomt_spec: BlockSpec
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        spec = self._pomt_spec
+        check_room(x.shape[1], spec.prefix, spec.r, "POMT")
+        if ops.scores_from_probabilities(x):
+            x, probs, v = _explicit_attention_residual(self, x)
+            x = ops.pomt_select(
+                x, ops.pomt_scores_from_probabilities(probs, v, spec.prefix), spec.prefix, spec.r
+            )
+        else:
+            x, q, k, v = _attention_residual(self, x)
+            x = ops.pomt_prune(x, q, k, v, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]))
+        return _mlp_residual(self, x)
+
+
+class _CutBlock(nn.Module):
+    """Mixin: keep the first N - r tokens after the attention, with no scoring: the latency
+    floor of a method that prunes r tokens at this point (used by the benchmarks)."""
+
+    _pomt_spec: BlockSpec
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        check_room(x.shape[1], self._pomt_spec.prefix, self._pomt_spec.r, "cut")
+        x = _attention_residual(self, x)[0]
+        return _mlp_residual(self, x[:, : x.shape[1] - self._pomt_spec.r])
+
+
+class _TopKBlock(nn.Module):
+    """Mixin: drop the r ordinary tokens with the least CLS attention (mean over heads)."""
+
+    _pomt_spec: BlockSpec
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        spec = self._pomt_spec
+        check_room(x.shape[1], spec.prefix, spec.r, "Top-K")
+        x, q, k, _ = _attention_residual(self, x)
+        x = ops.topk_prune(x, q, k, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]), spec.has_cls)
+        return _mlp_residual(self, x)
+
+
+# --------------------------------------------------------------------------- ToMe
+
+
+def tome_merge(
+    x: torch.Tensor, keys: torch.Tensor, size: torch.Tensor, r: int, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching; merges the ``r`` most similar pairs of tokens.
+
+    All tokens alternate into sets A (even positions) and B (odd positions), as in the ToMe
+    paper's code. Each A token finds its most similar B token (cosine similarity of the
+    keys averaged over heads); the ``r`` best edges are merged into their B token by
+    size-weighted average. The prefix tokens are protected where they stand: as a source
+    they get no edge, as a destination they take none. The result holds the prefix tokens
+    first in their original order, then the unmerged A tokens in order, then the B tokens.
+    Returns the new tokens and sizes (B, N - r, 1).
+    """
+    with torch.no_grad():  # the matching is not differentiated (as in ToMe)
+        metric = keys.mean(dim=1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        protected_a, protected_b = (prefix + 1) // 2, prefix // 2
+        similarity[:, :protected_a, :] = -math.inf
+        similarity[:, :, :protected_b] = -math.inf
+        best, best_b = similarity.max(dim=-1)
+        edges = best.argsort(dim=-1, descending=True)
+        merged_a = edges[:, :r]
+        kept_a = edges[:, r:].sort(dim=-1).values[:, protected_a:]  # original order, protected ones out
+        target_b = best_b.gather(1, merged_a)
+
+    weighted = x * size
+    wa, wb = weighted[:, ::2], weighted[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    wb = wb.scatter_add(
+        1, target_b.unsqueeze(-1).expand(-1, -1, x.shape[-1]), ops.gather_tokens(wa, merged_a)
+    )
+    sb = sb.scatter_add(1, target_b.unsqueeze(-1), sa.gather(1, merged_a.unsqueeze(-1)))
+    kept_w, kept_s = ops.gather_tokens(wa, kept_a), sa.gather(1, kept_a.unsqueeze(-1))
+    wb, sb = wb[:, protected_b:], sb[:, protected_b:]
+    new_x = torch.cat([x[:, :prefix], kept_w / kept_s, wb / sb], dim=1)
+    new_size = torch.cat([size[:, :prefix], kept_s, sb], dim=1)
+    return new_x, new_size
+
+
+class _ToMeBlock(nn.Module):
+    """Mixin: proportional attention, then merge r token pairs (sizes carried in shared state)."""
+
+    _pomt_spec: BlockSpec
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        _no_mask(attn_mask, is_causal)
+        spec = self._pomt_spec
+        state = spec.state
+        if spec.first or state.size is None or state.size.shape[:2] != x.shape[:2]:
+            state.size = None  # a new forward pass starts with every token of size 1
+        size = state.size
+        bias = None if size is None else size.log()[:, None, None, :, 0].to(x.dtype)
+        x, _, keys, _ = _attention_residual(self, x, bias)
+        r = min(spec.r, (x.shape[1] - spec.prefix) // 2)
+        if r > 0:
+            if size is None:
+                size = x.new_ones(x.shape[0], x.shape[1], 1)
+            x, size = tome_merge(x, keys, size, r, spec.prefix)
+        state.size = None if spec.last else size
+        return _mlp_residual(self, x)
+
+
+CUT_METHOD = "cut"
+MIXINS: dict[str, type[nn.Module]] = {
+    "pomt": _POMTBlock,
+    "topk": _TopKBlock,
+    "tome": _ToMeBlock,
+    CUT_METHOD: _CutBlock,
+}
