@@ -5,7 +5,7 @@
 A LightningCLI entry point: ``model:`` (:class:`pomt.lightning.ViTClassifier`, with the
 checkpoint in ``model.weights``), ``data:`` (any datamodule of ``datamodules``),
 ``trainer:`` (device, precision, devices/strategy) and ``sweep:``
-(:class:`callbacks.TradeoffEvaluation`: methods, r values, the POMT callback's settings,
+(:class:`pomt.evaluation.TradeoffEvaluation`: methods, r values, POMT's search settings,
 output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
 ``report.json``, ``tradeoff.png``, the latency/accuracy profiles and the config, prints the
 table, and leaves one (offline) W&B run per configuration in one group plus a summary run.
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks import TradeoffEvaluation, TradeoffResult
-from datamodules import ClassificationDataModule
+from pomt.datamodules import ClassificationDataModule
+from pomt.evaluation import TradeoffEvaluation, TradeoffResult
 from pomt.lightning import ViTClassifier
 
 

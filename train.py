@@ -16,7 +16,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from datamodules import ClassificationDataModule
+from pomt.datamodules import ClassificationDataModule
 from pomt.lightning import ViTClassifier
 
 

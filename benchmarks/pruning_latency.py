@@ -115,7 +115,7 @@ def configurations(
     if method == "pomt":
         cut: int | list[int] = r
     else:  # the per-block removals of the method's own schedule
-        previous = [pomt.token_layout(model).tokens, *schedule[:-1]]
+        previous = [pomt.token_layout(model).n_total, *schedule[:-1]]
         cut = [before - after for before, after in zip(previous, schedule, strict=True)]
     out = {
         "unpruned": lambda: pomt.remove_pruning(model),
@@ -226,7 +226,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False).eval().to(device=device, dtype=dtype)
-    n = pomt.token_layout(base).tokens
+    n = pomt.token_layout(base).n_total
     threads = f", threads={torch.get_num_threads()}" if not cuda else ""
     print(
         f"# {args.model} (N={n}) on {device_name(device)}, {str(dtype).removeprefix('torch.')}{threads}, "

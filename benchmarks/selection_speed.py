@@ -35,9 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pomt.grid import coarse_grid, full_grid  # noqa: E402
+from pomt.measure import profile_latency  # noqa: E402
 from pomt.models import create_model, token_layout  # noqa: E402
-from pomt.profiling import profile_latency  # noqa: E402
-from pomt.selection import coarse_grid, full_grid, select_r  # noqa: E402
+from pomt.selection import select_r  # noqa: E402
 
 
 def synthetic_accuracy(n_total: int, prefix: int, top1: float = 0.798, points: int = 16) -> dict[int, float]:
@@ -49,11 +50,11 @@ def synthetic_accuracy(n_total: int, prefix: int, top1: float = 0.798, points: i
     }
 
 
-def shuffled(tokens: list[int], seed: int = 0) -> list[int]:
+def shuffled(grid: list[int], seed: int = 0) -> list[int]:
     """The grid in a seeded random order: slow drift of a shared machine during the long
     full-grid run then shows as noise, not as fake steps in n."""
-    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [tokens[i] for i in order]
+    order = torch.randperm(len(grid), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [grid[i] for i in order]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = create_model(model_name, pretrained=False, img_size=img_size).eval()
     layout = token_layout(model)
-    n_total, prefix = layout.tokens, layout.prefix_tokens
+    n_total, prefix = layout.n_total, layout.prefix
     acc = synthetic_accuracy(n_total, prefix)
     timer = dict(
         batch_size=args.batch_size,
@@ -119,15 +120,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # one untimed warm-up of the whole process (allocator, kernel selection) so that the
     # run measured first does not pay for it
-    profile_latency(model, **(timer | dict(warmup=1, min_run_time=0.0)), tokens=[n_total, prefix + 1])
+    profile_latency(model, **(timer | dict(warmup=1, min_run_time=0.0)), grid=[n_total, prefix + 1])
     runs = {}
     plan = [
         ("ours (guided by A)", dict(accuracy=acc, alpha=args.alpha)),
         ("ours (latency only)", {}),
-        ("full grid", dict(tokens=shuffled(full_grid(prefix + 1, n_total)))),
+        ("full grid", dict(grid=shuffled(full_grid(prefix + 1, n_total)))),
     ]
     if args.repeat_full:  # the noise floor: how far a second full grid's n* lands on the first's curve
-        plan.append(("full grid, again", dict(tokens=shuffled(full_grid(prefix + 1, n_total), seed=1))))
+        plan.append(("full grid, again", dict(grid=shuffled(full_grid(prefix + 1, n_total), seed=1))))
     for label, kwargs in plan:
         start = time.perf_counter()
         lat = profile_latency(model, **timer, **kwargs)
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     full_lat, full_time = runs["full grid"]
     authors = select_r(full_lat, acc, alpha=args.alpha, denoise=False)  # raw medians, argmax
     ours_on_full = select_r(full_lat, acc, alpha=args.alpha)  # our denoised selection on the full grid
-    raw_u = dict(zip(authors.curve_tokens, authors.curve_utility, strict=True))
-    denoised_u = dict(zip(ours_on_full.curve_tokens, ours_on_full.curve_utility, strict=True))
+    raw_u = dict(zip(authors.curve_n, authors.curve_utility, strict=True))
+    denoised_u = dict(zip(ours_on_full.curve_n, ours_on_full.curve_utility, strict=True))
 
     print()
     print(
@@ -147,23 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for label, (lat, seconds) in runs.items():
         sel = select_r(lat, acc, alpha=args.alpha)
-        gap = (authors.utility - raw_u[sel.tokens]) / authors.utility
-        gap_denoised = (ours_on_full.utility - denoised_u[sel.tokens]) / ours_on_full.utility
+        gap = (authors.utility - raw_u[sel.n_star]) / authors.utility
+        gap_denoised = (ours_on_full.utility - denoised_u[sel.n_star]) / ours_on_full.utility
         rows[label] = dict(
             points=len(lat.points),
             seconds=seconds,
             time_ratio=seconds / full_time,
-            tokens=sel.tokens,
+            n_star=sel.n_star,
             r=sel.r,
             utility_gap=gap,
             utility_gap_denoised=gap_denoised,
         )
         print(
-            f"{label:<20} {len(lat.points):6d} {seconds:8.1f} {seconds / full_time:6.3f} {sel.tokens:5d} {sel.r:4d} "
+            f"{label:<20} {len(lat.points):6d} {seconds:8.1f} {seconds / full_time:6.3f} {sel.n_star:5d} {sel.r:4d} "
             f"{gap:7.4f} {gap_denoised:8.4f}"
         )
     print(
-        f"full grid raw argmax (authors): n*={authors.tokens} R={authors.r}; gap = (max U - U(n*)) / max U on the "
+        f"full grid raw argmax (authors): n*={authors.n_star} R={authors.r}; gap = (max U - U(n*)) / max U on the "
         "full grid's raw utility curve; gap(den) = the same on its denoised curve"
     )
     if args.output_dir:

@@ -5,8 +5,10 @@ and is not imported here.
 """
 
 from pomt import plots  # (matplotlib itself is imported only when plotting)
+from pomt.finder import Search, SearchConfig, find_r
+from pomt.measure import estimate_accuracy, profile_latency
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
-from pomt.profiling import AccuracyProfile, LatencyProfile, estimate_accuracy, profile_latency
+from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.selection import Selection, select_r
 
@@ -16,11 +18,14 @@ __all__ = [
     "METHODS",
     "AccuracyProfile",
     "LatencyProfile",
+    "Search",
+    "SearchConfig",
     "Selection",
     "TokenLayout",
     "apply_pruning",
     "create_model",
     "estimate_accuracy",
+    "find_r",
     "find_vit",
     "load_weights",
     "plots",

@@ -90,7 +90,9 @@ def latency_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     parser.add_argument("--layer", type=int, default=3, help="block where POMT prunes (0-based)")
     grid = parser.add_mutually_exclusive_group()
-    grid.add_argument("--tokens", type=_token_list, help="explicit token counts, e.g. '2,10,50-60,197'")
+    grid.add_argument(
+        "--grid", "--tokens", type=_token_list, help="the token counts n to time, e.g. '2,10,50-60,197'"
+    )
     grid.add_argument("--full-grid", action="store_true", help="time every n from N down to p+1 (slow)")
     parser.add_argument(
         "--accuracy", help="accuracy profile (JSON) to guide the fast search towards n* at --alpha (optional)"
@@ -122,19 +124,22 @@ def latency_parser() -> argparse.ArgumentParser:
 def _profile_latency(args: argparse.Namespace) -> int:
     import torch
 
-    from pomt.profiling import AccuracyProfile, profile_latency
-    from pomt.selection import full_grid
+    from pomt.finder import LATENCY_SETTINGS, SearchConfig
+    from pomt.grid import full_grid
+    from pomt.measure import profile_latency
+    from pomt.profiles import AccuracyProfile
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _build_model(args)
     accuracy = AccuracyProfile.load(args.accuracy) if args.accuracy else None
-    tokens = args.tokens
+    grid = args.grid
     if args.full_grid:
         from pomt.models import token_layout
 
         layout = token_layout(model, args.img_size)
-        tokens = full_grid(layout.prefix_tokens + 1, layout.tokens)
+        grid = full_grid(layout.prefix + 1, layout.n_total)
+    config = SearchConfig(**{name: getattr(args, name) for name in LATENCY_SETTINGS} | {"grid": grid})
     lat = profile_latency(
         model,
         batch_size=args.batch_size,
@@ -142,45 +147,21 @@ def _profile_latency(args: argparse.Namespace) -> int:
         layer=args.layer,
         dtype=args.dtype,
         img_size=args.img_size,
-        tokens=tokens,
-        accuracy=accuracy,
-        alpha=args.alpha,
-        warmup=args.warmup,
-        min_run_time=args.min_run_time,
         repeats=args.repeats,
-        cuda_graphs=args.cuda_graphs,
-        relative=args.relative,
-        coarse_points=args.coarse_points,
-        max_points=args.max_points,
         progress=not args.no_progress,
         name=args.model,
+        **config.latency_kwargs(accuracy),
     )
     path = lat.save(args.output)
     print(f"saved latency profile ({len(lat.points)} points, {lat.device}, batch {lat.batch_size}) to {path}")
     for p in lat.points:
-        print(f"  n={p.tokens:5d}  median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
+        print(f"  n={p.n:5d}  median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
     if args.plot:
-        _plot_latency(lat, args.plot)
+        from pomt.plots import plot_latency, save_figure
+
+        save_figure(plot_latency(lat), args.plot)
+        print(f"saved plot to {args.plot}")
     return 0
-
-
-def _plot_latency(lat, path: str) -> None:
-    from matplotlib.figure import Figure
-
-    from pomt.plots import save_figure
-
-    fig = Figure(figsize=(8, 4), layout="constrained")
-    ax = fig.subplots()
-    tokens = [p.tokens for p in lat.points]
-    med = [p.median_ms for p in lat.points]
-    err = [[p.median_ms - p.p25_ms for p in lat.points], [p.p75_ms - p.median_ms for p in lat.points]]
-    ax.errorbar(tokens, med, yerr=err, fmt="o-", ms=3, lw=0.8, ecolor="#9ecae1")
-    ax.set_xlabel("tokens kept after the pruning block (n)")
-    ax.set_ylabel("latency [ms] (median, IQR)")
-    ax.set_title(f"{lat.model} | {lat.device} | batch {lat.batch_size}, {lat.dtype}", fontsize=10)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
-    print(f"saved plot to {path}")
 
 
 def profile_latency_main(argv: Sequence[str] | None = None) -> int:
@@ -217,10 +198,10 @@ def accuracy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--tokens", type=_token_list, help="explicit token counts (default: --points evenly spread)"
+        "--grid", "--tokens", type=_token_list, help="the token counts n (default: --points evenly spread)"
     )
     parser.add_argument(
-        "--points", type=int, default=16, help="number of token counts when --tokens is not given"
+        "--points", type=int, default=16, help="number of token counts when --grid is not given"
     )
     parser.add_argument("--num-workers", type=int, default=0, help="data loading workers")
     parser.add_argument("--no-progress", action="store_true")
@@ -236,11 +217,11 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
+    from pomt.measure import image_size
     from pomt.models import find_vit
-    from pomt.profiling import _image_size
 
     config = timm.data.resolve_model_data_config(model)
-    height, width = _image_size(find_vit(model)[1], None)
+    height, width = image_size(find_vit(model)[1], None)
     config["input_size"] = (config["input_size"][0], height, width)  # the model's size, if overridden
     transform = timm.data.create_transform(**config, is_training=False)
     try:
@@ -264,29 +245,33 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
 
 
 def _estimate_accuracy(args: argparse.Namespace) -> int:
-    from pomt.profiling import estimate_accuracy
+    from pomt.finder import SearchConfig
+    from pomt.measure import estimate_accuracy
 
     model = _build_model(args)
     dataset = image_folder(args.data, model, args.class_map)
+    config = SearchConfig(
+        accuracy_samples=args.num_samples,
+        accuracy_grid=args.grid,
+        accuracy_batch_size=args.batch_size,
+        seed=args.seed,
+    )
     acc = estimate_accuracy(
         model,
         dataset,
-        num_samples=args.num_samples,
-        tokens=args.tokens,
-        seed=args.seed,
         device=args.device,
-        batch_size=args.batch_size,
         points=args.points,
         num_workers=args.num_workers,
         progress=not args.no_progress,
         name=args.model,
         dataset=str(Path(args.data).resolve()),
+        **config.accuracy_kwargs(),
     )
     path = acc.save(args.output)
     balanced = "class-balanced" if acc.class_balanced else "not class-balanced"
     print(f"saved accuracy profile ({acc.num_samples} images, {balanced}, seed {acc.seed}) to {path}")
     for p in acc.points:
-        print(f"  n={p.tokens:5d}  top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
+        print(f"  n={p.n:5d}  top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
     return 0
 
 
@@ -326,7 +311,7 @@ def select_parser() -> argparse.ArgumentParser:
 
 
 def _select_r(args: argparse.Namespace) -> int:
-    from pomt.profiling import AccuracyProfile, LatencyProfile
+    from pomt.profiles import AccuracyProfile, LatencyProfile
     from pomt.selection import select_r
 
     expect_lat = {

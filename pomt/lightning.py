@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pomt.data import split_batch
 from pomt.models import create_model, load_weights, read_state_dict
-from pomt.profiling import split_batch
 from pomt.timing import Stopwatch, TimingStats
 
 __all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features", "split_batch"]

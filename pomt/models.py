@@ -37,20 +37,21 @@ ATTENTION_ATTRIBUTES = ("qkv", "num_heads", "proj")
 class TokenLayout:
     """How many tokens a ViT carries through its blocks.
 
-    ``tokens`` (N) enter the first block: ``prefix_tokens`` (p: CLS, distillation token,
-    registers), which are never pruned, followed by ``patch_tokens`` ordinary tokens.
+    ``n_total`` (N) tokens enter the first block: ``prefix`` (p) tokens (CLS, distillation
+    token, registers), which are never pruned, followed by ``n_patches`` ordinary tokens
+    from a ``patch_grid`` of patches.
     """
 
-    tokens: int
-    prefix_tokens: int
+    n_total: int
+    prefix: int
     depth: int
     embed_dim: int
     num_heads: int
-    grid_size: tuple[int, int]
+    patch_grid: tuple[int, int]
 
     @property
-    def patch_tokens(self) -> int:
-        return self.tokens - self.prefix_tokens
+    def n_patches(self) -> int:
+        return self.n_total - self.prefix
 
 
 def _flatten_blocks(blocks: nn.Module) -> Iterator[nn.Module]:
@@ -154,12 +155,12 @@ def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None
     if embed_dim is None:
         embed_dim = blocks[0].attn.qkv.in_features
     return TokenLayout(
-        tokens=grid[0] * grid[1] + prefix,
-        prefix_tokens=prefix,
+        n_total=grid[0] * grid[1] + prefix,
+        prefix=prefix,
         depth=len(blocks),
         embed_dim=int(embed_dim),
         num_heads=int(blocks[0].attn.num_heads),
-        grid_size=grid,
+        patch_grid=grid,
     )
 
 

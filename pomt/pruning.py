@@ -55,13 +55,13 @@ METHODS = ("none", "pomt", "topk", "tome")
 class PruningConfig:
     """What ``apply_pruning`` did to a model.
 
-    ``tokens[i]`` is the number of tokens leaving block ``i`` at the model's own image size.
+    ``schedule[i]`` is the number of tokens leaving block ``i`` at the model's own image size.
     """
 
     method: str
     r: int | tuple[int, ...]
     layer: int
-    tokens: tuple[int, ...]
+    schedule: tuple[int, ...]
 
 
 _CLASS_CACHE: dict[tuple[type, type], type] = {}
@@ -102,7 +102,7 @@ def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayo
     """Validate arguments and return the tokens leaving each block."""
     if method not in METHODS and method != CUT_METHOD:
         raise ValueError(f"unknown pruning method {method!r}; valid: {', '.join(METHODS)}")
-    depth, n, p = layout.depth, layout.tokens, layout.prefix_tokens
+    depth, n, p = layout.depth, layout.n_total, layout.prefix
     if not _is_int(layer) or not 0 <= layer < depth:
         raise ValueError(
             f"layer must be an int in 0..{depth - 1} for this {depth}-block model, got {layer!r}"
@@ -123,13 +123,13 @@ def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayo
             f"{method}: r={r!r} removes {sum(per_block)} of {n} tokens ({p} prefix); at most "
             f"{n - p - 1} can be removed in total so that one ordinary token remains"
         )
-    tokens, current = [], n
+    schedule, current = [], n
     for value in per_block:
         if method == "tome":
             value = min(value, (current - p) // 2)  # bipartite matching merges at most half
         current -= value
-        tokens.append(current)
-    return tuple(tokens)
+        schedule.append(current)
+    return tuple(schedule)
 
 
 # --------------------------------------------------------------------------- public API
@@ -180,7 +180,7 @@ def apply_pruning(
     if method == "none":
         return model
     has_cls = getattr(model, "cls_token", None) is not None
-    common = dict(prefix=layout.prefix_tokens, has_cls=has_cls)
+    common = dict(prefix=layout.prefix, has_cls=has_cls)
     if method == "pomt" or (method == CUT_METHOD and _is_int(r)):
         # r=0 deploys the unpruned model: no block pays for scoring that removes nothing
         targets = {layer: BlockSpec(r=int(r), **common)} if r > 0 else {}
@@ -198,31 +198,29 @@ def apply_pruning(
         block = blocks[i]
         block.__class__ = _patched_class(MIXINS[method], type(block))
         block._pomt_spec = spec
-    model._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, tokens=schedule)
+    model._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, schedule=schedule)
     return model
 
 
 @contextlib.contextmanager
-def random_token_subset(
-    model: nn.Module, tokens: int, generator: torch.Generator | None = None
-) -> Iterator[None]:
-    """While active, keep exactly ``tokens`` tokens right after the embedding.
+def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | None = None) -> Iterator[None]:
+    """While active, keep exactly ``n`` tokens right after the embedding.
 
     All prefix tokens are kept, plus a random subset of ordinary tokens drawn per image with
     ``generator`` (a CPU generator; the global RNG is not touched when one is given). This is
     the cheap accuracy proxy of POMT's offline step: accuracy with n random tokens.
     """
     layout = token_layout(model)
-    p = layout.prefix_tokens
-    if not _is_int(tokens) or not p + 1 <= tokens <= layout.tokens:
+    p = layout.prefix
+    if not _is_int(n) or not p + 1 <= n <= layout.n_total:
         raise ValueError(
-            f"tokens must be an int in {p + 1}..{layout.tokens} (N={layout.tokens}, {p} prefix), got {tokens!r}"
+            f"n must be an int in {p + 1}..{layout.n_total} (N={layout.n_total}, {p} prefix), got {n!r}"
         )
 
     def keep_random(_module: nn.Module, args: tuple) -> tuple:
         x, *rest = args
         n_ordinary = x.shape[1] - p
-        keep = tokens - p
+        keep = n - p
         if keep >= n_ordinary:
             return None
         noise = torch.rand(x.shape[0], n_ordinary, generator=generator)

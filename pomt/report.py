@@ -1,5 +1,5 @@
-"""Accuracy-latency reports: one row per configuration (method, r), saved as CSV and JSON,
-printed as a table and drawn as an accuracy-vs-latency plot."""
+"""Accuracy-latency reports: one row per configuration (method, r), saved as CSV and JSON and
+printed as a table (``pomt.plots.plot_tradeoff`` draws them)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-_STYLES = {
-    "none": ("black", "s", "unpruned"),
-    "pomt": ("tab:red", "*", "POMT"),
-    "tome": ("tab:blue", "o", "ToMe"),
-    "topk": ("tab:green", "^", "Top-K"),
-}
-
-__all__ = ["ReportRow", "write_report", "read_report", "format_table", "plot_tradeoff"]
+__all__ = ["ReportRow", "write_report", "read_report", "format_table"]
 
 REPORT_SCHEMA = 1
 
@@ -28,8 +21,8 @@ REPORT_SCHEMA = 1
 class ReportRow:
     """One evaluated configuration.
 
-    ``tokens`` is the number of tokens leaving the last block (for POMT: the tokens kept
-    after the pruning block); ``mean_tokens`` averages the tokens over all blocks, a
+    ``n_last`` is the number of tokens leaving the last block (for POMT: the tokens kept
+    after the pruning block); ``mean_n`` averages the tokens over all blocks, a
     first-order proxy of the compute. Accuracies are top-1/top-5 in [0, 1]. ``latency_ms``
     and ``latency_p90_ms`` come from timing every configuration side by side on one batch;
     ``loop_latency_ms`` is the median per-batch forward time inside the test loop.
@@ -37,8 +30,8 @@ class ReportRow:
 
     method: str
     r: str
-    tokens: int
-    mean_tokens: float
+    n_last: int
+    mean_n: float
     acc1: float
     acc5: float
     latency_ms: float
@@ -97,7 +90,7 @@ def format_table(rows: Sequence[ReportRow]) -> str:
     of the same batch size."""
     base = {row.batch_size: row.latency_ms for row in rows if row.method == "none"}
     header = (
-        f"{'configuration':<18} {'batch':>5} {'tokens':>6} {'mean tok':>8} {'top-1 %':>8} {'top-5 %':>8} "
+        f"{'configuration':<18} {'batch':>5} {'n last':>6} {'mean n':>8} {'top-1 %':>8} {'top-5 %':>8} "
         f"{'median ms':>10} {'p90 ms':>8} {'speed-up':>8}"
     )
     lines = [header, "-" * len(header)]
@@ -106,73 +99,9 @@ def format_table(rows: Sequence[ReportRow]) -> str:
         speedup = f"{unpruned / row.latency_ms:.3f}" if unpruned and row.latency_ms > 0 else "-"
         mark = " *" if row.selected else ""
         lines.append(
-            f"{row.label + mark:<18} {row.batch_size:>5} {row.tokens:>6} {row.mean_tokens:>8.1f} {100 * row.acc1:>8.2f} "
+            f"{row.label + mark:<18} {row.batch_size:>5} {row.n_last:>6} {row.mean_n:>8.1f} {100 * row.acc1:>8.2f} "
             f"{100 * row.acc5:>8.2f} {row.latency_ms:>10.2f} {row.latency_p90_ms:>8.2f} {speedup:>8}"
         )
     if any(row.selected for row in rows):
         lines.append("* R chosen by POMT for this device")
     return "\n".join(lines)
-
-
-def _draw_tradeoff(ax: Any, rows: Sequence[ReportRow]) -> None:
-    for method in dict.fromkeys(row.method for row in rows):
-        group = sorted((row for row in rows if row.method == method), key=lambda row: row.latency_ms)
-        color, marker, label = _STYLES.get(method, ("tab:gray", "x", method))
-        xs = [row.latency_ms for row in group]
-        ys = [100 * row.acc1 for row in group]
-        ax.scatter(
-            xs,
-            ys,
-            s=260 if method == "pomt" else 60,
-            c=color,
-            marker=marker,
-            label=label,
-            zorder=3,
-            edgecolors="black",
-            linewidths=0.6,
-        )
-        if len(group) > 1:
-            ax.plot(xs, ys, c=color, alpha=0.4, zorder=2)
-        for row in group:
-            if row.method != "none":
-                ax.annotate(
-                    f"r={row.r}",
-                    (row.latency_ms, 100 * row.acc1),
-                    textcoords="offset points",
-                    xytext=(5, 4),
-                    fontsize=8,
-                    color=color,
-                )
-    first = rows[0] if rows else None
-    where = f"\n{first.model}, batch {first.batch_size}, {first.dtype}, {first.device}" if first else ""
-    ax.set_title(f"Top-1 accuracy vs latency{where}", fontsize=10)
-    ax.set_xlabel("median latency per batch (ms)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
-
-
-def plot_tradeoff(
-    rows: Sequence[ReportRow], latency: Any = None, accuracy: Any = None, selection: Any = None
-) -> Any:
-    """Accuracy against latency, one marker per configuration, POMT highlighted.
-
-    With the latency/accuracy profiles given, a second panel shows the profile's curves
-    (``pomt.plots.plot_profiles`` on its own axes) beside the trade-off.
-    """
-    from matplotlib.figure import Figure
-
-    with_profile = latency is not None and accuracy is not None
-    batch_sizes = list(dict.fromkeys(row.batch_size for row in rows)) or [0]
-    panels = len(batch_sizes)
-    width = 7 * panels + (8 if with_profile else 0)
-    fig = Figure(figsize=(width, 7 if with_profile else 6), layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=[1.2, 1]) if with_profile else (fig, None)
-    axes = left.subplots(1, panels, squeeze=False)[0]
-    for ax, batch_size in zip(axes, batch_sizes, strict=True):
-        _draw_tradeoff(ax, [row for row in rows if row.batch_size == batch_size])
-    if right is not None:
-        from pomt.plots import plot_profiles
-
-        plot_profiles(latency, accuracy, selection, fig=right)
-    return fig

@@ -1,4 +1,4 @@
-"""Choosing R from a latency profile L(n) and an accuracy profile A(n) (METHOD.md 1.3-1.5).
+"""Choosing R from a latency profile L(n) and an accuracy profile A(n) (docs/method.md, section 1).
 
 ``select_r`` denoises L (noise-level differences become ties, so a flat noisy curve never
 yields a spurious R), makes A non-decreasing and interpolates it onto the latency grid,
@@ -13,18 +13,12 @@ decides (faster on equal accuracy, more accurate on equal latency), and on a ful
 larger n (smaller R) wins, because pruning more tokens for nothing only costs accuracy.
 R = N - n*, so that exactly n* tokens leave the pruning block (not n* + 2 as in the
 authors' code).
-
-``search_tokens`` is the fast latency search: a coarse grid over [p + 1, N] (always with
-N), then bisection. Given an accuracy profile (accuracy does not depend on the device, so
-it can be estimated first, elsewhere) it is a branch and bound on the utility that lands
-on the full grid's n* on a staircase; without one it locates the largest steps first.
-Either way it stops at a point budget (9 % of the full grid by default).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -37,30 +31,26 @@ __all__ = [
     "isotonic_increasing",
     "interpolate",
     "utility_curve",
-    "coarse_grid",
-    "default_max_points",
-    "search_tokens",
-    "full_grid",
-    "as_tokens",
+    "as_curve",
 ]
 
 MODES = ("utility", "latency_budget", "accuracy_floor")
-_TIE_DECIMALS = 12
+TIE_DECIMALS = 12
 
 
 @dataclass(frozen=True)
 class Selection:
     """The chosen token count and the curves it was chosen from.
 
-    ``tokens`` (n*) tokens leave the pruning block when the model is pruned with ``r``
-    (``tokens == tokens_total - r``). ``curve_*`` hold, per candidate n (ascending), the
+    ``n_star`` (n*) tokens leave the pruning block when the model is pruned with ``r``
+    (``n_star == n_total - r``). ``curve_*`` hold, per candidate n (ascending), the
     denoised latency used for the choice, the raw measured median, the accuracy used
     (made non-decreasing and interpolated) and the utility.
     """
 
     r: int
-    tokens: int
-    tokens_total: int
+    n_star: int
+    n_total: int
     mode: str
     alpha: float
     utility: float
@@ -70,7 +60,7 @@ class Selection:
     layer: int | None
     latency_budget_ms: float | None
     accuracy_floor: float | None
-    curve_tokens: tuple[int, ...]
+    curve_n: tuple[int, ...]
     curve_latency_ms: tuple[float, ...]
     curve_raw_latency_ms: tuple[float, ...]
     curve_accuracy: tuple[float, ...]
@@ -79,7 +69,7 @@ class Selection:
     @property
     def unpruned_latency_ms(self) -> float | None:
         """Denoised latency at N tokens, when N was measured."""
-        if self.curve_tokens and self.curve_tokens[-1] == self.tokens_total:
+        if self.curve_n and self.curve_n[-1] == self.n_total:
             return self.curve_latency_ms[-1]
         return None
 
@@ -96,7 +86,10 @@ class Selection:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Selection:
-        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored)."""
+        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored; the key
+        names of pomt 0.1 checkpoints are read too)."""
+        renamed = {"tokens": "n_star", "tokens_total": "n_total", "curve_tokens": "curve_n"}
+        data = {renamed.get(k, k): v for k, v in data.items()}
         names = {f.name for f in fields(cls)}
         missing = sorted(names - set(data))
         if missing:
@@ -107,7 +100,7 @@ class Selection:
         """One line a person can read."""
         speed = f", speed-up x{self.speedup:.3f}" if self.speedup is not None else ""
         return (
-            f"R={self.r} (keep {self.tokens} of {self.tokens_total} tokens) mode={self.mode} "
+            f"R={self.r} (keep {self.n_star} of {self.n_total} tokens) mode={self.mode} "
             f"alpha={self.alpha:g} utility={self.utility:.4f} latency={self.predicted_latency_ms:.3f} ms "
             f"accuracy={self.predicted_accuracy:.4f}{speed}"
         )
@@ -211,15 +204,24 @@ def utility_curve(latency: Sequence[float], accuracy: Sequence[float], alpha: fl
 
 
 @dataclass(frozen=True)
-class _Curve:
+class Curve:
+    """One curve against n, from a profile or a plain mapping: the values (median latency or
+    accuracy), the tie tolerance of each (a latency's IQR), its spread for plotting (IQR, or
+    accuracy +- one standard error; empty when unknown) and what the profile says of N."""
+
     values: dict[int, float]
     noise: dict[int, float]
-    tokens_total: int | None
+    spread: dict[int, tuple[float, float]]
+    n_total: int | None
     model: str | None
     layer: int | None
 
+    @property
+    def grid(self) -> list[int]:
+        return sorted(self.values)
 
-def _check_tokens(n: object, what: str) -> int:
+
+def check_n(n: object, what: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int):
         if isinstance(n, str) and n.strip().lstrip("-").isdigit():
             return int(n)
@@ -227,40 +229,45 @@ def _check_tokens(n: object, what: str) -> int:
     return int(n)
 
 
-def _as_curve(profile: object, what: str) -> _Curve:
-    """A profile (anything with ``points``) or a plain ``{tokens: value}`` mapping."""
+def as_curve(profile: object, what: str) -> Curve:
+    """A profile (anything with ``points``) or a plain ``{n: value}`` mapping."""
+    values: dict[int, float] = {}
+    noise: dict[int, float] = {}
+    spread: dict[int, tuple[float, float]] = {}
     if isinstance(profile, Mapping):
-        values, noise = {}, {}
         for key, value in profile.items():
-            n = _check_tokens(key, what)
+            n = check_n(key, what)
             if isinstance(value, TimingStats):
                 values[n], noise[n] = value.median_ms, value.iqr_ms
+                spread[n] = (value.p25_ms, value.p75_ms)
             else:
                 values[n], noise[n] = float(value), 0.0
-        return _Curve(values, noise, None, None, None)
+        return Curve(values, noise, spread, None, None, None)
     points = getattr(profile, "points", None)
     if points is None:
         raise ValueError(
-            f"{what} must be a LatencyProfile/AccuracyProfile or a {{tokens: value}} dict, "
+            f"{what} must be a LatencyProfile/AccuracyProfile or a {{n: value}} dict, "
             f"got {type(profile).__name__}"
         )
-    values, noise = {}, {}
     for point in points:
-        n = int(point.tokens)
+        n = int(point.n)
         if hasattr(point, "median_ms"):
             values[n], noise[n] = float(point.median_ms), float(point.p75_ms - point.p25_ms)
+            spread[n] = (float(point.p25_ms), float(point.p75_ms))
         else:
             values[n], noise[n] = float(point.accuracy), 0.0
-    return _Curve(
+            spread[n] = (max(0.0, point.accuracy - point.stderr), min(1.0, point.accuracy + point.stderr))
+    return Curve(
         values,
         noise,
-        getattr(profile, "tokens_total", None),
+        spread,
+        getattr(profile, "n_total", None),
         getattr(profile, "model", None) or None,
         getattr(profile, "layer", None),
     )
 
 
-def _validate(curve: _Curve, what: str, unit_interval: bool) -> None:
+def validate_curve(curve: Curve, what: str, unit_interval: bool) -> None:
     if not curve.values:
         raise ValueError(f"{what} is empty: it needs at least one measured token count")
     for n, v in curve.values.items():
@@ -284,15 +291,15 @@ def select_r(
     latency_budget_ms: float | None = None,
     accuracy_floor: float | None = None,
     *,
-    tokens_total: int | None = None,
+    n_total: int | None = None,
     denoise: bool = True,
     latency_tolerance_ms: float | None = None,
 ) -> Selection:
-    """Pick R from a latency and an accuracy profile (or ``{tokens: value}`` dicts).
+    """Pick R from a latency and an accuracy profile (or ``{n: value}`` dicts).
 
     Candidates are the latency profile's token counts that the accuracy profile covers
     (accuracy between its grid points is interpolated linearly). N is the profiles'
-    ``tokens_total``; for plain dicts pass ``tokens_total`` or N is the largest token count
+    ``n_total``; for plain dicts pass ``n_total`` or N is the largest token count
     of the latency dict. With ``denoise``, latency differences within
     ``latency_tolerance_ms`` (default: each point's measured IQR; 0 for plain numbers) are
     ties (see ``step_fit``) and accuracy is made non-decreasing in n. ``latency_budget_ms``
@@ -307,19 +314,19 @@ def select_r(
         raise ValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
     if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
         raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
-    lcurve = _as_curve(lat, "latency profile")
-    acurve = _as_curve(acc, "accuracy profile")
-    _validate(lcurve, "latency profile", unit_interval=False)
-    _validate(acurve, "accuracy profile", unit_interval=True)
+    lcurve = as_curve(lat, "latency profile")
+    acurve = as_curve(acc, "accuracy profile")
+    validate_curve(lcurve, "latency profile", unit_interval=False)
+    validate_curve(acurve, "accuracy profile", unit_interval=True)
     if lcurve.model and acurve.model and lcurve.model != acurve.model:
         raise ValueError(
             f"the profiles are for different models: latency for {lcurve.model!r}, accuracy for {acurve.model!r}"
         )
-    totals = {t for t in (lcurve.tokens_total, acurve.tokens_total, tokens_total) if t is not None}
+    totals = {t for t in (lcurve.n_total, acurve.n_total, n_total) if t is not None}
     if len(totals) > 1:
         raise ValueError(
-            f"the profiles disagree on N (tokens entering the blocks): latency N={lcurve.tokens_total}, "
-            f"accuracy N={acurve.tokens_total}, tokens_total={tokens_total}"
+            f"the profiles disagree on N (tokens entering the blocks): latency N={lcurve.n_total}, "
+            f"accuracy N={acurve.n_total}, n_total={n_total}"
         )
     n_total = totals.pop() if totals else max(lcurve.values)
     for curve, what in ((lcurve, "latency profile"), (acurve, "accuracy profile")):
@@ -350,7 +357,7 @@ def select_r(
     util = utility_curve(lat_used, acc_used, float(alpha))
 
     def rnd(v: float) -> float:
-        return round(v, _TIE_DECIMALS)
+        return round(v, TIE_DECIMALS)
 
     idx = range(len(ns))
     if latency_budget_ms is not None:
@@ -379,8 +386,8 @@ def select_r(
     n_star = ns[best]
     return Selection(
         r=n_total - n_star,
-        tokens=n_star,
-        tokens_total=n_total,
+        n_star=n_star,
+        n_total=n_total,
         mode=mode,
         alpha=float(alpha),
         utility=util[best],
@@ -390,159 +397,9 @@ def select_r(
         layer=lcurve.layer,
         latency_budget_ms=latency_budget_ms,
         accuracy_floor=accuracy_floor,
-        curve_tokens=tuple(ns),
+        curve_n=tuple(ns),
         curve_latency_ms=tuple(lat_used),
         curve_raw_latency_ms=tuple(raw),
         curve_accuracy=tuple(acc_used),
         curve_utility=tuple(util),
     )
-
-
-# --------------------------------------------------------------------------- fast search
-
-
-def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
-    """About ``points`` token counts evenly spread over [lo, hi], both ends included."""
-    if hi < lo:
-        raise ValueError(f"empty token range [{lo}, {hi}]")
-    if points < 2 or hi == lo:
-        return sorted({lo, hi})
-    step = (hi - lo) / (points - 1)
-    return sorted({lo + round(i * step) for i in range(points)} | {hi})
-
-
-def default_max_points(lo: int, hi: int, coarse_points: int) -> int:
-    """Point budget of the default search: 9 % of the full grid (so that it takes under a tenth
-    of the full grid's time at the same per-point timer settings), at least coarse + 4."""
-    return max(coarse_points + 4, math.ceil(0.09 * (hi - lo + 1)))
-
-
-def search_tokens(
-    measure: Callable[[int], TimingStats],
-    lo: int,
-    hi: int,
-    *,
-    coarse_points: int = 9,
-    max_points: int | None = None,
-    accuracy: object | None = None,
-    alpha: float = 0.5,
-    on_point: Callable[[int, TimingStats], None] | None = None,
-) -> dict[int, TimingStats]:
-    """Measure L(n) where it matters: a coarse grid over [lo, hi], then refinement.
-
-    The measured medians are step-fitted (IQR ties, see ``step_fit``) after every point.
-
-    - Without ``accuracy``: every interval between neighbouring measured n whose fitted
-      levels differ holds a step; the one with the largest jump is bisected next (ties:
-      larger n first), until ``max_points`` (default ``default_max_points``) or until all
-      steps are located to one token.
-    - With ``accuracy`` (an accuracy profile or ``{tokens: accuracy}``; accuracy does not
-      depend on the device, so it can be estimated first, elsewhere): branch and bound on
-      the utility at ``alpha``. Assuming L does not decrease between two measured points
-      and A does not decrease in n, no n inside (a, b) beats
-      alpha (1 - L(a)/max L) + (1 - alpha) A(b - 1)/max A; intervals whose bound beats the
-      best measured utility are bisected, best bound first, until none is left or the
-      budget is spent. The result is the full
-      grid's n* at that alpha whenever the assumptions hold and the budget suffices.
-
-    Ranges no larger than the budget are measured in full.
-    """
-    if coarse_points < 2:
-        raise ValueError(f"coarse_points must be >= 2, got {coarse_points}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if max_points is None:
-        max_points = default_max_points(lo, hi, coarse_points)
-    if max_points < 2:
-        raise ValueError(f"max_points must be >= 2, got {max_points}")
-    acc_at = None if accuracy is None else _accuracy_function(accuracy, lo, hi)
-    measured: dict[int, TimingStats] = {}
-
-    def take(n: int) -> None:
-        stats = measure(n)
-        measured[n] = stats
-        if on_point is not None:
-            on_point(n, stats)
-
-    if hi - lo + 1 <= max_points:
-        for n in range(hi, lo - 1, -1):
-            take(n)
-        return measured
-    for n in reversed(coarse_grid(lo, hi, min(coarse_points, max_points))):
-        take(n)
-    while len(measured) < max_points:
-        ns = sorted(measured)
-        levels = step_fit([measured[n].median_ms for n in ns], [measured[n].iqr_ms for n in ns])
-        if acc_at is None:
-            target = _largest_jump(ns, levels)
-        else:
-            target = _best_bound(ns, levels, acc_at, alpha)
-        if target is None:
-            break
-        take(target)
-    return measured
-
-
-def _largest_jump(ns: list[int], levels: list[float]) -> int | None:
-    best: tuple[float, int] | None = None
-    target = None
-    for i in range(len(ns) - 1):
-        a, b = ns[i], ns[i + 1]
-        jump = abs(levels[i + 1] - levels[i])
-        if b - a > 1 and jump > 0 and (best is None or (jump, b) > best):
-            best, target = (jump, b), (a + b) // 2
-    return target
-
-
-def _best_bound(
-    ns: list[int], levels: list[float], acc_at: Callable[[int], float], alpha: float
-) -> int | None:
-    max_l = max(levels)
-    max_a = max(acc_at(n) for n in range(ns[0], ns[-1] + 1)) or 1.0
-
-    def u(lat: float, acc: float) -> float:
-        return alpha * (1.0 - lat / max_l) + (1.0 - alpha) * acc / max_a
-
-    incumbent = max(round(u(lev, acc_at(n)), _TIE_DECIMALS) for n, lev in zip(ns, levels, strict=True))
-    best: tuple[float, int] | None = None
-    target = None
-    for i in range(len(ns) - 1):
-        a, b = ns[i], ns[i + 1]
-        if b - a <= 1:
-            continue
-        bound = round(u(min(levels[i], levels[i + 1]), acc_at(b - 1)), _TIE_DECIMALS)
-        if bound > incumbent and (best is None or (bound, b) > best):
-            best, target = (bound, b), (a + b) // 2
-    return target
-
-
-def _accuracy_function(accuracy: object, lo: int, hi: int) -> Callable[[int], float]:
-    """A(n) made non-decreasing and interpolated; constant beyond the measured range."""
-    curve = _as_curve(accuracy, "accuracy profile")
-    _validate(curve, "accuracy profile", unit_interval=True)
-    xs = sorted(curve.values)
-    ys = isotonic_increasing([curve.values[n] for n in xs])
-    cache: dict[int, float] = {}
-
-    def acc_at(n: int) -> float:
-        if n not in cache:
-            cache[n] = interpolate(xs, ys, min(max(n, xs[0]), xs[-1]))
-        return cache[n]
-
-    return acc_at
-
-
-def full_grid(lo: int, hi: int) -> list[int]:
-    """Every token count from ``hi`` down to ``lo`` (the authors' grid, plus N)."""
-    return list(range(hi, lo - 1, -1))
-
-
-def as_tokens(values: Iterable[int], lo: int, hi: int) -> list[int]:
-    """Validated, de-duplicated token counts within [lo, hi], in the order given."""
-    out = list(dict.fromkeys(_check_tokens(v, "tokens") for v in values))
-    if not out:
-        raise ValueError("tokens is empty: give at least one token count")
-    bad = [n for n in out if not lo <= n <= hi]
-    if bad:
-        raise ValueError(f"token counts {bad[:5]} are outside the valid range {lo}..{hi} (p + 1 .. N)")
-    return out

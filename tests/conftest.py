@@ -35,3 +35,42 @@ def make_tiny_vit(**overrides) -> VisionTransformer:
 @pytest.fixture
 def tiny_vit() -> VisionTransformer:
     return make_tiny_vit()
+
+
+TINY_KWARGS = dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
+
+
+def tiny_classifier(**overrides):
+    """A ``ViTClassifier`` around the same 4-block ViT (17 tokens on 32x32, 10 classes)."""
+    from pomt.lightning import ViTClassifier
+
+    torch.manual_seed(0)
+    kwargs = dict(model_name="vit_tiny_patch16_224", num_classes=10, img_size=32, model_kwargs=TINY_KWARGS)
+    kwargs.update(overrides)
+    return ViTClassifier(**kwargs)
+
+
+def image_loader(n: int = 32, batch_size: int = 8, seed: int = 0, labels: bool = True, size: int = 32):
+    """A DataLoader of random ``(images, labels)`` (or images only) batches for 10 classes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, size, size, generator=g)
+    tensors = (images, torch.randint(0, 10, (n,), generator=g)) if labels else (images,)
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
+
+
+def cpu_trainer(**overrides):
+    """A quiet single-process CPU Trainer (no logger, checkpoints, progress bar or summary)."""
+    import lightning.pytorch as pl
+
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)

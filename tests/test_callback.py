@@ -13,48 +13,38 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import cpu_trainer, image_loader, tiny_classifier
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import POMTCallback
+from pomt import SearchConfig
+from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
-from pomt.profiling import LatencyProfile, profile_latency
+from pomt.measure import profile_latency
+from pomt.profiles import LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config
 from pomt.timing import TimingStats
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
 N = 17  # 16 patches + CLS
 LAYER = 1
-FAST = dict(layer=LAYER, accuracy_samples=32, accuracy_tokens=[17, 13, 9, 5], min_run_time=0.0, warmup=1)
+FAST_SEARCH = dict(accuracy_samples=32, accuracy_grid=(17, 13, 9, 5), min_run_time=0.0, warmup=1)
 
 
-def tiny_module() -> ViTClassifier:
-    torch.manual_seed(0)
-    return ViTClassifier(
-        "vit_tiny_patch16_224", num_classes=10, img_size=32, model_kwargs=TINY, latency_warmup_batches=0
-    )
+def fast(**search) -> dict:
+    """Callback arguments for a quick search (fewer images and timing) with ``search`` settings."""
+    return dict(layer=LAYER, search=SearchConfig(**(FAST_SEARCH | search)))
 
 
-def loader(n: int = 32, batch_size: int = 8, seed: int = 0, labels: bool = True) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 32, 32, generator=g)
-    tensors = (images, torch.randint(0, 10, (n,), generator=g)) if labels else (images,)
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
+def tiny_module():
+    return tiny_classifier(latency_warmup_batches=0)
 
 
-def trainer(**kwargs) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    args.update(kwargs)
-    return pl.Trainer(**args)
+def loader(n: int = 32, batch_size: int = 8, seed: int = 0, labels: bool = True):
+    return image_loader(n=n, batch_size=batch_size, seed=seed, labels=labels)
+
+
+trainer = cpu_trainer
 
 
 def staircase_profile(module: ViTClassifier, path: Path, batch_size: int = 8) -> Path:
@@ -67,7 +57,7 @@ def staircase_profile(module: ViTClassifier, path: Path, batch_size: int = 8) ->
         module,
         batch_size=batch_size,
         layer=LAYER,
-        tokens=range(2, N + 1),
+        grid=range(2, N + 1),
         vit=module.model,
         measure=fake,
         progress=False,
@@ -87,14 +77,14 @@ class TokenProbe:
 def test_test_selects_r_prunes_and_returns_metrics(tmp_path):
     module = tiny_module()
     path = staircase_profile(module, tmp_path / "latency.json")
-    callback = POMTCallback(alpha=0.9, latency_profile_path=str(path), **FAST)
+    callback = POMTCallback(latency_profile_path=str(path), **fast(alpha=0.9))
     probe = TokenProbe(module.model, LAYER)
     result = trainer(callbacks=[callback]).test(module, loader())[0]
 
     # 5 ms below 12 tokens, 10 ms above: the utility is best at the largest n on the fast step
-    assert (callback.selection.tokens, callback.selection.r) == (11, N - 11)
-    assert callback.latency_profile.tokens == list(range(2, N + 1))
-    assert callback.accuracy_profile.tokens == [5, 9, 13, 17]
+    assert (callback.selection.n_star, callback.selection.r) == (11, N - 11)
+    assert callback.latency_profile.grid == list(range(2, N + 1))
+    assert callback.accuracy_profile.grid == [5, 9, 13, 17]
     assert probe.seen[-4:] == [11, 11, 11, 11]  # the test loop ran the pruned model: exactly n* tokens
     assert result["pomt/r"] == N - 11 and result["pomt/n_star"] == 11
     assert result["pomt/predicted_latency_ms"] == pytest.approx(5.0)
@@ -104,7 +94,7 @@ def test_test_selects_r_prunes_and_returns_metrics(tmp_path):
 
 def test_measured_search_writes_profile_and_keeps_rng(tmp_path):
     path = tmp_path / "profiles" / "latency.json"
-    callback = POMTCallback(latency_profile_path=str(path), tokens=[17, 14, 11, 8, 5], **FAST)
+    callback = POMTCallback(latency_profile_path=str(path), **fast(grid=(17, 14, 11, 8, 5)))
     module = tiny_module()
     probe = TokenProbe(module.model, LAYER)
 
@@ -117,10 +107,10 @@ def test_measured_search_writes_profile_and_keeps_rng(tmp_path):
     assert torch.equal(torch.rand(3), expected)  # the search left the global RNG as it was
 
     sel = callback.selection
-    assert sel.tokens in (17, 14, 11, 8, 5) and sel.r == N - sel.tokens
-    assert probe.seen[-1] == sel.tokens
+    assert sel.n_star in (17, 14, 11, 8, 5) and sel.r == N - sel.n_star
+    assert probe.seen[-1] == sel.n_star
     saved = LatencyProfile.load(path)
-    assert saved.tokens == [5, 8, 11, 14, 17] and saved.batch_size == 8 and saved.layer == LAYER
+    assert saved.grid == [5, 8, 11, 14, 17] and saved.batch_size == 8 and saved.layer == LAYER
     assert callback.profile_batch_size == 8
 
 
@@ -135,7 +125,7 @@ def test_fixed_r_skips_the_search_and_other_methods():
     last = TokenProbe(module.model, 3)
     callback = POMTCallback(method="topk", r=2)
     trainer(callbacks=[callback]).test(module, loader())
-    assert callback.applied_tokens == [15, 13, 11, 9] and last.seen[-1] == 9
+    assert callback.applied_schedule == [15, 13, 11, 9] and last.seen[-1] == 9
 
     with pytest.raises(ValueError, match="fixed r"):
         POMTCallback(method="tome")
@@ -165,7 +155,7 @@ def test_restore_false_keeps_pruning_and_restore_puts_back_earlier_pruning():
 def test_checkpoint_round_trip_of_the_results(tmp_path):
     module = tiny_module()
     path = staircase_profile(module, tmp_path / "latency.json")
-    callback = POMTCallback(alpha=0.9, latency_profile_path=str(path), **FAST)
+    callback = POMTCallback(latency_profile_path=str(path), **fast(alpha=0.9))
     t = trainer(callbacks=[callback], default_root_dir=tmp_path)
     t.test(module, loader())
     ckpt_path = tmp_path / "model.ckpt"
@@ -176,7 +166,7 @@ def test_checkpoint_round_trip_of_the_results(tmp_path):
     # plain values only (no pickled classes), so it loads where weights_only=True is enforced
     torch.save(state, tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    fresh = POMTCallback(alpha=0.9, **FAST)
+    fresh = POMTCallback(**fast(alpha=0.9))
     fresh.load_state_dict(state)
     assert fresh.selection == callback.selection
     assert fresh.latency_profile == callback.latency_profile
@@ -189,7 +179,7 @@ def test_checkpoint_round_trip_of_the_results(tmp_path):
     assert result["pomt/r"] == callback.selection.r and probe.seen[-1] == 11
 
     # reused profiles are selected again with the current settings: accuracy only keeps all tokens
-    accuracy_only = POMTCallback(alpha=0.0, **FAST)
+    accuracy_only = POMTCallback(**fast(alpha=0.0))
     accuracy_only.load_state_dict(state)
     trainer(callbacks=[accuracy_only]).test(module, loader())
     assert accuracy_only.latency_profile == callback.latency_profile
@@ -243,9 +233,9 @@ def test_fit_validation_only_when_asked_searched_once_and_training_unpruned():
             phases.append(("sanity" if trainer.sanity_checking else "val", probe.seen[-1]))
 
     probe = TokenProbe(module.model, LAYER)
-    callback = CountingCallback(on_fit_validation=True, tokens=[17, 9], **FAST)
+    callback = CountingCallback(stages=("fit",), **fast(grid=(17, 9)))
     trainer(callbacks=[callback, Phase()], **fit).fit(module, loader(), loader(seed=1))
-    n_star = callback.selection.tokens
+    n_star = callback.selection.n_star
     assert CountingCallback.searches == 1
     assert {n for phase, n in phases if phase == "sanity"} == {N}
     assert {n for phase, n in phases if phase == "train"} == {N}
@@ -256,22 +246,22 @@ def test_fit_validation_only_when_asked_searched_once_and_training_unpruned():
 def test_predict_uses_given_labelled_data_and_needs_labels_otherwise():
     module = tiny_module()
     probe = TokenProbe(module.model, LAYER)
-    callback = POMTCallback(tokens=[17, 9], accuracy_data=loader(seed=2).dataset, **FAST)
+    callback = POMTCallback(accuracy_data=loader(seed=2).dataset, **fast(grid=(17, 9)))
     predictions = trainer(callbacks=[callback]).predict(module, loader(labels=False))
     assert len(predictions) == 4 and predictions[0].shape == (8, 10)
-    assert probe.seen[-1] == callback.selection.tokens
+    assert probe.seen[-1] == callback.selection.n_star
 
     with pytest.raises(ValueError, match="labels"):
-        trainer(callbacks=[POMTCallback(tokens=[17, 9], **FAST)]).predict(tiny_module(), loader(labels=False))
+        trainer(callbacks=[POMTCallback(**fast(grid=(17, 9)))]).predict(tiny_module(), loader(labels=False))
 
 
 def test_csv_logger_gets_curves_table_and_figure(tmp_path):
-    callback = POMTCallback(tokens=[17, 11, 5], **FAST)
+    callback = POMTCallback(**fast(grid=(17, 11, 5)))
     logger = CSVLogger(tmp_path, name="run")
     trainer(callbacks=[callback], logger=logger).test(tiny_module(), loader())
     folder = Path(logger.log_dir)
     rows = (folder / "pomt_curves.csv").read_text().splitlines()
-    assert rows[0].startswith("tokens,r,latency_ms")
+    assert rows[0].startswith("n,r,latency_ms")
     assert len(rows) == 1 + 3
     assert (folder / "pomt_profiles.png").stat().st_size > 0
     assert f"pomt/r: {callback.selection.r}" in (folder / "hparams.yaml").read_text()
@@ -279,14 +269,14 @@ def test_csv_logger_gets_curves_table_and_figure(tmp_path):
 
 def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch, caplog):
     wandb = pytest.importorskip("wandb")
-    from callbacks.logging import wandb_logger
+    from pomt.callbacks.logging import wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     module = tiny_module()
     path = staircase_profile(module, tmp_path / "latency.json")
-    callback = POMTCallback(alpha=0.9, latency_profile_path=str(path), **FAST)
+    callback = POMTCallback(latency_profile_path=str(path), **fast(alpha=0.9))
     logger = wandb_logger(project="pomt-test", save_dir=tmp_path / "wb")
     try:
         with caplog.at_level("INFO"):
@@ -302,7 +292,7 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
     cols = table["columns"]
     selected = [row for row in table["data"] if row[cols.index("selected")] == 1]
     assert len(selected) == 1 and selected[0][cols.index("r")] == callback.selection.r == N - 11
-    assert len(table["data"]) == len(callback.selection.curve_tokens)
+    assert len(table["data"]) == len(callback.selection.curve_n)
     plots = {p.name.split("_table")[0] for p in tables if p.parent.name == "plot"}
     assert plots == {"latency_ms", "accuracy", "utility"}  # one line plot each, n* marked
     assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
@@ -317,7 +307,7 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
 
 
 def test_wandb_online_without_credentials_does_not_prompt(monkeypatch, tmp_path):
-    from callbacks.logging import wandb_logger
+    from pomt.callbacks.logging import wandb_logger
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -331,7 +321,8 @@ import torch
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, {repo!r})
-from callbacks import POMTCallback
+from pomt import SearchConfig
+from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
 
 class Counting(POMTCallback):
@@ -347,8 +338,8 @@ module = ViTClassifier("vit_tiny_patch16_224", num_classes=10, img_size=32,
                        model_kwargs=dict(patch_size=8, embed_dim=64, depth=4, num_heads=2))
 g = torch.Generator().manual_seed(0)
 data = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
-callback = Counting(layer=1, alpha=0.9, latency_profile_path={profile!r}, accuracy_tokens=[17, 9, 5],
-                    accuracy_samples=16)
+callback = Counting(layer=1, latency_profile_path={profile!r},
+                    search=SearchConfig(alpha=0.9, accuracy_grid=(17, 9, 5), accuracy_samples=16))
 seen = []
 module.model.blocks[1].register_forward_hook(lambda m, i, o: seen.append(int(o.shape[1])))
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback], logger=False,
@@ -393,15 +384,14 @@ def test_lightning_cli_builds_module_and_callback_from_plain_arguments():
             "--model.num_classes=10",
             "--model.img_size=32",
             '--model.model_kwargs={"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}',
-            "--trainer.callbacks+=callbacks.POMTCallback",
-            "--trainer.callbacks.alpha=0.7",
+            "--trainer.callbacks+=pomt.callbacks.POMTCallback",
             "--trainer.callbacks.layer=1",
-            "--trainer.callbacks.tokens=[17, 9]",
+            '--trainer.callbacks.search={"alpha": 0.7, "grid": [17, 9]}',
             "--trainer.logger=false",
             "--trainer.accelerator=cpu",
             "--trainer.enable_checkpointing=false",
         ],
     )
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, POMTCallback))
-    assert (callback.alpha, callback.layer, callback.tokens) == (0.7, 1, [17, 9])
+    assert (callback.search.alpha, callback.layer, callback.search.grid) == (0.7, 1, (17, 9))
     assert cli.model.vit.patch_embed.num_patches == 16

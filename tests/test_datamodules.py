@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-import datamodules.imagenet as imagenet_module
-from datamodules import DigitsDataModule, ImageNetDataModule, balanced_indices, imagenet_wnids
+import pomt.datamodules.sources as sources
+from pomt.datamodules import DigitsDataModule, ImageNetDataModule, balanced_indices, imagenet_wnids
 
 WNIDS = imagenet_wnids()
 # four classes far apart in the standard order, so a label is wrong unless mapped to it
@@ -256,7 +256,7 @@ def test_wrong_layouts_and_empty_splits(tmp_path):
 def test_gated_hub_dataset_without_token_says_how_to_fix(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(imagenet_module, "_hub_token", lambda kwargs: None)
+    monkeypatch.setattr(sources, "_hub_token", lambda kwargs: None)
 
     def no_network(*args, **kwargs):
         raise AssertionError("must not reach the hub without a token")
@@ -270,7 +270,7 @@ def test_gated_hub_dataset_without_token_says_how_to_fix(monkeypatch):
 
 
 def test_hub_offline_or_unreachable_says_so(monkeypatch):
-    monkeypatch.setattr(imagenet_module, "_hub_token", lambda kwargs: "hf_dummy")
+    monkeypatch.setattr(sources, "_hub_token", lambda kwargs: "hf_dummy")
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'ILSVRC/imagenet-1k' on the Hub (LocalEntryNotFoundError)")

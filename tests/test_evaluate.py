@@ -13,7 +13,7 @@ from conftest import make_tiny_vit
 
 import evaluate
 import pomt
-from callbacks.tradeoff import matching_r_values
+from pomt.evaluation import matching_r_values
 from pomt.report import ReportRow, format_table, read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "--model.num_classes=10",
         "--model.img_size=16",
         '--model.model_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}',
-        "--data=datamodules.DigitsDataModule",
+        "--data=pomt.datamodules.DigitsDataModule",
         "--data.img_size=16",
         "--data.batch_size=32",
         "--data.selection_size=40",
@@ -34,7 +34,8 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "--trainer.devices=1",
         "--trainer.limit_test_batches=2",
         "--trainer.enable_progress_bar=false",
-        '--sweep.pomt={"layer": 1, "tokens": [17, 13, 9, 5], "accuracy_tokens": [17, 13, 9, 5], '
+        "--sweep.layer=1",
+        '--sweep.search={"grid": [17, 13, 9, 5], "accuracy_grid": [17, 13, 9, 5], '
         '"accuracy_samples": 40, "min_run_time": 0.0, "warmup": 1}',
         "--sweep.latency_rounds=3",
         f"--sweep.out_dir={tmp_path}",
@@ -51,14 +52,14 @@ def test_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
     methods = [row.method for row in result.rows]
     assert methods[:2] == ["none", "pomt"] and "tome" in methods and "topk" in methods
     pomt_row = next(row for row in result.rows if row.method == "pomt")
-    assert pomt_row.selected and int(pomt_row.r) == result.pomt_callback.selection.r
-    assert pomt_row.tokens == 17 - int(pomt_row.r)
+    assert pomt_row.selected and int(pomt_row.r) == result.searches[32].selection.r
+    assert pomt_row.n_last == 17 - int(pomt_row.r)
     for row in result.rows:
         assert 0.0 <= row.acc1 <= row.acc5 <= 1.0
         assert row.latency_ms > 0 and row.latency_p90_ms >= row.latency_ms
         assert row.batch_size == 32
     assert read_report(run_dir / "report.json") == result.rows
-    assert (run_dir / "report.csv").read_text().splitlines()[0].startswith("method,r,tokens")
+    assert (run_dir / "report.csv").read_text().splitlines()[0].startswith("method,r,n_last")
     assert (run_dir / "tradeoff.png").stat().st_size > 10_000
     assert (run_dir / "config.yaml").is_file()
     assert "R chosen by POMT for this device" in out and "unpruned" in out

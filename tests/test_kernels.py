@@ -109,7 +109,7 @@ def test_triton_block_keeps_exactly_the_chosen_tokens(interpreted):
     block.register_forward_hook(lambda m, i, o: counts.append(o.shape[1]))
     pomt.apply_pruning(model, "pomt", r=17, layer=1)
     _outputs(model, torch.randn(2, 3, 32, 32), "triton")
-    assert counts == [pomt.token_layout(model).tokens - 17]
+    assert counts == [pomt.token_layout(model).n_total - 17]
 
 
 @needs_interpreter
@@ -165,19 +165,24 @@ def _cubin_usage(cubin: bytes, tmp_path) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _compile_sm90(kernel, args: dict, num_warps: int):
+# float32 outputs and scratch of the kernels; every other pointer has the inputs' dtype
+_POINTERS = {"lse_ptr": torch.float32, "col_ptr": torch.float32, "val_ptr": torch.float32,
+             "score_ptr": torch.float32, "pos_ptr": torch.int32}  # fmt: skip
+
+
+def _compile_sm90(kernel, dtype: torch.dtype, constants: dict, num_warps: int):
+    """Build ``kernel`` for sm_90 with ``dtype`` inputs, ints for sizes and strides, a float scale."""
     from triton.backends.compiler import GPUTarget
 
     codes = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
-    signature, constants = {}, {}
+    signature = {}
     for name in inspect.signature(kernel.fn).parameters:
-        value = args[name]
-        if name.isupper() or name.startswith("BLOCK"):
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, torch.dtype):
-            signature[name] = "*" + codes[value]
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + codes[_POINTERS.get(name, dtype)]
         else:
-            signature[name] = "fp32" if isinstance(value, float) else "i32"
+            signature[name] = "fp32" if name == "scale" else "i32"
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
     try:
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -193,52 +198,23 @@ def _compile_sm90(kernel, args: dict, num_warps: int):
 def test_kernels_build_for_sm90_without_spills(dtype, tmp_path):
     from pomt import _triton as kernels
 
-    f32, i32 = torch.float32, torch.int32
-    ints = dict(N=197, prefix=1, H=6, D=64, keep=150, C=384, splits=4)
-    ints.update(
-        {name: 1 for name in "sq_b sq_h sq_n sk_b sk_h sk_n sv_b sv_h sv_n sx_b sx_n so_b so_n".split()}
-    )
-    common = dict(scale=0.125, BLOCK_D=64, **ints)
+    ieee, d = dtype == torch.float32, 64
     builds = {
         "row_lse": (
             kernels._row_lse,
-            dict(q_ptr=dtype, k_ptr=dtype, lse_ptr=f32, BLOCK_M=kernels._LSE_M, BLOCK_N=kernels._LSE_N),
+            dict(BLOCK_M=kernels._LSE_M, BLOCK_N=kernels._LSE_N, BLOCK_D=d, IEEE=ieee),
         ),
         "column_scores": (
             kernels._column_scores,
-            dict(
-                q_ptr=dtype,
-                k_ptr=dtype,
-                v_ptr=dtype,
-                lse_ptr=f32,
-                col_ptr=f32,
-                val_ptr=f32,
-                BLOCK_M=kernels._COL_M * (1 if dtype == f32 else 2),
-                BLOCK_N=kernels._COL_N,
-            ),  # fmt: skip
+            dict(BLOCK_M=kernels._COL_M * (1 if ieee else 2), BLOCK_N=kernels._COL_N, BLOCK_D=d, IEEE=ieee),
         ),
     }
     for method in ("pomt", "topk"):
-        builds[f"select ({method})"] = (
-            kernels._select,
-            dict(
-                x_ptr=dtype,
-                out_ptr=dtype,
-                score_ptr=f32,
-                pos_ptr=i32,
-                col_ptr=f32,
-                val_ptr=f32,
-                q_ptr=dtype,
-                k_ptr=dtype,
-                POMT=method == "pomt",
-                BLOCK_J=kernels._SEL_J,
-                BLOCK_I=kernels._SEL_I,
-                BLOCK_C=kernels._SEL_C,
-                BLOCK_H=8,
-            ),  # fmt: skip
+        select = dict(
+            BLOCK_J=kernels._SEL_J, BLOCK_I=kernels._SEL_I, BLOCK_C=kernels._SEL_C, BLOCK_D=d, BLOCK_H=8
         )
-    for name, (kernel, args) in builds.items():
-        args.update(common, IEEE=dtype == f32)
-        compiled = _compile_sm90(kernel, args, kernels._WARPS)
+        builds[f"select ({method})"] = (kernels._select, dict(POMT=method == "pomt", **select))
+    for name, (kernel, constants) in builds.items():
+        compiled = _compile_sm90(kernel, dtype, constants, kernels._WARPS)
         registers, stack = _cubin_usage(compiled.asm["cubin"], tmp_path)
         assert stack == 0, f"{name} spills {stack} bytes per thread ({registers} registers)"

@@ -5,38 +5,24 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import cpu_trainer, image_loader, tiny_classifier
 from torch.utils.data import DataLoader, TensorDataset
 
 from pomt.lightning import ViTClassifier, _warmup_cosine, dinov2_linear_features
 
-TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
+
+def loader(n: int = 36, batch_size: int = 8, seed: int = 0):
+    return image_loader(n=n, batch_size=batch_size, seed=seed)
 
 
-def tiny_classifier(**kwargs) -> ViTClassifier:
-    torch.manual_seed(0)
-    args = dict(model_name="vit_tiny_patch16_224", num_classes=10, img_size=32, model_kwargs=TINY)
-    args.update(kwargs)
-    return ViTClassifier(**args)
+def tiny_dinov2(**overrides) -> ViTClassifier:
+    """A 2-block DINOv2 with 4 registers (16 patches of 14 px on 28x28) under the linear head."""
+    kwargs = dict(img_size=28, head="dinov2_linear", model_kwargs=dict(embed_dim=64, depth=2, num_heads=2))
+    return ViTClassifier("vit_small_patch14_reg4_dinov2", **(kwargs | overrides))
 
 
-def loader(n: int = 36, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-    return DataLoader(data, batch_size=batch_size)
-
-
-def trainer(**kwargs) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    args.update(kwargs)
-    return pl.Trainer(**args)
+def trainer(**kwargs):
+    return cpu_trainer(**({"num_sanity_val_steps": 0} | kwargs))
 
 
 def test_test_metrics_are_micro_top1_top5_and_latency():
@@ -132,10 +118,7 @@ def test_lightning_checkpoint_reloads(tmp_path):
 
 def test_dinov2_linear_head_layout_and_head_file(tmp_path):
     torch.manual_seed(0)
-    kwargs = dict(embed_dim=64, depth=2, num_heads=2)
-    module = ViTClassifier(
-        "vit_small_patch14_reg4_dinov2", num_classes=7, img_size=28, head="dinov2_linear", model_kwargs=kwargs
-    )
+    module = tiny_dinov2(num_classes=7)
     backbone = module.vit
     assert backbone is module.backbone and backbone.num_prefix_tokens == 5  # CLS + 4 registers
     assert module.head.in_features == 2 * 64
@@ -148,25 +131,11 @@ def test_dinov2_linear_head_layout_and_head_file(tmp_path):
 
     head_file = tmp_path / "linear_head.pth"
     torch.save({"weight": torch.randn(7, 128), "bias": torch.randn(7)}, head_file)
-    with_head = ViTClassifier(
-        "vit_small_patch14_reg4_dinov2",
-        num_classes=7,
-        img_size=28,
-        head="dinov2_linear",
-        head_weights=str(head_file),
-        model_kwargs=kwargs,
-    )
+    with_head = tiny_dinov2(num_classes=7, head_weights=str(head_file))
     assert torch.equal(with_head.head.weight, torch.load(head_file)["weight"])
     with pytest.raises(ValueError, match="head"):
         torch.save({"weight": torch.randn(7, 64), "bias": torch.randn(7)}, head_file)
-        ViTClassifier(
-            "vit_small_patch14_reg4_dinov2",
-            num_classes=7,
-            img_size=28,
-            head="dinov2_linear",
-            head_weights=str(head_file),
-            model_kwargs=kwargs,
-        )
+        tiny_dinov2(num_classes=7, head_weights=str(head_file))
 
 
 def test_argument_errors():
@@ -213,11 +182,8 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
 
 
 def test_original_dinov2_key_names_load_through_timms_filter(tmp_path):
-    kwargs = dict(embed_dim=64, depth=2, num_heads=2)
     torch.manual_seed(0)
-    source = ViTClassifier(
-        "vit_small_patch14_reg4_dinov2", num_classes=3, img_size=28, head="dinov2_linear", model_kwargs=kwargs
-    )
+    source = tiny_dinov2(num_classes=3)
     state = dict(source.backbone.state_dict())
     # the DINOv2 authors' layout: registers named register_tokens, a mask token, and the CLS
     # position inside pos_embed
@@ -229,14 +195,7 @@ def test_original_dinov2_key_names_load_through_timms_filter(tmp_path):
     path = tmp_path / "dinov2_original.pth"
     torch.save(state, path)
     torch.manual_seed(1)
-    loaded = ViTClassifier(
-        "vit_small_patch14_reg4_dinov2",
-        num_classes=3,
-        img_size=28,
-        head="dinov2_linear",
-        weights=str(path),
-        model_kwargs=kwargs,
-    )
+    loaded = tiny_dinov2(num_classes=3, weights=str(path))
     assert torch.equal(loaded.backbone.reg_token, source.backbone.reg_token)
     assert torch.allclose(loaded.backbone.cls_token, source.backbone.cls_token, atol=1e-6)
     assert torch.equal(loaded.backbone.blocks[1].mlp.fc2.weight, source.backbone.blocks[1].mlp.fc2.weight)

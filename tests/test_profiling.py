@@ -9,30 +9,19 @@ import time
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from conftest import make_tiny_vit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pomt
 from pomt import cli
-from pomt.profiling import (
-    AccuracyPoint,
-    AccuracyProfile,
-    LatencyProfile,
-    balanced_indices,
-    estimate_accuracy,
-    profile_latency,
-)
+from pomt.data import balanced_indices
+from pomt.measure import estimate_accuracy, profile_latency
+from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config
 from pomt.timing import TimingStats, time_paired
 
 FAST = dict(warmup=0, repeats=2, progress=False)
-
-
-def tiny_vit(**kw) -> VisionTransformer:
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=10)
-    return VisionTransformer(**(args | kw)).eval()
 
 
 class Wrapper(nn.Module):
@@ -40,7 +29,7 @@ class Wrapper(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = tiny_vit(num_classes=0)
+        self.backbone = make_tiny_vit(num_classes=0)
         self.head = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +51,12 @@ def labelled_data(n: int = 60, classes: int = 10, seed: int = 0) -> TensorDatase
 
 
 def test_profile_latency_of_a_tiny_vit_on_cpu():
-    model = tiny_vit()
+    model = make_tiny_vit()
     model.train()
     lat = profile_latency(model, batch_size=2, **FAST)
     n_total = 17  # 4 x 4 patches + CLS
-    assert lat.tokens_total == n_total and lat.prefix_tokens == 1
-    assert lat.tokens[-1] == n_total and lat.tokens[0] == 2  # N and p + 1 always measured
+    assert lat.n_total == n_total and lat.prefix == 1
+    assert lat.grid[-1] == n_total and lat.grid[0] == 2  # N and p + 1 always measured
     assert lat.threads == torch.get_num_threads() and lat.device_type == "cpu"
     assert (lat.batch_size, lat.dtype, lat.img_size, lat.layer) == (2, "float32", (32, 32), 3)
     for p in lat.points:
@@ -76,13 +65,13 @@ def test_profile_latency_of_a_tiny_vit_on_cpu():
 
 
 def test_relative_profile_pairs_every_point_with_the_unpruned_model():
-    model = tiny_vit()
+    model = make_tiny_vit()
     calls: list[int] = []
     hook = model.blocks[-1].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
     lat = profile_latency(
         model,
         batch_size=2,
-        tokens=[17, 9, 3],
+        grid=[17, 9, 3],
         layer=1,
         relative=True,
         warmup=0,
@@ -91,7 +80,7 @@ def test_relative_profile_pairs_every_point_with_the_unpruned_model():
         progress=False,
     )
     hook.remove()
-    assert lat.tokens == [3, 9, 17] and lat.search.endswith("relative to N")
+    assert lat.grid == [3, 9, 17] and lat.search.endswith("relative to N")
     assert calls[:8] == [17] * 8  # n = N first: both calls of each pair are the unpruned model
     assert calls[8:16] == [9, 17] * 4  # then n = 9 alternating with the reference, call by call
     assert lat.points[-1].samples == 3 * 4  # N pools the reference samples of every pair
@@ -120,25 +109,25 @@ def test_profile_latency_times_the_deployed_model_inside_a_wrapper():
     apply_pruning(model.backbone, "pomt", r=5, layer=1)
     before = pruning_config(model.backbone)
     seen, handle = tokens_leaving(model.backbone.blocks[2])
-    lat = profile_latency(model, batch_size=1, layer=2, tokens=[17, 9, 3], **FAST)
+    lat = profile_latency(model, batch_size=1, layer=2, grid=[17, 9, 3], **FAST)
     handle.remove()
-    assert lat.tokens == [3, 9, 17]
+    assert lat.grid == [3, 9, 17]
     assert set(seen) == {3, 9, 17}  # n tokens leave the pruning block, N means unpruned
     assert pruning_config(model.backbone) == before  # the earlier pruning is back
 
 
 def test_cuda_graphs_degrade_gracefully_on_cpu():
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
-        lat = profile_latency(tiny_vit(), batch_size=1, tokens=[2, 17], cuda_graphs=True, **FAST)
-    assert lat.cuda_graphs is False and lat.tokens == [2, 17]
+        lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], cuda_graphs=True, **FAST)
+    assert lat.cuda_graphs is False and lat.grid == [2, 17]
 
 
 def test_profile_latency_rejects_bad_arguments():
-    model = tiny_vit()
+    model = make_tiny_vit()
     with pytest.raises(ValueError, match="layer must be an int in 0..3"):
         profile_latency(model, layer=4, **FAST)
     with pytest.raises(ValueError, match=r"outside the valid range 2..17"):
-        profile_latency(model, tokens=[1, 17], **FAST)
+        profile_latency(model, grid=[1, 17], **FAST)
     with pytest.raises(ValueError, match="batch_size"):
         profile_latency(model, batch_size=0, **FAST)
     with pytest.raises(ValueError, match="dtype"):
@@ -146,7 +135,7 @@ def test_profile_latency_rejects_bad_arguments():
 
 
 def test_injected_timer_drives_the_default_search():
-    model = tiny_vit(img_size=64)  # N = 65: the default search does not time every n
+    model = make_tiny_vit(img_size=64)  # N = 65: the default search does not time every n
     calls: list[int] = []
 
     def fake(n: int) -> TimingStats:
@@ -154,21 +143,23 @@ def test_injected_timer_drives_the_default_search():
         return TimingStats.from_samples([10.0 + 5 * (n > 40), 10.0 + 5 * (n > 40)])
 
     lat = profile_latency(model, measure=fake, progress=False)
-    assert lat.tokens == sorted(calls) and len(calls) < 64 and lat.search == "fast"
-    assert {40, 41} <= set(lat.tokens)  # the one step was located exactly
-    assert pomt.select_r(lat, {n: n / 65 for n in range(2, 66)}, alpha=0.5).tokens in (40, 65)
+    assert lat.grid == sorted(calls) and len(calls) < 64 and lat.search == "fast"
+    assert {40, 41} <= set(lat.grid)  # the one step was located exactly
+    assert pomt.select_r(lat, {n: n / 65 for n in range(2, 66)}, alpha=0.5).n_star in (40, 65)
 
 
 def test_guided_search_through_profile_latency_and_a_foreign_accuracy_profile():
-    model = tiny_vit(img_size=64)  # N = 65
+    model = make_tiny_vit(img_size=64)  # N = 65
     steps = (20, 40)
     fake = lambda n: TimingStats.from_samples([10.0 + 4 * sum(n > s for s in steps)] * 3)  # noqa: E731
     acc = {n: 0.8 * (1 - math.exp(-n / 12)) for n in (2, 10, 20, 30, 40, 50, 65)}
     lat = profile_latency(model, measure=fake, accuracy=acc, alpha=0.5, progress=False)
     assert lat.search.startswith("fast-guided")
     full = {n: fake(n) for n in range(2, 66)}
-    assert pomt.select_r(lat, acc).tokens == pomt.select_r(full, acc).tokens
-    foreign = estimate_accuracy(tiny_vit(), labelled_data(), num_samples=10, tokens=[2, 17], progress=False)
+    assert pomt.select_r(lat, acc).n_star == pomt.select_r(full, acc).n_star
+    foreign = estimate_accuracy(
+        make_tiny_vit(), labelled_data(), num_samples=10, grid=[2, 17], progress=False
+    )
     with pytest.raises(ValueError, match="accuracy profile is for N=17"):
         profile_latency(model, measure=fake, accuracy=foreign, progress=False)
 
@@ -188,22 +179,22 @@ def test_balanced_indices_are_seeded_and_class_balanced():
 
 
 def test_estimate_accuracy_is_reproducible_and_leaves_the_global_rng_alone():
-    model = tiny_vit()
+    model = make_tiny_vit()
     data = labelled_data()
     state = torch.get_rng_state()
     acc = estimate_accuracy(
-        model, data, num_samples=30, tokens=[2, 5, 17], seed=3, batch_size=8, progress=False
+        model, data, num_samples=30, grid=[2, 5, 17], seed=3, batch_size=8, progress=False
     )
     assert torch.equal(torch.get_rng_state(), state)
     again = estimate_accuracy(
-        model, data, num_samples=30, tokens=[17, 5, 2], seed=3, batch_size=8, progress=False
+        model, data, num_samples=30, grid=[17, 5, 2], seed=3, batch_size=8, progress=False
     )
     assert again.points == acc.points
-    assert acc.tokens == [2, 5, 17] and acc.num_samples == 30 and acc.class_balanced
-    assert acc.num_classes == 10 and acc.tokens_total == 17
+    assert acc.grid == [2, 5, 17] and acc.num_samples == 30 and acc.class_balanced
+    assert acc.num_classes == 10 and acc.n_total == 17
     loader = DataLoader(data, batch_size=8, shuffle=True)
     assert (
-        estimate_accuracy(model, loader, num_samples=30, tokens=[2, 5, 17], seed=3, progress=False).points
+        estimate_accuracy(model, loader, num_samples=30, grid=[2, 5, 17], seed=3, progress=False).points
         == acc.points
     )
 
@@ -213,7 +204,7 @@ def test_accuracy_is_micro_top1_on_the_seeded_sample_with_tokens_kept():
     labels = torch.tensor([0] * 40 + [1, 2, 3, 4, 5])  # imbalanced even after balancing
     data = TensorDataset(torch.randn(45, 3, 32, 32, generator=torch.Generator().manual_seed(1)), labels)
     seen, handle = tokens_leaving(model.backbone.blocks[0])
-    acc = estimate_accuracy(model, data, num_samples=20, tokens=[4, 17], seed=0, batch_size=7, progress=False)
+    acc = estimate_accuracy(model, data, num_samples=20, grid=[4, 17], seed=0, batch_size=7, progress=False)
     handle.remove()
     assert set(seen) == {4, 17}  # the random subset is active while A(n) is measured
     idx = balanced_indices(labels.tolist(), 20, seed=0)
@@ -229,16 +220,16 @@ def test_estimate_accuracy_on_a_hugging_face_dataset_with_a_transform():
     images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ds = datasets.Dataset.from_dict({"image": images.tolist(), "label": [i % 3 for i in range(12)]})
     ds = ds.with_transform(lambda b: {"pixel_values": torch.tensor(b["image"]), "label": b["label"]})
-    model = tiny_vit(num_classes=3)
-    acc = estimate_accuracy(model, ds, num_samples=9, tokens=[3, 17], batch_size=4, progress=False)
-    assert acc.class_balanced and acc.num_samples == 9 and acc.tokens == [3, 17]
+    model = make_tiny_vit(num_classes=3)
+    acc = estimate_accuracy(model, ds, num_samples=9, grid=[3, 17], batch_size=4, progress=False)
+    assert acc.class_balanced and acc.num_samples == 9 and acc.grid == [3, 17]
 
 
 def test_estimate_accuracy_errors():
-    model = tiny_vit()
+    model = make_tiny_vit()
     bad = TensorDataset(torch.randn(8, 3, 32, 32), torch.full((8,), 12))
     with pytest.raises(ValueError, match=r"labels must be in 0..9"):
-        estimate_accuracy(model, bad, num_samples=8, tokens=[17], progress=False)
+        estimate_accuracy(model, bad, num_samples=8, grid=[17], progress=False)
     with pytest.raises(ValueError, match="Dataset or DataLoader"):
         estimate_accuracy(model, 42, progress=False)
     assert pruning_config(model) is None
@@ -248,12 +239,12 @@ def test_estimate_accuracy_errors():
 
 
 def test_profiles_round_trip_through_json(tmp_path):
-    model = tiny_vit()
-    lat = profile_latency(model, batch_size=2, tokens=[2, 9, 17], **FAST)
-    acc = estimate_accuracy(model, labelled_data(), num_samples=20, tokens=[2, 17], progress=False)
+    model = make_tiny_vit()
+    lat = profile_latency(model, batch_size=2, grid=[2, 9, 17], **FAST)
+    acc = estimate_accuracy(model, labelled_data(), num_samples=20, grid=[2, 17], progress=False)
     lat_path, acc_path = lat.save(tmp_path / "a" / "lat.json"), acc.save(tmp_path / "acc.json")
     data = json.loads(lat_path.read_text())
-    assert data["schema"] == "pomt.latency_profile" and data["schema_version"] == 1
+    assert data["schema"] == "pomt.latency_profile" and data["schema_version"] == 2
     for key in (
         "model",
         "device",
@@ -273,7 +264,18 @@ def test_profiles_round_trip_through_json(tmp_path):
     assert same == lat
     # latency and accuracy from different files (machines) combine
     sel = pomt.select_r(LatencyProfile.load(lat_path), AccuracyProfile.load(acc_path))
-    assert sel.tokens == sel.tokens_total - sel.r and sel.tokens in (2, 9, 17)
+    assert sel.n_star == sel.n_total - sel.r and sel.n_star in (2, 9, 17)
+    # files of schema version 1 (pomt 0.1: "tokens" for n) are read as they were written
+    old = json.loads(lat_path.read_text())
+    old["schema_version"], old["tokens_total"], old["prefix_tokens"] = (
+        1,
+        old.pop("n_total"),
+        old.pop("prefix"),
+    )
+    for point in old["points"]:
+        point["tokens"] = point.pop("n")
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert LatencyProfile.load(tmp_path / "v1.json") == lat
 
 
 @pytest.mark.parametrize(
@@ -286,14 +288,14 @@ def test_profiles_round_trip_through_json(tmp_path):
     ],
 )
 def test_a_mismatched_profile_is_rejected_naming_the_field(tmp_path, field, value):
-    lat = profile_latency(tiny_vit(), batch_size=2, tokens=[2, 17], **FAST)
+    lat = profile_latency(make_tiny_vit(), batch_size=2, grid=[2, 17], **FAST)
     path = lat.save(tmp_path / "lat.json")
     with pytest.raises(ValueError, match=f"measured with {field}="):
         LatencyProfile.load(path, expect={field: value})
 
 
 def test_profiles_for_different_models_or_token_counts_do_not_combine():
-    lat = profile_latency(tiny_vit(), batch_size=1, tokens=[2, 17], **FAST)
+    lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], **FAST)
     other = AccuracyProfile(
         model=lat.model,
         device="x",
@@ -303,21 +305,21 @@ def test_profiles_for_different_models_or_token_counts_do_not_combine():
         class_balanced=True,
         dataset="d",
         img_size=(64, 64),
-        tokens_total=65,
-        prefix_tokens=1,
+        n_total=65,
+        prefix=1,
         torch_version="",
         timm_version="",
         points=[AccuracyPoint(2, 0.1, 1), AccuracyPoint(17, 0.5, 1)],
     )
     with pytest.raises(ValueError, match="disagree on N"):
         pomt.select_r(lat, other)
-    renamed = AccuracyProfile(**{**other.__dict__, "model": "deit_tiny_patch16_224", "tokens_total": 17})
+    renamed = AccuracyProfile(**{**other.__dict__, "model": "deit_tiny_patch16_224", "n_total": 17})
     with pytest.raises(ValueError, match="different models"):
         pomt.select_r(lat, renamed)
 
 
 def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path):
-    lat = profile_latency(tiny_vit(), batch_size=1, tokens=[2, 17], **FAST)
+    lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], **FAST)
     text = lat.save(tmp_path / "lat.json").read_text()
     cases = {
         "truncated.json": (text[: len(text) // 2], "not valid JSON"),
@@ -327,7 +329,7 @@ def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path):
             json.dumps({"schema": "pomt.accuracy_profile", "schema_version": 1}),
             "not a latency profile",
         ),
-        "newer.json": (text.replace('"schema_version": 1', '"schema_version": 99'), "newer pomt"),
+        "newer.json": (text.replace('"schema_version": 2', '"schema_version": 99'), "newer pomt"),
         "nofield.json": (text.replace('"batch_size"', '"batch"'), "missing field.*batch_size"),
         "badpoint.json": (
             text.replace('"median_ms": ', '"median_ms": "fast", "x": '),
@@ -346,18 +348,18 @@ def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path):
 
 
 def test_selected_r_leaves_exactly_n_star_tokens_after_the_pruning_block():
-    model = tiny_vit()
+    model = make_tiny_vit()
     lat = profile_latency(model, batch_size=2, layer=2, **FAST)
     acc = estimate_accuracy(model, labelled_data(), num_samples=20, points=6, progress=False)
     for alpha in (0.0, 0.5, 1.0):
         sel = pomt.select_r(lat, acc, alpha=alpha)
-        assert sel.tokens == sel.tokens_total - sel.r and sel.layer == 2
+        assert sel.n_star == sel.n_total - sel.r and sel.layer == 2
         apply_pruning(model, "pomt", r=sel.r, layer=sel.layer)
         seen, handle = tokens_leaving(model.blocks[sel.layer])
         with torch.no_grad():
             model(torch.randn(2, 3, 32, 32))
         handle.remove()
-        assert seen == [sel.tokens]  # not n* + 2 as in the authors' code
+        assert seen == [sel.n_star]  # not n* + 2 as in the authors' code
 
 
 def test_plot_profiles_makes_a_png(tmp_path):
@@ -411,13 +413,13 @@ def test_commands_profile_estimate_and_select_from_saved_files(tmp_path, capsys)
     ) == 0  # fmt: skip
     acc = AccuracyProfile.load(acc_file)
     assert acc.num_samples == 6 and acc.class_balanced and acc.num_classes == 3
-    assert len(acc.tokens) == 3 and (acc.tokens[0], acc.tokens[-1]) == (2, 5)  # p + 1 .. N
+    assert len(acc.grid) == 3 and (acc.grid[0], acc.grid[-1]) == (2, 5)  # p + 1 .. N
     assert cli.profile_latency_main(
         [*model, "-o", str(lat_file), "--tokens", "2-3,5", "--batch-size", "2", "--repeats", "2",
          "--warmup", "0", "--no-progress", "--plot", str(tmp_path / "lat.png")]
     ) == 0  # fmt: skip
     lat = LatencyProfile.load(lat_file, expect=dict(model="vit_tiny_patch16_224", batch_size=2))
-    assert lat.tokens == [2, 3, 5] and (tmp_path / "lat.png").is_file()
+    assert lat.grid == [2, 3, 5] and (tmp_path / "lat.png").is_file()
     capsys.readouterr()
     args = ["--latency", str(lat_file), "--accuracy", str(acc_file), "--alpha", "0.5"]
     assert (
@@ -426,7 +428,7 @@ def test_commands_profile_estimate_and_select_from_saved_files(tmp_path, capsys)
     )
     out = capsys.readouterr().out
     chosen = json.loads((tmp_path / "s.json").read_text())
-    assert out.strip().endswith(f"R={chosen['r']}") and chosen["tokens"] == 5 - chosen["r"]
+    assert out.strip().endswith(f"R={chosen['r']}") and chosen["n_star"] == 5 - chosen["r"]
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
     # a profile for another batch size is refused with the field named, exit status 2
     assert cli.select_r_main([*args, "--batch-size", "8"]) == 2

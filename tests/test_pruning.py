@@ -1,5 +1,5 @@
 """Behaviour of the pruning core: exact token counts, equality at r=0, the POMT block against a
-reference written straight from METHOD.md section 2, reversibility, export, and every error."""
+reference written straight from docs/method.md section 2, reversibility, export, and every error."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_layouts_of_supported_models(model_224):
         "deit_small_distilled_patch16_224": (198, 2),
         "vit_small_patch14_reg4_dinov2": (261, 5),
     }[name]
-    assert (layout.tokens, layout.prefix_tokens, layout.depth) == (*expected, 12)
+    assert (layout.n_total, layout.prefix, layout.depth) == (*expected, 12)
 
 
 @pytest.mark.parametrize("method", pomt.METHODS)
@@ -79,8 +79,8 @@ def test_pomt_leaves_exactly_n_minus_r_tokens(model_224, r, layer):
         counts = tokens_after_each_block(model, torch.randn(2, 3, 224, 224))
     finally:
         pomt.remove_pruning(model)
-    assert counts[layer] == layout.tokens - r
-    assert counts == [layout.tokens] * layer + [layout.tokens - r] * (layout.depth - layer)
+    assert counts[layer] == layout.n_total - r
+    assert counts == [layout.n_total] * layer + [layout.n_total - r] * (layout.depth - layer)
     assert counts == pomt.token_schedule(model, "pomt", r, layer)
 
 
@@ -90,8 +90,8 @@ def test_per_block_methods_follow_their_schedule(model_224):
         pomt.apply_pruning(model, method, r=8)
         try:
             counts = tokens_after_each_block(model, torch.randn(1, 3, 224, 224))
-            assert counts == list(pomt.pruning_config(model).tokens)
-            assert counts[-1] == pomt.token_layout(model).tokens - 8 * 12
+            assert counts == list(pomt.pruning_config(model).schedule)
+            assert counts[-1] == pomt.token_layout(model).n_total - 8 * 12
         finally:
             pomt.remove_pruning(model)
 
@@ -116,7 +116,7 @@ def test_onnx_export_of_pruned_deit_small_matches_torch(tmp_path):
 
 
 def reference_pomt_block(block: nn.Module, x: torch.Tensor, r: int, p: int) -> torch.Tensor:
-    """METHOD.md section 2 written out image by image, with no shared code."""
+    """docs/method.md section 2 written out image by image, with no shared code."""
     outputs = []
     attn = block.attn
     for img in x:  # (N, C)
@@ -156,7 +156,7 @@ def reference_pomt_block(block: nn.Module, x: torch.Tensor, r: int, p: int) -> t
 def test_pomt_block_matches_reference(overrides, r):
     model = make_tiny_vit(**overrides)
     layout = pomt.token_layout(model)
-    if r > layout.patch_tokens - 1:
+    if r > layout.n_patches - 1:
         pytest.skip("r too large for this layout")
     layer = 1
     captured = {}
@@ -168,8 +168,8 @@ def test_pomt_block_matches_reference(overrides, r):
         model(x)
         ours = block(captured["x"])
         pomt.remove_pruning(model)
-        theirs = reference_pomt_block(block, captured["x"], r, layout.prefix_tokens)
-    assert ours.shape == theirs.shape == (3, layout.tokens - r, 64)
+        theirs = reference_pomt_block(block, captured["x"], r, layout.prefix)
+    assert ours.shape == theirs.shape == (3, layout.n_total - r, 64)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
@@ -188,7 +188,7 @@ def test_an_image_gives_the_same_logits_alone_and_in_a_batch(method, r):
 @pytest.mark.parametrize("method,r", [("pomt", 5), ("topk", 2), ("tome", 2)])
 def test_prefix_tokens_are_never_pruned(method, r):
     model = make_tiny_vit(reg_tokens=4, no_embed_class=True, init_values=0.5)
-    p = pomt.token_layout(model).prefix_tokens
+    p = pomt.token_layout(model).prefix
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = model.forward_features(x)
@@ -256,7 +256,7 @@ def test_tome_equals_the_papers_algorithm(model_224, r):
     try:
         with torch.no_grad():
             ours = model(x)
-            theirs = reference_tome_logits(model, x, r, pomt.token_layout(model).prefix_tokens)
+            theirs = reference_tome_logits(model, x, r, pomt.token_layout(model).prefix)
     finally:
         pomt.remove_pruning(model)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
@@ -317,7 +317,7 @@ def test_r0_deploys_the_unpruned_model(tiny_vit):
         if method != "tome":  # ToMe's proportional attention runs in every block
             assert all(type(b).__name__ == "Block" for b in vit_blocks(tiny_vit))
         config = pomt.pruning_config(tiny_vit)
-        assert config is None if method == "none" else config.tokens == (17,) * 4
+        assert config is None if method == "none" else config.schedule == (17,) * 4
 
 
 def test_cut_is_the_ideal_of_each_method(tiny_vit):
@@ -390,7 +390,7 @@ def test_random_token_subset_is_exact_seeded_and_leaves_global_rng(tiny_vit):
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert tokens_after_each_block(tiny_vit, x) == [17] * 4  # hook removed
-    with pytest.raises(ValueError, match="tokens must be"):
+    with pytest.raises(ValueError, match="n must be"):
         with random_token_subset(tiny_vit, 1):
             pass
 
@@ -517,7 +517,7 @@ def test_hub_style_dinov2_with_registers():
     torch.manual_seed(0)
     model = HubDinoV2().eval()
     layout = pomt.token_layout(model)
-    assert (layout.tokens, layout.prefix_tokens, layout.depth) == (21, 5, 3)
+    assert (layout.n_total, layout.prefix, layout.depth) == (21, 5, 3)
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         reference = model(x)

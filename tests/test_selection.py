@@ -1,4 +1,4 @@
-"""R selection (METHOD.md 1.3-1.5) and the fast latency search, on hand-made curves and fakes."""
+"""R selection (docs/method.md section 1) and the fast latency search, on hand-made curves and fakes."""
 
 from __future__ import annotations
 
@@ -7,13 +7,8 @@ import random
 
 import pytest
 
-from pomt.selection import (
-    default_max_points,
-    isotonic_increasing,
-    search_tokens,
-    select_r,
-    step_fit,
-)
+from pomt.grid import adaptive_search, default_max_points
+from pomt.selection import isotonic_increasing, select_r, step_fit
 from pomt.timing import TimingStats
 
 # N = 6 tokens, 1 prefix token: candidates n = 2..6.
@@ -29,8 +24,8 @@ def test_utility_argmax_on_hand_made_curves():
     sel = select_r(LAT, ACC, alpha=0.5)
     best = max(LAT, key=lambda n: utility(n, 0.5))
     assert best == 3  # the hand computation: U = .389 .597 .517 .586 .500
-    assert (sel.tokens, sel.r, sel.tokens_total, sel.mode) == (3, 3, 6, "utility")
-    assert sel.tokens == sel.tokens_total - sel.r
+    assert (sel.n_star, sel.r, sel.n_total, sel.mode) == (3, 3, 6, "utility")
+    assert sel.n_star == sel.n_total - sel.r
     assert sel.utility == pytest.approx(utility(3, 0.5))
     assert sel.predicted_latency_ms == 5.0 and sel.predicted_accuracy == 0.5
     assert list(sel.curve_utility) == pytest.approx([utility(n, 0.5) for n in sorted(LAT)])
@@ -39,9 +34,9 @@ def test_utility_argmax_on_hand_made_curves():
 def test_alpha_one_is_fastest_and_alpha_zero_most_accurate():
     fastest = select_r(LAT, ACC, alpha=1.0)
     # n=2 and n=3 are equally fast: the tie goes to the larger n (fewer tokens pruned)
-    assert fastest.tokens == 3 and fastest.r == 3
+    assert fastest.n_star == 3 and fastest.r == 3
     accurate = select_r(LAT, ACC, alpha=0.0)
-    assert accurate.tokens == 6 and accurate.r == 0
+    assert accurate.n_star == 6 and accurate.r == 0
 
 
 def test_exact_utility_tie_goes_to_the_larger_n():
@@ -49,17 +44,17 @@ def test_exact_utility_tie_goes_to_the_larger_n():
     acc = {2: 0.5, 4: 1.0}
     sel = select_r(lat, acc, alpha=0.5)  # U(2) = .25 + .25 == U(4) = 0 + .5
     assert sel.curve_utility[0] == sel.curve_utility[1]
-    assert sel.tokens == 4 and sel.r == 0
+    assert sel.n_star == 4 and sel.r == 0
 
 
 def test_latency_budget_mode():
     sel = select_r(LAT, ACC, latency_budget_ms=8.0)
-    assert (sel.mode, sel.tokens, sel.r) == ("latency_budget", 5, 1)  # most accurate of n <= 5
+    assert (sel.mode, sel.n_star, sel.r) == ("latency_budget", 5, 1)  # most accurate of n <= 5
     # equal accuracy: the faster n wins; then the larger n
     sel = select_r({2: 4.0, 3: 6.0, 4: 6.0}, {2: 0.5, 3: 0.5, 4: 0.5}, latency_budget_ms=7)
-    assert sel.tokens == 2
+    assert sel.n_star == 2
     sel = select_r({2: 6.0, 3: 6.0, 4: 9.0}, {2: 0.5, 3: 0.5, 4: 0.6}, latency_budget_ms=7)
-    assert sel.tokens == 3
+    assert sel.n_star == 3
     with pytest.raises(ValueError, match="budget of 4.0 ms.*fastest is 5 ms"):
         select_r(LAT, ACC, latency_budget_ms=4.0)
 
@@ -67,8 +62,8 @@ def test_latency_budget_mode():
 def test_accuracy_floor_mode():
     sel = select_r(LAT, ACC, accuracy_floor=0.55)
     # n = 4, 5 are equally fast (8 ms): the more accurate n = 5 wins
-    assert (sel.mode, sel.tokens, sel.r) == ("accuracy_floor", 5, 1)
-    assert select_r(LAT, ACC, accuracy_floor=0.72).tokens == 6
+    assert (sel.mode, sel.n_star, sel.r) == ("accuracy_floor", 5, 1)
+    assert select_r(LAT, ACC, accuracy_floor=0.72).n_star == 6
     with pytest.raises(ValueError, match="floor 0.9.*best is 0.7200"):
         select_r(LAT, ACC, accuracy_floor=0.9)
 
@@ -81,8 +76,8 @@ def test_accuracy_floor_mode():
         (dict(lat=LAT, acc=ACC, alpha=1.5), "alpha"),
         (dict(lat=LAT, acc=ACC, latency_budget_ms=9, accuracy_floor=0.5), "not both"),
         (dict(lat=LAT, acc={2: 0.5, 9: 0.7}), "accuracy profile has token counts above N=6"),
-        (dict(lat=LAT, acc=ACC, tokens_total=5), "latency profile has token counts above N=5"),
-        (dict(lat=LAT, acc={7: 0.5, 8: 0.7}, tokens_total=8), "no overlap"),
+        (dict(lat=LAT, acc=ACC, n_total=5), "latency profile has token counts above N=5"),
+        (dict(lat=LAT, acc={7: 0.5, 8: 0.7}, n_total=8), "no overlap"),
         (dict(lat=LAT, acc={2: 50.0, 6: 70.0}), "fractions"),
         (dict(lat={2: -1.0, 6: 3.0}, acc=ACC), "positive"),
     ],
@@ -99,7 +94,7 @@ def test_coarse_accuracy_is_interpolated_onto_the_latency_grid():
 
 def test_string_keys_from_json_are_accepted():
     sel = select_r({str(k): v for k, v in LAT.items()}, {str(k): v for k, v in ACC.items()})
-    assert sel.tokens == 3
+    assert sel.n_star == 3
 
 
 def test_fitting_helpers():
@@ -122,7 +117,7 @@ def test_noise_on_a_flat_curve_never_picks_a_spurious_r():
     raw = select_r(lat, acc, alpha=0.7, denoise=False)
     assert raw.r > 0  # the raw medians do pick a spurious R on this noise
     sel = select_r(lat, acc, alpha=0.7)
-    assert sel.r == 0 and sel.tokens == 197
+    assert sel.r == 0 and sel.n_star == 197
 
 
 def _staircase(steps: list[int], seed: int, noise: float = 0.02, base: float = 10.0, height: float = 2.0):
@@ -149,14 +144,14 @@ def test_accuracy_guided_search_matches_the_full_grid_on_a_noisy_staircase(seed,
     steps = list(range(rng.randrange(period), 197, period))
     measure, _ = _staircase(steps, seed)
     full = {n: measure(n) for n in range(197, 1, -1)}
-    want = select_r(full, ACC_197, alpha=alpha, tokens_total=197)
-    assert want.tokens in steps or want.tokens == 197  # the right end of a step: a true step
+    want = select_r(full, ACC_197, alpha=alpha, n_total=197)
+    assert want.n_star in steps or want.n_star == 197  # the right end of a step: a true step
     measure, calls = _staircase(steps, seed + 100)
-    fast = search_tokens(measure, 2, 197, accuracy=ACC_197, alpha=alpha)
+    fast = adaptive_search(measure, 2, 197, accuracy=ACC_197, alpha=alpha)
     assert len(calls) == len(fast) <= default_max_points(2, 197, 9) < 196 // 10 + 1
     assert 197 in fast and 2 in fast
-    got = select_r(fast, ACC_197, alpha=alpha, tokens_total=197)
-    assert got.tokens == want.tokens
+    got = select_r(fast, ACC_197, alpha=alpha, n_total=197)
+    assert got.n_star == want.n_star
 
 
 @pytest.mark.parametrize("steps, max_points", [([70, 150], 20), ([60, 120, 170], 30)])
@@ -164,14 +159,14 @@ def test_latency_only_search_locates_the_steps(steps, max_points):
     # without an accuracy profile the refinement budget goes to the largest jumps, about
     # five bisections per step on the default coarse grid
     measure, calls = _staircase(steps, seed=1, height=3.0)
-    fast = search_tokens(measure, 2, 197, max_points=max_points)
+    fast = adaptive_search(measure, 2, 197, max_points=max_points)
     assert len(calls) <= max_points
     for s in steps:  # both sides of every step were measured
         assert s in fast and s + 1 in fast
     full = {n: measure(n) for n in range(197, 1, -1)}
     for alpha in (0.3, 0.5, 0.7):
-        want = select_r(full, ACC_197, alpha=alpha, tokens_total=197)
-        assert select_r(fast, ACC_197, alpha=alpha, tokens_total=197).tokens == want.tokens
+        want = select_r(full, ACC_197, alpha=alpha, n_total=197)
+        assert select_r(fast, ACC_197, alpha=alpha, n_total=197).n_star == want.n_star
 
 
 def test_flat_curve_needs_no_refinement_and_small_ranges_are_measured_in_full():
@@ -182,6 +177,6 @@ def test_flat_curve_needs_no_refinement_and_small_ranges_are_measured_in_full():
         calls.append(n)
         return _stats([5 + rng.gauss(0, 0.05) for _ in range(9)])
 
-    assert sorted(search_tokens(flat, 2, 197)) == sorted(set(calls)) and len(calls) == 9
+    assert sorted(adaptive_search(flat, 2, 197)) == sorted(set(calls)) and len(calls) == 9
     calls.clear()
-    assert sorted(search_tokens(flat, 2, 12)) == list(range(2, 13))
+    assert sorted(adaptive_search(flat, 2, 12)) == list(range(2, 13))

@@ -13,6 +13,7 @@ Curves measured in ``validate``/``test`` are logged as tables, not as scalars ag
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,11 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from pomt.plots import plot_profiles
+
 __all__ = [
+    "describe",
+    "log_pomt",
     "logger_dir",
     "log_scalars",
     "log_summary",
@@ -29,6 +34,8 @@ __all__ = [
     "log_line_plots",
     "log_figure",
     "wandb_logger",
+    "finish_wandb",
+    "log_tradeoff_summary",
     "announce_wandb_runs",
     "wandb_run_dir",
 ]
@@ -194,3 +201,129 @@ def announce_wandb_runs(trainer: Any) -> None:
         if isinstance(logger, WandbLogger):
             run_dir = wandb_run_dir(logger)
             rank_zero_info(f"W&B run directory: {run_dir} (upload with `wandb sync {run_dir}`)")
+
+
+# --------------------------------------------------------------------------- POMTCallback
+
+
+def describe(callback: Any, where: str | None) -> str:
+    """The line the callback prints when it has pruned the model."""
+    text = (
+        f"POMTCallback: {callback.method} r={callback.applied_r} on `{where or '<module>'}`, "
+        f"tokens per block {callback.applied_schedule}"
+    )
+    if callback.selection is not None and callback.r is None:
+        text += f"; {callback.selection.summary()}"
+    return text
+
+
+def _pomt_scalars(callback: Any) -> dict[str, float]:
+    out: dict[str, float] = {"pomt/r": float(callback.applied_r or 0)}
+    if callback.applied_schedule:
+        out["pomt/n_last"] = float(callback.applied_schedule[-1])
+    sel = callback.selection
+    if sel is not None and callback.r is None:
+        out.update(
+            {
+                "pomt/n_star": float(sel.n_star),
+                "pomt/utility": float(sel.utility),
+                "pomt/predicted_latency_ms": float(sel.predicted_latency_ms),
+                "pomt/predicted_accuracy": float(sel.predicted_accuracy),
+            }
+        )
+        if sel.unpruned_latency_ms is not None:
+            out["pomt/unpruned_latency_ms"] = float(sel.unpruned_latency_ms)
+            out["pomt/predicted_speedup"] = float(sel.speedup)
+    return out
+
+
+def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
+    """Everything the callback found, to the Trainer's loggers: scalars (through
+    ``pl_module.log`` where Lightning allows it, so ``trainer.test`` returns them), run
+    summary values, and, when it searched, the curves as a table, line plots and a figure."""
+    scalars = _pomt_scalars(callback)
+    if stage in ("validate", "test"):  # epoch-level values, returned by trainer.validate/test
+        for key, value in scalars.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+    elif trainer.loggers:
+        log_scalars(trainer, scalars, step=trainer.global_step)
+    if not trainer.loggers:
+        return
+    summary: dict[str, Any] = dict(scalars)
+    summary.update({"pomt/method": callback.method, "pomt/layer": callback.layer, "pomt/stage": stage})
+    if callback.device_name:
+        summary["pomt/device"] = callback.device_name
+    if callback.profile_batch_size:
+        summary["pomt/profile_batch_size"] = callback.profile_batch_size
+    log_summary(trainer, summary)
+    sel = callback.selection
+    if callback.log_plots and sel is not None and callback.r is None:
+        _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
+    announce_wandb_runs(trainer)
+
+
+def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
+    columns = ["n", "r", "latency_ms", "raw_latency_ms", "accuracy", "utility", "selected"]
+    rows = [
+        [int(n), int(sel.n_total - n), float(lat), float(raw), float(acc), float(u), int(n == sel.n_star)]
+        for n, lat, raw, acc, u in zip(
+            sel.curve_n,
+            sel.curve_latency_ms,
+            sel.curve_raw_latency_ms,
+            sel.curve_accuracy,
+            sel.curve_utility,
+            strict=True,
+        )
+        if all(math.isfinite(v) for v in (lat, raw, acc, u))
+    ]
+    log_table(trainer, "pomt/curves", columns, rows)
+    ys = ["latency_ms", "accuracy", "utility"]
+    log_line_plots(trainer, "pomt/plot", "n", columns, rows, ys, mark_x=sel.n_star, title="POMT")
+    log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object
+
+
+# --------------------------------------------------------------------------- evaluation runs
+
+
+def finish_wandb(logger: Any, dirs: list[str]) -> None:
+    """Close a ``WandbLogger``'s run (if it started one) and note its run directory in ``dirs``."""
+    experiment = getattr(logger, "_experiment", None)
+    if experiment is not None:
+        dirs.append(str(Path(experiment.dir).parent))
+        experiment.finish()
+
+
+def log_tradeoff_summary(logger: Any, rows: Sequence[Any], plot_path: Path) -> None:
+    """The summary run of an evaluation: the comparison table, an accuracy-vs-latency scatter,
+    the trade-off PNG, and summary values for POMT's row and the unpruned model."""
+    from dataclasses import asdict
+
+    import wandb
+
+    run = logger.experiment
+    columns = list(asdict(rows[0]))
+    table = wandb.Table(
+        columns=columns + ["label"], data=[[*asdict(row).values(), row.label] for row in rows]
+    )
+    run.log(
+        {
+            "tradeoff/table": table,
+            "tradeoff/accuracy_vs_latency": wandb.plot.scatter(
+                table, "latency_ms", "acc1", title="top-1 accuracy vs median latency (ms)"
+            ),
+            "tradeoff/plot": wandb.Image(str(plot_path)),
+        }
+    )
+    for row in rows:
+        if row.selected:
+            run.summary.update(
+                {
+                    "pomt/r": int(row.r),
+                    "pomt/n_last": row.n_last,
+                    "pomt/acc1": row.acc1,
+                    "pomt/latency_ms": row.latency_ms,
+                }
+            )
+    base = next((row for row in rows if row.method == "none"), None)
+    if base is not None:
+        run.summary.update({"unpruned/acc1": base.acc1, "unpruned/latency_ms": base.latency_ms})

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pomt.profiling import balanced_indices
+from pomt.data import balanced_indices
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -167,14 +167,6 @@ class ImageFileDataset(Dataset):
 def image_files(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def labels_of(dataset: Dataset) -> list[int]:
-    """Labels of a map-style dataset, without decoding images where the dataset can tell them."""
-    labels = getattr(dataset, "labels", None)
-    if labels is not None:
-        return [int(v) for v in labels]
-    return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
 class ClassificationDataModule(pl.LightningDataModule):

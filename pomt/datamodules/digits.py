@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datamodules._common import ClassificationDataModule, stratified_split, trainer_vit
+from pomt.datamodules._common import ClassificationDataModule, stratified_split, trainer_vit
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digit_images"]
 

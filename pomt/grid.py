@@ -1,0 +1,173 @@
+"""Which token counts to time: the full grid, a coarse grid, and the adaptive search.
+
+``adaptive_search`` is the fast latency search behind ``pomt.profile_latency``: a coarse grid
+over [p + 1, N] (always with N), then bisection. Given an accuracy profile (accuracy does
+not depend on the device, so it can be estimated first, elsewhere) it is a branch and bound
+on the utility that lands on the full grid's n* on a staircase; without one it locates the
+largest steps first. Either way it stops at a point budget (9 % of the full grid by default).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from pomt.selection import (
+    TIE_DECIMALS,
+    as_curve,
+    check_n,
+    interpolate,
+    isotonic_increasing,
+    step_fit,
+    validate_curve,
+)
+from pomt.timing import TimingStats
+
+__all__ = ["coarse_grid", "default_max_points", "adaptive_search", "full_grid", "as_grid"]
+
+
+def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
+    """About ``points`` token counts evenly spread over [lo, hi], both ends included."""
+    if hi < lo:
+        raise ValueError(f"empty token range [{lo}, {hi}]")
+    if points < 2 or hi == lo:
+        return sorted({lo, hi})
+    step = (hi - lo) / (points - 1)
+    return sorted({lo + round(i * step) for i in range(points)} | {hi})
+
+
+def default_max_points(lo: int, hi: int, coarse_points: int) -> int:
+    """Point budget of the default search: 9 % of the full grid (so that it takes under a tenth
+    of the full grid's time at the same per-point timer settings), at least coarse + 4."""
+    return max(coarse_points + 4, math.ceil(0.09 * (hi - lo + 1)))
+
+
+def adaptive_search(
+    measure: Callable[[int], TimingStats],
+    lo: int,
+    hi: int,
+    *,
+    coarse_points: int = 9,
+    max_points: int | None = None,
+    accuracy: object | None = None,
+    alpha: float = 0.5,
+    on_point: Callable[[int, TimingStats], None] | None = None,
+) -> dict[int, TimingStats]:
+    """Measure L(n) where it matters: a coarse grid over [lo, hi], then refinement.
+
+    The measured medians are step-fitted (IQR ties, see ``step_fit``) after every point.
+
+    - Without ``accuracy``: every interval between neighbouring measured n whose fitted
+      levels differ holds a step; the one with the largest jump is bisected next (ties:
+      larger n first), until ``max_points`` (default ``default_max_points``) or until all
+      steps are located to one token.
+    - With ``accuracy`` (an accuracy profile or ``{n: accuracy}``; accuracy does not
+      depend on the device, so it can be estimated first, elsewhere): branch and bound on
+      the utility at ``alpha``. Assuming L does not decrease between two measured points
+      and A does not decrease in n, no n inside (a, b) beats
+      alpha (1 - L(a)/max L) + (1 - alpha) A(b - 1)/max A; intervals whose bound beats the
+      best measured utility are bisected, best bound first, until none is left or the
+      budget is spent. The result is the full
+      grid's n* at that alpha whenever the assumptions hold and the budget suffices.
+
+    Ranges no larger than the budget are measured in full.
+    """
+    if coarse_points < 2:
+        raise ValueError(f"coarse_points must be >= 2, got {coarse_points}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if max_points is None:
+        max_points = default_max_points(lo, hi, coarse_points)
+    if max_points < 2:
+        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    acc_at = None if accuracy is None else _accuracy_function(accuracy, lo, hi)
+    measured: dict[int, TimingStats] = {}
+
+    def take(n: int) -> None:
+        stats = measure(n)
+        measured[n] = stats
+        if on_point is not None:
+            on_point(n, stats)
+
+    if hi - lo + 1 <= max_points:
+        for n in range(hi, lo - 1, -1):
+            take(n)
+        return measured
+    for n in reversed(coarse_grid(lo, hi, min(coarse_points, max_points))):
+        take(n)
+    while len(measured) < max_points:
+        ns = sorted(measured)
+        levels = step_fit([measured[n].median_ms for n in ns], [measured[n].iqr_ms for n in ns])
+        if acc_at is None:
+            target = _largest_jump(ns, levels)
+        else:
+            target = _best_bound(ns, levels, acc_at, alpha)
+        if target is None:
+            break
+        take(target)
+    return measured
+
+
+def _largest_jump(ns: list[int], levels: list[float]) -> int | None:
+    best: tuple[float, int] | None = None
+    target = None
+    for i in range(len(ns) - 1):
+        a, b = ns[i], ns[i + 1]
+        jump = abs(levels[i + 1] - levels[i])
+        if b - a > 1 and jump > 0 and (best is None or (jump, b) > best):
+            best, target = (jump, b), (a + b) // 2
+    return target
+
+
+def _best_bound(
+    ns: list[int], levels: list[float], acc_at: Callable[[int], float], alpha: float
+) -> int | None:
+    max_l = max(levels)
+    max_a = max(acc_at(n) for n in range(ns[0], ns[-1] + 1)) or 1.0
+
+    def u(lat: float, acc: float) -> float:
+        return alpha * (1.0 - lat / max_l) + (1.0 - alpha) * acc / max_a
+
+    incumbent = max(round(u(lev, acc_at(n)), TIE_DECIMALS) for n, lev in zip(ns, levels, strict=True))
+    best: tuple[float, int] | None = None
+    target = None
+    for i in range(len(ns) - 1):
+        a, b = ns[i], ns[i + 1]
+        if b - a <= 1:
+            continue
+        bound = round(u(min(levels[i], levels[i + 1]), acc_at(b - 1)), TIE_DECIMALS)
+        if bound > incumbent and (best is None or (bound, b) > best):
+            best, target = (bound, b), (a + b) // 2
+    return target
+
+
+def _accuracy_function(accuracy: object, lo: int, hi: int) -> Callable[[int], float]:
+    """A(n) made non-decreasing and interpolated; constant beyond the measured range."""
+    curve = as_curve(accuracy, "accuracy profile")
+    validate_curve(curve, "accuracy profile", unit_interval=True)
+    xs = sorted(curve.values)
+    ys = isotonic_increasing([curve.values[n] for n in xs])
+    cache: dict[int, float] = {}
+
+    def acc_at(n: int) -> float:
+        if n not in cache:
+            cache[n] = interpolate(xs, ys, min(max(n, xs[0]), xs[-1]))
+        return cache[n]
+
+    return acc_at
+
+
+def full_grid(lo: int, hi: int) -> list[int]:
+    """Every token count from ``hi`` down to ``lo`` (the authors' grid, plus N)."""
+    return list(range(hi, lo - 1, -1))
+
+
+def as_grid(values: Iterable[int], lo: int, hi: int) -> list[int]:
+    """Validated, de-duplicated token counts within [lo, hi], in the order given."""
+    out = list(dict.fromkeys(check_n(v, "grid") for v in values))
+    if not out:
+        raise ValueError("the grid is empty: give at least one token count")
+    bad = [n for n in out if not lo <= n <= hi]
+    if bad:
+        raise ValueError(f"token counts {bad[:5]} are outside the valid range {lo}..{hi} (p + 1 .. N)")
+    return out

@@ -1,0 +1,393 @@
+"""Measuring the two curves of POMT's offline step on a real model.
+
+``profile_latency`` times the model *as it will be deployed* at each candidate n: POMT with
+r = N - n at block ``layer`` (blocks before it at N tokens, scoring included), or the
+unpruned model at n = N; which n are timed is decided by ``pomt.grid``. ``estimate_accuracy``
+measures top-1 with n random tokens kept right after the embedding on a seeded,
+class-balanced sample (``pomt.data``). Both return ``pomt.profiles`` records.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pomt.data import check_labels, labelled_batch, sample_loader
+from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
+from pomt.models import find_vit, token_layout
+from pomt.profiles import (
+    AccuracyPoint,
+    AccuracyProfile,
+    LatencyPoint,
+    LatencyProfile,
+    normalise,
+)
+from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
+from pomt.timing import TimingStats, cuda_graph, device_name, time_call, time_paired
+
+__all__ = ["profile_latency", "estimate_accuracy", "model_name", "image_size"]
+
+
+def model_name(model: nn.Module) -> str:
+    """timm architecture name of ``model`` (or of the ViT inside it), else its class name."""
+    for module in (model, *model.modules()):
+        cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+        if isinstance(cfg, Mapping) and cfg.get("architecture"):
+            return str(cfg["architecture"])
+    return type(model).__name__
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch dtype such as float32, float16, bfloat16; got {dtype!r}"
+        )
+    return value
+
+
+def image_size(vit: nn.Module, img_size: int | Sequence[int] | None) -> tuple[int, int]:
+    if img_size is not None:
+        if isinstance(img_size, int):
+            return (img_size, img_size)
+        return (int(img_size[0]), int(img_size[1]))
+    size = getattr(vit.patch_embed, "img_size", None)
+    if size is not None:
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    layout = token_layout(vit)
+    patch = getattr(vit.patch_embed, "patch_size", 16)
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return (layout.patch_grid[0] * ph, layout.patch_grid[1] * pw)
+
+
+def _in_chans(vit: nn.Module) -> int:
+    proj = getattr(vit.patch_embed, "proj", None)
+    return int(getattr(proj, "in_channels", 3))
+
+
+def _first_param(model: nn.Module) -> torch.Tensor | None:
+    for t in model.parameters():
+        return t
+    for t in model.buffers():
+        return t
+    return None
+
+
+class _Restore:
+    """Remembers pruning, train/eval flags, device and dtype, and puts them back."""
+
+    def __init__(self, model: nn.Module, vit: nn.Module) -> None:
+        self.model, self.vit = model, vit
+        self.config = pruning_config(vit)
+        self.training = {m: m.training for m in model.modules()}
+        first = _first_param(model)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None and first.is_floating_point() else None
+        self.cast = False  # set when the caller changes the dtype
+
+    def restore(self) -> None:
+        if self.config is None:
+            remove_pruning(self.vit)
+        else:
+            apply_pruning(self.vit, self.config.method, self.config.r, self.config.layer)
+        if self.cast and self.dtype is not None:
+            self.model.to(device=self.device, dtype=self.dtype)
+        else:
+            self.model.to(device=self.device)
+        for module, flag in self.training.items():
+            module.training = flag
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def profile_latency(
+    model: nn.Module,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    layer: int = 3,
+    dtype: torch.dtype | str = torch.float32,
+    img_size: int | Sequence[int] | None = None,
+    grid: Iterable[int] | None = None,
+    vit: nn.Module | None = None,
+    *,
+    accuracy: object | None = None,
+    alpha: float = 0.5,
+    warmup: int = 3,
+    min_run_time: float = 0.5,
+    repeats: int | None = None,
+    cuda_graphs: bool = False,
+    relative: bool = False,
+    coarse_points: int = 9,
+    max_points: int | None = None,
+    progress: bool = True,
+    name: str | None = None,
+    measure: Callable[[int], TimingStats] | None = None,
+) -> LatencyProfile:
+    """Median latency of ``model(x)`` per token count n, as deployed with POMT at r = N - n.
+
+    ``grid`` gives the token counts to time (in the order given); by default the fast search of
+    ``pomt.grid.adaptive_search`` picks the points (guided by ``accuracy`` and ``alpha``
+    when an accuracy profile is given). Every point is timed by ``pomt.timing.time_call``
+    with ``warmup``, ``min_run_time``/``repeats``; on CUDA ``cuda_graphs`` replays a captured
+    graph (falls back to eager with a warning if capture fails; ignored elsewhere). The
+    model's pruning, train/eval flags, device and dtype are restored afterwards.
+    ``measure`` replaces the timing with a function n -> TimingStats (for tests).
+
+    ``relative=True`` times every n call by call against the unpruned model
+    (``pomt.timing.time_paired``) and scales the ratios by the unpruned model's pooled median:
+    the same total timing, but a machine whose speed drifts between points (shared servers,
+    thermal throttling) no longer draws fake steps into the curve. Eager calls only.
+    """
+    if vit is None:
+        vit = find_vit(model)[1]
+    size = image_size(vit, img_size)
+    layout = token_layout(vit, size)
+    n_total, prefix = layout.n_total, layout.prefix
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layout.depth:
+        raise ValueError(
+            f"layer must be an int in 0..{layout.depth - 1} for this {layout.depth}-block model, got {layer!r}"
+        )
+    dtype = _resolve_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
+    grid = None if grid is None else as_grid(grid, prefix + 1, n_total)
+    acc_total = getattr(accuracy, "n_total", None)
+    if acc_total is not None and acc_total != n_total:
+        raise ValueError(f"the accuracy profile is for N={acc_total} tokens, this model has N={n_total}")
+    use_graphs = bool(cuda_graphs) and device.type == "cuda" and measure is None and not relative
+    if cuda_graphs and relative:
+        warnings.warn("cuda_graphs=True ignored: relative timing alternates eager calls", stacklevel=2)
+    if cuda_graphs and device.type != "cuda":
+        warnings.warn("cuda_graphs=True ignored: CUDA graphs need a CUDA device", stacklevel=2)
+    state = _Restore(model, vit)
+    graphs_ok = use_graphs
+
+    reference_ms: list[float] = []  # relative mode: every sample of the unpruned model
+    ratios: dict[int, list[float]] = {}
+
+    def prune_to(n: int) -> None:
+        if n == n_total:
+            remove_pruning(vit)
+        else:
+            apply_pruning(vit, "pomt", r=n_total - n, layer=layer)
+
+    def scaled(n: int) -> TimingStats:
+        if n == n_total:
+            return TimingStats.from_samples(reference_ms)
+        level = statistics.median(reference_ms)
+        return TimingStats.from_samples([ratio * level for ratio in ratios[n]])
+
+    def timed_relative(n: int) -> TimingStats:
+        pair_ratios, ref = time_paired(
+            lambda: model(x),
+            lambda: model(x),
+            device=device,
+            warmup=warmup,
+            min_run_time=min_run_time,
+            min_pairs=repeats or 5,
+            prepare=lambda: prune_to(n),
+            prepare_reference=lambda: prune_to(n_total),
+        )
+        reference_ms.extend(ref)
+        ratios[n] = pair_ratios
+        return scaled(n)
+
+    def timed(n: int) -> TimingStats:
+        nonlocal graphs_ok
+        prune_to(n)
+        call: Callable[[], object] = lambda: model(x)  # noqa: E731
+        if graphs_ok:
+            try:
+                call = cuda_graph(call, device)
+            except Exception as err:  # capture is not possible for every model/driver
+                warnings.warn(f"CUDA graph capture failed ({err}); timing eager calls", stacklevel=3)
+                graphs_ok = False
+        return time_call(call, device=device, warmup=warmup, repeats=repeats, min_run_time=min_run_time)
+
+    lo = prefix + 1
+    if grid is not None:
+        total = len(grid)
+    else:  # the search takes at most this many points (it may stop earlier)
+        total = min(n_total - lo + 1, max_points or default_max_points(lo, n_total, coarse_points))
+    bar = _progress(total, "latency", progress)
+
+    def on_point(n: int, stats: TimingStats) -> None:
+        if bar.n >= bar.total:
+            bar.total += 1
+        bar.update(1)
+        bar.set_postfix(n=n, ms=f"{stats.median_ms:.3g}")
+
+    try:
+        if measure is None:
+            model.eval()
+            if state.dtype != dtype:
+                state.cast = True
+                model.to(device=device, dtype=dtype)
+            else:
+                model.to(device=device)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(batch_size, _in_chans(vit), *size, generator=gen).to(device=device, dtype=dtype)
+        fn = measure if measure is not None else (timed_relative if relative else timed)
+        with torch.inference_mode():
+            if grid is not None:
+                points = {}
+                for n in grid:
+                    points[n] = fn(n)
+                    on_point(n, points[n])
+                search = "grid"
+            else:
+                points = adaptive_search(
+                    fn,
+                    lo,
+                    n_total,
+                    coarse_points=coarse_points,
+                    max_points=max_points,
+                    accuracy=accuracy,
+                    alpha=alpha,
+                    on_point=on_point,
+                )
+                search = "fast" if accuracy is None else f"fast-guided(alpha={alpha:g})"
+            if relative and measure is None:  # final scale: the pooled median of all reference samples
+                points = {n: scaled(n) for n in points}
+                search += ", relative to N"
+    finally:
+        bar.close()
+        state.restore()
+    return LatencyProfile(
+        model=name or model_name(vit),
+        device=device_name(device),
+        device_type=device.type,
+        batch_size=batch_size,
+        dtype=normalise(dtype),
+        img_size=size,
+        layer=layer,
+        n_total=n_total,
+        prefix=prefix,
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        cuda_graphs=graphs_ok,
+        search=search,
+        points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.n),
+    )
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def estimate_accuracy(
+    model: nn.Module,
+    data: object,
+    num_samples: int = 1024,
+    grid: Iterable[int] | None = None,
+    seed: int = 0,
+    vit: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    *,
+    num_classes: int | None = None,
+    points: int = 16,
+    num_workers: int = 0,
+    progress: bool = True,
+    name: str | None = None,
+    dataset: str | None = None,
+) -> AccuracyProfile:
+    """Top-1 of ``model(images)`` with n random tokens kept after the embedding, per n.
+
+    ``data`` is a Dataset of (image, label) or a DataLoader of (images, labels) batches
+    (dict batches with ``image``/``label`` keys work too). A seeded sample of
+    ``num_samples`` is drawn, class-balanced when the dataset exposes its labels
+    (``targets``/``labels``, a Hugging Face ``label`` column, TensorDataset, Subset).
+    Images are read once; each n uses its own seeded generator, so results are
+    reproducible for a seed and the global RNG is left as it was. ``grid`` defaults to
+    ``points`` token counts evenly spread over [p + 1, N]. Accuracy is torchmetrics'
+    ``MulticlassAccuracy(average="micro")`` (ImageNet top-1, not the macro default).
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if vit is None:
+        vit = find_vit(model)[1]
+    layout = token_layout(vit)
+    n_total, prefix = layout.n_total, layout.prefix
+    grid = (
+        as_grid(grid, prefix + 1, n_total)
+        if grid is not None
+        else sorted(coarse_grid(prefix + 1, n_total, points), reverse=True)
+    )
+    first = _first_param(model)
+    device = (
+        torch.device(device)
+        if device is not None
+        else (first.device if first is not None else torch.device("cpu"))
+    )
+    in_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    state = _Restore(model, vit)
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    metrics: dict[int, Any] = {}
+    seen = 0
+    with torch.random.fork_rng(devices=cuda_devices):
+        loader, balanced, total = sample_loader(data, num_samples, seed, batch_size, num_workers)
+        generators = {n: torch.Generator().manual_seed(int(seed) * 1_000_003 + n) for n in grid}
+        bar = _progress(total, "accuracy", progress)
+        try:
+            remove_pruning(vit)
+            model.eval()
+            model.to(device=device)
+            with torch.inference_mode():
+                for batch in loader:
+                    images, labels = labelled_batch(batch)
+                    images = images.to(device=device, dtype=in_dtype)
+                    labels = labels.to(device=device).long().reshape(-1)
+                    for n in grid:
+                        with random_token_subset(vit, n, generators[n]):
+                            logits = model(images)
+                        if not metrics:
+                            classes = num_classes or int(logits.shape[-1])
+                            for m in grid:
+                                metric = MulticlassAccuracy(
+                                    num_classes=classes, top_k=1, average="micro", sync_on_compute=False
+                                )
+                                metrics[m] = metric.to(device)
+                        if n == grid[0]:
+                            check_labels(labels, classes)
+                        metrics[n].update(logits, labels)
+                    seen += int(labels.numel())
+                    bar.update(int(labels.numel()))
+        finally:
+            bar.close()
+            state.restore()
+    if seen == 0:
+        raise ValueError("data yielded no samples")
+    return AccuracyProfile(
+        model=name or model_name(vit),
+        device=device_name(device),
+        num_samples=seen,
+        num_classes=classes,
+        seed=int(seed),
+        class_balanced=balanced,
+        dataset=dataset or type(getattr(data, "dataset", data)).__name__,
+        img_size=image_size(vit, None),
+        n_total=n_total,
+        prefix=prefix,
+        points=sorted(
+            (AccuracyPoint(n=n, accuracy=float(metrics[n].compute()), samples=seen) for n in grid),
+            key=lambda p: p.n,
+        ),
+    )

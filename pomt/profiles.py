@@ -1,0 +1,282 @@
+"""The two profiles of POMT's offline step, as records that save to and load from JSON.
+
+A :class:`LatencyProfile` holds L(n) of one model on one device, batch size, dtype and input
+size; an :class:`AccuracyProfile` holds A(n) of one set of weights on a seeded sample. Both
+carry the metadata that says what they are valid for, so a profile measured for another
+setup is rejected naming the field (``check``/``load(expect=...)``), and both are plain JSON
+(never pickle): latency measured on an edge device and accuracy measured on a server are
+combined later by ``pomt.select_r``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from pomt.timing import TimingStats, device_name
+
+__all__ = ["SCHEMA_VERSION", "LatencyPoint", "AccuracyPoint", "LatencyProfile", "AccuracyProfile"]
+
+SCHEMA_VERSION = 2
+# Keys that schema version 1 files use for what is now named otherwise (read, never written).
+_V1_KEYS = {"tokens": "n", "tokens_total": "n_total", "prefix_tokens": "prefix"}
+
+
+@dataclass(frozen=True)
+class LatencyPoint(TimingStats):
+    """Latency of the deployed model with ``n`` tokens after the pruning block."""
+
+    n: int = 0
+
+    @classmethod
+    def from_stats(cls, n: int, stats: TimingStats) -> LatencyPoint:
+        return cls(n=int(n), **stats.to_dict())
+
+
+@dataclass(frozen=True)
+class AccuracyPoint:
+    """Top-1 accuracy (a fraction) with ``n`` random tokens kept, over ``samples`` images."""
+
+    n: int
+    accuracy: float
+    samples: int
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of ``accuracy``."""
+        return math.sqrt(max(self.accuracy * (1 - self.accuracy), 0.0) / max(self.samples, 1))
+
+
+def normalise(value: Any) -> Any:
+    """A comparable, JSON-like form (tuples become lists, torch dtypes their short name)."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, tuple):
+        return [normalise(v) for v in value]
+    if isinstance(value, list):
+        return [normalise(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Profile:
+    """What both profiles record, and their JSON save/load (never pickle): the model, where it
+    was measured, its token layout and input size, the points, and the versions that made them."""
+
+    kind: ClassVar[str]
+    _point_type: ClassVar[type]
+
+    model: str
+    device: str
+    img_size: tuple[int, int]
+    n_total: int
+    prefix: int
+    points: list[Any]
+    torch_version: str = field(default_factory=lambda: str(torch.__version__))
+    timm_version: str = field(default_factory=lambda: timm_version())
+    created: str = field(default_factory=lambda: _now())
+
+    @property
+    def grid(self) -> list[int]:
+        """The measured token counts n, ascending."""
+        return [p.n for p in self.points]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema": f"pomt.{self.kind}_profile", "schema_version": SCHEMA_VERSION}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = [asdict(p) for p in value] if f.name == "points" else normalise(value)
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile as JSON (parent folders are created). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "profile") -> Any:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        schema = data.get("schema")
+        expected_schema = f"pomt.{cls.kind}_profile"
+        if schema != expected_schema:
+            raise ValueError(
+                f"{source}: not a {cls.kind} profile (schema {schema!r}, expected {expected_schema!r})"
+            )
+        version = data.get("schema_version")
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"{source}: missing or invalid schema_version {version!r}")
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{source}: schema_version {version} was written by a newer pomt (this one reads <= {SCHEMA_VERSION})"
+            )
+        if version == 1:
+            data = _from_v1(data)
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        required = [
+            f.name
+            for f in fields(cls)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {', '.join(missing)} (truncated or edited?)")
+        kwargs = {n: data[n] for n in names if n in data}
+        raw_points = kwargs.get("points")
+        if not isinstance(raw_points, list) or not raw_points:
+            raise ValueError(f"{source}: `points` must be a non-empty list")
+        point_fields = [f.name for f in fields(cls._point_type)]
+        points = []
+        for i, raw in enumerate(raw_points):
+            if not isinstance(raw, Mapping) or any(k not in raw for k in point_fields):
+                raise ValueError(f"{source}: point {i} must be an object with {', '.join(point_fields)}")
+            try:
+                points.append(
+                    cls._point_type(
+                        **{k: (int if k in ("n", "samples") else float)(raw[k]) for k in point_fields}
+                    )
+                )
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{source}: point {i} has a bad value ({err})") from err
+        kwargs["points"] = sorted(points, key=lambda p: p.n)
+        if isinstance(kwargs.get("img_size"), list):
+            kwargs["img_size"] = tuple(kwargs["img_size"])
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"{source}: {err}") from err
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], expect: Mapping[str, Any] | None = None) -> Any:
+        """Read a profile; with ``expect``, reject one whose fields differ (naming the field).
+
+        ``expect`` maps field names (e.g. ``model``, ``device``, ``batch_size``, ``dtype``,
+        ``img_size``, ``layer``) to the values of the current setup; dtypes may be given as
+        ``torch.float16`` or ``"float16"``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{cls.kind} profile not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not a text JSON profile ({err})") from err
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {err}") from err
+        profile = cls.from_dict(data, source=str(path))
+        if expect:
+            profile.check(expect, source=str(path))
+        return profile
+
+    def check(self, expect: Mapping[str, Any], source: str = "profile") -> None:
+        """Raise ValueError naming the first field whose value differs from ``expect``."""
+        names = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        for key, wanted in expect.items():
+            if key not in names or key == "points":
+                raise ValueError(
+                    f"cannot check {key!r}: {self.kind} profiles have {', '.join(sorted(names))}"
+                )
+            have = normalise(getattr(self, key))
+            if key == "device" and (
+                isinstance(wanted, torch.device) or str(wanted).split(":")[0] in ("cpu", "cuda")
+            ):
+                wanted = device_name(wanted)  # compare hardware names, not "cuda:0"
+            if have != normalise(wanted):
+                raise ValueError(
+                    f"{source} does not match: it was measured with {key}={have!r}, the current {key} is "
+                    f"{normalise(wanted)!r}. Measure a new profile for this setup."
+                )
+
+
+def _from_v1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A schema version 1 profile with today's key names (``tokens`` -> ``n`` and so on)."""
+
+    def renamed(obj: Mapping[str, Any]) -> dict[str, Any]:
+        return {_V1_KEYS.get(k, k): v for k, v in obj.items()}
+
+    out = renamed(data)
+    if isinstance(out.get("points"), list):
+        out["points"] = [renamed(p) if isinstance(p, Mapping) else p for p in out["points"]]
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def timm_version() -> str:
+    try:
+        import timm
+
+        return str(timm.__version__)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyProfile(_Profile):
+    """L(n) of one model on one device, batch size, dtype and input size.
+
+    ``points`` are sorted by ``n`` (the tokens leaving the pruning block ``layer``; n ==
+    ``n_total`` is the unpruned model) and keep the spread of the samples. ``architecture``
+    (depth, width, heads, patch) and the other fields say which setups the profile is valid
+    for: latency does not depend on the weights, so it is reused across weights, never across
+    architectures, devices, dtypes or batch sizes.
+    """
+
+    kind: ClassVar[str] = "latency"
+    _point_type: ClassVar[type] = LatencyPoint
+
+    device_type: str
+    batch_size: int
+    dtype: str
+    layer: int
+    threads: int | None
+    cuda_graphs: bool
+    search: str
+    points: list[LatencyPoint]
+    architecture: str = ""
+
+    @property
+    def latency_ms(self) -> dict[int, float]:
+        """Median latency per token count."""
+        return {p.n: p.median_ms for p in self.points}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccuracyProfile(_Profile):
+    """A(n): top-1 with n random tokens kept after the embedding, on a seeded sample.
+
+    ``weights`` is a fingerprint of the parameters it was measured with: accuracy depends on
+    them, so the profile is reused only for the same weights.
+    """
+
+    kind: ClassVar[str] = "accuracy"
+    _point_type: ClassVar[type] = AccuracyPoint
+
+    num_samples: int
+    num_classes: int
+    seed: int
+    class_balanced: bool
+    dataset: str
+    points: list[AccuracyPoint]
+    weights: str = ""
+
+    @property
+    def accuracy(self) -> dict[int, float]:
+        return {p.n: p.accuracy for p in self.points}
