@@ -101,6 +101,10 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     )
 
 
+class UnlabelledDataError(ValueError):
+    """The accuracy estimate was given data without labels."""
+
+
 def labelled_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of a batch that must carry both, images already tensors."""
     try:
@@ -108,7 +112,7 @@ def labelled_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     except ValueError:
         image = label = None
     if image is None or label is None:
-        raise ValueError(
+        raise UnlabelledDataError(
             "data must yield (images, labels) pairs or dicts with 'image'/'pixel_values' and 'label'/'labels'; "
             f"got a {type(batch).__name__}"
         )
@@ -118,6 +122,33 @@ def labelled_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
             "(e.g. timm.data.create_transform(**timm.data.resolve_model_data_config(model)))"
         )
     return image, torch.as_tensor(label)
+
+
+def first_example(data: object) -> Any:
+    """The first example of a map-style dataset (or a DataLoader's), or None where it cannot be
+    looked at without iterating (iterable datasets)."""
+    dataset = getattr(data, "dataset", data)
+    try:
+        return dataset[0] if len(dataset) else None  # type: ignore[index, arg-type]
+    except (TypeError, KeyError, IndexError, NotImplementedError):
+        return None
+
+
+def check_accuracy_data(data: object, size: tuple[int, int] | None) -> None:
+    """Fail early, judged from the first example, when ``data`` has no labels or images of
+    another size than ``size`` (None: any size)."""
+    example = first_example(data)
+    if example is None:
+        return
+    images, labels = split_batch(example)
+    if labels is None:
+        raise UnlabelledDataError("the accuracy data yields images only, without labels")
+    shape = tuple(getattr(images, "shape", ())[-2:])
+    if size is not None and len(shape) == 2 and shape != tuple(size):
+        raise ValueError(
+            f"the accuracy data has {shape[0]}x{shape[1]} images, the ViT takes {size[0]}x{size[1]}: "
+            "resize the data or build the model for this size"
+        )
 
 
 def check_labels(labels: torch.Tensor, classes: int) -> None:

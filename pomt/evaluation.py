@@ -278,6 +278,7 @@ class TradeoffEvaluation:
             dtype=str(param.dtype).replace("torch.", ""),
             model=str(getattr(getattr(model, "hparams", {}), "model_name", "") or type(vit).__name__),
             selected=config.selected,
+            verified_speedup=search.selection.measured_speedup if (search and config.selected) else None,
             predicted_latency_ms=search.selection.predicted_latency_ms
             if (search and config.selected)
             else None,

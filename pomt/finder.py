@@ -9,6 +9,7 @@ and the command-line tools all go through here, with their settings in one
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pomt.measure import estimate_accuracy, model_name, profile_latency
-from pomt.models import find_vit, token_layout
+from pomt.measure import estimate_accuracy, model_name, profile_latency, resolve_dtype
+from pomt.models import architecture, find_vit, token_layout, uncompiled, unwrap_compiled, weights_fingerprint
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.selection import Selection, select_r
+from pomt.verify import speedup_samples, verify
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS"]
 
@@ -56,10 +58,16 @@ class SearchConfig:
     Latency: ``grid`` (token counts to time) or the adaptive search (``coarse_points``,
     ``max_points``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
     ``cuda_graphs`` times graph replays on CUDA; ``relative`` pairs every call with the
-    unpruned model (robust to a drifting machine).
+    unpruned model, which cancels a drifting machine (default: on the CPU, not on CUDA).
 
     Accuracy: ``accuracy_samples`` images (seeded by ``seed``, class-balanced), at
     ``accuracy_grid`` (default: 16 token counts), in batches of ``accuracy_batch_size``.
+
+    Verification (``verify``, on by default; see ``pomt.verify``): the chosen R is timed
+    against the unpruned model, call by call, for at least ``verify_pairs`` pairs and
+    ``verify_time`` seconds; R is kept only if it is significantly faster (and, in utility
+    mode, its measured utility beats R = 0), else the next of up to ``verify_candidates``
+    candidates is tried, down to R = 0.
     """
 
     alpha: float = 0.5
@@ -71,11 +79,15 @@ class SearchConfig:
     min_run_time: float = 0.2
     warmup: int = 3
     cuda_graphs: bool = False
-    relative: bool = False
+    relative: bool | None = None
     accuracy_samples: int = 1024
     accuracy_grid: tuple[int, ...] | None = None
     accuracy_batch_size: int | None = None
     seed: int = 0
+    verify: bool = True
+    verify_pairs: int = 20
+    verify_time: float = 1.0
+    verify_candidates: int = 3
 
     def __post_init__(self) -> None:
         if (
@@ -99,6 +111,10 @@ class SearchConfig:
         _positive("max_points", self.max_points)
         _positive("accuracy_samples", self.accuracy_samples, allow_none=False)
         _positive("accuracy_batch_size", self.accuracy_batch_size)
+        _positive("verify_pairs", self.verify_pairs, allow_none=False)
+        _positive("verify_candidates", self.verify_candidates, allow_none=False)
+        if not self.verify_time >= 0:
+            raise ValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples
             value = getattr(self, name)
             if value is not None:
@@ -108,10 +124,18 @@ class SearchConfig:
     def utility_mode(self) -> bool:
         return self.latency_budget_ms is None and self.accuracy_floor is None
 
-    def latency_kwargs(self, accuracy: AccuracyProfile | None = None) -> dict[str, Any]:
-        """Keyword arguments of :func:`pomt.profile_latency` (guided by ``accuracy`` in utility mode)."""
+    def relative_on(self, device: torch.device | str) -> bool:
+        """Whether latency is timed relative to the unpruned model on ``device``."""
+        return torch.device(device).type != "cuda" if self.relative is None else bool(self.relative)
+
+    def latency_kwargs(
+        self, accuracy: AccuracyProfile | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, Any]:
+        """Keyword arguments of :func:`pomt.profile_latency` on ``device`` (the search guided by
+        ``accuracy`` in utility mode)."""
         kwargs = {name: getattr(self, name) for name in LATENCY_SETTINGS}
         kwargs["accuracy"] = accuracy if self.utility_mode else None
+        kwargs["relative"] = self.relative_on(device)
         return kwargs
 
     def accuracy_kwargs(self) -> dict[str, Any]:
@@ -155,6 +179,26 @@ class Search:
     accuracy: AccuracyProfile
     notes: tuple[str, ...] = field(default=())
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (no pickled classes: checkpoints load with ``weights_only=True``)."""
+        out = {"selection": self.selection.to_dict(), "latency_profile": self.latency.to_dict()}
+        out |= {"accuracy_profile": self.accuracy.to_dict(), "notes": list(self.notes)}
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Search | None:
+        """Inverse of ``to_dict``; None when ``data`` holds no complete search."""
+        parts = [data.get(k) for k in ("selection", "latency_profile", "accuracy_profile")]
+        if any(part is None for part in parts):
+            return None
+        selection, latency, accuracy = parts
+        return cls(
+            Selection.from_dict(selection),
+            LatencyProfile.from_dict(latency),
+            AccuracyProfile.from_dict(accuracy),
+            tuple(data.get("notes", ())),
+        )
+
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
@@ -169,12 +213,31 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _load(kind: type, path: Path, expect: dict[str, Any]) -> tuple[Any, str]:
-    """The profile at ``path`` when it matches ``expect``; else None and the reason."""
+def _valid(profile: Any, expect: dict[str, Any], where: str) -> str | None:
+    """None when ``profile`` was measured for the setup in ``expect``; else why it is not reused."""
     try:
-        return kind.load(path, expect=expect), f"reusing the {kind.kind} profile {path}"
+        profile.check(expect, source=where)
     except ValueError as err:
-        return None, f"not reusing {path}: {err}"
+        return str(err)
+    return None
+
+
+def _reuse(kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str]) -> Any:
+    """The first valid profile of ``earlier`` (kept from a previous search) and the file at
+    ``path``; each one passed over adds its reason to ``notes``."""
+    sources = [(earlier, f"the {kind.kind} profile measured earlier")] if earlier is not None else []
+    if path is not None and path.is_file():
+        try:
+            sources.append((kind.load(path), f"the {kind.kind} profile {path}"))
+        except ValueError as err:  # corrupt or foreign: measured again, and overwritten
+            notes.append(f"not reusing {path}: {err}")
+    for profile, where in sources:
+        why = _valid(profile, expect, where)
+        if why is None:
+            notes.append(f"reusing {where}")
+            return profile
+        notes.append(f"not reusing {why}")
+    return None
 
 
 def find_r(
@@ -189,65 +252,101 @@ def find_r(
     vit: nn.Module | None = None,
     latency_path: str | os.PathLike[str] | None = None,
     accuracy_path: str | os.PathLike[str] | None = None,
+    previous: Search | None = None,
     progress: bool = True,
     log: Callable[[str], object] = print,
 ) -> Search:
     """Choose R for ``model`` (or the ViT inside it) on ``device`` at ``batch_size``.
 
     ``data``: labelled images for the accuracy estimate (a Dataset or DataLoader of
-    ``(image, label)``); it may be None when ``accuracy_path`` holds a valid profile.
-    ``dtype``: the latency profile's dtype (default: the model's). ``latency_path`` and
-    ``accuracy_path``: JSON files reused when they hold a profile valid for this setup
-    (latency: same model, device, batch size, dtype and layer; accuracy: same model and
-    token count), written otherwise; ``log`` receives one line for each decision.
+    ``(image, label)``); it may be None when a valid accuracy profile is at hand.
+    ``dtype``: the latency profile's dtype (default: the model's).
+
+    Profiles are reused where they are valid, from ``previous`` (an earlier search, e.g. from a
+    checkpoint) or from ``latency_path``/``accuracy_path`` (JSON files, written after
+    measuring): latency for the same architecture (depth, width, heads, patch size, N,
+    prefix), model, device, dtype, batch size and layer, whatever the weights; accuracy only
+    for the same weights (a fingerprint of the parameters) and token count. Anything else is
+    measured again; ``log`` receives one line for each decision and its reason.
+
+    ``torch.compile``'d modules are timed and evaluated as their eager originals (a compiled
+    module would recompile at every token count); the user's compiled wrapper is kept.
+    Unless ``config.verify`` is off, the choice is then checked against the unpruned model
+    (``pomt.verify``).
     """
     config = config or SearchConfig()
-    if vit is None:
-        vit = find_vit(model)[1]
     device = torch.device(device) if device is not None else _device_of(model)
-    dtype = dtype if dtype is not None else _dtype_of(vit)
-    name = model_name(vit)
     notes: list[str] = []
+    with uncompiled(model) as (eager, compiled):
+        if compiled:
+            notes.append(f"timing the eager module: {', '.join(compiled)} torch.compile'd, left as they are")
+        vit = find_vit(eager)[1] if vit is None else unwrap_compiled(vit)
+        dtype = _dtype_of(vit) if dtype is None else dtype
+        name = model_name(vit)
 
-    accuracy = None
-    if accuracy_path is not None and Path(accuracy_path).is_file():
-        expect = dict(model=name, n_total=token_layout(vit).n_total)
-        accuracy, note = _load(AccuracyProfile, Path(accuracy_path), expect)
-        notes.append(note)
-    if accuracy is None:
-        if data is None:
-            raise ValueError(
-                "find_r needs labelled data for the accuracy estimate (a Dataset or DataLoader of "
-                "(image, label)), or accuracy_path pointing to a saved accuracy profile"
+        expect = dict(model=name, n_total=token_layout(vit).n_total, weights=weights_fingerprint(eager))
+        path = None if accuracy_path is None else Path(accuracy_path)
+        accuracy = _reuse(AccuracyProfile, path, previous and previous.accuracy, expect, notes)
+        if accuracy is None:
+            if data is None:
+                raise ValueError(
+                    "find_r needs labelled data for the accuracy estimate (a Dataset or DataLoader of "
+                    "(image, label)), or a saved accuracy profile of these weights (accuracy_path)"
+                )
+            accuracy = estimate_accuracy(
+                eager, data, vit=vit, device=device, progress=progress, **config.accuracy_kwargs()
             )
-        accuracy = estimate_accuracy(
-            model, data, vit=vit, device=device, progress=progress, **config.accuracy_kwargs()
-        )
-        notes.append(
-            f"estimated accuracy at {len(accuracy.points)} token counts on {accuracy.num_samples} images"
-        )
-        if accuracy_path is not None:
-            accuracy.save(accuracy_path)
+            notes.append(
+                f"estimated A(n) at {len(accuracy.points)} token counts on {accuracy.num_samples} images"
+            )
+            if path is not None:
+                accuracy.save(path)
 
-    latency = None
-    if latency_path is not None and Path(latency_path).is_file():
-        expect = dict(model=name, device=device, batch_size=batch_size, dtype=dtype, layer=layer)
-        latency, note = _load(LatencyProfile, Path(latency_path), expect)
-        notes.append(note)
-    if latency is None:
-        latency = profile_latency(
-            model,
-            batch_size=batch_size,
+        expect = dict(
+            model=name,
             device=device,
-            layer=layer,
+            batch_size=batch_size,
             dtype=dtype,
-            vit=vit,
-            progress=progress,
-            **config.latency_kwargs(accuracy),
+            layer=layer,
+            architecture=architecture(vit),
         )
-        notes.append(f"measured latency at {len(latency.points)} token counts ({latency.search})")
-        if latency_path is not None:
-            latency.save(latency_path)
-    for note in notes:
-        log(note)
-    return Search(config.select(latency, accuracy), latency, accuracy, tuple(notes))
+        if device.type == "cuda":
+            expect["cuda_graphs"] = config.cuda_graphs
+        path = None if latency_path is None else Path(latency_path)
+        latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes)
+        if latency is None:
+            latency = profile_latency(
+                eager,
+                batch_size=batch_size,
+                device=device,
+                layer=layer,
+                dtype=dtype,
+                vit=vit,
+                progress=progress,
+                **config.latency_kwargs(accuracy, device),
+            )
+            notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.search})")
+            if path is not None:
+                latency.save(path)
+        for note in notes:
+            log(note)
+        selection = config.select(latency, accuracy)
+        if config.verify:
+
+            def measure(r: int) -> tuple[list[float], float]:
+                return speedup_samples(
+                    eager,
+                    vit,
+                    r,
+                    layer=layer,
+                    batch_size=batch_size,
+                    device=device,
+                    dtype=resolve_dtype(dtype),
+                    cuda_graphs=config.cuda_graphs,
+                    warmup=config.warmup,
+                    min_run_time=config.verify_time,
+                    min_pairs=config.verify_pairs,
+                )
+
+            selection = verify(selection, measure, candidates=config.verify_candidates, log=log)
+    return Search(selection, latency, accuracy, tuple(notes))

@@ -9,9 +9,10 @@ class-balanced sample (``pomt.data``). Both return ``pomt.profiles`` records.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
 from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
-from pomt.models import find_vit, token_layout
+from pomt.models import architecture, find_vit, token_layout, weights_fingerprint
 from pomt.profiles import (
     AccuracyPoint,
     AccuracyProfile,
@@ -30,7 +31,15 @@ from pomt.profiles import (
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
 from pomt.timing import TimingStats, cuda_graph, device_name, time_call, time_paired
 
-__all__ = ["profile_latency", "estimate_accuracy", "model_name", "image_size"]
+__all__ = [
+    "profile_latency",
+    "estimate_accuracy",
+    "model_name",
+    "image_size",
+    "resolve_dtype",
+    "on_device",
+    "random_batch",
+]
 
 
 def model_name(model: nn.Module) -> str:
@@ -42,7 +51,7 @@ def model_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -80,29 +89,38 @@ def _first_param(model: nn.Module) -> torch.Tensor | None:
     return None
 
 
-class _Restore:
-    """Remembers pruning, train/eval flags, device and dtype, and puts them back."""
-
-    def __init__(self, model: nn.Module, vit: nn.Module) -> None:
-        self.model, self.vit = model, vit
-        self.config = pruning_config(vit)
-        self.training = {m: m.training for m in model.modules()}
-        first = _first_param(model)
-        self.device = first.device if first is not None else torch.device("cpu")
-        self.dtype = first.dtype if first is not None and first.is_floating_point() else None
-        self.cast = False  # set when the caller changes the dtype
-
-    def restore(self) -> None:
-        if self.config is None:
-            remove_pruning(self.vit)
+@contextlib.contextmanager
+def on_device(
+    model: nn.Module, vit: nn.Module, device: torch.device, dtype: torch.dtype | None = None
+) -> Iterator[None]:
+    """While active, ``model`` is in eval mode on ``device`` (and in ``dtype`` when given);
+    afterwards its pruning, train/eval flags, device and dtype are what they were."""
+    config = pruning_config(vit)
+    training = {m: m.training for m in model.modules()}
+    first = _first_param(model)
+    old_device = first.device if first is not None else torch.device("cpu")
+    old_dtype = first.dtype if first is not None and first.is_floating_point() else None
+    cast = dtype is not None and old_dtype is not None and dtype != old_dtype
+    try:
+        model.eval()
+        model.to(device=device, dtype=dtype) if cast else model.to(device=device)
+        yield
+    finally:
+        if config is None:
+            remove_pruning(vit)
         else:
-            apply_pruning(self.vit, self.config.method, self.config.r, self.config.layer)
-        if self.cast and self.dtype is not None:
-            self.model.to(device=self.device, dtype=self.dtype)
-        else:
-            self.model.to(device=self.device)
-        for module, flag in self.training.items():
+            apply_pruning(vit, config.method, config.r, config.layer)
+        model.to(device=old_device, dtype=old_dtype) if cast else model.to(device=old_device)
+        for module, flag in training.items():
             module.training = flag
+
+
+def random_batch(
+    vit: nn.Module, batch_size: int, size: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """A seeded random input batch for timing (latency does not depend on the pixels)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, _in_chans(vit), *size, generator=gen).to(device=device, dtype=dtype)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -130,7 +148,7 @@ def profile_latency(
     min_run_time: float = 0.5,
     repeats: int | None = None,
     cuda_graphs: bool = False,
-    relative: bool = False,
+    relative: bool | None = None,
     coarse_points: int = 9,
     max_points: int | None = None,
     progress: bool = True,
@@ -150,7 +168,8 @@ def profile_latency(
     ``relative=True`` times every n call by call against the unpruned model
     (``pomt.timing.time_paired``) and scales the ratios by the unpruned model's pooled median:
     the same total timing, but a machine whose speed drifts between points (shared servers,
-    thermal throttling) no longer draws fake steps into the curve. Eager calls only.
+    thermal throttling) no longer draws fake steps into the curve. Eager calls only. The
+    default (None) is relative on the CPU and not on CUDA.
     """
     if vit is None:
         vit = find_vit(model)[1]
@@ -163,7 +182,7 @@ def profile_latency(
         raise ValueError(
             f"layer must be an int in 0..{layout.depth - 1} for this {layout.depth}-block model, got {layer!r}"
         )
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
@@ -171,12 +190,12 @@ def profile_latency(
     acc_total = getattr(accuracy, "n_total", None)
     if acc_total is not None and acc_total != n_total:
         raise ValueError(f"the accuracy profile is for N={acc_total} tokens, this model has N={n_total}")
+    relative = device.type != "cuda" if relative is None else bool(relative)
     use_graphs = bool(cuda_graphs) and device.type == "cuda" and measure is None and not relative
     if cuda_graphs and relative:
         warnings.warn("cuda_graphs=True ignored: relative timing alternates eager calls", stacklevel=2)
     if cuda_graphs and device.type != "cuda":
         warnings.warn("cuda_graphs=True ignored: CUDA graphs need a CUDA device", stacklevel=2)
-    state = _Restore(model, vit)
     graphs_ok = use_graphs
 
     reference_ms: list[float] = []  # relative mode: every sample of the unpruned model
@@ -234,18 +253,12 @@ def profile_latency(
         bar.update(1)
         bar.set_postfix(n=n, ms=f"{stats.median_ms:.3g}")
 
+    placed = on_device(model, vit, device, dtype) if measure is None else contextlib.nullcontext()
     try:
-        if measure is None:
-            model.eval()
-            if state.dtype != dtype:
-                state.cast = True
-                model.to(device=device, dtype=dtype)
-            else:
-                model.to(device=device)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(batch_size, _in_chans(vit), *size, generator=gen).to(device=device, dtype=dtype)
-        fn = measure if measure is not None else (timed_relative if relative else timed)
-        with torch.inference_mode():
+        with placed, torch.inference_mode():
+            if measure is None:
+                x = random_batch(vit, batch_size, size, device, dtype)
+            fn = measure if measure is not None else (timed_relative if relative else timed)
             if grid is not None:
                 points = {}
                 for n in grid:
@@ -269,7 +282,6 @@ def profile_latency(
                 search += ", relative to N"
     finally:
         bar.close()
-        state.restore()
     return LatencyProfile(
         model=name or model_name(vit),
         device=device_name(device),
@@ -283,6 +295,7 @@ def profile_latency(
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         cuda_graphs=graphs_ok,
         search=search,
+        architecture=architecture(vit, size),
         points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.n),
     )
 
@@ -338,7 +351,6 @@ def estimate_accuracy(
         else (first.device if first is not None else torch.device("cpu"))
     )
     in_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    state = _Restore(model, vit)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     metrics: dict[int, Any] = {}
     seen = 0
@@ -347,10 +359,8 @@ def estimate_accuracy(
         generators = {n: torch.Generator().manual_seed(int(seed) * 1_000_003 + n) for n in grid}
         bar = _progress(total, "accuracy", progress)
         try:
-            remove_pruning(vit)
-            model.eval()
-            model.to(device=device)
-            with torch.inference_mode():
+            with on_device(model, vit, device), torch.inference_mode():
+                remove_pruning(vit)
                 for batch in loader:
                     images, labels = labelled_batch(batch)
                     images = images.to(device=device, dtype=in_dtype)
@@ -372,7 +382,6 @@ def estimate_accuracy(
                     bar.update(int(labels.numel()))
         finally:
             bar.close()
-            state.restore()
     if seen == 0:
         raise ValueError("data yielded no samples")
     return AccuracyProfile(
@@ -386,6 +395,7 @@ def estimate_accuracy(
         img_size=image_size(vit, None),
         n_total=n_total,
         prefix=prefix,
+        weights=weights_fingerprint(model),
         points=sorted(
             (AccuracyPoint(n=n, accuracy=float(metrics[n].compute()), samples=seen) for n in grid),
             key=lambda p: p.n,

@@ -9,6 +9,9 @@ a ``blocks`` sequence whose blocks have timm's attribute names (``norm1``, ``att
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +27,10 @@ __all__ = [
     "unsupported_reason",
     "is_supported_vit",
     "find_vit",
+    "uncompiled",
+    "unwrap_compiled",
+    "architecture",
+    "weights_fingerprint",
     "create_model",
     "load_weights",
     "read_state_dict",
@@ -128,8 +135,8 @@ def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> TokenLayout:
-    """Token layout of ``model`` for inputs of ``img_size`` (default: the model's own size)."""
-    _require_supported(model)
+    """Token layout of the ViT in ``model`` for inputs of ``img_size`` (default: its own size)."""
+    model = find_vit(model)[1]
     pe = model.patch_embed
     if img_size is not None:
         patch = getattr(pe, "patch_size", None)
@@ -164,18 +171,35 @@ def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None
     )
 
 
+def _vit_paths(root: nn.Module) -> list[str]:
+    """Paths of the supported ViTs inside ``root`` (outermost first)."""
+    return [
+        name
+        for name, module in root.named_modules()
+        if hasattr(module, "blocks") and hasattr(module, "patch_embed") and is_supported_vit(module)
+    ]
+
+
 def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
     """The ViT inside ``root``: the submodule at dotted ``path``, or the first supported one.
 
-    Returns ``(path, module)`` (path ``""`` when ``root`` itself is the ViT).
+    Returns ``(path, module)`` (path ``""`` when ``root`` itself is the ViT). Every public
+    function of ``pomt`` that takes a model finds its ViT this way, so a LightningModule, a
+    wrapper or a ``torch.compile``'d module works wherever a bare ViT does.
     """
     if path:
         try:
             module = root.get_submodule(path)
         except AttributeError as err:
-            raise ValueError(f"{type(root).__name__} has no submodule at path {path!r}") from err
+            found = _vit_paths(root)
+            names = [name for name, _ in root.named_modules() if name]
+            close = found[:1] or difflib.get_close_matches(path, names, n=1)
+            hint = f"; did you mean vit_path={close[0]!r}?" if close else ""
+            raise ValueError(f"{type(root).__name__} has no submodule at path {path!r}{hint}") from err
         _require_supported(module)
         return path, module
+    if is_supported_vit(root):
+        return "", root
     searched = []
     for name, module in root.named_modules():
         if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
@@ -184,9 +208,75 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
             searched.append(f"{name or '<root>'} ({type(module).__name__}: {unsupported_reason(module)})")
     detail = "; candidates rejected: " + "; ".join(searched) if searched else ""
     raise ValueError(
-        f"no supported ViT found inside {type(root).__name__}: searched all submodules for one with "
-        f"`patch_embed` and `blocks` of timm-style blocks{detail}. Pass the attribute path explicitly."
+        f"no supported ViT found inside {type(root).__name__}: {unsupported_reason(root)}; searched all "
+        f"submodules for one with `patch_embed` and `blocks` of timm-style blocks{detail}. Supported are "
+        "timm VisionTransformer models (vit_*, deit_*, vit_*_dinov2*) and models whose blocks use timm's "
+        f"attribute names ({', '.join(BLOCK_ATTRIBUTES)}); pass the ViT's attribute path explicitly."
     )
+
+
+def _compiled(module: nn.Module) -> nn.Module | None:
+    original = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return original if isinstance(original, nn.Module) else None
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` wrapped, or ``module`` itself when it is not compiled."""
+    return _compiled(module) or module
+
+
+@contextlib.contextmanager
+def uncompiled(model: nn.Module) -> Iterator[tuple[nn.Module, list[str]]]:
+    """While active, ``torch.compile``'d submodules of ``model`` are swapped for their originals.
+
+    Yields ``(eager model, paths of the compiled modules)``. Timing a compiled module at many
+    token counts would recompile it for every shape; the search times the eager original
+    instead, and the user's compiled wrapper is put back as it was afterwards.
+    """
+    root = _compiled(model) or model
+    paths = ["<model>"] if root is not model else []
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            original = _compiled(child)
+            if original is not None:
+                setattr(module, child_name, original)
+                swapped.append((module, child_name, child))
+                paths.append(f"{name}.{child_name}" if name else child_name)
+    try:
+        yield root, paths
+    finally:
+        for module, child_name, child in reversed(swapped):
+            setattr(module, child_name, child)
+
+
+def architecture(vit: nn.Module, img_size: int | tuple[int, int] | None = None) -> str:
+    """What latency depends on besides the device: the class, depth, width, heads, patch size,
+    token count and prefix, as one string (equal strings: same shapes in every kernel)."""
+    layout = token_layout(vit, img_size)
+    patch = _pair(getattr(vit.patch_embed, "patch_size", 0) or 0)
+    return (
+        f"{type(vit).__name__} depth={layout.depth} embed_dim={layout.embed_dim} heads={layout.num_heads} "
+        f"patch={patch[0]}x{patch[1]} n_total={layout.n_total} prefix={layout.prefix}"
+    )
+
+
+def weights_fingerprint(model: nn.Module, samples: int = 1024) -> str:
+    """A cheap fingerprint of ``model``'s weights: for every tensor of its state dict, the shape
+    and up to ``samples`` evenly spaced values rounded to float16. Names are left out (a
+    LightningModule and the ViT it wraps agree), and so are the device and the dtype the
+    weights are held in (a float16 copy of float32 weights agrees with them)."""
+    digest = hashlib.sha1()
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        digest.update(str(tuple(tensor.shape)).encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+        values = flat.to(torch.float16) if flat.is_floating_point() else flat.to(torch.int64)
+        digest.update(values.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

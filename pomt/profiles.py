@@ -192,6 +192,11 @@ class _Profile:
                     f"cannot check {key!r}: {self.kind} profiles have {', '.join(sorted(names))}"
                 )
             have = normalise(getattr(self, key))
+            if have == "" and normalise(wanted) != "":
+                raise ValueError(
+                    f"{source} does not record its {key} (written by an older pomt), so it cannot be "
+                    f"checked against the current {key} {normalise(wanted)!r}. Measure a new profile."
+                )
             if key == "device" and (
                 isinstance(wanted, torch.device) or str(wanted).split(":")[0] in ("cpu", "cuda")
             ):

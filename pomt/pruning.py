@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pomt.blocks import CUT_METHOD, MIXINS, BlockSpec, ToMeState
-from pomt.models import TokenLayout, token_layout, vit_blocks
+from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
 from pomt.ops import gather_tokens
 
 __all__ = [
@@ -136,8 +136,8 @@ def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayo
 
 
 def pruning_config(model: nn.Module) -> PruningConfig | None:
-    """The pruning currently applied to ``model``, or None."""
-    return getattr(model, "_pomt_config", None)
+    """The pruning currently applied to the ViT in ``model``, or None."""
+    return getattr(find_vit(model)[1], "_pomt_config", None)
 
 
 def token_schedule(
@@ -147,39 +147,42 @@ def token_schedule(
     layer: int = 3,
     img_size: int | tuple[int, int] | None = None,
 ) -> list[int]:
-    """Tokens leaving each block of ``model`` under ``method`` (validates like ``apply_pruning``)."""
+    """Tokens leaving each block of the ViT in ``model`` under ``method`` (validates like
+    ``apply_pruning``)."""
     return list(_schedule(method, r, layer, token_layout(model, img_size)))
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
     """Undo ``apply_pruning``: every block gets its original class back. Returns ``model``."""
-    for block in vit_blocks(model):
+    vit = find_vit(model)[1]
+    for block in vit_blocks(vit):
         base = getattr(type(block), "_pomt_base_class", None)
         if base is not None:
             block.__class__ = base
             del block._pomt_spec
-    if hasattr(model, "_pomt_config"):
-        del model._pomt_config
+    if hasattr(vit, "_pomt_config"):
+        del vit._pomt_config
     return model
 
 
 def apply_pruning(
     model: nn.Module, method: str = "pomt", r: int | Sequence[int] = 0, layer: int = 3
 ) -> nn.Module:
-    """Prune ``model`` in place and return it; replaces any earlier pruning.
+    """Prune the ViT in ``model`` in place and return ``model``; replaces any earlier pruning.
 
     ``r`` is the number of tokens removed: once, at block ``layer``, for ``pomt``; at every
     block for ``topk``/``tome`` (an int, or one value per block; ``layer`` is then unused but
     still validated). Arguments are validated before anything changes, so an error leaves
-    the model as it was.
+    the model as it was. ``model`` may be the ViT or any module that contains one.
     """
-    layout = token_layout(model)
+    vit = find_vit(model)[1]
+    layout = token_layout(vit)
     schedule = _schedule(method, r, layer, layout)
-    blocks = vit_blocks(model)
-    remove_pruning(model)
+    blocks = vit_blocks(vit)
+    remove_pruning(vit)
     if method == "none":
         return model
-    has_cls = getattr(model, "cls_token", None) is not None
+    has_cls = getattr(vit, "cls_token", None) is not None
     common = dict(prefix=layout.prefix, has_cls=has_cls)
     if method == "pomt" or (method == CUT_METHOD and _is_int(r)):
         # r=0 deploys the unpruned model: no block pays for scoring that removes nothing
@@ -198,7 +201,7 @@ def apply_pruning(
         block = blocks[i]
         block.__class__ = _patched_class(MIXINS[method], type(block))
         block._pomt_spec = spec
-    model._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, schedule=schedule)
+    vit._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, schedule=schedule)
     return model
 
 
@@ -210,7 +213,8 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
     ``generator`` (a CPU generator; the global RNG is not touched when one is given). This is
     the cheap accuracy proxy of POMT's offline step: accuracy with n random tokens.
     """
-    layout = token_layout(model)
+    vit = find_vit(model)[1]
+    layout = token_layout(vit)
     p = layout.prefix
     if not _is_int(n) or not p + 1 <= n <= layout.n_total:
         raise ValueError(
@@ -227,7 +231,7 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
         index = noise.argsort(dim=1)[:, :keep].sort(dim=1).values.to(x.device)
         return (gather_tokens(x, index, p), *rest)
 
-    handle = vit_blocks(model)[0].register_forward_pre_hook(keep_random)
+    handle = vit_blocks(vit)[0].register_forward_pre_hook(keep_random)
     try:
         yield
     finally:

@@ -25,7 +25,9 @@ class ReportRow:
     after the pruning block); ``mean_n`` averages the tokens over all blocks, a
     first-order proxy of the compute. Accuracies are top-1/top-5 in [0, 1]. ``latency_ms``
     and ``latency_p90_ms`` come from timing every configuration side by side on one batch;
-    ``loop_latency_ms`` is the median per-batch forward time inside the test loop.
+    ``loop_latency_ms`` is the median per-batch forward time inside the test loop. For POMT's
+    chosen R, ``predicted_latency_ms`` is what the profile predicted and ``verified_speedup``
+    what the check before use measured against the unpruned model (``pomt.verify``).
     """
 
     method: str
@@ -44,6 +46,7 @@ class ReportRow:
     selected: bool = False
     predicted_latency_ms: float | None = None
     samples: int = 0
+    verified_speedup: float | None = None
 
     @property
     def label(self) -> str:
@@ -104,4 +107,9 @@ def format_table(rows: Sequence[ReportRow]) -> str:
         )
     if any(row.selected for row in rows):
         lines.append("* R chosen by POMT for this device")
+        for row in rows:
+            if row.selected and row.verified_speedup is not None:
+                lines.append(
+                    f"  (batch {row.batch_size}: verified before use, x{row.verified_speedup:.3f} against the unpruned model)"
+                )
     return "\n".join(lines)

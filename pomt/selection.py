@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from pomt.timing import TimingStats
@@ -65,6 +65,11 @@ class Selection:
     curve_raw_latency_ms: tuple[float, ...]
     curve_accuracy: tuple[float, ...]
     curve_utility: tuple[float, ...]
+    candidates: tuple[int, ...] = ()
+    measured_speedup: float | None = None
+    measured_speedup_interval: tuple[float, float] | None = None
+    rejected: tuple[int, ...] = ()
+    verification: str = ""
 
     @property
     def unpruned_latency_ms(self) -> float | None:
@@ -79,6 +84,26 @@ class Selection:
         base = self.unpruned_latency_ms
         return None if base is None else base / self.predicted_latency_ms
 
+    @property
+    def verified(self) -> bool:
+        """Whether the speed-up was measured against the unpruned model (see ``pomt.verify``)."""
+        return self.measured_speedup is not None
+
+    def at(self, n: int) -> Selection:
+        """The same curves with ``n`` chosen instead of n* (``n`` must be on the curve)."""
+        if n not in self.curve_n:
+            raise ValueError(f"n={n} is not on the curve: {list(self.curve_n)}")
+        i = self.curve_n.index(n)
+        return replace(
+            self,
+            r=self.n_total - n,
+            n_star=n,
+            utility=self.curve_utility[i],
+            predicted_latency_ms=self.curve_latency_ms[i],
+            predicted_accuracy=self.curve_accuracy[i],
+            measured_latency_ms=self.curve_raw_latency_ms[i],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["speedup"] = self.speedup
@@ -91,14 +116,18 @@ class Selection:
         renamed = {"tokens": "n_star", "tokens_total": "n_total", "curve_tokens": "curve_n"}
         data = {renamed.get(k, k): v for k, v in data.items()}
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data))
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"not a Selection: missing {', '.join(missing)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
 
     def summary(self) -> str:
-        """One line a person can read."""
-        speed = f", speed-up x{self.speedup:.3f}" if self.speedup is not None else ""
+        """One line a person can read: the prediction, and the measured speed-up when verified."""
+        speed = f", speed-up x{self.speedup:.3f} predicted" if self.speedup is not None else ""
+        if self.measured_speedup is not None and self.measured_speedup_interval is not None:
+            low, high = self.measured_speedup_interval
+            speed += f", x{self.measured_speedup:.3f} measured [{low:.3f}, {high:.3f}]"
         return (
             f"R={self.r} (keep {self.n_star} of {self.n_total} tokens) mode={self.mode} "
             f"alpha={self.alpha:g} utility={self.utility:.4f} latency={self.predicted_latency_ms:.3f} ms "
@@ -369,7 +398,7 @@ def select_r(
                 f"no token count meets the latency budget of {latency_budget_ms} ms: the fastest is "
                 f"{lat_used[fastest]:.4g} ms (n={ns[fastest]})"
             )
-        best = max(feasible, key=lambda i: (rnd(acc_used[i]), -rnd(lat_used[i]), ns[i]))
+        key = lambda i: (rnd(acc_used[i]), -rnd(lat_used[i]), ns[i])  # noqa: E731
     elif accuracy_floor is not None:
         mode = "accuracy_floor"
         feasible = [i for i in idx if acc_used[i] >= accuracy_floor]
@@ -379,10 +408,12 @@ def select_r(
                 f"no token count reaches the accuracy floor {accuracy_floor}: the best is "
                 f"{acc_used[top]:.4f} (n={ns[top]})"
             )
-        best = max(feasible, key=lambda i: (-rnd(lat_used[i]), rnd(acc_used[i]), ns[i]))
+        key = lambda i: (-rnd(lat_used[i]), rnd(acc_used[i]), ns[i])  # noqa: E731
     else:
-        mode = "utility"
-        best = max(idx, key=lambda i: (rnd(util[i]), ns[i]))
+        mode, feasible = "utility", list(idx)
+        key = lambda i: (rnd(util[i]), ns[i])  # noqa: E731
+    ranked = sorted(feasible, key=key, reverse=True)  # best first: the first is n*, the rest fallbacks
+    best = ranked[0]
     n_star = ns[best]
     return Selection(
         r=n_total - n_star,
@@ -402,4 +433,5 @@ def select_r(
         curve_raw_latency_ms=tuple(raw),
         curve_accuracy=tuple(acc_used),
         curve_utility=tuple(util),
+        candidates=tuple(ns[i] for i in ranked),
     )

@@ -8,6 +8,7 @@ so the asynchronous launch queue is never mistaken for the work itself; on the C
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -23,6 +24,7 @@ __all__ = [
     "interleaved_samples",
     "time_interleaved",
     "paired_ratio",
+    "median_interval",
     "time_paired",
     "cuda_graph",
     "Stopwatch",
@@ -234,6 +236,26 @@ def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
     """Median of the round-by-round ratios ``samples[i] / reference[i]`` (interleaved samples):
     each pair was measured moments apart, so a drift of the machine cancels in its ratio."""
     return statistics.median(a / max(b, 1e-12) for a, b in zip(samples, reference, strict=True))
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free confidence interval for it.
+
+    The interval runs between two order statistics, x(k) and x(m - k + 1), with the largest
+    k such that a Binomial(m, 1/2) falls below k with probability at most (1 - confidence)/2;
+    with fewer than 6 values it is the whole range (a lower confidence, said by its width).
+    """
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        raise ValueError("median_interval needs at least one value")
+    m, tail, k, below = len(xs), (1.0 - confidence) / 2.0, 1, 0.0
+    for j in range(m):
+        below += math.comb(m, j) / 2.0**m  # P(X <= j)
+        if below > tail:
+            break
+        k = j + 1
+    k = max(1, min(k, (m + 1) // 2))
+    return statistics.median(xs), xs[k - 1], xs[m - k]
 
 
 def cuda_graph(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:

@@ -13,22 +13,22 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import cpu_trainer, image_loader, tiny_classifier
+from conftest import cpu_trainer, image_loader, staircase_profile, tiny_classifier
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
-from pomt.measure import profile_latency
 from pomt.profiles import LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config
-from pomt.timing import TimingStats
 
 REPO = Path(__file__).resolve().parents[1]
 N = 17  # 16 patches + CLS
 LAYER = 1
-FAST_SEARCH = dict(accuracy_samples=32, accuracy_grid=(17, 13, 9, 5), min_run_time=0.0, warmup=1)
+FAST_SEARCH = dict(
+    accuracy_samples=32, accuracy_grid=(17, 13, 9, 5), min_run_time=0.0, warmup=1, verify=False
+)
 
 
 def fast(**search) -> dict:
@@ -45,25 +45,6 @@ def loader(n: int = 32, batch_size: int = 8, seed: int = 0, labels: bool = True)
 
 
 trainer = cpu_trainer
-
-
-def staircase_profile(module: ViTClassifier, path: Path, batch_size: int = 8) -> Path:
-    """A saved latency profile for this model and CPU: 10 ms for n >= 12 tokens, 5 ms below."""
-
-    def fake(n: int) -> TimingStats:
-        return TimingStats.from_samples([10.0 if n >= 12 else 5.0] * 5)
-
-    lat = profile_latency(
-        module,
-        batch_size=batch_size,
-        layer=LAYER,
-        grid=range(2, N + 1),
-        vit=module.model,
-        measure=fake,
-        progress=False,
-    )
-    lat.save(path)
-    return path
 
 
 class TokenProbe:
@@ -200,7 +181,9 @@ def test_missing_vit_is_a_clear_error_at_setup():
         def test_step(self, batch, batch_idx):
             return None
 
-    with pytest.raises(ValueError, match="no supported ViT found inside CNN: searched"):
+    with pytest.raises(
+        ValueError, match="no supported ViT found inside CNN: CNN has no `blocks` attribute; searched"
+    ):
         trainer(callbacks=[POMTCallback(r=1)]).test(CNN(), loader())
     with pytest.raises(ValueError, match="no submodule at path 'encoder'"):
         trainer(callbacks=[POMTCallback(r=1, vit_path="encoder")]).test(tiny_module(), loader())
@@ -214,7 +197,7 @@ class CountingCallback(POMTCallback):
         return super()._search(*args, **kwargs)
 
 
-def test_fit_validation_only_when_asked_searched_once_and_training_unpruned():
+def test_fit_validation_only_when_asked_searched_per_weights_and_training_unpruned():
     fit = dict(max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1)
     module = tiny_module()
     probe = TokenProbe(module.model, LAYER)
@@ -236,10 +219,15 @@ def test_fit_validation_only_when_asked_searched_once_and_training_unpruned():
     callback = CountingCallback(stages=("fit",), **fast(grid=(17, 9)))
     trainer(callbacks=[callback, Phase()], **fit).fit(module, loader(), loader(seed=1))
     n_star = callback.selection.n_star
-    assert CountingCallback.searches == 1
+    # one search per validation: the weights changed in between, so A(n) is estimated again
+    # while L(n), which does not depend on the weights, is reused
+    assert CountingCallback.searches == 2
+    notes = " | ".join(callback.result.notes)
+    assert "reusing the latency profile measured earlier" in notes and "weights" in notes
     assert {n for phase, n in phases if phase == "sanity"} == {N}
     assert {n for phase, n in phases if phase == "train"} == {N}
-    assert [n for phase, n in phases if phase == "val"] == [n_star] * 4
+    val = [n for phase, n in phases if phase == "val"]
+    assert len(val) == 4 and set(val) <= {17, 9} and val[-2:] == [n_star] * 2
     assert pruning_config(module.model) is None
 
 
@@ -251,8 +239,11 @@ def test_predict_uses_given_labelled_data_and_needs_labels_otherwise():
     assert len(predictions) == 4 and predictions[0].shape == (8, 10)
     assert probe.seen[-1] == callback.selection.n_star
 
-    with pytest.raises(ValueError, match="labels"):
+    # unlabelled predict data and nothing else to estimate A(n) on: an error that says what to do
+    with pytest.raises(ValueError, match="POMTCallback needs labelled images") as error:
         trainer(callbacks=[POMTCallback(**fast(grid=(17, 9)))]).predict(tiny_module(), loader(labels=False))
+    for fix in ("selection_dataloader()", "accuracy_split='val'", "accuracy_data=", "fix r="):
+        assert fix in str(error.value)
 
 
 def test_csv_logger_gets_curves_table_and_figure(tmp_path):
@@ -339,7 +330,7 @@ module = ViTClassifier("vit_tiny_patch16_224", num_classes=10, img_size=32,
 g = torch.Generator().manual_seed(0)
 data = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
 callback = Counting(layer=1, latency_profile_path={profile!r},
-                    search=SearchConfig(alpha=0.9, accuracy_grid=(17, 9, 5), accuracy_samples=16))
+                    search=SearchConfig(alpha=0.9, accuracy_grid=(17, 9, 5), accuracy_samples=16, verify=False))
 seen = []
 module.model.blocks[1].register_forward_hook(lambda m, i, o: seen.append(int(o.shape[1])))
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback], logger=False,

@@ -21,7 +21,7 @@ from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config
 from pomt.timing import TimingStats, time_paired
 
-FAST = dict(warmup=0, repeats=2, progress=False)
+FAST = dict(warmup=0, repeats=2, progress=False, relative=False)
 
 
 class Wrapper(nn.Module):

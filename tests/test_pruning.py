@@ -430,7 +430,9 @@ def test_larger_input_than_profiled_is_checked_at_runtime():
 
 
 def test_unsupported_model_is_named():
-    with pytest.raises(ValueError, match=r"unsupported model Sequential: Sequential has no `blocks`"):
+    with pytest.raises(
+        ValueError, match=r"no supported ViT found inside Sequential: Sequential has no `blocks`"
+    ):
         pomt.apply_pruning(nn.Sequential(nn.Linear(2, 2)), "pomt", r=1)
 
     class Weird(nn.Module):

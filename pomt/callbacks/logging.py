@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from pomt.plots import plot_profiles
 
 __all__ = [
     "describe",
+    "warn_pruned_monitors",
     "log_pomt",
     "logger_dir",
     "log_scalars",
@@ -207,7 +208,8 @@ def announce_wandb_runs(trainer: Any) -> None:
 
 
 def describe(callback: Any, where: str | None) -> str:
-    """The line the callback prints when it has pruned the model."""
+    """The line the callback prints when it has pruned the model: R, and for a search the
+    predicted and the measured (verified) speed-up."""
     text = (
         f"POMTCallback: {callback.method} r={callback.applied_r} on `{where or '<module>'}`, "
         f"tokens per block {callback.applied_schedule}"
@@ -215,6 +217,17 @@ def describe(callback: Any, where: str | None) -> str:
     if callback.selection is not None and callback.r is None:
         text += f"; {callback.selection.summary()}"
     return text
+
+
+def warn_pruned_monitors(trainer: Any) -> None:
+    """Warn that checkpointing and early stopping watch the pruned model during ``fit``."""
+    watched = sorted({m for c in trainer.callbacks if isinstance(m := getattr(c, "monitor", None), str)})
+    if watched:
+        rank_zero_warn(
+            f"POMTCallback prunes the validation inside fit (stages contains 'fit'): {', '.join(watched)} "
+            "will be the pruned model's, and checkpoints and early stopping follow them. Leave 'fit' out "
+            "of stages to monitor the unpruned model."
+        )
 
 
 def _pomt_scalars(callback: Any) -> dict[str, float]:
@@ -229,11 +242,16 @@ def _pomt_scalars(callback: Any) -> dict[str, float]:
                 "pomt/utility": float(sel.utility),
                 "pomt/predicted_latency_ms": float(sel.predicted_latency_ms),
                 "pomt/predicted_accuracy": float(sel.predicted_accuracy),
+                "pomt/rejected_candidates": float(len(sel.rejected)),
             }
         )
         if sel.unpruned_latency_ms is not None:
             out["pomt/unpruned_latency_ms"] = float(sel.unpruned_latency_ms)
             out["pomt/predicted_speedup"] = float(sel.speedup)
+        if sel.measured_speedup is not None and sel.measured_speedup_interval is not None:
+            out["pomt/measured_speedup"] = float(sel.measured_speedup)
+            out["pomt/measured_speedup_low"] = float(sel.measured_speedup_interval[0])
+            out["pomt/measured_speedup_high"] = float(sel.measured_speedup_interval[1])
     return out
 
 
@@ -255,6 +273,8 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
         summary["pomt/device"] = callback.device_name
     if callback.profile_batch_size:
         summary["pomt/profile_batch_size"] = callback.profile_batch_size
+    if callback.selection is not None and callback.r is None and callback.selection.verification:
+        summary["pomt/verification"] = callback.selection.verification
     log_summary(trainer, summary)
     sel = callback.selection
     if callback.log_plots and sel is not None and callback.r is None:

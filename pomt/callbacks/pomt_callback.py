@@ -1,55 +1,53 @@
 """``POMTCallback``: prune the ViT of a LightningModule at the R that is best for this device.
 
-Before the chosen stages (``validate``, ``test``, ``predict``, and ``fit`` for the
-validation inside ``fit``), on the device the Trainer placed the model on, under its
-precision and in inference mode, the callback calls :func:`pomt.find_r` (rank 0 only; every
-rank receives the result), prunes the ViT in place, and logs what it found. A fixed ``r``
-skips the search. Like Lightning's ``BatchSizeFinder`` the results stay on the callback
-(``selection``, ``latency_profile``, ``accuracy_profile``) and in checkpoints, and the
-global RNG state is the same after the search as before it.
+``setup`` checks all that needs no timing (the ViT, ``layer``, ``r``, the accuracy data), so
+mistakes fail before training. Before each chosen stage, rank 0 calls :func:`pomt.find_r`
+on the Trainer's device and precision (every rank receives the result) and the ViT is pruned
+in place. Results stay on the callback and in checkpoints, and are reused only where still
+valid; the global RNG state is the same after the search as before it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.callbacks import logging as pomt_logging
+from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.finder import Search, SearchConfig, find_r
-from pomt.models import find_vit, token_layout
+from pomt.measure import image_size
+from pomt.models import find_vit
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.selection import Selection
 from pomt.timing import device_name
 
-__all__ = ["POMTCallback", "STAGES"]
+__all__ = ["POMTCallback", "STAGES", "SPLITS"]
 
 STAGES = ("validate", "test", "predict", "fit")
+SPLITS = ("selection", "val", "train", "test")
 _LOADERS = {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}
+_FIXES = (
+    "give the datamodule a selection_dataloader() (a held-out split), set accuracy_split='val' (or "
+    "'train'), or pass accuracy_data="
+)
+
+
+def _unlabelled(stage: str) -> UnlabelledDataError:
+    return UnlabelledDataError(
+        f"POMTCallback needs labelled images to estimate A(n) before {stage}, but its data yields images "
+        f"only. To search on labelled data, {_FIXES}; or fix r= to skip the search."
+    )
 
 
 def _first_loader(loaders: Any) -> Any:
-    """The first dataloader of what Lightning stores (a loader, a list, a dict or a CombinedLoader)."""
-    flat = getattr(loaders, "flattened", None)
-    if flat is not None:
-        return flat[0] if flat else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    return loaders
-
-
-def _loader_batch_size(loader: Any) -> int | None:
-    size = getattr(loader, "batch_size", None) or getattr(
-        getattr(loader, "batch_sampler", None), "batch_size", None
-    )
-    return int(size) if size else None
+    """The first dataloader of what Lightning stores (a loader, or a list or dict of them)."""
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+    return (loaders[0] if loaders else None) if isinstance(loaders, (list, tuple)) else loaders
 
 
 class POMTCallback(Callback):
@@ -60,18 +58,21 @@ class POMTCallback(Callback):
         r: tokens to remove; given, the search is skipped (``pomt``: removed once at ``layer``;
             ``topk``/``tome``: removed at every block).
         layer: block where POMT prunes (the authors use 3, the fourth block).
-        search: how R is chosen and how L(n) and A(n) are measured (:class:`pomt.SearchConfig`).
+        search: how R is chosen, measured and verified (:class:`pomt.SearchConfig`).
         batch_size: batch size of the latency profile; default: the stage dataloader's.
         accuracy_data: a Dataset/DataLoader of ``(image, label)`` for the accuracy estimate.
-            Default: the datamodule's ``selection_dataloader()``, else the stage's own data.
+        accuracy_split: which of the datamodule's splits the estimate uses (``selection``,
+            ``val``, ``train``, ``test``). Default: ``accuracy_data``, else the datamodule's
+            ``selection_dataloader()``, else the stage's own data (with a warning: that is the
+            split being reported).
         latency_profile_path, accuracy_profile_path: JSON profiles, reused when they are valid
             for this model and setup, written after measuring otherwise.
         restore: put the model back as it was after the stage; ``False`` keeps it pruned.
-        reuse: reuse a selection from an earlier stage or a checkpoint made for this device,
-            batch size and model (re-selected with the current ``search`` objective).
+        reuse: reuse results of an earlier stage or a checkpoint where they are still valid.
         vit_path: dotted path of the ViT in the LightningModule (default: the first ViT found).
-        stages: when to run: ``validate``, ``test``, ``predict`` and ``fit`` (the validation
-            inside ``fit``: searched once, pruned for each validation, unpruned for training).
+        stages: when to run: ``validate``, ``test``, ``predict``, ``fit`` (the validation inside
+            ``fit``, pruned while training is not: A(n) is measured again as the weights change,
+            and what a ModelCheckpoint or EarlyStopping monitors is the pruned model).
         log_plots: log the curves (table, line plots, PNG); scalars are always logged.
     """
 
@@ -83,6 +84,7 @@ class POMTCallback(Callback):
         search: SearchConfig | None = None,
         batch_size: int | None = None,
         accuracy_data: Any = None,
+        accuracy_split: str | None = None,
         latency_profile_path: str | None = None,
         accuracy_profile_path: str | None = None,
         restore: bool = True,
@@ -100,22 +102,20 @@ class POMTCallback(Callback):
             raise ValueError(f"r must be a non-negative int or None, got {r!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if accuracy_split is not None and accuracy_split not in SPLITS:
+            raise ValueError(
+                f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {accuracy_split!r}"
+            )
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
-        self.method, self.r, self.layer = method, r, layer
-        self.search = search or SearchConfig()
-        self.batch_size = batch_size
-        self.accuracy_data = accuracy_data
-        self.latency_profile_path = latency_profile_path
-        self.accuracy_profile_path = accuracy_profile_path
+        self.method, self.r, self.layer, self.search = method, r, layer, search or SearchConfig()
+        self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
+        self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
         self.restore, self.reuse, self.vit_path = restore, reuse, vit_path
-        self.stages = frozenset(stages)
-        self.log_plots = log_plots
-        # results (like BatchSizeFinder.optimal_batch_size)
-        self.selection: Selection | None = None
-        self.latency_profile: LatencyProfile | None = None
-        self.accuracy_profile: AccuracyProfile | None = None
+        self.stages, self.log_plots = frozenset(stages), log_plots
+        # results (like BatchSizeFinder.optimal_batch_size): the search, and what was applied
+        self.result: Search | None = None
         self.applied_r: int | None = None
         self.applied_schedule: list[int] | None = None
         self.profile_batch_size: int | None = None
@@ -124,25 +124,27 @@ class POMTCallback(Callback):
         self._found_path: str | None = None
         self._previous: Any = None
         self._applied = False
-        self._searched_this_fit = False
+        self._warned_split = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Every check that needs no timing, before any training or evaluation starts."""
         try:
             self._found_path, self._vit = find_vit(pl_module, self.vit_path)
+            token_schedule(self._vit, self.method, 0 if self.r is None else self.r, self.layer)
         except ValueError as err:
-            raise ValueError(f"POMTCallback cannot find the ViT to prune: {err}") from err
-        if stage == "fit":
-            self._searched_this_fit = False
+            raise ValueError(f"POMTCallback: {err}") from err
+        if self.r is None:
+            data = self._accuracy_data(trainer, None)
+            if data is not None:
+                self._check_data(data, stage)
+        if stage == "fit" and "fit" in self.stages:
+            pomt_logging.warn_pruned_monitors(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if trainer.state.fn == "fit":
-            if "fit" in self.stages:
-                self._before_stage(trainer, pl_module, "validate", search=not self._searched_this_fit)
-                self._searched_this_fit = True
-        elif "validate" in self.stages:
+        if ("fit" if trainer.state.fn == "fit" else "validate") in self.stages:
             self._before_stage(trainer, pl_module, "validate")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,44 +164,40 @@ class POMTCallback(Callback):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._after_stage()
 
-    # ------------------------------------------------------------------ checkpoint state
+    # ------------------------------------------------------------------ results and checkpoint state
+    @property
+    def selection(self) -> Selection | None:
+        return None if self.result is None else self.result.selection
+
+    @property
+    def latency_profile(self) -> LatencyProfile | None:
+        return None if self.result is None else self.result.latency
+
+    @property
+    def accuracy_profile(self) -> AccuracyProfile | None:
+        return None if self.result is None else self.result.accuracy
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain values only (a JSON round trip), so checkpoints load with ``weights_only=True``."""
-        state = {
-            "selection": None if self.selection is None else self.selection.to_dict(),
-            "latency_profile": None if self.latency_profile is None else self.latency_profile.to_dict(),
-            "accuracy_profile": None if self.accuracy_profile is None else self.accuracy_profile.to_dict(),
-            "applied_r": self.applied_r,
-            "method": self.method,
-            "layer": self.layer,
-            "profile_batch_size": self.profile_batch_size,
-            "device_name": self.device_name,
-        }
-        return json.loads(json.dumps(state))
+        """Plain values only, so checkpoints load with ``weights_only=True``."""
+        state = {} if self.result is None else self.result.to_dict()
+        keys = ("applied_r", "method", "layer", "profile_batch_size", "device_name")
+        return state | {key: getattr(self, key) for key in keys}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sel, lat, acc = (state_dict.get(k) for k in ("selection", "latency_profile", "accuracy_profile"))
-        self.selection = None if sel is None else Selection.from_dict(sel)
-        self.latency_profile = None if lat is None else LatencyProfile.from_dict(lat)
-        self.accuracy_profile = None if acc is None else AccuracyProfile.from_dict(acc)
+        self.result = Search.from_dict(state_dict)
         self.applied_r = state_dict.get("applied_r")
         self.profile_batch_size = state_dict.get("profile_batch_size")
         self.device_name = state_dict.get("device_name")
 
     # ------------------------------------------------------------------ the work
-    def _before_stage(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, search: bool = True
-    ) -> None:
-        if self._vit is None:
-            self._found_path, self._vit = find_vit(pl_module, self.vit_path)
+    def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._vit
         self._previous = pruning_config(vit)
         remove_pruning(vit)  # profile, and prune, the model as built
         try:
             r = self.r
             if r is None:
-                if search or self.selection is None:
-                    self._search_all_ranks(trainer, pl_module, stage)
+                self._search_all_ranks(trainer, pl_module, stage)
                 r = self.selection.r
             schedule = token_schedule(vit, self.method, r, self.layer)  # validates r before patching
             apply_pruning(vit, self.method, r=r, layer=self.layer)
@@ -232,61 +230,70 @@ class POMTCallback(Callback):
         result = trainer.strategy.broadcast(result, src=0)
         if isinstance(result, Exception):
             raise result
-        search, self.profile_batch_size, self.device_name = result
-        self.selection, self.latency_profile, self.accuracy_profile = (
-            search.selection,
-            search.latency,
-            search.accuracy,
-        )
+        self.result, self.profile_batch_size, self.device_name = result
 
     def _stage_loader(self, trainer: pl.Trainer, stage: str) -> Any:
         return _first_loader(getattr(trainer, _LOADERS[stage], None))
 
-    def _accuracy_data(self, trainer: pl.Trainer, stage: str) -> Any:
+    def _accuracy_data(self, trainer: pl.Trainer, stage: str | None) -> Any:
+        """The data of the accuracy estimate (None at setup when it is the stage's own data)."""
         if self.accuracy_data is not None:
             return self.accuracy_data
         datamodule = getattr(trainer, "datamodule", None)
-        if callable(getattr(datamodule, "selection_dataloader", None)):
-            return datamodule.selection_dataloader()
+        split = self.accuracy_split or ("selection" if hasattr(datamodule, "selection_dataloader") else None)
+        if split is not None:
+            method = getattr(datamodule, f"{split}_dataloader", None)
+            if not callable(method):
+                raise ValueError(
+                    f"POMTCallback: accuracy_split={split!r} but the datamodule has no {split}_dataloader()"
+                )
+            return method()
+        if stage is None:
+            return None
+        if not self._warned_split:
+            rank_zero_warn(
+                f"POMTCallback chooses R on the {stage} data, the split this {stage} reports: the accuracy "
+                f"it estimates is not held out. To choose R on other data, {_FIXES}."
+            )
+            self._warned_split = True
         return self._stage_loader(trainer, stage)
+
+    def _check_data(self, data: Any, stage: str = "the search") -> None:
+        """Labelled images of the size the ViT takes (from the first example), or a clear error."""
+        dynamic = getattr(getattr(self._vit, "patch_embed", None), "dynamic_img_size", False)
+        try:
+            check_accuracy_data(data, None if dynamic else image_size(self._vit, None))
+        except UnlabelledDataError as err:
+            raise _unlabelled(stage) from err
+        except ValueError as err:
+            raise ValueError(f"POMTCallback: {err}") from err
 
     def _search(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> tuple[Search, int, str]:
         device = pl_module.device
-        batch_size = self.batch_size or _loader_batch_size(self._stage_loader(trainer, stage)) or 1
-        name = device_name(device)
-        n_total = token_layout(self._vit).n_total
-        if (
-            self.reuse
-            and self.selection is not None
-            and self.latency_profile is not None
-            and self.accuracy_profile is not None
-            and (self.device_name, self.profile_batch_size, self.selection.n_total)
-            == (name, batch_size, n_total)
-        ):
-            rank_zero_info(
-                "POMTCallback: reusing the profiles measured earlier for this device and batch size"
-            )
-            selection = self.search.select(self.latency_profile, self.accuracy_profile)
-            return Search(selection, self.latency_profile, self.accuracy_profile), batch_size, name
+        batch_size = self.batch_size or getattr(self._stage_loader(trainer, stage), "batch_size", None) or 1
+        data = self._accuracy_data(trainer, stage)
         was_training = pl_module.training
         pl_module.eval()
         try:
             with isolate_rng(include_cuda=True), trainer.precision_plugin.forward_context():
                 search = find_r(
                     pl_module,
-                    self._accuracy_data(trainer, stage),
+                    data,
                     layer=self.layer,
-                    batch_size=batch_size,
+                    batch_size=int(batch_size),
                     device=device,
                     config=self.search,
                     vit=self._vit,
                     latency_path=self.latency_profile_path,
                     accuracy_path=self.accuracy_profile_path,
+                    previous=self.result if self.reuse else None,
                     progress=trainer.progress_bar_callback is not None,
                     log=lambda line: rank_zero_info(f"POMTCallback: {line}"),
                 )
+        except UnlabelledDataError as err:
+            raise _unlabelled(stage) from err
         finally:
             pl_module.train(was_training)
-        return search, batch_size, name
+        return search, int(batch_size), device_name(device)
