@@ -15,13 +15,12 @@ trained first with ``train.py``. ``--print_config`` shows every option.
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
+from pomt.entry import command_line, quiet_console
 from pomt.evaluation import TradeoffEvaluation, TradeoffResult
 from pomt.lightning import ViTClassifier
 
@@ -64,39 +63,19 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-class _OncePerMessage(logging.Filter):
-    """Lightning repeats its device lines and tips for every Trainer of the sweep: show them once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith(("GPU available", "TPU available", "💡 Tip")):
-            return True
-        if message in self.seen or message.startswith("💡 Tip"):
-            return False
-        self.seen.add(message)
-        return True
-
-
 def main(args: list[str] | None = None) -> TradeoffResult:
     """Parse the config, run the sweep and return its result (report rows and paths)."""
-    os.environ.setdefault("WANDB_SILENT", "true")
-    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _OncePerMessage) for f in lightning_log.filters):
-        lightning_log.addFilter(_OncePerMessage())
-    cli = EvaluateCLI(
-        ViTClassifier,
-        ClassificationDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_callback=None,  # the sweep saves the config into its own run directory
-        trainer_defaults={"logger": False, "enable_checkpointing": False},
-        run=False,
-        args=args,
-    )
+    quiet_console()
+    with command_line(args):
+        cli = EvaluateCLI(
+            ViTClassifier,
+            ClassificationDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_callback=None,  # the sweep saves the config into its own run directory
+            trainer_defaults={"logger": False, "enable_checkpointing": False},
+            run=False,
+        )
     sweep: TradeoffEvaluation = cli.config_init["sweep"]
     result = sweep.run(cli.model, cli.datamodule, trainer_factory=cli.instantiate_trainer)
     cli.parser.save(cli.config, str(result.out_dir / "config.yaml"), overwrite=True)

@@ -9,7 +9,6 @@ evaluate config reads). ``--print_config`` shows every option.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
+from pomt.entry import command_line, quiet_console
 from pomt.lightning import ViTClassifier
 
 
@@ -46,16 +46,16 @@ def checkpoint_path(cli: LightningCLI) -> Path | None:
 
 def main(args: list[str] | None = None) -> dict[str, float]:
     """Fit, test the best checkpoint, print the test accuracy; returns the test metrics."""
-    os.environ.setdefault("WANDB_SILENT", "true")
-    cli = TrainCLI(
-        ViTClassifier,
-        ClassificationDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},  # WandbLogger reuses one log dir: config.yaml exists
-        run=False,
-        args=args,
-    )
+    quiet_console()
+    with command_line(args):
+        cli = TrainCLI(
+            ViTClassifier,
+            ClassificationDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},  # WandbLogger reuses one log dir: config.yaml exists
+            run=False,
+        )
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - start

@@ -9,7 +9,7 @@ from pomt.finder import Search, SearchConfig, find_r
 from pomt.measure import estimate_accuracy, profile_latency
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_schedule
+from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_groups, token_schedule
 from pomt.selection import Selection, select_r
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "pruning_config",
     "remove_pruning",
     "select_r",
+    "token_groups",
     "token_layout",
     "token_schedule",
 ]

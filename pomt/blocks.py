@@ -31,6 +31,7 @@ class BlockSpec:
     first: bool = False
     last: bool = False
     state: ToMeState | None = None
+    trace: ops.Trace | None = None
 
 
 class ToMeState:
@@ -147,12 +148,11 @@ class _POMTBlock(nn.Module):
         check_room(x.shape[1], spec.prefix, spec.r, "POMT")
         if ops.scores_from_probabilities(x):
             x, probs, v = _explicit_attention_residual(self, x)
-            x = ops.pomt_select(
-                x, ops.pomt_scores_from_probabilities(probs, v, spec.prefix), spec.prefix, spec.r
-            )
+            scores = ops.pomt_scores_from_probabilities(probs, v, spec.prefix)
+            x = ops.pomt_select(x, scores, spec.prefix, spec.r, spec.trace)
         else:
             x, q, k, v = _attention_residual(self, x)
-            x = ops.pomt_prune(x, q, k, v, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]))
+            x = ops.pomt_prune(x, q, k, v, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]), spec.trace)
         return _mlp_residual(self, x)
 
 
@@ -179,7 +179,8 @@ class _TopKBlock(nn.Module):
         spec = self._pomt_spec
         check_room(x.shape[1], spec.prefix, spec.r, "Top-K")
         x, q, k, _ = _attention_residual(self, x)
-        x = ops.topk_prune(x, q, k, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]), spec.has_cls)
+        scale = _scale(self.attn, q.shape[-1])
+        x = ops.topk_prune(x, q, k, spec.prefix, spec.r, scale, spec.has_cls, spec.trace)
         return _mlp_residual(self, x)
 
 
@@ -187,7 +188,12 @@ class _TopKBlock(nn.Module):
 
 
 def tome_merge(
-    x: torch.Tensor, keys: torch.Tensor, size: torch.Tensor, r: int, prefix: int
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    size: torch.Tensor,
+    r: int,
+    prefix: int,
+    trace: ops.Trace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ToMe's bipartite soft matching; merges the ``r`` most similar pairs of tokens.
 
@@ -223,7 +229,27 @@ def tome_merge(
     wb, sb = wb[:, protected_b:], sb[:, protected_b:]
     new_x = torch.cat([x[:, :prefix], kept_w / kept_s, wb / sb], dim=1)
     new_size = torch.cat([size[:, :prefix], kept_s, sb], dim=1)
+    if trace is not None and trace.where is not None:
+        trace.move(_tome_moves(x.shape[1], prefix, kept_a, merged_a, target_b))
     return new_x, new_size
+
+
+def _tome_moves(
+    n: int, prefix: int, kept_a: torch.Tensor, merged_a: torch.Tensor, target_b: torch.Tensor
+) -> torch.Tensor:
+    """Where each token of a ToMe block's input is in its output (merged ones: their B token)."""
+    b, device = kept_a.shape[0], kept_a.device
+    protected_a, protected_b = (prefix + 1) // 2, prefix // 2
+    new_a = torch.empty(b, (n + 1) // 2, dtype=torch.long, device=device)
+    new_a[:, :protected_a] = 2 * torch.arange(protected_a, device=device)  # prefix: where they stand
+    new_a.scatter_(1, kept_a, prefix + torch.arange(kept_a.shape[1], device=device).expand_as(kept_a))
+    new_b = torch.empty(b, n // 2, dtype=torch.long, device=device)
+    new_b[:, :protected_b] = 2 * torch.arange(protected_b, device=device) + 1
+    new_b[:, protected_b:] = prefix + kept_a.shape[1] + torch.arange(n // 2 - protected_b, device=device)
+    new_a.scatter_(1, merged_a, new_b.gather(1, target_b))
+    moves = torch.empty(b, n, dtype=torch.long, device=device)
+    moves[:, ::2], moves[:, 1::2] = new_a, new_b
+    return moves
 
 
 class _ToMeBlock(nn.Module):
@@ -244,7 +270,7 @@ class _ToMeBlock(nn.Module):
         if r > 0:
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1], 1)
-            x, size = tome_merge(x, keys, size, r, spec.prefix)
+            x, size = tome_merge(x, keys, size, r, spec.prefix, spec.trace)
         state.size = None if spec.last else size
         return _mlp_residual(self, x)
 

@@ -29,7 +29,7 @@ from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import find_vit
 from pomt.plots import plot_tradeoff
 from pomt.report import ReportRow, format_table, write_report
-from pomt.timing import TimingStats, device_name, time_interleaved
+from pomt.timing import TimingStats, cuda_graph, device_name, time_interleaved
 
 __all__ = ["TradeoffEvaluation", "TradeoffResult", "Configuration", "matching_r_values"]
 
@@ -208,12 +208,16 @@ class TradeoffEvaluation:
         images: torch.Tensor,
         trainer: pl.Trainer,
         configs: list[Configuration],
-    ) -> dict[Configuration, TimingStats]:
-        """Latency of every configuration on one real test batch, interleaved round by round."""
+    ) -> dict[Configuration, tuple[TimingStats, str]]:
+        """Latency of every configuration on one real test batch, interleaved round by round,
+        timed as the latency profile was: under the Trainer's precision, with its warm-up, and
+        as CUDA-graph replays when ``search.cuda_graphs`` is on (eager, with a warning and a
+        note in the row, for a configuration whose graph cannot be captured)."""
         device = trainer.strategy.root_device
         model.to(device).eval()
         images = images.to(device)
         by_label = {c.label: c for c in configs}
+        calls, modes = {}, {}
 
         def prepare(label: str) -> None:
             config = by_label[label]
@@ -221,17 +225,35 @@ class TradeoffEvaluation:
 
         try:
             with torch.inference_mode(), trainer.precision_plugin.forward_context():
+                for label in by_label:
+                    prepare(label)
+                    calls[label], modes[label] = (lambda: model(images)), "eager"
+                    if self.search.cuda_graphs and device.type == "cuda":
+                        try:
+                            calls[label], modes[label] = cuda_graph(calls[label], device), "cuda_graphs"
+                        except Exception as err:  # e.g. data-dependent shapes or host syncs
+                            rank_zero_warn(f"{label}: CUDA graph capture failed ({err}); timing eager calls")
+                            modes[label] = f"eager (graph capture failed: {type(err).__name__})"
                 stats = time_interleaved(
-                    {label: (lambda: model(images)) for label in by_label},
+                    calls,
                     device=device,
                     rounds=self.latency_rounds,
-                    warmup=3,
+                    warmup=self.search.warmup,
                     prepare=prepare,
                     progress=f"timing {len(by_label)} configurations",
                 )
         finally:
             pomt.remove_pruning(vit)
-        return {by_label[label]: s for label, s in stats.items()}
+        return {by_label[label]: (s, modes[label]) for label, s in stats.items()}
+
+    def timing(self, trainer: pl.Trainer, batch_sizes: Sequence[int]) -> str:
+        """How every configuration is timed, in words (table header, report and W&B config)."""
+        graphs = self.search.cuda_graphs and trainer.strategy.root_device.type == "cuda"
+        return (
+            f"{'CUDA-graph replays' if graphs else 'eager calls'}, precision {trainer.precision}, "
+            f"warm-up {self.search.warmup}, {self.latency_rounds} interleaved rounds on one test batch "
+            f"(batch size {', '.join(map(str, batch_sizes))})"
+        )
 
     def _test(
         self,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "KERNEL_MODES",
+    "Trace",
     "kernels",
     "scores_from_probabilities",
     "pomt_scores",
@@ -78,6 +79,29 @@ def _use_triton(t: torch.Tensor) -> bool:
             raise RuntimeError("POMT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
     return t.is_cuda and _triton() is not None
+
+
+class Trace:
+    """Where each patch of the input is: while ``where`` (B, patches) is set, by
+    :func:`pomt.token_groups`, the pruning blocks move it along with the tokens (-1: dropped).
+    Otherwise it is None and the blocks do nothing more than check that."""
+
+    def __init__(self) -> None:
+        self.where: torch.Tensor | None = None
+
+    def move(self, new_index: torch.Tensor) -> None:
+        """Tokens moved: token i of the old sequence is now at ``new_index[:, i]`` (-1: gone)."""
+        if self.where is not None:
+            kept = self.where >= 0
+            self.where = torch.where(kept, new_index.gather(1, self.where.clamp(min=0)), -1)
+
+
+def _prefix_index(b: int, prefix: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(prefix, device=device).expand(b, prefix)
+
+
+def _tracing(trace: Trace | None) -> bool:
+    return trace is not None and trace.where is not None
 
 
 def _grad(*tensors: torch.Tensor) -> bool:
@@ -171,27 +195,48 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> torc
     return x.reshape(b * n, c).index_select(0, rows.flatten()).view(b, -1, c)
 
 
-def pomt_select(x: torch.Tensor, scores: torch.Tensor, prefix: int, r: int) -> torch.Tensor:
+def pomt_select(
+    x: torch.Tensor, scores: torch.Tensor, prefix: int, r: int, trace: Trace | None = None
+) -> torch.Tensor:
     """``x`` with ``r`` tokens removed: the prefix, the ``N - prefix - r - 1`` best-scoring
     ordinary tokens (best first) and the mean of the other ``r + 1``."""
     keep = x.shape[1] - prefix - r - 1
     order = scores.argsort(dim=1, descending=True)  # (a stable sort would not export to ONNX)
+    if _tracing(trace):
+        b, no = order.shape
+        target = (prefix + torch.arange(no, device=x.device)).clamp(max=prefix + keep).expand(b, no)
+        moved = torch.empty_like(order).scatter_(1, order, target)
+        trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
     ranked = gather_tokens(x, order, prefix)
     end = prefix + keep
     ranked[:, end] = ranked[:, end:].mean(dim=1)  # the mean of the discarded tokens takes the first's place
     return ranked[:, : end + 1]
 
 
-def _topk_select(x: torch.Tensor, importance: torch.Tensor, prefix: int, keep: int) -> torch.Tensor:
+def _topk_select(
+    x: torch.Tensor, importance: torch.Tensor, prefix: int, keep: int, trace: Trace | None = None
+) -> torch.Tensor:
     index = importance.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values  # original order
+    if _tracing(trace):
+        b, no = importance.shape
+        moved = torch.full((b, no), -1, dtype=torch.long, device=x.device)
+        moved.scatter_(1, index, prefix + torch.arange(keep, device=x.device).expand(b, keep))
+        trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
     return gather_tokens(x, index, prefix)
 
 
 def pomt_prune(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    r: int,
+    scale: float,
+    trace: Trace | None = None,
 ) -> torch.Tensor:
     """:func:`pomt_select` with the scores computed from q, k, v (Triton on CUDA)."""
-    if _use_triton(x):
+    if _use_triton(x) and not _tracing(trace):
         ops = _triton()
         keep = x.shape[1] - prefix - r - 1
         with torch.no_grad():
@@ -202,15 +247,22 @@ def pomt_prune(
             return out
     else:
         scores = pomt_scores(q, k, v, prefix, scale)
-    return pomt_select(x, scores, prefix, r)
+    return pomt_select(x, scores, prefix, r, trace)
 
 
 def topk_prune(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, prefix: int, r: int, scale: float, has_cls: bool
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prefix: int,
+    r: int,
+    scale: float,
+    has_cls: bool,
+    trace: Trace | None = None,
 ) -> torch.Tensor:
     """``x`` with the ``r`` ordinary tokens of least CLS attention dropped (order kept)."""
     keep = x.shape[1] - prefix - r
-    if has_cls and _use_triton(x):
+    if has_cls and _use_triton(x) and not _tracing(trace):
         ops = _triton()
         q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
         with torch.no_grad():
@@ -219,4 +271,4 @@ def topk_prune(
             return out
     else:
         importance = cls_attention(q, k, prefix, scale, has_cls)
-    return _topk_select(x, importance, prefix, keep)
+    return _topk_select(x, importance, prefix, keep, trace)

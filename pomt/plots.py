@@ -1,6 +1,6 @@
 """Every figure of the project: the offline step's L(n), A(n) and U(n) with n* marked
-(:func:`plot_profiles`, :func:`plot_latency`) and the accuracy-latency trade-off of an
-evaluation (:func:`plot_tradeoff`).
+(:func:`plot_profiles`, :func:`plot_latency`), the accuracy-latency trade-off of an
+evaluation (:func:`plot_tradeoff`), and where the patches of images went (:func:`plot_token_groups`).
 
 Matplotlib is imported lazily and figures are built without pyplot, so plotting works
 headless and never touches global figure state. ``fig.savefig("profile.png")`` saves one.
@@ -9,13 +9,13 @@ headless and never touches global figure state. ``fig.savefig("profile.png")`` s
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pomt.selection import Selection, as_curve, select_r
 
-__all__ = ["plot_profiles", "plot_latency", "plot_tradeoff", "save_figure"]
+__all__ = ["plot_profiles", "plot_latency", "plot_tradeoff", "plot_token_groups", "save_figure"]
 
 _STYLES = {
     "none": ("black", "s", "unpruned"),
@@ -199,6 +199,74 @@ def plot_tradeoff(
         _draw_tradeoff(ax, [row for row in rows if row.batch_size == batch_size])
     if right is not None:
         plot_profiles(latency, accuracy, selection, fig=right)
+    return fig
+
+
+def _display(image: Any) -> Any:
+    """An image tensor (C, H, W), normalised or not, as an (H, W, 3) array in [0, 1]."""
+    import numpy as np
+
+    array = image.detach().float().cpu().numpy()
+    array = np.repeat(array, 3, axis=0) if array.shape[0] == 1 else array[:3]
+    low, high = float(array.min()), float(array.max())
+    return np.transpose((array - low) / max(high - low, 1e-8), (1, 2, 0))
+
+
+def plot_token_groups(
+    images: Any,
+    groups: Any,
+    *,
+    prefix: int = 0,
+    fused: Sequence[str] | None = None,
+    patch_grid: tuple[int, int] | None = None,
+) -> Any:
+    """The images and, beside each, its patches coloured by the token they ended in.
+
+    ``images``: (B, C, H, W); ``groups``: a (B, patches) tensor from :func:`pomt.token_groups`,
+    or ``{label: tensor}`` for one column per configuration. Patches that share a token get
+    one colour over the image; dropped patches (-1), and the patches fused into POMT's mean
+    token (the columns whose labels are in ``fused``, by default those starting with
+    ``pomt``), are greyed with a hatch. Each column's title gives the tokens left (distinct
+    tokens among the patches, plus ``prefix``). ``patch_grid`` defaults to a square grid.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    columns = dict(groups) if isinstance(groups, Mapping) else {"pruned": groups}
+    fused = [label for label in columns if label.startswith("pomt")] if fused is None else list(fused)
+    count = int(images.shape[0])
+    fig = Figure(figsize=(2.4 * (len(columns) + 1), 2.6 * count), layout="constrained")
+    axes = fig.subplots(count, len(columns) + 1, squeeze=False)
+    palette = [np.array(c[:3]) for c in __import__("matplotlib").colormaps["tab20"].colors]
+    for row in range(count):
+        picture = _display(images[row])
+        height, width = picture.shape[:2]
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_title("image" if row == 0 else "", fontsize=9)
+        for col, (label, tensor) in enumerate(columns.items(), start=1):
+            where = tensor[row].detach().cpu().numpy()
+            gh, gw = patch_grid or (int(round(len(where) ** 0.5)),) * 2
+            ph, pw = height // gh, width // gw
+            tokens, sizes = np.unique(where[where >= 0], return_counts=True)
+            size = dict(zip(tokens.tolist(), sizes.tolist(), strict=True))
+            shown, ax = picture.copy(), axes[row, col]
+            grey = []
+            for index, token in enumerate(where.tolist()):
+                y, x = divmod(index, gw)
+                cell = (slice(y * ph, (y + 1) * ph), slice(x * pw, (x + 1) * pw))
+                if token < 0 or (label in fused and size.get(token, 1) > 1):
+                    shown[cell] = 0.55 + 0.2 * shown[cell].mean(axis=-1, keepdims=True)
+                    grey.append((x * pw - 0.5, y * ph - 0.5))
+                elif size.get(token, 1) > 1:
+                    shown[cell] = 0.45 * shown[cell] + 0.55 * palette[token % len(palette)]
+            ax.imshow(shown)
+            for corner in grey:
+                ax.add_patch(Rectangle(corner, pw, ph, fill=False, hatch="///", edgecolor="0.35", lw=0))
+            ax.set_title(f"{label}: {len(tokens) + prefix} tokens", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     return fig
 
 

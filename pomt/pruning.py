@@ -33,7 +33,7 @@ from torch import nn
 
 from pomt.blocks import CUT_METHOD, MIXINS, BlockSpec, ToMeState
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
-from pomt.ops import gather_tokens
+from pomt.ops import Trace, gather_tokens, kernels
 
 __all__ = [
     "METHODS",
@@ -43,6 +43,7 @@ __all__ = [
     "pruning_config",
     "token_schedule",
     "random_token_subset",
+    "token_groups",
 ]
 
 METHODS = ("none", "pomt", "topk", "tome")
@@ -160,8 +161,9 @@ def remove_pruning(model: nn.Module) -> nn.Module:
         if base is not None:
             block.__class__ = base
             del block._pomt_spec
-    if hasattr(vit, "_pomt_config"):
-        del vit._pomt_config
+    for attribute in ("_pomt_config", "_pomt_trace"):
+        if hasattr(vit, attribute):
+            delattr(vit, attribute)
     return model
 
 
@@ -183,7 +185,8 @@ def apply_pruning(
     if method == "none":
         return model
     has_cls = getattr(vit, "cls_token", None) is not None
-    common = dict(prefix=layout.prefix, has_cls=has_cls)
+    vit._pomt_trace = Trace()  # shared by the patched blocks; idle unless token_groups runs
+    common = dict(prefix=layout.prefix, has_cls=has_cls, trace=vit._pomt_trace)
     if method == "pomt" or (method == CUT_METHOD and _is_int(r)):
         # r=0 deploys the unpruned model: no block pays for scoring that removes nothing
         targets = {layer: BlockSpec(r=int(r), **common)} if r > 0 else {}
@@ -236,3 +239,30 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
         yield
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def token_groups(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The token each patch of ``images`` ends in, after the last block: a LongTensor
+    (B, patches) of token indices (prefix tokens come first), -1 where the patch was dropped.
+
+    For POMT a kept patch maps to its own token and the R + 1 fused patches to the fused token;
+    for Top-K dropped patches are -1; for ToMe merged patches share their token, through
+    every block. An unpruned model maps every patch to its own token. The model runs once
+    (the plain torch path, so that the choices can be followed); the blocks track nothing
+    outside this call.
+    """
+    vit = find_vit(model)[1]
+    layout = token_layout(vit, tuple(images.shape[-2:]))
+    b, device = images.shape[0], images.device
+    where = (layout.prefix + torch.arange(layout.n_patches, device=device)).expand(b, -1).clone()
+    trace = getattr(vit, "_pomt_trace", None)
+    if trace is None:
+        return where
+    trace.where = where
+    try:
+        with kernels("torch"):
+            vit(images)
+        return trace.where
+    finally:
+        trace.where = None

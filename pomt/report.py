@@ -1,5 +1,7 @@
 """Accuracy-latency reports: one row per configuration (method, r), saved as CSV and JSON and
-printed as a table (``pomt.plots.plot_tradeoff`` draws them)."""
+printed as a table, with the accuracy-latency Pareto front marked and, for POMT's chosen R,
+how it compares with the best ToMe and Top-K settings at the same or higher accuracy
+(``pomt.plots.plot_tradeoff`` draws them)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,13 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReportRow", "write_report", "read_report", "format_table"]
+__all__ = ["ReportRow", "write_report", "read_report", "format_table", "mark_pareto", "comparisons"]
 
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2
 
 
 @dataclass
@@ -28,6 +30,8 @@ class ReportRow:
     ``loop_latency_ms`` is the median per-batch forward time inside the test loop. For POMT's
     chosen R, ``predicted_latency_ms`` is what the profile predicted and ``verified_speedup``
     what the check before use measured against the unpruned model (``pomt.verify``).
+    ``timing`` says how the latency was timed (``eager`` or ``cuda_graphs``, as the latency
+    profile was, or why not); ``pareto`` marks the accuracy-latency front of its batch size.
     """
 
     method: str
@@ -47,6 +51,8 @@ class ReportRow:
     predicted_latency_ms: float | None = None
     samples: int = 0
     verified_speedup: float | None = None
+    timing: str = "eager"
+    pareto: bool = False
 
     @property
     def label(self) -> str:
@@ -59,9 +65,13 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_report(
-    rows: Sequence[ReportRow], out_dir: str | os.PathLike[str], stem: str = "report"
+    rows: Sequence[ReportRow],
+    out_dir: str | os.PathLike[str],
+    stem: str = "report",
+    timing: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``rows`` to ``out_dir/stem.csv`` and ``out_dir/stem.json``; returns both paths."""
+    """Write ``rows`` to ``out_dir/stem.csv`` and ``out_dir/stem.json`` (with the ``timing``
+    description and the comparison sentences); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = [f.name for f in fields(ReportRow)]
@@ -71,9 +81,63 @@ def write_report(
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))
-    payload = {"schema": REPORT_SCHEMA, "rows": [_finite(asdict(row)) for row in rows]}
+    payload = {
+        "schema": REPORT_SCHEMA,
+        "timing": timing,
+        "comparisons": comparisons(rows),
+        "rows": [_finite(asdict(row)) for row in rows],
+    }
     json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return csv_path, json_path
+
+
+def mark_pareto(rows: Sequence[ReportRow]) -> list[ReportRow]:
+    """``rows`` with ``pareto`` set where no other row of the same batch size is at least as
+    accurate and at least as fast, and better in one of the two."""
+    out = []
+    for row in rows:
+        rivals = [o for o in rows if o is not row and o.batch_size == row.batch_size]
+        dominated = any(
+            o.acc1 >= row.acc1
+            and o.latency_ms <= row.latency_ms
+            and (o.acc1 > row.acc1 or o.latency_ms < row.latency_ms)
+            for o in rivals
+        )
+        out.append(replace(row, pareto=not dominated))
+    return out
+
+
+_NAMES = {"tome": "ToMe", "topk": "Top-K"}
+
+
+def comparisons(rows: Sequence[ReportRow]) -> list[str]:
+    """For POMT's chosen R at each batch size: the fastest ToMe and Top-K setting at equal or
+    higher top-1, and which of the two is faster by how much (one sentence each)."""
+    out = []
+    for chosen in (row for row in rows if row.selected):
+        same = [row for row in rows if row.batch_size == chosen.batch_size]
+        where = f"batch {chosen.batch_size}: "
+        ours = f"POMT (r={chosen.r}, {100 * chosen.acc1:.2f} %, {chosen.latency_ms:.2f} ms)"
+        for method, name in _NAMES.items():
+            group = [row for row in same if row.method == method]
+            if not group:
+                continue
+            match = [row for row in group if row.acc1 >= chosen.acc1]
+            if not match:
+                best = max(group, key=lambda row: (row.acc1, -row.latency_ms))
+                out.append(
+                    f"{where}no {name} setting reaches the accuracy of {ours}; the most accurate, r={best.r}, "
+                    f"has {100 * best.acc1:.2f} % at {best.latency_ms:.2f} ms"
+                )
+                continue
+            best = min(match, key=lambda row: row.latency_ms)
+            theirs = f"{name} (r={best.r}, {100 * best.acc1:.2f} %, {best.latency_ms:.2f} ms)"
+            ratio = best.latency_ms / chosen.latency_ms
+            faster, slower, by = (ours, theirs, ratio) if ratio >= 1 else (theirs, ours, 1 / ratio)
+            out.append(
+                f"{where}on this device {faster} is x{by:.2f} faster than {slower} at the same or higher accuracy"
+            )
+    return out
 
 
 def read_report(path: str | os.PathLike[str]) -> list[ReportRow]:
@@ -88,28 +152,35 @@ def read_report(path: str | os.PathLike[str]) -> list[ReportRow]:
         raise ValueError(f"{path} is not a pomt report JSON: {err}") from err
 
 
-def format_table(rows: Sequence[ReportRow]) -> str:
-    """A fixed-width table, one line per configuration, speed-up against the unpruned row
-    of the same batch size."""
+def format_table(rows: Sequence[ReportRow], timing: str | None = None) -> str:
+    """A fixed-width table, one line per configuration, speed-up against the unpruned row of
+    the same batch size, the Pareto front marked; then the comparisons with ToMe and Top-K."""
     base = {row.batch_size: row.latency_ms for row in rows if row.method == "none"}
     header = (
         f"{'configuration':<18} {'batch':>5} {'n last':>6} {'mean n':>8} {'top-1 %':>8} {'top-5 %':>8} "
-        f"{'median ms':>10} {'p90 ms':>8} {'speed-up':>8}"
+        f"{'median ms':>10} {'p90 ms':>8} {'speed-up':>8} {'front':>5}"
     )
-    lines = [header, "-" * len(header)]
+    lines = [f"latency: {timing}"] if timing else []
+    lines += [header, "-" * len(header)]
     for row in rows:
         unpruned = base.get(row.batch_size)
         speedup = f"{unpruned / row.latency_ms:.3f}" if unpruned and row.latency_ms > 0 else "-"
         mark = " *" if row.selected else ""
+        eager = " (eager)" if row.timing.startswith("eager (") else ""
         lines.append(
-            f"{row.label + mark:<18} {row.batch_size:>5} {row.n_last:>6} {row.mean_n:>8.1f} {100 * row.acc1:>8.2f} "
-            f"{100 * row.acc5:>8.2f} {row.latency_ms:>10.2f} {row.latency_p90_ms:>8.2f} {speedup:>8}"
+            f"{row.label + mark + eager:<18} {row.batch_size:>5} {row.n_last:>6} {row.mean_n:>8.1f} "
+            f"{100 * row.acc1:>8.2f} {100 * row.acc5:>8.2f} {row.latency_ms:>10.2f} {row.latency_p90_ms:>8.2f} "
+            f"{speedup:>8} {'yes' if row.pareto else '':>5}"
         )
     if any(row.selected for row in rows):
-        lines.append("* R chosen by POMT for this device")
+        lines.append("* R chosen by POMT for this device; front: on the accuracy-latency Pareto front")
         for row in rows:
             if row.selected and row.verified_speedup is not None:
                 lines.append(
                     f"  (batch {row.batch_size}: verified before use, x{row.verified_speedup:.3f} against the unpruned model)"
                 )
+    for row in rows:
+        if row.timing.startswith("eager ("):
+            lines.append(f"{row.label} (batch {row.batch_size}) was timed {row.timing}")
+    lines += comparisons(rows)
     return "\n".join(lines)

@@ -92,7 +92,7 @@ def test_measured_search_writes_profile_and_keeps_rng(tmp_path):
     assert probe.seen[-1] == sel.n_star
     saved = LatencyProfile.load(path)
     assert saved.grid == [5, 8, 11, 14, 17] and saved.batch_size == 8 and saved.layer == LAYER
-    assert callback.profile_batch_size == 8
+    assert callback.latency_profile.batch_size == 8
 
 
 def test_fixed_r_skips_the_search_and_other_methods():

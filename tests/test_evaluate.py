@@ -14,7 +14,7 @@ from conftest import make_tiny_vit
 import evaluate
 import pomt
 from pomt.evaluation import matching_r_values
-from pomt.report import ReportRow, format_table, read_report, write_report
+from pomt.report import ReportRow, comparisons, format_table, mark_pareto, read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,3 +148,29 @@ def test_online_wandb_without_login_falls_back_to_offline(tmp_path, monkeypatch)
     assert [row.method for row in result.rows] == ["none", "pomt"]
     assert (tmp_path / "tiny" / "report.json").is_file()
     assert len(list((tmp_path / "tiny" / "wandb").glob("offline-run-*"))) == 3
+
+
+def test_report_marks_the_front_and_compares_pomt_with_tome_and_topk():
+    def row(method, r, acc1, ms, **kw):
+        return ReportRow(method, str(r), 10, 10.0, acc1, 1.0, ms, ms, None, 8, "cpu", "float32", **kw)
+
+    rows = mark_pareto(
+        [
+            row("none", 0, 0.90, 10.0),
+            row("pomt", 8, 0.89, 6.0, selected=True),
+            row("tome", 4, 0.89, 9.0),  # as accurate, slower: POMT is x1.50 faster
+            row("tome", 8, 0.80, 5.0),  # faster, less accurate: also on the front
+            row("topk", 4, 0.85, 7.0),  # dominated by POMT
+        ]
+    )
+    assert [r.pareto for r in rows] == [True, True, False, True, False]
+    sentences = comparisons(rows)
+    assert sentences[0] == (
+        "batch 8: on this device POMT (r=8, 89.00 %, 6.00 ms) is x1.50 faster than ToMe (r=4, 89.00 %, "
+        "9.00 ms) at the same or higher accuracy"
+    )
+    assert sentences[1].startswith("batch 8: no Top-K setting reaches the accuracy of POMT")
+    slower = mark_pareto([row("pomt", 8, 0.89, 12.0, selected=True), row("tome", 4, 0.9, 8.0)])
+    assert "ToMe (r=4, 90.00 %, 8.00 ms) is x1.50 faster than POMT" in comparisons(slower)[0]
+    table = format_table(rows, timing="eager calls, precision 32-true")
+    assert table.splitlines()[0] == "latency: eager calls, precision 32-true" and " yes" in table

@@ -282,7 +282,9 @@ def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, 
     )
     assert "measured x1.25" in caplog.text and "verified" in caplog.text
 
-    monkeypatch.setattr(pomt.finder, "speedup_samples", lambda model, vit, r, **k: _fake({})(r))  # no real gain
+    monkeypatch.setattr(
+        pomt.finder, "speedup_samples", lambda model, vit, r, **k: _fake({})(r)
+    )  # no real gain
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
     assert result["pomt/r"] == 0 and "pomt/measured_speedup" not in result

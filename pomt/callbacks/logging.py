@@ -27,6 +27,7 @@ from pomt.plots import plot_profiles
 __all__ = [
     "describe",
     "warn_pruned_monitors",
+    "log_token_maps",
     "log_pomt",
     "logger_dir",
     "log_scalars",
@@ -34,6 +35,7 @@ __all__ = [
     "log_table",
     "log_line_plots",
     "log_figure",
+    "OfflineWandbLogger",
     "wandb_logger",
     "finish_wandb",
     "log_tradeoff_summary",
@@ -171,6 +173,16 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
+class OfflineWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger``, offline unless told otherwise (no account or network needed;
+    ``wandb sync`` uploads later), and without wandb's deprecated ``anonymous`` setting, which
+    Lightning passes on every run and wandb warns about."""
+
+    def __init__(self, *args: Any, offline: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, offline=offline, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+
+
 def wandb_logger(
     project: str = "pomt",
     save_dir: str | os.PathLike[str] = ".",
@@ -192,7 +204,7 @@ def wandb_logger(
             "or use offline=True (the run can be uploaded later with `wandb sync`)"
         )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, save_dir=str(save_dir), offline=offline, **kwargs)
+    return OfflineWandbLogger(project=project, save_dir=str(save_dir), offline=offline, **kwargs)
 
 
 @rank_zero_only
@@ -269,10 +281,9 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
         return
     summary: dict[str, Any] = dict(scalars)
     summary.update({"pomt/method": callback.method, "pomt/layer": callback.layer, "pomt/stage": stage})
-    if callback.device_name:
-        summary["pomt/device"] = callback.device_name
-    if callback.profile_batch_size:
-        summary["pomt/profile_batch_size"] = callback.profile_batch_size
+    if callback.latency_profile is not None:
+        summary["pomt/device"] = callback.latency_profile.device
+        summary["pomt/profile_batch_size"] = callback.latency_profile.batch_size
     if callback.selection is not None and callback.r is None and callback.selection.verification:
         summary["pomt/verification"] = callback.selection.verification
     log_summary(trainer, summary)
@@ -280,6 +291,21 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
     if callback.log_plots and sel is not None and callback.r is None:
         _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
     announce_wandb_runs(trainer)
+
+
+def log_token_maps(trainer: Any, callback: Any, images: Any) -> None:
+    """The images with the token each patch ended in under the applied pruning, as a figure."""
+    from pomt.models import token_layout
+    from pomt.plots import plot_token_groups
+    from pomt.pruning import token_groups
+
+    vit = callback._vit
+    layout = token_layout(vit, tuple(images.shape[-2:]))
+    label = f"{callback.method} r={callback.applied_r}"
+    figure = plot_token_groups(
+        images, {label: token_groups(vit, images)}, prefix=layout.prefix, patch_grid=layout.patch_grid
+    )
+    log_figure(trainer, "pomt/token_maps", figure)
 
 
 def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:

@@ -17,14 +17,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.callbacks import logging as pomt_logging
-from pomt.data import UnlabelledDataError, check_accuracy_data
+from pomt.data import UnlabelledDataError, check_accuracy_data, split_batch
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.measure import image_size
 from pomt.models import find_vit
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.selection import Selection
-from pomt.timing import device_name
 
 __all__ = ["POMTCallback", "STAGES", "SPLITS"]
 
@@ -74,6 +73,8 @@ class POMTCallback(Callback):
             ``fit``, pruned while training is not: A(n) is measured again as the weights change,
             and what a ModelCheckpoint or EarlyStopping monitors is the pruned model).
         log_plots: log the curves (table, line plots, PNG); scalars are always logged.
+        log_token_maps: log this many images of the stage's data with the token each patch
+            ended in (``pomt.plots.plot_token_groups``) to every logger that takes images.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class POMTCallback(Callback):
         vit_path: str | None = None,
         stages: tuple[str, ...] = ("validate", "test", "predict"),
         log_plots: bool = True,
+        log_token_maps: int = 0,
     ) -> None:
         super().__init__()
         if method not in ("pomt", "topk", "tome"):
@@ -113,13 +115,11 @@ class POMTCallback(Callback):
         self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
         self.restore, self.reuse, self.vit_path = restore, reuse, vit_path
-        self.stages, self.log_plots = frozenset(stages), log_plots
+        self.stages, self.log_plots, self.log_token_maps = frozenset(stages), log_plots, log_token_maps
         # results (like BatchSizeFinder.optimal_batch_size): the search, and what was applied
         self.result: Search | None = None
         self.applied_r: int | None = None
         self.applied_schedule: list[int] | None = None
-        self.profile_batch_size: int | None = None
-        self.device_name: str | None = None
         self._vit: Any = None
         self._found_path: str | None = None
         self._previous: Any = None
@@ -180,14 +180,10 @@ class POMTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain values only, so checkpoints load with ``weights_only=True``."""
         state = {} if self.result is None else self.result.to_dict()
-        keys = ("applied_r", "method", "layer", "profile_batch_size", "device_name")
-        return state | {key: getattr(self, key) for key in keys}
+        return state | {"applied_r": self.applied_r, "method": self.method, "layer": self.layer}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.result = Search.from_dict(state_dict)
-        self.applied_r = state_dict.get("applied_r")
-        self.profile_batch_size = state_dict.get("profile_batch_size")
-        self.device_name = state_dict.get("device_name")
+        self.result, self.applied_r = Search.from_dict(state_dict), state_dict.get("applied_r")
 
     # ------------------------------------------------------------------ the work
     def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -209,6 +205,9 @@ class POMTCallback(Callback):
         self.applied_r, self.applied_schedule = int(r), list(schedule)
         rank_zero_info(pomt_logging.describe(self, self._found_path))
         pomt_logging.log_pomt(trainer, pl_module, self, stage)
+        if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
+            images = split_batch(next(iter(self._stage_loader(trainer, stage))))[0][: self.log_token_maps]
+            pomt_logging.log_token_maps(trainer, self, images.to(pl_module.device))
 
     def _after_stage(self, force_restore: bool = False) -> None:
         if not self._applied or self._vit is None:
@@ -230,7 +229,7 @@ class POMTCallback(Callback):
         result = trainer.strategy.broadcast(result, src=0)
         if isinstance(result, Exception):
             raise result
-        self.result, self.profile_batch_size, self.device_name = result
+        self.result = result
 
     def _stage_loader(self, trainer: pl.Trainer, stage: str) -> Any:
         return _first_loader(getattr(trainer, _LOADERS[stage], None))
@@ -268,9 +267,7 @@ class POMTCallback(Callback):
         except ValueError as err:
             raise ValueError(f"POMTCallback: {err}") from err
 
-    def _search(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
-    ) -> tuple[Search, int, str]:
+    def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
         device = pl_module.device
         batch_size = self.batch_size or getattr(self._stage_loader(trainer, stage), "batch_size", None) or 1
         data = self._accuracy_data(trainer, stage)
@@ -296,4 +293,4 @@ class POMTCallback(Callback):
             raise _unlabelled(stage) from err
         finally:
             pl_module.train(was_training)
-        return search, int(batch_size), device_name(device)
+        return search

@@ -1,0 +1,106 @@
+"""Where the patches went: pomt.token_groups for POMT, Top-K and ToMe (the counts exactly),
+against the blocks' own token sizes and values, at no cost to the model; the figure; and the
+callback logging it."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import cpu_trainer, image_loader, make_tiny_vit, tiny_classifier
+from lightning.pytorch.loggers import CSVLogger
+
+import pomt
+from pomt import ops
+from pomt.blocks import tome_merge
+from pomt.callbacks import POMTCallback
+
+
+@pytest.fixture(scope="module")
+def deit_small():
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+
+
+IMAGES = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("r", [1, 28, 100])
+def test_pomt_groups_keep_each_patch_and_fuse_exactly_r_plus_one(deit_small, r):
+    pomt.apply_pruning(deit_small, "pomt", r=r, layer=3)
+    try:
+        groups = pomt.token_groups(deit_small, IMAGES)
+    finally:
+        pomt.remove_pruning(deit_small)
+    assert groups.shape == (2, 196) and groups.dtype == torch.long and (groups >= 0).all()
+    for image in groups:
+        tokens, sizes = image.unique(return_counts=True)
+        assert len(tokens) == 197 - r - 1  # N - r - p distinct groups among the patches
+        assert sorted(sizes.tolist())[-1] == r + 1 and (sizes == 1).sum() == len(tokens) - 1
+        assert tokens.max() == 197 - r - 1  # the fused token is the last one
+
+
+def test_topk_drops_r_per_block_and_tome_leaves_as_many_groups_as_tokens(deit_small):
+    for method in ("topk", "tome"):
+        pomt.apply_pruning(deit_small, method, r=8)
+        try:
+            groups = pomt.token_groups(deit_small, IMAGES)
+        finally:
+            pomt.remove_pruning(deit_small)
+        for image in groups:
+            left = image[image >= 0]
+            if method == "topk":
+                assert (image < 0).sum() == 8 * 12 and len(left.unique()) == len(left) == 196 - 96
+            else:
+                assert (image >= 0).all() and len(left.unique()) == 196 - 8 * 12  # ordinary tokens left
+
+
+def test_tome_groups_are_its_sizes_and_its_weighted_means():
+    torch.manual_seed(0)
+    x, keys, r, prefix = torch.randn(2, 21, 8), torch.randn(2, 2, 21, 4), 6, 5
+    trace = ops.Trace()
+    trace.where = torch.arange(prefix, 21).expand(2, -1).clone()
+    merged, size = tome_merge(x, keys, torch.ones(2, 21, 1), r, prefix, trace)
+    for b in range(2):
+        counts = torch.bincount(trace.where[b], minlength=merged.shape[1])
+        assert torch.equal(counts[prefix:].float(), size[b, prefix:, 0])  # a group per token, of its size
+        for token in range(prefix, merged.shape[1]):
+            members = prefix + torch.nonzero(trace.where[b] == token).flatten()  # their input tokens
+            torch.testing.assert_close(merged[b, token], x[b, members].mean(0))
+
+
+def test_tracking_leaves_outputs_and_the_idle_model_as_they_were(deit_small):
+    pomt.apply_pruning(deit_small, "tome", r=8)
+    try:
+        with torch.no_grad():
+            before = deit_small(IMAGES)
+            pomt.token_groups(deit_small, IMAGES)
+            after = deit_small(IMAGES)
+        assert torch.equal(before, after)
+        assert deit_small._pomt_trace.where is None  # idle again: the blocks only check that
+    finally:
+        pomt.remove_pruning(deit_small)
+    unpruned = pomt.token_groups(deit_small, IMAGES)
+    assert torch.equal(unpruned, torch.arange(1, 197).expand(2, -1))  # every patch its own token
+
+
+def test_the_figure_shows_each_configuration_with_its_tokens_left():
+    model = make_tiny_vit(patch_size=4)
+    images = torch.randn(3, 3, 32, 32)
+    columns = {}
+    for label, method, r in (("unpruned", "none", 0), ("pomt r=20", "pomt", 20), ("tome r=5", "tome", 5)):
+        pomt.apply_pruning(model, method, r=r, layer=1)
+        columns[label] = pomt.token_groups(model, images)
+    fig = pomt.plots.plot_token_groups(images, columns, prefix=1, patch_grid=(8, 8))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 3 * 4
+    assert {"unpruned: 65 tokens", "pomt r=20: 45 tokens", "tome r=5: 45 tokens"} <= set(titles)
+    hatched = [p for p in fig.axes[2].patches if p.get_hatch()]
+    assert len(hatched) == 21  # the fused patches of the first image, greyed with a hatch
+
+
+def test_the_callback_logs_token_maps_to_its_loggers(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    callback = POMTCallback(r=6, layer=1, log_token_maps=2)
+    cpu_trainer(callbacks=[callback], logger=logger).test(tiny_classifier(), image_loader())
+    assert (tmp_path / "run" / "version_0" / "pomt_token_maps.png").stat().st_size > 1000
