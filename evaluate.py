@@ -77,9 +77,11 @@ def main(args: list[str] | None = None) -> TradeoffResult:
             run=False,
         )
     sweep: TradeoffEvaluation = cli.config_init["sweep"]
-    result = sweep.run(cli.model, cli.datamodule, trainer_factory=cli.instantiate_trainer)
-    cli.parser.save(cli.config, str(result.out_dir / "config.yaml"), overwrite=True)
-    return result
+
+    def save_config(run_dir: Path) -> None:  # first, so that an interrupted run keeps it too
+        cli.parser.save(cli.config, str(run_dir / "config.yaml"), overwrite=True)
+
+    return sweep.run(cli.model, cli.datamodule, trainer_factory=cli.instantiate_trainer, on_start=save_config)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,10 @@ class ViTClassifier(pl.LightningModule):
             n = x.shape[0]
             loss = F.cross_entropy(logits, y)
             self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+            # the images behind the accuracy, summed over batches and processes
+            self.log(
+                f"{stage}/images", float(n), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True
+            )
             for k in (1, 5):
                 metric = self.metrics[f"{stage}_acc{k}"]
                 metric(logits, y)
@@ -246,9 +250,11 @@ class ViTClassifier(pl.LightningModule):
         self.last_latency[stage] = stats
         if stage == "predict":
             return  # self.log is not available in predict; read `last_latency`
-        self.log(f"{stage}/latency_ms", stats.median_ms, sync_dist=True)
-        self.log(f"{stage}/latency_p90_ms", stats.p90_ms, sync_dist=True)
-        self.log(f"{stage}/latency_batch_size", float(batch_size), sync_dist=True)
+        # this process's own device, and no collective call: under DDP a process may have seen
+        # too few batches to time any
+        for key, value in (("latency_ms", stats.median_ms), ("latency_p90_ms", stats.p90_ms)):
+            self.log(f"{stage}/{key}", value, rank_zero_only=True)
+        self.log(f"{stage}/latency_batch_size", float(batch_size), rank_zero_only=True)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_latency("val")

@@ -31,7 +31,8 @@ class ReportRow:
     chosen R, ``predicted_latency_ms`` is what the profile predicted and ``verified_speedup``
     what the check before use measured against the unpruned model (``pomt.verify``).
     ``timing`` says how the latency was timed (``eager`` or ``cuda_graphs``, as the latency
-    profile was, or why not); ``pareto`` marks the accuracy-latency front of its batch size.
+    profile was, or why not); ``pareto`` marks the accuracy-latency front of its batch size;
+    ``images`` is how many test images the accuracy is on, ``wall_s`` how long its test took.
     """
 
     method: str
@@ -53,6 +54,8 @@ class ReportRow:
     verified_speedup: float | None = None
     timing: str = "eager"
     pareto: bool = False
+    images: int = 0
+    wall_s: float | None = None
 
     @property
     def label(self) -> str:
@@ -69,9 +72,10 @@ def write_report(
     out_dir: str | os.PathLike[str],
     stem: str = "report",
     timing: str | None = None,
+    run: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``rows`` to ``out_dir/stem.csv`` and ``out_dir/stem.json`` (with the ``timing``
-    description and the comparison sentences); returns both paths."""
+    description, what the ``run`` was made under, and the comparison sentences)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = [f.name for f in fields(ReportRow)]
@@ -84,6 +88,7 @@ def write_report(
     payload = {
         "schema": REPORT_SCHEMA,
         "timing": timing,
+        "run": run,
         "comparisons": comparisons(rows),
         "rows": [_finite(asdict(row)) for row in rows],
     }

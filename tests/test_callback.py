@@ -360,7 +360,8 @@ def test_ddp_two_cpu_processes_get_the_same_r(tmp_path):
     assert [rank["searches"] for rank in ranks] == [1, 0]  # only rank 0 measured
     assert ranks[0]["r"] == ranks[1]["r"] == N - 11
     assert ranks[0]["tokens_seen"] == ranks[1]["tokens_seen"] == [11]  # both ranks ran pruned
-    assert ranks[0]["result"] == ranks[1]["result"]  # synced metrics
+    synced = [{k: v for k, v in rank["result"].items() if "latency" not in k} for rank in ranks]
+    assert synced[0] == synced[1]  # synced metrics (latency is each process's own device)
 
 
 def test_lightning_cli_builds_module_and_callback_from_plain_arguments():

@@ -13,7 +13,7 @@ from conftest import make_tiny_vit
 
 import evaluate
 import pomt
-from pomt.evaluation import matching_r_values
+from pomt.configurations import matching_r_values
 from pomt.report import ReportRow, comparisons, format_table, mark_pareto, read_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -339,27 +339,30 @@ def finish_wandb(logger: Any, dirs: list[str]) -> None:
         experiment.finish()
 
 
-def log_tradeoff_summary(logger: Any, rows: Sequence[Any], plot_path: Path) -> None:
+def log_tradeoff_summary(
+    logger: Any, rows: Sequence[Any], images: Sequence[Path], config: dict[str, Any]
+) -> None:
     """The summary run of an evaluation: the comparison table, an accuracy-vs-latency scatter,
-    the trade-off PNG, and summary values for POMT's row and the unpruned model."""
+    the figures (``images``: the trade-off plot, the token maps), the run's ``config`` (how it
+    was timed, what it ran on), and summary values for POMT's row and the unpruned model."""
     from dataclasses import asdict
 
     import wandb
 
     run = logger.experiment
+    logger.log_hyperparams(config)
     columns = list(asdict(rows[0]))
     table = wandb.Table(
         columns=columns + ["label"], data=[[*asdict(row).values(), row.label] for row in rows]
     )
-    run.log(
-        {
-            "tradeoff/table": table,
-            "tradeoff/accuracy_vs_latency": wandb.plot.scatter(
-                table, "latency_ms", "acc1", title="top-1 accuracy vs median latency (ms)"
-            ),
-            "tradeoff/plot": wandb.Image(str(plot_path)),
-        }
-    )
+    logged: dict[str, Any] = {
+        "tradeoff/table": table,
+        "tradeoff/accuracy_vs_latency": wandb.plot.scatter(
+            table, "latency_ms", "acc1", title="top-1 accuracy vs median latency (ms)"
+        ),
+    }
+    logged |= {f"tradeoff/{Path(path).stem}": wandb.Image(str(path)) for path in images}
+    run.log(logged)
     for row in rows:
         if row.selected:
             run.summary.update(

@@ -237,9 +237,20 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        sampler = None
+        trainer = self.trainer
+        if not shuffle and not iterable and trainer is not None and trainer.world_size > 1:
+            # evaluation under DDP: every image exactly once over all processes (Lightning's
+            # default sampler pads the split, repeating images); the metrics sync their counts
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
+            sampler=sampler,
             shuffle=shuffle and not iterable,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,

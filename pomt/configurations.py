@@ -1,0 +1,169 @@
+"""What an evaluation compares, and how: the configurations (unpruned, POMT at R, ToMe and
+Top-K at matching r), their side-by-side timing on one batch, and their token maps."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import pomt
+from pomt.plots import plot_token_groups
+from pomt.timing import cuda_graph, time_interleaved
+
+__all__ = ["Configuration", "configurations", "matching_r_values", "time_configurations", "save_token_maps"]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One evaluated way of running the model: ``method`` with ``r`` (``selected``: POMT at the
+    R chosen for this device)."""
+
+    method: str
+    r: int
+    selected: bool = False
+
+    @property
+    def label(self) -> str:
+        return "unpruned" if self.method == "none" else f"{self.method}-r{self.r}"
+
+
+def mean_n(vit: nn.Module, config: Configuration, layer: int) -> float:
+    """Mean tokens per block: the first-order compute of a ViT under ``config``."""
+    schedule = pomt.token_schedule(vit, config.method, config.r, layer)
+    return sum(schedule) / len(schedule)
+
+
+def matching_r_values(
+    vit: nn.Module, method: str, target_mean_n: Sequence[float], layer: int = 3
+) -> list[int]:
+    """For each target, the per-block ``r`` of ``method`` whose mean tokens per block is closest,
+    so that ToMe and Top-K land in the latency range of the POMT configuration they meet."""
+    layout = pomt.token_layout(vit)
+    candidates: dict[int, float] = {}
+    for r in range(1, layout.n_patches):
+        try:
+            candidates[r] = mean_n(vit, Configuration(method, r), layer)
+        except ValueError:
+            break
+    chosen: list[int] = []
+    if not candidates:
+        return chosen
+    tolerance = 0.05 * layout.n_total
+    lowest, highest = min(candidates.values()) - tolerance, max(candidates.values()) + tolerance
+    for target in target_mean_n:
+        if not lowest <= target <= highest:
+            continue  # out of this method's reach (e.g. more than ToMe can merge)
+        best = min(candidates, key=lambda r: (abs(candidates[r] - target), r))
+        if best not in chosen:
+            chosen.append(best)
+    return sorted(chosen)
+
+
+def configurations(
+    vit: nn.Module,
+    methods: Sequence[str],
+    r: int | None,
+    layer: int,
+    span: Sequence[float],
+    explicit: dict[str, list[int] | None],
+) -> list[Configuration]:
+    """Unpruned, POMT at ``r`` (None: not evaluated), and ToMe/Top-K at ``explicit[method]`` or at
+    r values whose mean token counts span ``span`` times POMT's reduction (a quarter of the
+    patches when POMT removes nothing)."""
+    layout = pomt.token_layout(vit)
+    configs = [Configuration("none", 0)] if "none" in methods else []
+    reduction = 0.0
+    if r is not None:
+        configs.append(Configuration("pomt", r, selected=True))
+        reduction = layout.n_total - mean_n(vit, configs[-1], layer)
+    if reduction <= 0:
+        reduction = 0.25 * layout.n_patches
+    targets = [layout.n_total - s * reduction for s in span]
+    for method in ("tome", "topk"):
+        if method in methods:
+            values = explicit.get(method)
+            values = values if values is not None else matching_r_values(vit, method, targets, layer)
+            configs.extend(Configuration(method, int(v)) for v in values)
+    return configs
+
+
+def time_configurations(
+    model: nn.Module,
+    vit: nn.Module,
+    images: torch.Tensor,
+    configs: Sequence[Configuration],
+    *,
+    layer: int,
+    device: torch.device,
+    rounds: int,
+    warmup: int,
+    cuda_graphs: bool,
+) -> dict[str, dict[str, Any]]:
+    """Latency of every configuration on ``images``, interleaved round by round (call this
+    under the precision the profile used). With ``cuda_graphs`` on CUDA each configuration is
+    a captured graph replayed, as the profile timed; one that cannot be captured is timed
+    eagerly with a warning, and its ``mode`` says why. Returns ``{label: stats + mode}``."""
+    model.to(device).eval()
+    images = images.to(device)
+    by_label = {c.label: c for c in configs}
+    calls, modes = {}, {}
+
+    def prepare(label: str) -> None:
+        pomt.apply_pruning(vit, by_label[label].method, r=by_label[label].r, layer=layer)
+
+    try:
+        with torch.inference_mode():
+            for label in by_label:
+                prepare(label)
+                calls[label], modes[label] = (lambda: model(images)), "eager"
+                if cuda_graphs and device.type == "cuda":
+                    try:
+                        calls[label], modes[label] = cuda_graph(calls[label], device), "cuda_graphs"
+                    except Exception as err:  # e.g. data-dependent shapes or host syncs
+                        warnings.warn(
+                            f"{label}: CUDA graph capture failed ({err}); timing eager calls", stacklevel=2
+                        )
+                        modes[label] = f"eager (graph capture failed: {type(err).__name__})"
+            stats = time_interleaved(
+                calls,
+                device=device,
+                rounds=rounds,
+                warmup=warmup,
+                prepare=prepare,
+                progress=f"timing {len(by_label)} configurations",
+            )
+    finally:
+        pomt.remove_pruning(vit)
+    return {label: {**s.to_dict(), "mode": modes[label]} for label, s in stats.items()}
+
+
+def save_token_maps(
+    vit: nn.Module, images: torch.Tensor, configs: Sequence[Configuration], layer: int, path: Path
+) -> Path:
+    """The same images unpruned, with POMT at its R, and with the ToMe and Top-K settings whose
+    mean token count is closest to POMT's, as one figure (``pomt.plots.plot_token_groups``)."""
+    chosen = next((c for c in configs if c.selected), None)
+    target = mean_n(vit, chosen, layer) if chosen else 0.0
+    shown = [c for c in configs if c.method in ("none", "pomt")]
+    for method in ("tome", "topk"):
+        group = [c for c in configs if c.method == method]
+        if group:
+            shown.append(min(group, key=lambda c: (abs(mean_n(vit, c, layer) - target), c.r)))
+    columns = {}
+    try:
+        for config in shown:
+            pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
+            columns[config.label.replace("-r", " r=")] = pomt.token_groups(vit, images)
+    finally:
+        pomt.remove_pruning(vit)
+    layout = pomt.token_layout(vit)
+    plot_token_groups(images, columns, prefix=layout.prefix, patch_grid=layout.patch_grid).savefig(
+        path, dpi=100
+    )
+    return path

@@ -1,0 +1,152 @@
+"""evaluate.py at scale: resumable sweeps (reuse what is still valid, say why not), Ctrl-C
+leaves every finished row, quick estimates on part of the split, one progress line, the
+figures, and exact accuracy under DDP (2 CPU processes, gloo) equal to a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from test_evaluate import tiny_args
+
+import evaluate
+from pomt import SearchConfig
+from pomt.datamodules import DigitsDataModule
+from pomt.evaluation import TradeoffEvaluation
+from pomt.lightning import ViTClassifier
+from pomt.report import read_report
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_SPLIT = [a for a in tiny_args(Path("/unused")) if "limit_test_batches" not in a and "out_dir" not in a]
+
+
+def _table(rows):
+    return [(r.method, r.r, r.acc1, r.latency_ms) for r in rows]
+
+
+def test_a_rerun_reuses_every_configuration_and_prints_the_same_table(tmp_path, capsys, caplog):
+    args = tiny_args(tmp_path, "--sweep.wandb=false")
+    start = time.perf_counter()
+    first = evaluate.main(args)
+    first_s = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "sweep: " in out and "configurations x batch sizes [32]" in out  # the line before it runs
+    assert first.reused == [] and all(row.wall_s > 0 and row.images == 64 for row in first.rows)
+    table = out[out.index("configuration ") : out.index("report:")]
+
+    caplog.clear()
+    start = time.perf_counter()
+    with caplog.at_level("INFO"):
+        second = evaluate.main(args)
+    second_s = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert len(second.reused) == len(first.rows) and not list(tmp_path.glob("tiny/wandb"))
+    for step in ("selecting R", "timing ", "evaluating "):  # nothing measured or tested again
+        assert step not in caplog.text
+    assert _table(second.rows) == _table(first.rows)
+    assert out[out.index("configuration ") : out.index("report:")] == table  # the same table
+    assert second_s < first_s, (first_s, second_s)  # (the digits main job: see the README)
+
+    fresh = evaluate.main([*args, "--sweep.resume=false"])  # starts clean
+    assert fresh.reused == []
+
+
+def test_other_weights_are_never_reused_silently(tmp_path, caplog):
+    args = tiny_args(tmp_path, "--sweep.wandb=false", "--sweep.methods=[none, tome]", "--sweep.tome_r=[2]")
+    evaluate.main(args)
+    with caplog.at_level("INFO"):
+        other = evaluate.main([*args, "--seed_everything=1"])  # new random weights
+    assert other.reused == []
+    assert "not reusing unpruned" in caplog.text and "weights=" in caplog.text
+
+
+def _tiny_sweep(tmp_path: Path, **kwargs) -> tuple[ViTClassifier, DigitsDataModule, TradeoffEvaluation]:
+    pl.seed_everything(0)
+    model = ViTClassifier(
+        "vit_tiny_patch16_224", num_classes=10, img_size=16,
+        model_kwargs=dict(patch_size=4, embed_dim=32, depth=3, num_heads=2),
+    )  # fmt: skip
+    data = DigitsDataModule(img_size=16, batch_size=32, selection_size=40, augment=False)
+    search = SearchConfig(grid=(17, 9, 5), accuracy_grid=(17, 9, 5), accuracy_samples=40, min_run_time=0.0,
+                          warmup=1, verify=False)  # fmt: skip
+    sweep = TradeoffEvaluation(layer=1, search=search, out_dir=str(tmp_path), run_name="cut", latency_rounds=2,
+                               **kwargs)  # fmt: skip
+    return model, data, sweep
+
+
+def test_ctrl_c_leaves_every_finished_row_and_closes_the_wandb_runs(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    model, data, sweep = _tiny_sweep(tmp_path, limit_test_batches=1, tome_r=[2], topk_r=[2])
+    tests = []
+
+    class Interrupt(pl.Callback):
+        def on_test_start(self, trainer, pl_module):
+            tests.append(1)
+            if len(tests) == 3:
+                raise KeyboardInterrupt
+
+    def trainer_factory(**kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), Interrupt()]
+        return pl.Trainer(
+            accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, **kwargs
+        )
+
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        sweep.run(model, data, trainer_factory)
+    rows = read_report(tmp_path / "cut" / "report.json")
+    assert [row.method for row in rows] == ["none", "pomt"]  # the two that finished
+    assert wandb.run is None  # the W&B runs of finished (and interrupted) configurations are closed
+    runs = list((tmp_path / "cut" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 3
+
+
+def test_a_quick_estimate_on_part_of_the_split_says_so(tmp_path):
+    result = evaluate.main(tiny_args(tmp_path, "--sweep.wandb=false", "--sweep.limit_test_batches=1"))
+    assert {row.images for row in result.rows} == {32}  # one batch of 32 of the 359 test images
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    assert report["run"]["limit_test_batches"] == 1
+    assert "eager calls, precision 32-true, warm-up 1" in report["timing"]
+    assert (tmp_path / "tiny" / "token_maps.png").stat().st_size > 5_000
+
+
+DDP = [
+    *FULL_SPLIT,
+    "--sweep.wandb=false",
+    "--sweep.token_maps=0",
+    "--trainer.enable_progress_bar=false",
+    "--data.batch_size=48",  # 359 images: neither 2 ranks nor 48 divide it
+]
+
+
+@pytest.mark.slow
+def test_ddp_accuracy_equals_a_single_process_to_the_last_image(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+
+    def evaluate_py(*extra: str) -> str:
+        command = [sys.executable, str(ROOT / "evaluate.py"), *DDP, f"--sweep.out_dir={tmp_path}", *extra]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    evaluate_py("--sweep.run_name=single")
+    # the DDP run takes the single run's search and timing (rank 0 reuses them; the other
+    # rank waits for them) and tests every configuration again on 2 processes
+    shutil.copytree(
+        tmp_path / "single", tmp_path / "ddp", ignore=shutil.ignore_patterns("results", "report.*")
+    )
+    log = evaluate_py("--sweep.run_name=ddp", "--trainer.devices=2", "--trainer.strategy=ddp")
+    assert "MEMBER: 2/2" in log  # the second process joined
+    assert "selecting R" not in log and "timing " not in log  # nobody measured again
+    single = read_report(tmp_path / "single" / "report.json")
+    ddp = read_report(tmp_path / "ddp" / "report.json")
+    assert [(r.method, r.r) for r in ddp] == [(r.method, r.r) for r in single]  # the same R
+    assert [(r.acc1, r.acc5, r.images) for r in ddp] == [(r.acc1, r.acc5, r.images) for r in single]
+    assert {r.images for r in ddp} == {359}  # every image once, none repeated
