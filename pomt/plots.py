@@ -169,6 +169,10 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
                     fontsize=8,
                     color=color,
                 )
+    front = sorted((row for row in rows if getattr(row, "pareto", False)), key=lambda row: row.latency_ms)
+    if len(front) > 1:
+        xs, ys = [row.latency_ms for row in front], [100 * row.acc1 for row in front]
+        ax.step(xs, ys, where="post", color="0.35", ls="--", lw=1, zorder=1, label="Pareto front")
     first = rows[0] if rows else None
     where = f"\n{first.model}, batch {first.batch_size}, {first.dtype}, {first.device}" if first else ""
     ax.set_title(f"Top-1 accuracy vs latency{where}", fontsize=10)
@@ -181,7 +185,8 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
 def plot_tradeoff(
     rows: Sequence[Any], latency: Any = None, accuracy: Any = None, selection: Any = None
 ) -> Any:
-    """Accuracy against latency, one marker per ``pomt.report.ReportRow``, POMT highlighted.
+    """Accuracy against latency, one marker per ``pomt.report.ReportRow``, POMT highlighted, and
+    the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase.
 
     With the latency/accuracy profiles given, a second panel shows the profile's curves
     (``pomt.plots.plot_profiles`` on its own axes) beside the trade-off.

@@ -174,3 +174,8 @@ def test_report_marks_the_front_and_compares_pomt_with_tome_and_topk():
     assert "ToMe (r=4, 90.00 %, 8.00 ms) is x1.50 faster than POMT" in comparisons(slower)[0]
     table = format_table(rows, timing="eager calls, precision 32-true")
     assert table.splitlines()[0] == "latency: eager calls, precision 32-true" and " yes" in table
+    from pomt.plots import plot_tradeoff
+
+    lines = plot_tradeoff(rows).axes[0].get_lines()
+    front = [line for line in lines if line.get_label() == "Pareto front"]
+    assert len(front) == 1 and list(front[0].get_xdata()) == [5.0, 6.0, 10.0]  # the front, by latency
