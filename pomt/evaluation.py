@@ -206,8 +206,13 @@ class TradeoffEvaluation:
                     warmup=self.search.warmup, cuda_graphs=self.search.cuda_graphs,
                 )  # fmt: skip
             run.save(folder / "timing.json", timing_at, timing)
-        test = [c.label for c in configs if self._result(run, c, conditions) is None]
-        plan = {"configs": [[c.method, c.r, c.selected] for c in configs], "timing": timing, "test": test}
+        done = {c.label: self._result(run, c, conditions) for c in configs}  # accuracy records still valid
+        plan = {
+            "configs": [[c.method, c.r, c.selected] for c in configs],
+            "timing": timing,
+            "test": [label for label, record in done.items() if record is None],
+            "done": {label: record for label, record in done.items() if record is not None},
+        }
         run.mark_ready(folder, plan)
         return plan, search
 
@@ -357,8 +362,7 @@ class TradeoffEvaluation:
                     {"metrics": metrics, "wall_s": wall_s},
                 )
             elif run.rank_zero:
-                stored = self._result(run, config, conditions)
-                metrics, wall_s = stored["metrics"], stored["wall_s"]
+                metrics, wall_s = plan["done"][config.label]["metrics"], plan["done"][config.label]["wall_s"]
                 result.reused.append(config.label)
             if run.rank_zero:
                 batch = (int(datamodule.batch_size), record["mode"])

@@ -5,7 +5,6 @@ held-out data; and every mistake that needs no timing caught at ``setup``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -298,7 +297,6 @@ def test_timing_relative_to_the_unpruned_model_is_the_cpu_default():
     assert result.latency.search.endswith("relative to N")
 
 
-@pytest.mark.skipif(os.environ.get("CI") == "true" and not torch.cuda.is_available(), reason="timing")
 def test_a_real_verification_on_this_machine_measures_both_models():
     from pomt.verify import speedup_samples
 
