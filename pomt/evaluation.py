@@ -49,6 +49,11 @@ class TradeoffResult:
     reused: list[str] = field(default_factory=list)  # configurations whose accuracy was reused
 
 
+def _test_images(datamodule: Any) -> Any:
+    """The images of the first test batch (timed side by side, and shown in the token maps)."""
+    return split_batch(next(iter(datamodule.test_dataloader())))[0]
+
+
 class TradeoffEvaluation:
     """Evaluate one model pruned several ways; LightningCLI builds it from the ``sweep:`` section.
 
@@ -195,7 +200,7 @@ class TradeoffEvaluation:
         timing_at = here | {"timing": self.timing(trainer), "configs": labels}
         timing = run.load(folder / "timing.json", timing_at, "the timing")
         if timing is None:
-            images = split_batch(next(iter(datamodule.test_dataloader())))[0]
+            images = _test_images(datamodule)
             rank_zero_info(
                 f"timing {len(configs)} configurations side by side ({self.latency_rounds} rounds)"
             )
@@ -216,11 +221,18 @@ class TradeoffEvaluation:
         run.mark_ready(folder, plan)
         return plan, search
 
+    @staticmethod
+    def _result_at(
+        run: RunDir, config: Configuration, conditions: dict[str, Any]
+    ) -> tuple[Path, dict[str, Any]]:
+        """Where one configuration's accuracy record lives, and what it is valid for."""
+        path = run.root / "results" / f"{config.label}.json"
+        return path, conditions | {"method": config.method, "r": config.r}
+
     def _result(
         self, run: RunDir, config: Configuration, conditions: dict[str, Any]
     ) -> dict[str, Any] | None:
-        path = run.root / "results" / f"{config.label}.json"
-        return run.load(path, conditions | {"method": config.method, "r": config.r}, config.label)
+        return run.load(*self._result_at(run, config, conditions), config.label)
 
     # ------------------------------------------------------------------ testing (every rank)
     def _test(
@@ -302,10 +314,9 @@ class TradeoffEvaluation:
                     if index == 0 and zero:
                         self._announce(configs, plan, batch_sizes, datamodule, bar)
                         if self.token_maps:
-                            images = split_batch(next(iter(datamodule.test_dataloader())))[0][
-                                : self.token_maps
-                            ]
-                            images = images.to(measure.strategy.root_device)
+                            images = _test_images(datamodule)[: self.token_maps].to(
+                                measure.strategy.root_device
+                            )
                             save_token_maps(vit, images, configs, self.layer, run.root / "token_maps.png")
                     rows = self._batch(model, vit, datamodule, trainer_factory, run, configs, plan, search,
                                        conditions, group, folder, timing, result, bar)  # fmt: skip
@@ -355,12 +366,7 @@ class TradeoffEvaluation:
                         )
                 finally:
                     finish_wandb(logger, result.wandb_dirs)
-                path = run.root / "results" / f"{config.label}.json"
-                run.save(
-                    path,
-                    conditions | {"method": config.method, "r": config.r},
-                    {"metrics": metrics, "wall_s": wall_s},
-                )
+                run.save(*self._result_at(run, config, conditions), {"metrics": metrics, "wall_s": wall_s})
             elif run.rank_zero:
                 metrics, wall_s = plan["done"][config.label]["metrics"], plan["done"][config.label]["wall_s"]
                 result.reused.append(config.label)
