@@ -3,7 +3,6 @@ Top-K at matching r), their side-by-side timing on one batch, and their token ma
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from torch import nn
 
 import pomt
 from pomt.plots import plot_token_groups
-from pomt.timing import cuda_graph, time_interleaved
+from pomt.timing import cuda_graph_or_eager, time_interleaved
 
 __all__ = ["Configuration", "configurations", "matching_r_values", "time_configurations", "save_token_maps"]
 
@@ -123,13 +122,7 @@ def time_configurations(
                 prepare(label)
                 calls[label], modes[label] = (lambda: model(images)), "eager"
                 if cuda_graphs and device.type == "cuda":
-                    try:
-                        calls[label], modes[label] = cuda_graph(calls[label], device), "cuda_graphs"
-                    except Exception as err:  # e.g. data-dependent shapes or host syncs
-                        warnings.warn(
-                            f"{label}: CUDA graph capture failed ({err}); timing eager calls", stacklevel=2
-                        )
-                        modes[label] = f"eager (graph capture failed: {type(err).__name__})"
+                    calls[label], modes[label] = cuda_graph_or_eager(calls[label], device, f"{label}: ")
             stats = time_interleaved(
                 calls,
                 device=device,

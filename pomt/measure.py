@@ -29,7 +29,7 @@ from pomt.profiles import (
     normalise,
 )
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
-from pomt.timing import TimingStats, cuda_graph, device_name, time_call, time_paired
+from pomt.timing import TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
 
 __all__ = [
     "profile_latency",
@@ -232,12 +232,9 @@ def profile_latency(
         nonlocal graphs_ok
         prune_to(n)
         call: Callable[[], object] = lambda: model(x)  # noqa: E731
-        if graphs_ok:
-            try:
-                call = cuda_graph(call, device)
-            except Exception as err:  # capture is not possible for every model/driver
-                warnings.warn(f"CUDA graph capture failed ({err}); timing eager calls", stacklevel=3)
-                graphs_ok = False
+        if graphs_ok:  # after a failed capture, the remaining points are timed eagerly
+            call, mode = cuda_graph_or_eager(call, device)
+            graphs_ok = mode == "cuda_graphs"
         return time_call(call, device=device, warmup=warmup, repeats=repeats, min_run_time=min_run_time)
 
     lo = prefix + 1

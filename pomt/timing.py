@@ -12,6 +12,7 @@ import math
 import random
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -27,6 +28,7 @@ __all__ = [
     "median_interval",
     "time_paired",
     "cuda_graph",
+    "cuda_graph_or_eager",
     "Stopwatch",
     "device_name",
 ]
@@ -271,6 +273,18 @@ def cuda_graph(fn: Callable[[], object], device: torch.device | str) -> Callable
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def cuda_graph_or_eager(
+    fn: Callable[[], object], device: torch.device | str, what: str = ""
+) -> tuple[Callable[[], object], str]:
+    """``(replay, "cuda_graphs")`` where ``fn`` can be captured, else ``(fn, "eager (...)")`` with
+    a warning (a model with data-dependent shapes or host syncs cannot be captured)."""
+    try:
+        return cuda_graph(fn, device), "cuda_graphs"
+    except Exception as err:
+        warnings.warn(f"{what}CUDA graph capture failed ({err}); timing eager calls", stacklevel=3)
+        return fn, f"eager (graph capture failed: {type(err).__name__})"
 
 
 def time_paired(

@@ -25,7 +25,7 @@ from torch import nn
 from pomt.measure import image_size, on_device, random_batch
 from pomt.pruning import apply_pruning, remove_pruning
 from pomt.selection import Selection
-from pomt.timing import cuda_graph, median_interval, time_paired
+from pomt.timing import cuda_graph_or_eager, median_interval, time_paired
 
 __all__ = ["verify", "speedup_samples"]
 
@@ -52,11 +52,15 @@ def speedup_samples(
         return model(x)
 
     with on_device(model, vit, device, dtype), torch.inference_mode():
-        if cuda_graphs and device.type == "cuda":
+        graphs = cuda_graphs and device.type == "cuda"
+        if graphs:  # both as graph replays, or both eager
             apply_pruning(vit, "pomt", r=r, layer=layer)
-            pruned = cuda_graph(call, device)
+            pruned, mode = cuda_graph_or_eager(call, device, f"verifying r={r}: ")
             remove_pruning(vit)
-            unpruned = cuda_graph(call, device)
+            if mode == "cuda_graphs":
+                unpruned, mode = cuda_graph_or_eager(call, device, f"verifying r={r}: ")
+            graphs = mode == "cuda_graphs"
+        if graphs:
             ratios, reference = time_paired(
                 pruned, unpruned, device=device, warmup=warmup, min_run_time=min_run_time, min_pairs=min_pairs
             )

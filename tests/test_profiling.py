@@ -19,7 +19,7 @@ from pomt.data import balanced_indices
 from pomt.measure import estimate_accuracy, profile_latency
 from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config
-from pomt.timing import TimingStats, time_paired
+from pomt.timing import TimingStats, cuda_graph_or_eager, time_paired
 
 FAST = dict(warmup=0, repeats=2, progress=False, relative=False)
 
@@ -120,6 +120,16 @@ def test_cuda_graphs_degrade_gracefully_on_cpu():
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
         lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], cuda_graphs=True, **FAST)
     assert lat.cuda_graphs is False and lat.grid == [2, 17]
+
+
+def test_a_failed_graph_capture_times_the_eager_call_and_says_why():
+    def fn():
+        return 42
+
+    with pytest.warns(UserWarning, match="tome r=8: CUDA graph capture failed"):
+        call, mode = cuda_graph_or_eager(fn, "cpu", "tome r=8: ")  # a CPU device cannot be captured
+    assert call is fn and call() == 42
+    assert mode.startswith("eager (graph capture failed: ")
 
 
 def test_profile_latency_rejects_bad_arguments():
