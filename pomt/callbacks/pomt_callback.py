@@ -198,8 +198,7 @@ class POMTCallback(Callback):
             schedule = token_schedule(vit, self.method, r, self.layer)  # validates r before patching
             apply_pruning(vit, self.method, r=r, layer=self.layer)
         except BaseException:
-            if self._previous is not None:  # an error leaves the model as it was
-                apply_pruning(vit, self._previous.method, r=self._previous.r, layer=self._previous.layer)
+            self._put_back()  # an error leaves the model as it was
             raise
         self._applied = True
         self.applied_r, self.applied_schedule = int(r), list(schedule)
@@ -213,11 +212,15 @@ class POMTCallback(Callback):
         if not self._applied or self._vit is None:
             return
         if self.restore or force_restore:
-            remove_pruning(self._vit)
-            if self._previous is not None:
-                prev = self._previous
-                apply_pruning(self._vit, prev.method, r=prev.r, layer=prev.layer)
+            self._put_back()
         self._applied = False
+
+    def _put_back(self) -> None:
+        """The ViT as it was before the stage: unpruned, or pruned as the user had it."""
+        remove_pruning(self._vit)
+        if self._previous is not None:
+            prev = self._previous
+            apply_pruning(self._vit, prev.method, r=prev.r, layer=prev.layer)
 
     def _search_all_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         result: Any = None
