@@ -25,6 +25,7 @@ __all__ = ["RunDir", "session_id"]
 
 RECORD_SCHEMA = 1
 _SESSION = "POMT_SWEEP_SESSION"
+_PER_FOLDER = ("search.json", "timing.json", "ready.json", "latency_profile.json", "accuracy_profile.json")
 
 
 def session_id() -> str:
@@ -72,9 +73,7 @@ class RunDir:
                     target = self.root / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
                 for folder in [self.root, *self.root.glob("bs*")]:
-                    for name in ("search.json", "timing.json", "ready.json"):
-                        (folder / name).unlink(missing_ok=True)
-                    for name in ("latency_profile.json", "accuracy_profile.json"):
+                    for name in _PER_FOLDER:
                         (folder / name).unlink(missing_ok=True)
             self.root.mkdir(parents=True, exist_ok=True)
 
