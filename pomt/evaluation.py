@@ -303,11 +303,16 @@ class TradeoffEvaluation:
                 for index, batch_size in enumerate(batch_sizes):
                     datamodule.batch_size = batch_size
                     folder = run.folder(batch_size, bool(self.batch_sizes))
-                    plan, search = (
-                        self._plan(model, vit, datamodule, measure, run, folder, conditions)
-                        if zero
-                        else (run.wait_ready(folder), None)
-                    )
+                    if zero:
+                        try:
+                            plan, search = self._plan(
+                                model, vit, datamodule, measure, run, folder, conditions
+                            )
+                        except BaseException as err:  # the other ranks wait for this plan: tell them
+                            run.mark_failed(folder, err)
+                            raise
+                    else:
+                        plan, search = run.wait_ready(folder), None
                     if search is not None:
                         result.searches[batch_size] = search
                     configs = [Configuration(m, r, s) for m, r, s in plan["configs"]]

@@ -101,10 +101,19 @@ class RunDir:
         """Rank 0: this batch size's search and timing are on disk; ``plan`` is what all ranks run."""
         self.save(folder / "ready.json", {"session": self.session}, plan)
 
+    def mark_failed(self, folder: Path, error: BaseException) -> None:
+        """Rank 0: measuring failed; the waiting ranks stop with this error instead of waiting."""
+        self.save(
+            folder / "ready.json", {"session": self.session}, {"error": f"{type(error).__name__}: {error}"}
+        )
+
     def wait_ready(self, folder: Path, poll: float = 0.5) -> dict[str, Any]:
-        """Other ranks: the plan rank 0 marked ready in this session (waits while rank 0 measures)."""
+        """Other ranks: the plan rank 0 marked ready in this session (waits while rank 0 measures);
+        a RuntimeError when rank 0 marked it failed."""
         while True:
             record = _read(folder / "ready.json")
             if record is not None and record.get("conditions", {}).get("session") == self.session:
+                if "error" in record["payload"]:
+                    raise RuntimeError(f"global rank 0 stopped while measuring: {record['payload']['error']}")
                 return record["payload"]
             time.sleep(poll)

@@ -150,3 +150,19 @@ def test_ddp_accuracy_equals_a_single_process_to_the_last_image(tmp_path):
     assert [(r.method, r.r) for r in ddp] == [(r.method, r.r) for r in single]  # the same R
     assert [(r.acc1, r.acc5, r.images) for r in ddp] == [(r.acc1, r.acc5, r.images) for r in single]
     assert {r.images for r in ddp} == {359}  # every image once, none repeated
+
+
+def test_the_other_ranks_stop_with_rank_zeros_error_instead_of_waiting(tmp_path, monkeypatch):
+    from pomt.rundir import RunDir
+
+    monkeypatch.setenv("POMT_SWEEP_SESSION", "one-run")
+    rank0 = RunDir(tmp_path, resume=True, rank_zero=True, log=print)
+    rank1 = RunDir(tmp_path, resume=True, rank_zero=False, log=print)
+    rank0.mark_ready(tmp_path, {"configs": [["none", 0, False]]})
+    assert rank1.wait_ready(tmp_path) == {"configs": [["none", 0, False]]}
+
+    rank0.mark_failed(tmp_path, ValueError("no selection_dataloader()"))
+    with pytest.raises(
+        RuntimeError, match=r"rank 0 stopped while measuring: ValueError: no selection_dataloader"
+    ):
+        rank1.wait_ready(tmp_path, poll=0.01)
