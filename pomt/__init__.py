@@ -4,6 +4,8 @@
 and is not imported here.
 """
 
+import logging as _logging
+
 from pomt import plots  # (matplotlib itself is imported only when plotting)
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.measure import estimate_accuracy, profile_latency
@@ -13,6 +15,21 @@ from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning,
 from pomt.selection import Selection, select_r
 
 __version__ = "0.1.0"
+
+
+class _UnlessConfigured(_logging.StreamHandler):
+    """Prints the ``pomt`` loggers' lines (INFO and up) while the application has configured no
+    logging of its own; once the root logger has handlers (Hydra, a user's config), the lines
+    go there only."""
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        if not _logging.getLogger().hasHandlers():
+            super().emit(record)
+
+
+_logger = _logging.getLogger(__name__)
+_logger.setLevel(_logging.INFO)
+_logger.addHandler(_UnlessConfigured())
 
 __all__ = [
     "METHODS",

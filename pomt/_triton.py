@@ -1,22 +1,34 @@
-"""Triton kernels of the pruning blocks (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
+"""Triton kernels of POMT's pruning block (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
 
-Three kernels replace the ten to twenty small torch kernels that scoring and selecting
-tokens would otherwise launch, and none of them writes a (B, H, N, N) tensor:
+Five small kernels do what ten to twenty torch kernels would, and none of them writes a
+(B, H, N, N) tensor:
 
 - ``_row_lse``: log-sum-exp of every ordinary query row over all keys, per head;
-- ``_column_scores``: for POMT, per key j the sum over ordinary rows i of
+- ``_column_scores``: per key j the sum over ordinary rows i of
   ``max_h exp(q_hi . k_hj * scale - lse_hi)`` (the max over heads fused with the column
-  sum), and per token the value statistic ``sum_d max_h v_hjd``;
-- ``_select``: one program per image turns the statistics into scores (POMT: column sum
-  over its image maximum plus the softmax of the value statistic; Top-K: the CLS row of
-  attention, averaged over heads), ranks the ordinary tokens (a stable descending order,
-  ties to the lower index, as a Python ``sorted``), and writes the new sequence: the prefix
-  tokens, the kept tokens, and for POMT the mean of the others.
+  sum, in partials over row blocks), and per token the value statistic ``sum_d max_h v_hjd``;
+- ``_scores``: one program per image turns the statistics into POMT's scores: the column
+  sum over the image's maximum plus the softmax of the value statistic;
+- ``_rank``: the position of each ordinary token in a stable descending order (ties to
+  the lower index, as a Python ``sorted``), or -1 past the ``keep`` best;
+- ``_gather``: the new sequence: the prefix tokens, the kept tokens in score order, and
+  the mean of the others.
+
+What makes them safe on any input a GPU will meet:
+
+- every offset that involves the image index is 64-bit (a batch of ViT-L/14 at 518 px
+  passes 2**31 elements from image 512 on);
+- an image whose column sums are all zero (every ordinary query attends only to the
+  prefix: an attention sink) gets an attention term of 0, not 0/0;
+- a score that is not a number ranks as ``-inf``, so the order is total: the ranks are a
+  permutation, every output row is written exactly once, and no store leaves its output.
 
 ``pomt.ops`` decides when these run and holds the plain torch path they must equal.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -24,30 +36,24 @@ import triton.language as tl
 
 __all__ = ["row_lse", "column_scores", "select_tokens"]
 
-# Tile sizes, chosen so that no kernel spills registers on sm_90 (checked by compiling for it;
-# see tests/test_kernels.py) while small batches still spread over many programs.
-_LSE_M, _LSE_N = 64, 64  # _row_lse: query rows x key columns
+# Tile sizes, chosen so that no kernel spills registers on sm_90 at head dims up to 128
+# (checked by compiling for it; see tests/test_kernels.py).
 _COL_M, _COL_N = 32, 64  # _column_scores: query rows (x2 for 16-bit inputs) x key columns
-_SEL_J, _SEL_I, _SEL_C = 32, 128, 128  # _select: tokens ranked x compared per step; channels per program
-_WARPS = 8  # every kernel: 256 threads per program
+_SCORE_BLOCK = 256  # _scores: tokens per step
+_RANK_J, _RANK_I = 64, 128  # _rank: tokens ranked per program x compared per step
+_GATHER_J, _GATHER_C = 32, 128  # _gather: tokens per step x channels per program
+_WARPS = 8  # the two attention kernels: 256 threads per program
+_SMALL_WARPS = 4  # the selection kernels
+_TINY = 1.1754943508222875e-38  # the smallest normal float32: the divisor when a maximum is 0
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # bfloat16 under Triton's CPU interpreter, whose bf16 tl.dot multiplies wrongly
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if IEEE:  # float32 inputs: no TF32 rounding, so the scores equal the torch path's
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
-
-
-@triton.jit
-def _cls_logits(k_ptr, q, b, h, j, ok, d, d_ok, sk_b, sk_h, sk_n, scale):
-    """q_cls . k_j * scale of head h for the tokens j (-inf where not ``ok``), float32."""
-    k = tl.load(
-        k_ptr + b * sk_b + h * sk_h + j[:, None] * sk_n + d[None, :],
-        mask=ok[:, None] & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    return tl.where(ok, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
 
 
 @triton.jit
@@ -55,36 +61,39 @@ def _row_lse(
     q_ptr, k_ptr, lse_ptr,
     N, prefix, H, D, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """lse[b, h, i - prefix] = logsumexp_j(q_hi . k_hj * scale) for the ordinary rows i."""
     pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
     rows = prefix + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(
-        q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + d[None, :],
-        mask=(rows < N)[:, None] & d_ok[None, :],
+        q_ptr + b * sq_b + h * sq_h + rows.to(tl.int64)[:, None] * sq_n + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
+    k_head = k_ptr + b * sk_b + h * sk_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k = tl.load(
-            k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_n + d[None, :],
+            k_head + cols.to(tl.int64)[:, None] * sk_n + d[None, :],
             mask=(cols < N)[:, None] & d_ok[None, :],
             other=0.0,
         )
-        s = _dot(q, tl.trans(k), IEEE) * scale
+        s = _dot(q, tl.trans(k), IEEE, UPCAST) * scale
         s = tl.where((cols < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
         m_i = m_new
     no = N - prefix
-    out = rows - prefix
-    tl.store(lse_ptr + (b * H + h) * no + out, m_i + tl.log(l_i), mask=rows < N)
+    tl.store(lse_ptr + (b * H + h) * no + rows - prefix, m_i + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -92,11 +101,13 @@ def _column_scores(
     q_ptr, k_ptr, v_ptr, lse_ptr, col_ptr, val_ptr,
     N, prefix, H, D, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One (image, column block, row block): col[b, s, j] = sum over the ordinary rows i of
     row block s of max_h softmax_h[i, j]; row block 0 also writes val[b, j] = sum_d max_h v."""
-    b, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = tl.program_id(0).to(tl.int64)
+    pid_n, pid_s = tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -105,20 +116,20 @@ def _column_scores(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     no = N - prefix
-    q_tile = q_ptr + b * sq_b + rows[:, None] * sq_n + d[None, :]  # head 0; head h is + h * sq_h
-    k_tile = k_ptr + b * sk_b + cols[:, None] * sk_n + d[None, :]
+    q_tile = q_ptr + b * sq_b + rows.to(tl.int64)[:, None] * sq_n + d[None, :]  # head h: + h * sq_h
+    k_tile = k_ptr + b * sk_b + cols.to(tl.int64)[:, None] * sk_n + d[None, :]
     lse_row = lse_ptr + b * H * no + rows - prefix
     top = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # probabilities are >= 0
     for h in range(H):
         q = tl.load(q_tile + h * sq_h, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k = tl.load(k_tile + h * sk_h, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_row + h * no, mask=row_ok, other=0.0)
-        top = tl.maximum(top, tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None]))
+        top = tl.maximum(top, tl.exp(_dot(q, tl.trans(k), IEEE, UPCAST) * scale - lse[:, None]))
     partial = tl.sum(tl.where(row_ok[:, None], top, 0.0), 0)
     tl.store(col_ptr + (b * splits + pid_s) * N + cols, partial, mask=col_ok)
     if pid_s == 0:
         vmax = tl.full([BLOCK_N, BLOCK_D], float("-inf"), tl.float32)
-        v_tile = v_ptr + b * sv_b + cols[:, None] * sv_n + d[None, :]
+        v_tile = v_ptr + b * sv_b + cols.to(tl.int64)[:, None] * sv_n + d[None, :]
         for h in range(H):
             v = tl.load(v_tile + h * sv_h, mask=col_ok[:, None] & d_ok[None, :], other=float("-inf"))
             vmax = tl.maximum(vmax, v.to(tl.float32))
@@ -126,8 +137,8 @@ def _column_scores(
 
 
 @triton.jit
-def _pomt_column(col_ptr, b, j, ok, splits, N):
-    """POMT's attention column sum of tokens j: the sum of the row-block partials."""
+def _column_sum(col_ptr, b, j, ok, splits, N):
+    """POMT's attention column sum of the tokens j: the sum of the row-block partials."""
     total = tl.zeros(j.shape, tl.float32)
     for s in range(splits):
         total += tl.load(col_ptr + (b * splits + s) * N + j, mask=ok, other=0.0)
@@ -135,142 +146,124 @@ def _pomt_column(col_ptr, b, j, ok, splits, N):
 
 
 @triton.jit
-def _select(
-    x_ptr, out_ptr, score_ptr, pos_ptr,
-    col_ptr, val_ptr, q_ptr, k_ptr,
-    N, prefix, keep, C, H, D, splits, scale,
-    sx_b, sx_n, so_b, so_n, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n,
-    POMT: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
-    """One (image, channel block): score, rank, and write this block of channels of the
-    ``prefix + keep (+ 1 fused)`` tokens. The programs of one image compute the same scores
-    and ranks (so they never wait for each other) and store the same values to scratch."""
-    b, pid_c = tl.program_id(0), tl.program_id(1)
+def _scores(col_ptr, val_ptr, score_ptr, N, prefix, splits, TINY, BLOCK: tl.constexpr):
+    """One image: score[b, j] = col_j / max col + softmax(val)_j for the ordinary tokens j;
+    ``-inf`` where that is not a number."""
+    b = tl.program_id(0).to(tl.int64)
     no = N - prefix
-    ii = tl.arange(0, BLOCK_I)
-    # ---- 1. scores of the ordinary tokens into score[b, :]
-    if POMT:
-        top = tl.full([BLOCK_I], float("-inf"), tl.float32)
-        vmax = tl.full([BLOCK_I], float("-inf"), tl.float32)
-        for start in range(0, N, BLOCK_I):
-            j = start + ii
-            top = tl.maximum(top, _pomt_column(col_ptr, b, j, (j >= prefix) & (j < N), splits, N))
-            vmax = tl.maximum(vmax, tl.load(val_ptr + b * N + j, mask=j < N, other=float("-inf")))
-        top_all = tl.max(top, 0)
-        v_all = tl.max(vmax, 0)
-        den = tl.zeros([BLOCK_I], tl.float32)
-        for start in range(0, N, BLOCK_I):
-            j = start + ii
-            den += tl.exp(tl.load(val_ptr + b * N + j, mask=j < N, other=float("-inf")) - v_all)
-        den_all = tl.sum(den, 0)
-        for start in range(0, no, BLOCK_I):
-            j = start + ii
-            ok = j < no
-            col = _pomt_column(col_ptr, b, prefix + j, ok, splits, N)
-            val = tl.load(val_ptr + b * N + prefix + j, mask=ok, other=float("-inf"))
-            tl.store(score_ptr + b * no + j, col / top_all + tl.exp(val - v_all) / den_all, mask=ok)
-    else:  # Top-K: softmax of the CLS query over all keys, per head, averaged over heads
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        hh = tl.arange(0, BLOCK_H)
-        lse_h = tl.zeros([BLOCK_H], tl.float32)
-        for h in range(H):  # log-sum-exp of the CLS row: its maximum, then the sum
-            q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32)
-            m = tl.full([BLOCK_I], float("-inf"), tl.float32)
-            for start in range(0, N, BLOCK_I):
-                j = start + ii
-                m = tl.maximum(m, _cls_logits(k_ptr, q, b, h, j, j < N, d, d_ok, sk_b, sk_h, sk_n, scale))
-            m_all = tl.max(m, 0)
-            s_sum = tl.zeros([BLOCK_I], tl.float32)
-            for start in range(0, N, BLOCK_I):
-                j = start + ii
-                s_sum += tl.exp(
-                    _cls_logits(k_ptr, q, b, h, j, j < N, d, d_ok, sk_b, sk_h, sk_n, scale) - m_all
-                )
-            lse_h = tl.where(hh == h, m_all + tl.log(tl.sum(s_sum, 0)), lse_h)
-        for start in range(0, no, BLOCK_I):
-            j = start + ii
-            ok = j < no
-            acc = tl.zeros([BLOCK_I], tl.float32)
-            for h in range(H):
-                q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32)
-                s = _cls_logits(k_ptr, q, b, h, prefix + j, ok, d, d_ok, sk_b, sk_h, sk_n, scale)
-                acc += tl.exp(s - tl.sum(tl.where(hh == h, lse_h, 0.0), 0))
-            tl.store(score_ptr + b * no + j, acc / H, mask=ok)
-    tl.debug_barrier()  # the scores are read back below by other threads of this program
-    # ---- 2. rank: a stable descending order; position of each ordinary token, -1 if not kept
-    jj = tl.arange(0, BLOCK_J)
-    running = tl.full([], 0, tl.int32)
-    for start in range(0, no, BLOCK_J):
+    jj = tl.arange(0, BLOCK)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    vmax = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, N, BLOCK):
         j = start + jj
-        j_ok = j < no
-        s_j = tl.load(score_ptr + b * no + j, mask=j_ok, other=0.0)
-        rank = tl.zeros([BLOCK_J], tl.int32)
-        for i0 in range(0, no, BLOCK_I):
-            i = i0 + ii
-            s_i = tl.load(score_ptr + b * no + i, mask=i < no, other=float("-inf"))
-            ahead = (s_i[None, :] > s_j[:, None]) | (
-                (s_i[None, :] == s_j[:, None]) & (i[None, :] < j[:, None])
-            )
-            rank += tl.sum((ahead & (i < no)[None, :]).to(tl.int32), 1)
-        kept = (rank < keep) & j_ok
-        if POMT:  # kept tokens in score order (as the reference), the rest fused
-            pos = tl.where(kept, rank, -1)
-        else:  # Top-K keeps the original order of the tokens
-            flags = kept.to(tl.int32)
-            pos = tl.where(kept, running + tl.cumsum(flags, 0) - flags, -1)
-            running += tl.sum(flags, 0)
-        tl.store(pos_ptr + b * no + j, pos, mask=j_ok)
-    tl.debug_barrier()
-    # ---- 3. gather this channel block: prefix tokens, kept tokens, (POMT) the mean of the others
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        top = tl.maximum(top, _column_sum(col_ptr, b, j, (j >= prefix) & (j < N), splits, N))
+        vmax = tl.maximum(vmax, tl.load(val_ptr + b * N + j, mask=j < N, other=float("-inf")))
+    top_all = tl.maximum(tl.max(top, 0), TINY)  # an attention sink: every column sum is 0
+    v_all = tl.max(vmax, 0)
+    den = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, N, BLOCK):
+        j = start + jj
+        den += tl.exp(tl.load(val_ptr + b * N + j, mask=j < N, other=float("-inf")) - v_all)
+    den_all = tl.sum(den, 0)
+    for start in range(0, no, BLOCK):
+        j = start + jj
+        ok = j < no
+        col = _column_sum(col_ptr, b, prefix + j, ok, splits, N)
+        val = tl.load(val_ptr + b * N + prefix + j, mask=ok, other=float("-inf"))
+        score = col / top_all + tl.exp(val - v_all) / den_all
+        tl.store(score_ptr + b * no + j, tl.where(score == score, score, float("-inf")), mask=ok)
+
+
+@triton.jit
+def _rank(score_ptr, pos_ptr, no, keep, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One (image, block of tokens): pos[b, j] = the rank of token j in a stable descending
+    order of the scores (never NaN), or -1 when it is not among the ``keep`` best."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < no
+    s_j = tl.load(score_ptr + b * no + j, mask=j_ok, other=float("-inf"))
+    ii = tl.arange(0, BLOCK_I)
+    rank = tl.zeros([BLOCK_J], tl.int32)
+    for start in range(0, no, BLOCK_I):
+        i = start + ii
+        i_ok = i < no
+        s_i = tl.load(score_ptr + b * no + i, mask=i_ok, other=float("-inf"))
+        ahead = (s_i[None, :] > s_j[:, None]) | ((s_i[None, :] == s_j[:, None]) & (i[None, :] < j[:, None]))
+        rank += tl.sum((ahead & i_ok[None, :]).to(tl.int32), 1)
+    tl.store(pos_ptr + b * no + j, tl.where(rank < keep, rank, -1), mask=j_ok)
+
+
+@triton.jit
+def _gather(
+    x_ptr, pos_ptr, out_ptr,
+    N, prefix, keep, C, sx_b, sx_n, so_b, so_n,
+    BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One (image, channel block) of the new sequence: the prefix tokens, the kept tokens at
+    their positions, and the mean of the others."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    no = N - prefix
+    x_image = x_ptr + b * sx_b
+    out_image = out_ptr + b * so_b
     for t in range(0, prefix):
-        row = tl.load(x_ptr + b * sx_b + t * sx_n + c, mask=c_ok)
-        tl.store(out_ptr + b * so_b + t * so_n + c, row, mask=c_ok)
+        tl.store(out_image + t * so_n + c, tl.load(x_image + t * sx_n + c, mask=c_ok), mask=c_ok)
+    jj = tl.arange(0, BLOCK_J)
     fused = tl.zeros([BLOCK_C], tl.float32)
     for start in range(0, no, BLOCK_J):
         j = start + jj
         j_ok = j < no
         pos = tl.load(pos_ptr + b * no + j, mask=j_ok, other=-1)
+        kept = (pos >= 0) & (pos < keep)
         rows = tl.load(
-            x_ptr + b * sx_b + (prefix + j)[:, None] * sx_n + c[None, :],
+            x_image + (prefix + j).to(tl.int64)[:, None] * sx_n + c[None, :],
             mask=j_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
         tl.store(
-            out_ptr + b * so_b + (prefix + pos)[:, None] * so_n + c[None, :],
+            out_image + (prefix + pos).to(tl.int64)[:, None] * so_n + c[None, :],
             rows,
-            mask=(pos >= 0)[:, None] & c_ok[None, :],
+            mask=kept[:, None] & c_ok[None, :],
         )
-        if POMT:
-            fused += tl.sum(tl.where(((pos < 0) & j_ok)[:, None], rows.to(tl.float32), 0.0), 0)
-    if POMT:
-        mean = fused / (no - keep)
-        tl.store(
-            out_ptr + b * so_b + (prefix + keep) * so_n + c, mean.to(out_ptr.dtype.element_ty), mask=c_ok
-        )
+        fused += tl.sum(tl.where((j_ok & (pos < 0))[:, None], rows.to(tl.float32), 0.0), 0)
+    mean = fused / (no - keep)
+    tl.store(out_image + (prefix + keep) * so_n + c, mean.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(int(n)))
+# --------------------------------------------------------------------------- launchers
 
 
-def _ieee(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32
+def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer the kernels write (the tests replace this to put guard rows around them)."""
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(int(d)))
+
+
+def _lse_tiles(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``_row_lse``'s tile: query rows per program x key columns per step; smaller for float32
+    at head dims above 64, which would otherwise spill registers."""
+    return (32, 32) if dtype == torch.float32 and block_d > 64 else (64, 64)
+
+
+def _flags(t: torch.Tensor) -> dict[str, bool]:
+    upcast = t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return {"IEEE": t.dtype == torch.float32, "UPCAST": upcast}
 
 
 def row_lse(q: torch.Tensor, k: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
     """(B, H, N - prefix) float32 log-sum-exp of the ordinary query rows over all keys."""
     b, h, n, d = q.shape
-    lse = torch.empty(b, h, n - prefix, device=q.device, dtype=torch.float32)
-    grid = (b * h, triton.cdiv(n - prefix, _LSE_M))
-    _row_lse[grid](
+    lse = _empty((b, h, n - prefix), q, torch.float32)
+    block_d = _block_d(d)
+    block_m, block_n = _lse_tiles(block_d, q.dtype)
+    _row_lse[(b * h, triton.cdiv(n - prefix, block_m))](
         q, k, lse, n, prefix, h, d, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        BLOCK_M=_LSE_M, BLOCK_N=_LSE_N, BLOCK_D=_pow2(d), IEEE=_ieee(q), num_warps=_WARPS,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_flags(q), num_warps=_WARPS,
     )  # fmt: skip
     return lse
 
@@ -283,50 +276,38 @@ def column_scores(
     b, h, n, d = q.shape
     block_m = _COL_M if q.dtype == torch.float32 else 2 * _COL_M
     splits = triton.cdiv(n - prefix, block_m)
-    col = torch.empty(b, splits, n, device=q.device, dtype=torch.float32)
-    val = torch.empty(b, n, device=q.device, dtype=torch.float32)
+    col = _empty((b, splits, n), q, torch.float32)
+    val = _empty((b, n), q, torch.float32)
     _column_scores[(b, triton.cdiv(n, _COL_N), splits)](
         q, k, v, lse, col, val, n, prefix, h, d, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        BLOCK_M=block_m, BLOCK_N=_COL_N, BLOCK_D=_pow2(d), IEEE=_ieee(q), num_warps=_WARPS,
+        BLOCK_M=block_m, BLOCK_N=_COL_N, BLOCK_D=_block_d(d), **_flags(q), num_warps=_WARPS,
     )  # fmt: skip
     return col, val
 
 
 def select_tokens(
-    x: torch.Tensor,
-    prefix: int,
-    keep: int,
-    *,
-    pomt: tuple[torch.Tensor, torch.Tensor] | None = None,
-    qk: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The new sequence and the scores of the ordinary tokens (B, N - prefix).
+    x: torch.Tensor, col: torch.Tensor, val: torch.Tensor, prefix: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """POMT's selection from :func:`column_scores`' statistics: the new sequence
+    (B, prefix + keep + 1, C) (the prefix, the ``keep`` best tokens in score order, the mean
+    of the rest), the scores (B, N - prefix) and each token's position (-1: fused).
 
-    ``pomt=(col, val)`` from :func:`column_scores` selects as POMT (the ``keep`` best in
-    score order, then the mean of the rest); ``qk=(q, k, scale)`` as Top-K (the ``keep``
-    tokens with the most CLS attention, in their original order).
-    """
+    ``x`` must have unit stride along its channels."""
     b, n, c = x.shape
     no = n - prefix
-    out = torch.empty(b, prefix + keep + (1 if pomt is not None else 0), c, device=x.device, dtype=x.dtype)
-    score = torch.empty(b, no, device=x.device, dtype=torch.float32)
-    pos = torch.empty(b, no, device=x.device, dtype=torch.int32)
-    if pomt is not None:
-        col, val = pomt
-        q = k = col  # unused
-        h, d, splits, scale, strides = 1, 16, col.shape[1], 1.0, (0,) * 6
-    else:
-        q, k, scale = qk
-        col = val = score  # unused
-        h, d, splits = q.shape[1], q.shape[3], 1
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    _select[(b, triton.cdiv(c, _SEL_C))](
-        x, out, score, pos, col, val, q, k,
-        n, prefix, keep, c, h, d, splits, float(scale),
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), *strides,
-        POMT=pomt is not None,
-        BLOCK_J=_SEL_J, BLOCK_I=_SEL_I, BLOCK_C=_SEL_C, BLOCK_D=_pow2(d), BLOCK_H=_pow2(h, 2), num_warps=_WARPS,
+    if not 0 < keep < no:
+        raise ValueError(f"keep must be in 1..{no - 1} for {no} ordinary tokens, got {keep}")
+    score = _empty((b, no), x, torch.float32)
+    pos = _empty((b, no), x, torch.int32)
+    out = _empty((b, prefix + keep + 1, c), x, x.dtype)
+    _scores[(b,)](col, val, score, n, prefix, col.shape[1], _TINY, BLOCK=_SCORE_BLOCK, num_warps=_SMALL_WARPS)
+    _rank[(b, triton.cdiv(no, _RANK_J))](
+        score, pos, no, keep, BLOCK_J=_RANK_J, BLOCK_I=_RANK_I, num_warps=_SMALL_WARPS
+    )
+    _gather[(b, triton.cdiv(c, _GATHER_C))](
+        x, pos, out, n, prefix, keep, c, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BLOCK_J=_GATHER_J, BLOCK_C=_GATHER_C, num_warps=_SMALL_WARPS,
     )  # fmt: skip
-    return out, score
+    return out, score, pos

@@ -1,26 +1,33 @@
 """What a pruning block computes besides timm's own block: token scores and the new sequence.
 
-Two implementations, which must agree (tests hold them to 1e-5 in float32 and to the same
-token choice):
+Two implementations of POMT's block, which must agree (tests hold them to 1e-5 in float32
+and to the same token choice, ties aside):
 
 - plain torch, used on the CPU, under autograd, inside ``torch.compile``/``torch.export``
   and wherever Triton is missing. On the CPU, POMT's block computes its attention with an
   explicit softmax (as fast as the fused kernel there) and scores from its probabilities;
-  on CUDA without Triton it scores with one aligned GEMM and one softmax beside fused
-  attention;
-- Triton kernels (``pomt._triton``), used on CUDA: two kernels score POMT's tokens from q
-  and k without writing a (B, H, N, N) tensor, one kernel ranks and gathers (Top-K: scores
-  too).
+  on CUDA it scores with one aligned GEMM and one softmax beside fused attention;
+- Triton kernels (``pomt._triton``): two kernels score POMT's tokens from q and k without
+  writing a (B, H, N, N) tensor, three rank and gather.
 
-``POMT_KERNELS=auto|torch|triton`` (or the :func:`kernels` context manager) picks them;
-``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (the tests run the kernels so).
+``POMT_KERNELS=auto|torch|triton`` (or the :func:`kernels` context manager) picks them.
+``auto`` trusts the kernels on a device only after measuring them there, as POMT itself
+measures latency: the first time a POMT block runs on a device, dtype and shape, the
+kernels are checked against the torch path computed in float32 on a few images of the real
+input (same scores, same tokens up to ties, same output) and timed against the torch path
+side by side; they run only if they are equal and faster. One line on the ``pomt`` logger
+says what was chosen and why (:func:`kernel_choices` keeps it). ``triton`` on CPU tensors
+needs ``TRITON_INTERPRET=1`` (the tests run the kernels so). Top-K and ToMe always use the
+torch path: a CLS row, a ``topk`` and one ``index_select`` leave nothing to fuse.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -28,8 +35,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "KERNEL_MODES",
+    "KernelChoice",
     "Trace",
     "kernels",
+    "kernel_choices",
+    "kernel_backend",
     "scores_from_probabilities",
     "pomt_scores",
     "pomt_scores_from_probabilities",
@@ -43,11 +53,13 @@ __all__ = [
 KERNEL_MODES = ("auto", "torch", "triton")
 _mode = os.environ.get("POMT_KERNELS", "auto")
 _triton_module: ModuleType | None | bool = False  # False: not imported yet
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
 def kernels(mode: str) -> Iterator[None]:
-    """Use ``mode`` (``auto``: Triton on CUDA when installed; ``torch``; ``triton``) inside."""
+    """Use ``mode`` inside: ``auto`` (the Triton kernels where they were measured equal and
+    faster on this device), ``torch`` or ``triton`` (forced)."""
     global _mode
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
@@ -69,16 +81,42 @@ def _triton() -> ModuleType | None:
     return _triton_module  # type: ignore[return-value]
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    if _mode == "torch" or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if _mode == "triton":
-        if _triton() is None:
-            raise RuntimeError("POMT_KERNELS=triton but triton is not installed")
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("POMT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
-        return True
-    return t.is_cuda and _triton() is not None
+@dataclass(frozen=True)
+class KernelChoice:
+    """What ``auto`` chose for POMT's block on one device, dtype and shape, and why."""
+
+    backend: str  # "triton" or "torch"
+    reason: str
+
+
+_CHOICES: dict[tuple, KernelChoice] = {}
+
+
+def kernel_choices() -> dict[tuple, KernelChoice]:
+    """The choices ``auto`` made so far, keyed by (device, dtype, x shape, qkv shape, prefix, r)."""
+    return dict(_CHOICES)
+
+
+def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The implementation POMT's block runs with on ``device`` (and ``dtype``), for labels:
+    ``torch``, ``triton`` (forced), or under ``auto`` on CUDA what it chose for the shapes
+    measured so far (``auto: triton``, ``auto: torch``, ``auto: triton+torch``)."""
+    device = torch.device(device)
+    if _mode != "auto":
+        return _mode
+    chosen = {c.backend for key, c in _CHOICES.items() if key[0] == str(device) and dtype in (None, key[1])}
+    if chosen:
+        return "auto: " + "+".join(sorted(chosen))
+    return "torch" if device.type != "cuda" or _triton() is None else "auto: not measured yet"
+
+
+def _forced_triton(t: torch.Tensor) -> bool:
+    """``POMT_KERNELS=triton``: whether it can run here (else a clear error)."""
+    if _triton() is None:
+        raise RuntimeError("POMT_KERNELS=triton but triton is not installed")
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("POMT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
+    return True
 
 
 class Trace:
@@ -110,7 +148,7 @@ def _grad(*tensors: torch.Tensor) -> bool:
 
 def scores_from_probabilities(x: torch.Tensor) -> bool:
     """Whether POMT's block should take its scores from an explicit softmax (the CPU path)."""
-    return not x.is_cuda and not _use_triton(x)
+    return not x.is_cuda and _mode != "triton"
 
 
 # --------------------------------------------------------------------------- scores (torch)
@@ -118,11 +156,15 @@ def scores_from_probabilities(x: torch.Tensor) -> bool:
 
 def _normalised_sum(top: torch.Tensor, values: torch.Tensor, prefix: int) -> torch.Tensor:
     """POMT's score from ``top`` (B, N - p rows, N - p cols: max over heads of the ordinary
-    block of the attention probabilities) and the values (B, H, N, D)."""
+    block of the attention probabilities) and the values (B, H, N, D).
+
+    An image whose column sums are all 0 (its ordinary queries attend only to the prefix: an
+    attention sink) gets an attention term of 0, not 0/0; a score that is not a number
+    becomes ``-inf``, so that it ranks last."""
     attn_term = top.sum(dim=1, dtype=torch.float32)
-    attn_term = attn_term / attn_term.amax(dim=1, keepdim=True)
+    attn_term = attn_term / attn_term.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     value_term = values.amax(dim=1).sum(dim=-1, dtype=torch.float32).softmax(dim=-1)[:, prefix:]
-    return attn_term + value_term
+    return (attn_term + value_term).nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
 
 
 @torch.no_grad()
@@ -155,12 +197,15 @@ def pomt_scores(
 @torch.no_grad()
 def cls_attention(q: torch.Tensor, k: torch.Tensor, prefix: int, scale: float, has_cls: bool) -> torch.Tensor:
     """Top-K importance, (B, N - prefix): the CLS row of attention averaged over heads; without
-    a CLS token, the attention each token receives, averaged over queries and heads."""
+    a CLS token, the attention each token receives, averaged over queries and heads. A score
+    that is not a number becomes ``-inf``."""
     if has_cls:
         probs = (torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * scale).softmax(dim=-1)
-        return probs[:, :, 0, prefix:].mean(dim=1, dtype=torch.float32)
-    probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).softmax(dim=-1)
-    return probs[:, :, :, prefix:].mean(dim=(1, 2), dtype=torch.float32)
+        importance = probs[:, :, 0, prefix:].mean(dim=1, dtype=torch.float32)
+    else:
+        probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).softmax(dim=-1)
+        importance = probs[:, :, :, prefix:].mean(dim=(1, 2), dtype=torch.float32)
+    return importance.nan_to_num(nan=-torch.inf)  # a score that is not a number ranks last
 
 
 # --------------------------------------------------------------------------- selection
@@ -225,6 +270,140 @@ def _topk_select(
     return gather_tokens(x, index, prefix)
 
 
+def _pomt_kernels(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """POMT's block through the Triton kernels, launched on ``x``'s device: (new sequence,
+    scores, each token's position or -1)."""
+    ops = _triton()
+    keep = x.shape[1] - prefix - r - 1
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with torch.no_grad(), guard:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        col, val = ops.column_scores(q, k, v, ops.row_lse(q, k, prefix, scale), prefix, scale)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return ops.select_tokens(x, col, val, prefix, keep)
+
+
+def _pomt_torch(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+) -> torch.Tensor:
+    return pomt_select(x, pomt_scores(q, k, v, prefix, scale), prefix, r)
+
+
+def _kernel_mismatch(
+    got: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    x: torch.Tensor,
+    reference: torch.Tensor,
+    prefix: int,
+    keep: int,
+) -> str | None:
+    """Why the kernels' (out, scores, positions) on ``x`` differ from the float32 torch path
+    (``reference``: its scores), or None. Tokens whose reference scores tie with the last kept
+    one, within the tolerance, may be swapped."""
+    out, scores, pos = got
+    out, no = out.float(), pos.shape[1]
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-3
+    if not torch.allclose(scores, reference, atol=tol, rtol=tol):
+        worst = (scores - reference).abs().nan_to_num(nan=torch.inf).max().item()
+        return f"scores differ by up to {worst:.3g} (tolerance {tol:g})"
+    kept = pos >= 0
+    ranking = pos.masked_fill(~kept, no).long().sort(dim=1).values[:, :keep]
+    if not (kept.sum(dim=1) == keep).all() or not (ranking == torch.arange(keep, device=pos.device)).all():
+        return f"the kept tokens are not a ranking of {keep} tokens in each image"
+    edge = reference.topk(keep, dim=1).values[:, -1:]  # the last kept score, per image
+    if (kept & (reference < edge - tol)).any() or (~kept & (reference > edge + tol)).any():
+        return "a token kept by the kernels is not among the best by the float32 scores"
+    order = pos.masked_fill(~kept, no).long().argsort(dim=1)[:, :keep]
+    x32, dropped = x.float(), (~kept).unsqueeze(-1)
+    expected = torch.cat(
+        [
+            x32[:, :prefix],
+            x32[:, prefix:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1])),
+            (x32[:, prefix:] * dropped).sum(dim=1, keepdim=True) / dropped.sum(dim=1, keepdim=True),
+        ],
+        dim=1,
+    )
+    if not torch.allclose(out, expected, atol=tol, rtol=tol, equal_nan=True):
+        return "the new sequence is not the kept tokens and the mean of the others"
+    return None
+
+
+def _faster(
+    fn: Callable[[], object], reference: Callable[[], object], device: torch.device
+) -> tuple[bool, float]:
+    """Whether ``fn`` is faster than ``reference``, timed side by side (CUDA graphs where they
+    capture): (the 95 % interval of the median time ratio lies below 1, the median ratio)."""
+    from pomt.timing import cuda_graph, median_interval, time_paired
+
+    try:
+        fn, reference = cuda_graph(fn, device), cuda_graph(reference, device)
+    except Exception:  # noqa: BLE001 - not capturable here: time eager calls
+        pass
+    ratios, _ = time_paired(fn, reference, device=device, warmup=3, min_run_time=0.05, min_pairs=21)
+    median, _, high = median_interval(ratios)
+    return high < 1.0, median
+
+
+def _measure_kernels(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+) -> KernelChoice:
+    """``auto``'s check of the kernels on this input: equal to the float32 torch path on a few
+    images, then faster side by side on the whole batch."""
+    keep = x.shape[1] - prefix - r - 1
+    few = slice(0, min(x.shape[0], 4))
+    xs, qs, ks, vs = x[few], q[few], k[few], v[few]
+    try:
+        got = _pomt_kernels(xs, qs, ks, vs, prefix, r, scale)
+    except Exception as err:  # noqa: BLE001 - a kernel that cannot build or run here is not used
+        return KernelChoice("torch", f"the kernels failed: {type(err).__name__}: {err}")
+    with torch.no_grad():
+        reference = pomt_scores(qs.float(), ks.float(), vs.float(), prefix, scale)
+    problem = _kernel_mismatch(got, xs, reference, prefix, keep)
+    if problem is not None:
+        return KernelChoice("torch", f"the kernels differ from the float32 torch path: {problem}")
+    with torch.no_grad():
+        faster, ratio = _faster(
+            lambda: _pomt_kernels(x, q, k, v, prefix, r, scale),
+            lambda: _pomt_torch(x, q, k, v, prefix, r, scale),
+            x.device,
+        )
+    if not faster:
+        return KernelChoice(
+            "torch", f"the kernels are equal but not faster (x{ratio:.2f} the torch path's time)"
+        )
+    return KernelChoice("triton", f"equal to the float32 torch path and faster (x{ratio:.2f} its time)")
+
+
+def _auto_device(t: torch.Tensor) -> bool:
+    """Where ``auto`` considers the kernels at all: CUDA tensors."""
+    return t.is_cuda
+
+
+def _use_kernels(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+) -> bool:
+    """Whether POMT's block runs the Triton kernels on this input (see the module docstring)."""
+    if _mode == "torch" or torch.compiler.is_compiling() or torch.jit.is_tracing() or _grad(x, q, k, v):
+        return False
+    if _mode == "triton":
+        return _forced_triton(x)
+    if not _auto_device(x) or _triton() is None:
+        return False
+    key = (str(x.device), x.dtype, tuple(x.shape), tuple(q.shape), prefix, r)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False  # nothing can be measured inside a capture: the torch path, until measured
+        choice = _CHOICES[key] = _measure_kernels(x, q, k, v, prefix, r, scale)
+        b, n, _ = x.shape
+        _log.info(
+            "pomt: POMT block on %s, %s, batch %d, %d tokens, r=%d: %s path (%s)",
+            x.device, str(x.dtype).removeprefix("torch."), b, n, r, choice.backend, choice.reason,
+        )  # fmt: skip
+    return choice.backend == "triton"
+
+
 def pomt_prune(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -235,19 +414,11 @@ def pomt_prune(
     scale: float,
     trace: Trace | None = None,
 ) -> torch.Tensor:
-    """:func:`pomt_select` with the scores computed from q, k, v (Triton on CUDA)."""
-    if _use_triton(x) and not _tracing(trace):
-        ops = _triton()
-        keep = x.shape[1] - prefix - r - 1
-        with torch.no_grad():
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-            col, val = ops.column_scores(q, k, v, ops.row_lse(q, k, prefix, scale), prefix, scale)
-            out, scores = ops.select_tokens(x.detach().contiguous(), prefix, keep, pomt=(col, val))
-        if not _grad(x):
-            return out
-    else:
-        scores = pomt_scores(q, k, v, prefix, scale)
-    return pomt_select(x, scores, prefix, r, trace)
+    """:func:`pomt_select` with the scores computed from q, k, v: through the Triton kernels
+    where ``kernels`` says so (never under autograd or while tracing tokens)."""
+    if not _tracing(trace) and _use_kernels(x, q, k, v, prefix, r, scale):
+        return _pomt_kernels(x, q, k, v, prefix, r, scale)[0]
+    return pomt_select(x, pomt_scores(q, k, v, prefix, scale), prefix, r, trace)
 
 
 def topk_prune(
@@ -262,13 +433,5 @@ def topk_prune(
 ) -> torch.Tensor:
     """``x`` with the ``r`` ordinary tokens of least CLS attention dropped (order kept)."""
     keep = x.shape[1] - prefix - r
-    if has_cls and _use_triton(x) and not _tracing(trace):
-        ops = _triton()
-        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-        with torch.no_grad():
-            out, importance = ops.select_tokens(x.detach().contiguous(), prefix, keep, qk=(q, k, scale))
-        if not _grad(x):
-            return out
-    else:
-        importance = cls_attention(q, k, prefix, scale, has_cls)
+    importance = cls_attention(q, k, prefix, scale, has_cls)
     return _topk_select(x, importance, prefix, keep, trace)

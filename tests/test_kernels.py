@@ -59,7 +59,7 @@ def test_kernels_under_the_triton_interpreter():
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed[1]) >= 12, summary  # every interpreter test ran, none was skipped
+    assert passed and int(passed[1]) >= 54, summary  # every interpreter test ran, none was skipped
 
 
 @pytest.fixture
@@ -78,9 +78,64 @@ def interpreted(monkeypatch):
         yield calls
 
 
+SENTINEL = {torch.float32: 1234.5, torch.float16: 1234.0, torch.bfloat16: 1232.0, torch.int32: -7777}
+GUARD = 3  # guard rows before and after every buffer
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    """Every buffer the kernels write lives inside a sentinel-filled allocation with guard rows
+    on both sides; ``check()`` fails if a guard row changed (a write out of bounds) or a
+    buffer still holds a sentinel (a row left unwritten)."""
+    from pomt import _triton
+
+    buffers = []
+
+    def empty(shape, like, dtype):
+        rows, *rest = shape
+        whole = torch.full((rows + 2 * GUARD, *rest), SENTINEL[dtype], dtype=dtype, device=like.device)
+        buffers.append((whole, shape))
+        return whole[GUARD : GUARD + rows]
+
+    def check():
+        assert buffers
+        for whole, shape in buffers:
+            guards = torch.cat([whole[:GUARD], whole[-GUARD:]])
+            assert (guards == SENTINEL[whole.dtype]).all(), (
+                f"a kernel wrote outside its {tuple(shape)} output"
+            )
+            inside = whole[GUARD:-GUARD]
+            assert not (inside == SENTINEL[whole.dtype]).any(), (
+                f"a kernel left part of its {tuple(shape)} output unwritten"
+            )
+        buffers.clear()
+
+    monkeypatch.setattr(_triton, "_empty", empty)
+    return check
+
+
 def _outputs(model, x, mode):
     with ops.kernels(mode), torch.no_grad():
         return model(x)
+
+
+def _qkvx(b=2, h=3, n=70, d=16, c=24, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3))
+    return q, k, v, torch.randn(b, n, c, generator=g).to(dtype)
+
+
+def _both_paths(x, q, k, v, prefix, r):
+    """(the kernels' (out, scores, positions), the torch path's output), both from these inputs."""
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
+        expected = ops.pomt_select(x, ops.pomt_scores(q, k, v, prefix, scale), prefix, r)
+    return got, expected
+
+
+def _float32_scores(q, k, v, prefix):
+    return ops.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
 
 
 @needs_interpreter
@@ -95,10 +150,7 @@ def test_triton_kernels_equal_the_torch_path(interpreted, layout, method, r):
         expected = model(x)
     got = _outputs(model, x, "triton")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    has_cls = layout != "no prefix"
-    assert interpreted["select_tokens"] == (
-        0 if method == "topk" and not has_cls else 3 if method == "topk" else 1
-    )
+    assert interpreted["select_tokens"] == (1 if method == "pomt" else 0)  # Top-K: the torch path
 
 
 @needs_interpreter
@@ -113,29 +165,270 @@ def test_triton_block_keeps_exactly_the_chosen_tokens(interpreted):
 
 
 @needs_interpreter
-def test_triton_scores_equal_the_torch_scores(interpreted):
+@pytest.mark.parametrize("d", [16, 40, 48, 80, 128])
+def test_triton_scores_equal_the_torch_scores(guarded, d):
     from pomt import _triton
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 70, 16) for _ in range(3))
-    scale = 16**-0.5
+    q, k, v, x = _qkvx(d=d, n=70, seed=d)
+    scale = d**-0.5
     lse = _triton.row_lse(q, k, 2, scale)
     expected_lse = (q[:, :, 2:] @ k.transpose(-1, -2) * scale).logsumexp(-1)
     torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
     col, val = _triton.column_scores(q, k, v, lse, 2, scale)
-    x = torch.randn(2, 70, 8)
-    _, scores = _triton.select_tokens(x, 2, 30, pomt=(col, val))
+    out, scores, pos = _triton.select_tokens(x, col, val, 2, 30)
+    guarded()
     torch.testing.assert_close(scores, ops.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5)
-    _, importance = _triton.select_tokens(x, 2, 30, qk=(q, k, scale))
-    torch.testing.assert_close(importance, ops.cls_attention(q, k, 2, scale, True), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, ops.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6)
+    assert sorted(pos[pos >= 0].tolist()) == sorted(list(range(30)) * 2)
 
 
 @needs_interpreter
-def test_training_uses_the_differentiable_torch_gather(interpreted):
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+@pytest.mark.parametrize("n,r", [(9, 1), (70, 1), (70, 60), (131, 64)])
+def test_every_output_row_is_written_once_and_nothing_outside(guarded, prefix, n, r):
+    q, k, v, x = _qkvx(b=3, n=n, seed=n + r)
+    (out, scores, pos), expected = _both_paths(x, q, k, v, prefix, r)
+    guarded()
+    assert out.shape == (3, n - r, x.shape[-1])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("prefix", [1, 5])
+def test_attention_sink_gives_finite_scores_on_both_paths(guarded, prefix):
+    # every ordinary query puts all its attention on the prefix keys (a logit gap far above
+    # 104, where float32 exp underflows): every column sum of the ordinary block is 0
+    q, k, v, x = _qkvx(n=40, seed=prefix)
+    sink = torch.zeros(16)
+    sink[0] = 40.0
+    q[:, :, prefix:] = sink
+    k[:, :, :prefix] = sink
+    k[:, :, prefix:, 0] = 0.0
+    scale = 16**-0.5
+    probs = (q @ k.transpose(-1, -2) * scale).softmax(-1)
+    assert (probs[:, :, prefix:, prefix:] == 0).all()  # the sink, as it appears in float32
+    (out, scores, pos), expected = _both_paths(x, q, k, v, prefix, 12)
+    guarded()
+    reference = _float32_scores(q, k, v, prefix)
+    assert torch.isfinite(reference).all() and torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)  # the value term still ranks them
+
+
+@needs_interpreter
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_stay_in_their_image_and_in_bounds(guarded, where, bad):
+    q, k, v, x = _qkvx(b=3, n=70, seed=1)
+    clean, _ = _both_paths(x, q, k, v, 1, 20)
+    guarded()
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[where][1, 0, 7, 3] = bad  # image 1 only
+    (out, scores, pos), expected = _both_paths(x, q, k, v, 1, 20)
+    guarded()  # every row of every image written, nothing outside (Top-K and POMT alike)
+    for got in (out, expected):
+        assert got.shape == (3, 70 - 20, 24) and torch.isfinite(got).all()  # x is finite
+    assert not scores.isnan().any()  # non-finite scores rank as -inf
+    for image in (0, 2):  # an image's result never depends on its batch-mates
+        torch.testing.assert_close(out[image], clean[0][image], atol=0, rtol=0)
+        torch.testing.assert_close(expected[image], clean[0][image], atol=1e-5, rtol=1e-5)
+    kept = pos[1][pos[1] >= 0]
+    assert sorted(kept.tolist()) == list(range(70 - 1 - 20 - 1))  # still a ranking
+
+
+@needs_interpreter
+def test_non_finite_scores_rank_last_with_ties_to_the_lower_index(guarded):
+    from pomt import _triton
+
+    g = torch.Generator().manual_seed(3)
+    prefix, n, keep = 1, 40, 12
+    col, val, x = torch.rand(2, 2, n, generator=g), torch.randn(2, n, generator=g), torch.randn(2, n, 8)
+    col[0, 1, prefix + 5] = col[0, 0, prefix + 9] = float("nan")  # image 0: two scores are not numbers
+    col[0, 0, prefix + 20] = float("inf")
+    col[1] = float("nan")  # image 1: none is
+    out, scores, pos = _triton.select_tokens(x, col, val, prefix, keep)
+    guarded()
+    assert not scores.isnan().any()
+    assert scores[0, 5] == scores[0, 9] == scores[0, 20] == -torch.inf  # inf / inf, NaN: last
+    assert pos[0, 5] == pos[0, 9] == pos[0, 20] == -1 and (pos[0] >= 0).sum() == keep
+    assert (scores[1] == -torch.inf).all()  # every token ties: the first ones, in order
+    assert pos[1].tolist() == list(range(keep)) + [-1] * (n - prefix - keep)
+    torch.testing.assert_close(out[1, prefix : prefix + keep], x[1, prefix : prefix + keep], atol=0, rtol=0)
+    # the torch path: not-a-number scores rank last as well
+    probs = torch.rand(2, 2, n, n, generator=g)
+    probs[0, :, :, prefix + 5] = float("nan")
+    scores = ops.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
+    assert not scores.isnan().any() and (scores[0] == -torch.inf).all()
+
+
+@needs_interpreter
+def test_tied_tokens_go_to_the_lower_index(guarded):
+    q, k, v, x = _qkvx(b=2, n=50, seed=4)
+    q.zero_()  # uniform attention: equal column sums
+    v[:] = v[:, :, :1]  # equal values: every score ties
+    (out, scores, pos), expected = _both_paths(x, q, k, v, 2, 20)
+    guarded()
+    keep = 50 - 2 - 20 - 1
+    assert (scores == scores[:, :1]).all()
+    assert (pos[:, :keep] == torch.arange(keep, dtype=torch.int32)).all() and (pos[:, keep:] == -1).all()
+    torch.testing.assert_close(out[:, 2 : 2 + keep], x[:, 2 : 2 + keep], atol=0, rtol=0)
+    # the torch path may break the tie otherwise, but keeps the same number of valid rows
+    assert expected.shape == out.shape and torch.isfinite(expected).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [40, 64])
+def test_low_precision_kernels_against_a_float32_reference(guarded, dtype, d):
+    q, k, v, x = _qkvx(b=2, n=90, d=d, dtype=dtype, seed=d)
+    (out, scores, pos), _ = _both_paths(x, q, k, v, 1, 33)
+    guarded()
+    reference = _float32_scores(q, k, v, 1)
+    torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)  # fp32 accumulation
+    keep = 90 - 1 - 33 - 1
+    edge = reference.topk(keep, dim=1).values[:, -1:]
+    kept = pos >= 0
+    assert (kept.sum(1) == keep).all()
+    assert (reference[kept] >= (edge.expand_as(reference)[kept] - 1e-4)).all()  # the best, ties aside
+    order = pos.long().masked_fill(~kept, 999).argsort(dim=1)[:, :keep]
+    torch.testing.assert_close(out[:, 1 : 1 + keep], x[:, 1:].gather(1, order[..., None].expand(-1, -1, 24)))
+    mean = (x[:, 1:].float() * (~kept)[..., None]).sum(1) / (~kept).sum(1, keepdim=True)
+    torch.testing.assert_close(out[:, -1].float(), mean, atol=1e-2, rtol=1e-2)
+    assert choice_is_equal(x, q, k, v, 1, 33)
+
+
+def choice_is_equal(x, q, k, v, prefix, r) -> bool:
+    """What ``auto``'s check says of the kernels on this input (speed aside)."""
+    got = ops._pomt_kernels(x, q, k, v, prefix, r, q.shape[-1] ** -0.5)
+    keep = x.shape[1] - prefix - r - 1
+    return ops._kernel_mismatch(got, x, _float32_scores(q, k, v, prefix), prefix, keep) is None
+
+
+@needs_interpreter
+def test_offsets_past_two_to_the_31_elements(guarded):
+    # q, k, v and x of 3 images whose batch stride (2**30 + 64 elements) fits in 32 bits,
+    # inside one lazily allocated float16 storage: image 2 starts past 2**31 elements, where a
+    # 32-bit offset wraps and reads before the tensor
+    b, h, n, d, c, stride = 3, 2, 40, 16, 32, 2**30 + 64
+    storage = torch.empty(2 * stride + 3 * h * n * d + n * c, dtype=torch.float16)
+    q, k, v = (storage.as_strided((b, h, n, d), (stride, n * d, d, 1), i * h * n * d) for i in range(3))
+    x = storage.as_strided((b, n, c), (stride, c, 1), 3 * h * n * d)
+    g = torch.Generator().manual_seed(0)
+    for t in (q, k, v, x):
+        t.copy_(torch.randn(t.shape, generator=g))
+    assert x[2].storage_offset() >= 2**31
+    got, _ = _both_paths(x, q, k, v, 1, 10)
+    guarded()
+    compact, _ = _both_paths(*(t.contiguous() for t in (x, q, k, v)), 1, 10)
+    guarded()
+    for a, e in zip(got, compact, strict=True):
+        assert torch.equal(a, e)
+
+
+@needs_interpreter
+def test_training_uses_the_differentiable_torch_path(interpreted):
     model = make_tiny_vit(patch_size=4, depth=2).train()
     pomt.apply_pruning(model, "pomt", r=10, layer=0)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in vit_blocks(model)[0].parameters())
+    assert interpreted["select_tokens"] == 0
+
+
+# ----------------------------------------------------------------------------- auto
+
+
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """``auto`` as on a CUDA device, for CPU tensors run by the interpreter; records the lines."""
+    monkeypatch.setattr(ops, "_auto_device", lambda t: True)
+    monkeypatch.setattr(ops, "scores_from_probabilities", lambda x: False)  # the block's CUDA path
+    monkeypatch.setattr(ops, "_CHOICES", {})
+    lines = []
+    monkeypatch.setattr(ops._log, "info", lambda msg, *args: lines.append(msg % args))
+    with ops.kernels("auto"):
+        yield lines
+
+
+def _block_inputs(seed=0):
+    q, k, v, x = _qkvx(b=2, n=40, seed=seed)
+    return x, q, k, v, 1, 8, 16**-0.5
+
+
+@needs_interpreter
+def test_auto_uses_kernels_only_when_equal_and_faster(auto_on_cpu, monkeypatch):
+    monkeypatch.setattr(ops, "_faster", lambda fn, ref, device: (True, 0.61))
+    inputs = _block_inputs()
+    assert ops._use_kernels(*inputs)
+    assert (
+        len(auto_on_cpu) == 1
+        and "triton path (equal to the float32 torch path and faster (x0.61" in auto_on_cpu[0]
+    )
+    assert ops._use_kernels(*inputs) and len(auto_on_cpu) == 1  # measured once, then cached
+    assert ops.kernel_backend("cpu") == "auto: triton"
+
+    monkeypatch.setattr(ops, "_faster", lambda fn, ref, device: (False, 1.08))
+    x, q, k, v, prefix, r, scale = inputs
+    assert not ops._use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)  # another shape: measured again
+    assert "torch path (the kernels are equal but not faster (x1.08" in auto_on_cpu[1]
+    assert ops.kernel_backend("cpu") == "auto: torch+triton"
+
+
+@needs_interpreter
+def test_auto_rejects_kernels_that_differ(auto_on_cpu, monkeypatch):
+    from pomt import _triton
+
+    monkeypatch.setattr(ops, "_faster", lambda fn, ref, device: (True, 0.5))
+    select = _triton.select_tokens
+
+    def wrong(x, col, val, prefix, keep):
+        out, score, pos = select(x, col, val, prefix, keep)
+        return out, score, pos.flip(1)  # the wrong tokens
+
+    monkeypatch.setattr(_triton, "select_tokens", wrong)
+    assert not ops._use_kernels(*_block_inputs())
+    assert "torch path (the kernels differ from the float32 torch path" in auto_on_cpu[0]
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(_triton, "select_tokens", broken)
+    x, q, k, v, prefix, r, scale = _block_inputs(seed=1)
+    assert not ops._use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)  # a shape not measured yet
+    assert "the kernels failed: RuntimeError: no kernel image for this device" in auto_on_cpu[1]
+
+
+@needs_interpreter
+def test_auto_model_output_equals_the_torch_path(auto_on_cpu):
+    model = make_tiny_vit(patch_size=4, depth=3)
+    pomt.apply_pruning(model, "pomt", r=20, layer=1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(x)
+    assert len(auto_on_cpu) == 1  # the block measured the kernels once and said what it chose
+    with ops.kernels("torch"), torch.no_grad():
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_faster_compares_side_by_side():
+    import time
+
+    def slow():
+        time.sleep(0.002)
+
+    def fast():
+        pass
+
+    assert ops._faster(fast, slow, torch.device("cpu"))[0]
+    assert not ops._faster(slow, fast, torch.device("cpu"))[0]
+
+
+def test_auto_on_the_cpu_is_the_torch_path():
+    with ops.kernels("auto"):
+        assert ops.kernel_backend("cpu") == "torch"
+        x, q, k, v, prefix, r, scale = _block_inputs()
+        assert not ops._use_kernels(x, q, k, v, prefix, r, scale)
+    with ops.kernels("torch"):
+        assert ops.kernel_backend("cuda") == "torch"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="needs the interpreter off")
@@ -147,6 +440,16 @@ def test_triton_without_interpreter_on_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="kernels must be one of auto, torch, triton"):
         with ops.kernels("cuda"):
             pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_the_tensors_device():
+    q, k, v, x = (t.to("cuda:1", torch.float16) for t in _qkvx(b=2, n=70))
+    torch.cuda.set_device(0)
+    with ops.kernels("triton"), torch.no_grad():
+        out, scores, _ = ops._pomt_kernels(x, q, k, v, 1, 20, 0.25)
+    torch.testing.assert_close(scores.cpu(), _float32_scores(q, k, v, 1).cpu(), atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- sm_90 build
@@ -182,7 +485,7 @@ def _compile_sm90(kernel, dtype: torch.dtype, constants: dict, num_warps: int):
         elif name.endswith("_ptr"):
             signature[name] = "*" + codes[_POINTERS.get(name, dtype)]
         else:
-            signature[name] = "fp32" if name == "scale" else "i32"
+            signature[name] = "fp32" if name in ("scale", "TINY") else "i32"
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
     try:
         return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -194,27 +497,31 @@ def _compile_sm90(kernel, dtype: torch.dtype, constants: dict, num_warps: int):
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="interpreted kernels cannot be compiled")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_build_for_sm90_without_spills(dtype, tmp_path):
     from pomt import _triton as kernels
 
-    ieee, d = dtype == torch.float32, 64
-    builds = {
-        "row_lse": (
+    flags = dict(IEEE=dtype == torch.float32, UPCAST=False)
+    builds = {}
+    for d in (16, 40, 64, 80, 128):  # head dims: BLOCK_D 16, 64, 64, 128, 128
+        block_d = kernels._block_d(d)
+        block_m, block_n = kernels._lse_tiles(block_d, dtype)
+        builds[f"row_lse d={d}"] = (
             kernels._row_lse,
-            dict(BLOCK_M=kernels._LSE_M, BLOCK_N=kernels._LSE_N, BLOCK_D=d, IEEE=ieee),
-        ),
-        "column_scores": (
-            kernels._column_scores,
-            dict(BLOCK_M=kernels._COL_M * (1 if ieee else 2), BLOCK_N=kernels._COL_N, BLOCK_D=d, IEEE=ieee),
-        ),
-    }
-    for method in ("pomt", "topk"):
-        select = dict(
-            BLOCK_J=kernels._SEL_J, BLOCK_I=kernels._SEL_I, BLOCK_C=kernels._SEL_C, BLOCK_D=d, BLOCK_H=8
+            dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **flags),
         )
-        builds[f"select ({method})"] = (kernels._select, dict(POMT=method == "pomt", **select))
-    for name, (kernel, constants) in builds.items():
-        compiled = _compile_sm90(kernel, dtype, constants, kernels._WARPS)
+        block_m = kernels._COL_M * (1 if dtype == torch.float32 else 2)
+        builds[f"column_scores d={d}"] = (
+            kernels._column_scores,
+            dict(BLOCK_M=block_m, BLOCK_N=kernels._COL_N, BLOCK_D=block_d, **flags),
+        )
+    small = {
+        "scores": (kernels._scores, dict(BLOCK=kernels._SCORE_BLOCK)),
+        "rank": (kernels._rank, dict(BLOCK_J=kernels._RANK_J, BLOCK_I=kernels._RANK_I)),
+        "gather": (kernels._gather, dict(BLOCK_J=kernels._GATHER_J, BLOCK_C=kernels._GATHER_C)),
+    }
+    for name, (kernel, constants) in {**builds, **small}.items():
+        warps = kernels._SMALL_WARPS if name in small else kernels._WARPS
+        compiled = _compile_sm90(kernel, dtype, constants, warps)
         registers, stack = _cubin_usage(compiled.asm["cubin"], tmp_path)
         assert stack == 0, f"{name} spills {stack} bytes per thread ({registers} registers)"
