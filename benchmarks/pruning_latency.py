@@ -16,14 +16,16 @@ scoring, ranking and gathering are free.
 
 Ratios are medians of round-by-round ratios (each pair timed moments apart), so a drifting
 machine cancels out. ``ops`` counts what one eager forward launches (torch.profiler): aten
-operators on the CPU, CUDA kernels on a GPU. The last line is
+operators on the CPU, CUDA kernels on a GPU. ``kernels:`` says which implementation POMT's
+block ran (``pomt.ops.kernel_backend``). The last line is
 ``pruned/ideal=X.XXX topk/ideal=Y.YYY tome/ideal=Z.ZZZ``: the worst ratio of each method.
 
     python benchmarks/pruning_latency.py                  # CPU: batch 1 and 4, about 5 minutes on 2 cores
     python benchmarks/pruning_latency.py --quick          # batch 1, r=56, 15 rounds
-    # GPU (H100/H200): fp16, CUDA graphs, batch 1/16/64, Triton kernels (the default on CUDA)
+    # GPU (H100/H200): fp16, CUDA graphs, batch 1/16/64; kernels=auto measures the Triton kernels
+    # against the torch path on each shape and runs them only where they are equal and faster
     python benchmarks/pruning_latency.py --device cuda --dtype float16 --cuda-graphs --batch-sizes 1 16 64 --legacy
-    # the same with the plain torch path, to compare the two implementations
+    # the same with the plain torch path forced (or --kernels triton: the kernels forced)
     python benchmarks/pruning_latency.py --device cuda --dtype float16 --cuda-graphs --batch-sizes 1 16 64 --kernels torch
 
 On Linux CPUs, glibc returns large freed buffers to the OS and page-faults them back in on
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import timm
 import torch
@@ -160,8 +163,8 @@ def tune_glibc_malloc(threshold: int = 64 << 20) -> bool:
 
 def measure(
     base: nn.Module, x: torch.Tensor, method: str, r: int, args: argparse.Namespace
-) -> tuple[str, float]:
-    """One table row (after the batch column) and its pruned/ideal ratio."""
+) -> tuple[str, float, float]:
+    """One table row (after the batch column), its pruned/ideal ratio and its speed-up."""
     device = x.device
     configure = configurations(base, method, r, args.layer, args.legacy)
 
@@ -180,15 +183,15 @@ def measure(
     legacy_name = method + "_v1"
     v1 = f"{paired_ratio(samples[legacy_name], samples[method]):.3f}" if legacy_name in samples else "-"
     tokens = pomt.token_schedule(base, method, r, args.layer)[-1]
+    speedup = paired_ratio(samples["unpruned"], samples[method])
     row = (
         f"{method:>6} {r:>4} {tokens:>6} {med['unpruned']:>9.3f} {med[method]:>8.3f} {med['ideal']:>8.3f} "
-        f"{paired_ratio(samples['unpruned'], samples[method]):>8.3f} {ratio:>12.3f} {v1:>9} "
-        f"{counts[method]:>5} {counts['ideal']:>9}"
+        f"{speedup:>8.3f} {ratio:>12.3f} {v1:>9} {counts[method]:>5} {counts['ideal']:>9}"
     )
-    return row, ratio
+    return row, ratio, speedup
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -211,15 +214,33 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true", help="also time the first version's blocks")
     parser.add_argument("--quick", action="store_true", help="batch 1, r=56, 15 rounds")
     parser.add_argument("--malloc-tuned", action="store_true", help="keep large buffers in glibc's heap")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
+    return args
+
+
+@dataclass
+class Result:
+    """What one run measured: the printed lines, each method's worst pruned/ideal ratio, and
+    the speed-up over the unpruned model per (method, r, batch)."""
+
+    lines: list[str] = field(default_factory=list)
+    worst: dict[str, float] = field(default_factory=dict)
+    speedup: dict[tuple[str, int, int], float] = field(default_factory=dict)
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+
+def run(args: argparse.Namespace) -> Result:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
     batch_sizes = args.batch_sizes or ([1, 16, 64] if cuda else [1, 4])
     if args.quick:
         batch_sizes, args.r, args.rounds = [1], [56], 15
-    if args.cuda_graphs and not cuda:
-        parser.error("--cuda-graphs needs --device cuda")
     malloc = ""
     if args.malloc_tuned:
         malloc = ", glibc malloc tuned" if tune_glibc_malloc() else ", mallopt unavailable"
@@ -228,18 +249,17 @@ def main() -> None:
     base = timm.create_model(args.model, pretrained=False).eval().to(device=device, dtype=dtype)
     n = pomt.token_layout(base).n_total
     threads = f", threads={torch.get_num_threads()}" if not cuda else ""
-    print(
+    result = Result()
+    result.say(
         f"# {args.model} (N={n}) on {device_name(device)}, {str(dtype).removeprefix('torch.')}{threads}, "
         f"layer={args.layer}, {args.rounds} interleaved rounds, "
         f"{'CUDA graphs' if args.cuda_graphs else 'eager'}, kernels={args.kernels}{malloc}; median ms, "
         "ratios are medians of per-round ratios"
     )
-    header = (
+    result.say(
         f"{'batch':>5} {'method':>6} {'r':>4} {'tokens':>6} {'unpruned':>9} {'pruned':>8} {'ideal':>8} "
         f"{'speedup':>8} {'pruned/ideal':>12} {'v1/pruned':>9} {'ops':>5} {'ideal ops':>9}"
     )
-    print(header)
-    worst: dict[str, float] = {}
     with torch.inference_mode(), ops.kernels(args.kernels):
         for batch in batch_sizes:
             x = torch.randn(batch, 3, *base.patch_embed.img_size, device=device, dtype=dtype)
@@ -248,11 +268,22 @@ def main() -> None:
             for method, r in groups:
                 if method not in args.methods:
                     continue
-                row, ratio = measure(base, x, method, r, args)
-                worst[method] = max(worst.get(method, 0.0), ratio)
-                print(f"{batch:>5} {row}", flush=True)
+                row, ratio, speedup = measure(base, x, method, r, args)
+                result.worst[method] = max(result.worst.get(method, 0.0), ratio)
+                result.speedup[(method, r, batch)] = speedup
+                result.say(f"{batch:>5} {row}")
+    result.say(f"kernels: {ops.kernel_backend(device, dtype)}")
     names = {"pomt": "pruned", "topk": "topk", "tome": "tome"}
-    print(" ".join(f"{names[m]}/ideal={worst[m]:.3f}" for m in ("pomt", "topk", "tome") if m in worst))
+    result.say(
+        " ".join(
+            f"{names[m]}/ideal={result.worst[m]:.3f}" for m in ("pomt", "topk", "tome") if m in result.worst
+        )
+    )
+    return result
+
+
+def main() -> None:
+    run(parse_args())
 
 
 if __name__ == "__main__":

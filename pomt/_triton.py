@@ -28,7 +28,9 @@ What makes them safe on any input a GPU will meet:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
@@ -237,6 +239,43 @@ def _gather(
 def _empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Every buffer the kernels write (the tests replace this to put guard rows around them)."""
     return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+_SENTINEL = {torch.float32: 1234.5, torch.float16: 1234.0, torch.bfloat16: 1232.0, torch.int32: -7777}
+
+
+@contextlib.contextmanager
+def guarded_outputs(guard: int = 3) -> Iterator[Callable[[], None]]:
+    """For checks (the tests, the GPU acceptance): inside, every buffer the kernels write lies
+    in a sentinel-filled allocation with ``guard`` rows on both sides. The yielded function
+    raises AssertionError if a guard row changed (a store out of bounds) or a buffer still
+    holds a sentinel (a row left unwritten), then forgets the buffers checked."""
+    global _empty
+    buffers: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+    plain = _empty
+
+    def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rows, *rest = shape
+        whole = torch.full((rows + 2 * guard, *rest), _SENTINEL[dtype], dtype=dtype, device=like.device)
+        buffers.append((whole, tuple(shape)))
+        return whole[guard : guard + rows]
+
+    def check() -> None:
+        assert buffers, "no kernel output was allocated"
+        for whole, shape in buffers:
+            sentinel = _SENTINEL[whole.dtype]
+            outside = torch.cat([whole[:guard], whole[-guard:]])
+            assert (outside == sentinel).all(), f"a kernel wrote outside its {shape} output"
+            assert not (whole[guard:-guard] == sentinel).any(), (
+                f"a kernel left part of its {shape} output unwritten"
+            )
+        buffers.clear()
+
+    _empty = empty
+    try:
+        yield check
+    finally:
+        _empty = plain
 
 
 def _block_d(d: int) -> int:

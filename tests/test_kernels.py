@@ -78,40 +78,13 @@ def interpreted(monkeypatch):
         yield calls
 
 
-SENTINEL = {torch.float32: 1234.5, torch.float16: 1234.0, torch.bfloat16: 1232.0, torch.int32: -7777}
-GUARD = 3  # guard rows before and after every buffer
-
-
 @pytest.fixture
-def guarded(monkeypatch):
-    """Every buffer the kernels write lives inside a sentinel-filled allocation with guard rows
-    on both sides; ``check()`` fails if a guard row changed (a write out of bounds) or a
-    buffer still holds a sentinel (a row left unwritten)."""
+def guarded():
+    """Guard rows around every kernel output; calling it checks them (see ``guarded_outputs``)."""
     from pomt import _triton
 
-    buffers = []
-
-    def empty(shape, like, dtype):
-        rows, *rest = shape
-        whole = torch.full((rows + 2 * GUARD, *rest), SENTINEL[dtype], dtype=dtype, device=like.device)
-        buffers.append((whole, shape))
-        return whole[GUARD : GUARD + rows]
-
-    def check():
-        assert buffers
-        for whole, shape in buffers:
-            guards = torch.cat([whole[:GUARD], whole[-GUARD:]])
-            assert (guards == SENTINEL[whole.dtype]).all(), (
-                f"a kernel wrote outside its {tuple(shape)} output"
-            )
-            inside = whole[GUARD:-GUARD]
-            assert not (inside == SENTINEL[whole.dtype]).any(), (
-                f"a kernel left part of its {tuple(shape)} output unwritten"
-            )
-        buffers.clear()
-
-    monkeypatch.setattr(_triton, "_empty", empty)
-    return check
+    with _triton.guarded_outputs() as check:
+        yield check
 
 
 def _outputs(model, x, mode):
@@ -525,3 +498,20 @@ def test_kernels_build_for_sm90_without_spills(dtype, tmp_path):
         compiled = _compile_sm90(kernel, dtype, constants, warps)
         registers, stack = _cubin_usage(compiled.asm["cubin"], tmp_path)
         assert stack == 0, f"{name} spills {stack} bytes per thread ({registers} registers)"
+
+
+def test_guard_rows_catch_a_row_left_unwritten_and_a_store_outside():
+    from pomt import _triton
+
+    with _triton.guarded_outputs() as check:
+        buffer = _triton._empty((4, 3), torch.empty(0), torch.float32)
+        buffer[:3] = 0.0  # row 3 never written
+        with pytest.raises(AssertionError, match="left part of its"):
+            check()
+    with _triton.guarded_outputs() as check:
+        buffer = _triton._empty((4, 3), torch.empty(0), torch.int32)
+        buffer.fill_(0)
+        buffer.as_strided((1, 3), (3, 1), buffer.storage_offset() + 12).fill_(1)  # the row after it
+        with pytest.raises(AssertionError, match="wrote outside its"):
+            check()
+    assert _triton._empty((1,), torch.empty(0), torch.float32).shape == (1,)  # restored afterwards
