@@ -2,7 +2,7 @@
 
 For each method, the pruned model is timed side by side (interleaved rounds, shuffled order)
 with its *ideal*: the same model with the sequence cut to the same token counts at the same
-points, with no scoring (``apply_pruning(model, "cut", ...)``), so a ratio of 1 means the
+points, with no scoring (``apply_ideal`` below), so a ratio of 1 means the
 scoring, ranking and gathering are free.
 
 - ``pomt`` (r in ``--r``, pruned once at ``--layer``) against ``ideal``: N - r tokens after
@@ -46,9 +46,42 @@ from torch import nn
 
 import pomt
 from pomt import ops
-from pomt.blocks import qkv_heads
+from pomt.blocks import BlockSpec, attention_residual, check_room, mlp_residual, qkv_heads
 from pomt.models import vit_blocks
 from pomt.timing import cuda_graph, device_name, interleaved_samples, paired_ratio
+
+# ----------------------------------------------------------------------------- the ideal
+
+
+class _Cut(nn.Module):
+    """Keep the first N - r tokens after the attention, with no scoring: the latency floor of a
+    method that removes r tokens at this block."""
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        check_room(x.shape[1], self._pomt_spec.prefix, self._pomt_spec.r, "ideal")
+        x = attention_residual(self, x)[0]
+        return mlp_residual(self, x[:, : x.shape[1] - self._pomt_spec.r])
+
+
+def _patch(block: nn.Module, mixin: type[nn.Module], name: str) -> None:
+    """Put ``mixin`` in front of the block's class (``pomt.remove_pruning`` undoes it)."""
+    base = getattr(type(block), "_pomt_base_class", type(block))
+    block.__class__ = type(f"{name}{base.__name__}", (mixin, base), {"_pomt_base_class": base})
+
+
+def apply_ideal(model: nn.Module, method: str, r: int, layer: int) -> nn.Module:
+    """``model`` with its sequence cut, unscored, to the token counts that ``method`` at ``r``
+    leaves after each block (its ideal)."""
+    pomt.remove_pruning(model)
+    schedule = pomt.token_schedule(model, method, r, layer)
+    layout = pomt.token_layout(model)
+    before = [layout.n_total, *schedule[:-1]]
+    for block, n_in, n_out in zip(vit_blocks(model), before, schedule, strict=True):
+        if n_out < n_in:
+            _patch(block, _Cut, "Cut")
+            block._pomt_spec = BlockSpec(r=n_in - n_out, prefix=layout.prefix, has_cls=True)
+    return model
+
 
 # ----------------------------------------------------------------------------- the first blocks (--legacy)
 
@@ -100,8 +133,7 @@ def apply_legacy(model: nn.Module, method: str, r: int, layer: int) -> nn.Module
     mixin = {"pomt": _LegacyPOMT, "topk": _LegacyTopK}[method]
     for block in vit_blocks(model):
         if hasattr(block, "_pomt_spec"):
-            base = type(block)._pomt_base_class
-            block.__class__ = type(f"Legacy{base.__name__}", (mixin, base), {"_pomt_base_class": base})
+            _patch(block, mixin, "Legacy")
     return model
 
 
@@ -114,16 +146,10 @@ def configurations(
     """Functions that put ``model`` into each variant: unpruned, pruned, its ideal (cut to the
     same token counts) and, optionally, the first version. One instance serves all, so that
     no variant gains from where its copy of the weights happens to lie in memory."""
-    schedule = pomt.token_schedule(model, method, r, layer)
-    if method == "pomt":
-        cut: int | list[int] = r
-    else:  # the per-block removals of the method's own schedule
-        previous = [pomt.token_layout(model).n_total, *schedule[:-1]]
-        cut = [before - after for before, after in zip(previous, schedule, strict=True)]
     out = {
         "unpruned": lambda: pomt.remove_pruning(model),
         method: lambda: pomt.apply_pruning(model, method, r=r, layer=layer),
-        "ideal": lambda: pomt.apply_pruning(model, "cut", r=cut, layer=layer),
+        "ideal": lambda: apply_ideal(model, method, r, layer),
     }
     if with_legacy and method in ("pomt", "topk"):
         out[f"{method}_v1"] = lambda: apply_legacy(model, method, r, layer)

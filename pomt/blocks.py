@@ -18,7 +18,16 @@ from torch import nn
 
 from pomt import ops
 
-__all__ = ["BlockSpec", "ToMeState", "MIXINS", "tome_merge", "qkv_heads"]
+__all__ = [
+    "BlockSpec",
+    "ToMeState",
+    "MIXINS",
+    "tome_merge",
+    "qkv_heads",
+    "attention_residual",
+    "mlp_residual",
+    "check_room",
+]
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ def check_room(tokens: int, prefix: int, removed: int, where: str) -> None:
         )
 
 
-def _attention_residual(
+def attention_residual(
     block: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x + attention(x)`` through fused attention, with q, k, v exposed for scoring."""
@@ -125,11 +134,11 @@ def _explicit_attention_residual(
     return x + block.drop_path1(block.ls1(_attn_output(attn, heads_out, h))), probs, v
 
 
-def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-# --------------------------------------------------------------------------- POMT, cut, Top-K
+# --------------------------------------------------------------------------- POMT, Top-K
 
 
 class _POMTBlock(nn.Module):
@@ -151,22 +160,9 @@ class _POMTBlock(nn.Module):
             scores = ops.pomt_scores_from_probabilities(probs, v, spec.prefix)
             x = ops.pomt_select(x, scores, spec.prefix, spec.r, spec.trace)
         else:
-            x, q, k, v = _attention_residual(self, x)
+            x, q, k, v = attention_residual(self, x)
             x = ops.pomt_prune(x, q, k, v, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]), spec.trace)
-        return _mlp_residual(self, x)
-
-
-class _CutBlock(nn.Module):
-    """Mixin: keep the first N - r tokens after the attention, with no scoring: the latency
-    floor of a method that prunes r tokens at this point (used by the benchmarks)."""
-
-    _pomt_spec: BlockSpec
-
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
-        check_room(x.shape[1], self._pomt_spec.prefix, self._pomt_spec.r, "cut")
-        x = _attention_residual(self, x)[0]
-        return _mlp_residual(self, x[:, : x.shape[1] - self._pomt_spec.r])
+        return mlp_residual(self, x)
 
 
 class _TopKBlock(nn.Module):
@@ -178,10 +174,10 @@ class _TopKBlock(nn.Module):
         _no_mask(attn_mask, is_causal)
         spec = self._pomt_spec
         check_room(x.shape[1], spec.prefix, spec.r, "Top-K")
-        x, q, k, _ = _attention_residual(self, x)
+        x, q, k, _ = attention_residual(self, x)
         scale = _scale(self.attn, q.shape[-1])
         x = ops.topk_prune(x, q, k, spec.prefix, spec.r, scale, spec.has_cls, spec.trace)
-        return _mlp_residual(self, x)
+        return mlp_residual(self, x)
 
 
 # --------------------------------------------------------------------------- ToMe
@@ -265,20 +261,14 @@ class _ToMeBlock(nn.Module):
             state.size = None  # a new forward pass starts with every token of size 1
         size = state.size
         bias = None if size is None else size.log()[:, None, None, :, 0].to(x.dtype)
-        x, _, keys, _ = _attention_residual(self, x, bias)
+        x, _, keys, _ = attention_residual(self, x, bias)
         r = min(spec.r, (x.shape[1] - spec.prefix) // 2)
         if r > 0:
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1], 1)
             x, size = tome_merge(x, keys, size, r, spec.prefix, spec.trace)
         state.size = None if spec.last else size
-        return _mlp_residual(self, x)
+        return mlp_residual(self, x)
 
 
-CUT_METHOD = "cut"
-MIXINS: dict[str, type[nn.Module]] = {
-    "pomt": _POMTBlock,
-    "topk": _TopKBlock,
-    "tome": _ToMeBlock,
-    CUT_METHOD: _CutBlock,
-}
+MIXINS: dict[str, type[nn.Module]] = {"pomt": _POMTBlock, "topk": _TopKBlock, "tome": _ToMeBlock}

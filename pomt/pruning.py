@@ -3,8 +3,9 @@
 ``apply_pruning(model, method, r, layer)`` changes the model in place by swapping the
 class of the blocks that prune for a subclass whose ``forward`` prunes (``pomt.blocks``);
 parameters, buffers and ``state_dict`` keys are untouched, and ``remove_pruning`` swaps
-the classes back. Every block keeps fused attention for its output; blocks that do not
-prune are not touched at all.
+the classes back. Every block keeps fused attention for its output, except POMT's one block
+on the CPU (an explicit softmax costs no more there, and its probabilities give the
+scores); blocks that do not prune are not touched at all.
 
 Methods
 -------
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pomt.blocks import CUT_METHOD, MIXINS, BlockSpec, ToMeState
+from pomt.blocks import MIXINS, BlockSpec, ToMeState
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
 from pomt.ops import Trace, gather_tokens, kernels
 
@@ -47,9 +48,6 @@ __all__ = [
 ]
 
 METHODS = ("none", "pomt", "topk", "tome")
-# Not a pruning method: ``cut`` keeps the first N - r tokens where a method would prune, with
-# no scoring (at ``layer`` for an int r, at every block for a list): the latency floor that
-# the benchmarks compare POMT, Top-K and ToMe with.
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ def _per_block_r(method: str, r: int | Sequence[int], depth: int) -> tuple[int, 
 
 def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayout) -> tuple[int, ...]:
     """Validate arguments and return the tokens leaving each block."""
-    if method not in METHODS and method != CUT_METHOD:
+    if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; valid: {', '.join(METHODS)}")
     depth, n, p = layout.depth, layout.n_total, layout.prefix
     if not _is_int(layer) or not 0 <= layer < depth:
@@ -110,7 +108,7 @@ def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayo
         )
     if method == "none":
         return (n,) * depth
-    if method == "pomt" or (method == CUT_METHOD and _is_int(r)):
+    if method == "pomt":
         if not _is_int(r) or not 0 <= r <= n - p - 1:
             raise ValueError(
                 f"{method}: r must be an int in 0..{n - p - 1} (N={n} tokens, {p} prefix; at least one "
@@ -119,7 +117,7 @@ def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayo
         return (n,) * layer + (n - r,) * (depth - layer)
     per_block = _per_block_r(method, r, depth)
     # ToMe never over-prunes: each block merges at most half of its ordinary tokens (below).
-    if method in ("topk", CUT_METHOD) and n - sum(per_block) < p + 1:
+    if method == "topk" and n - sum(per_block) < p + 1:
         raise ValueError(
             f"{method}: r={r!r} removes {sum(per_block)} of {n} tokens ({p} prefix); at most "
             f"{n - p - 1} can be removed in total so that one ordinary token remains"
@@ -187,7 +185,7 @@ def apply_pruning(
     has_cls = getattr(vit, "cls_token", None) is not None
     vit._pomt_trace = Trace()  # shared by the patched blocks; idle unless token_groups runs
     common = dict(prefix=layout.prefix, has_cls=has_cls, trace=vit._pomt_trace)
-    if method == "pomt" or (method == CUT_METHOD and _is_int(r)):
+    if method == "pomt":
         # r=0 deploys the unpruned model: no block pays for scoring that removes nothing
         targets = {layer: BlockSpec(r=int(r), **common)} if r > 0 else {}
         stored_r: int | tuple[int, ...] = int(r)

@@ -4,6 +4,8 @@ reference written straight from docs/method.md section 2, reversibility, export,
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -320,14 +322,19 @@ def test_r0_deploys_the_unpruned_model(tiny_vit):
         assert config is None if method == "none" else config.schedule == (17,) * 4
 
 
-def test_cut_is_the_ideal_of_each_method(tiny_vit):
-    """``cut`` (the benchmarks' ideal) removes the same tokens at the same blocks, unscored."""
-    for method, r, cut in (("pomt", 5, 5), ("topk", [0, 3, 0, 2], [0, 3, 0, 2])):
-        pomt.apply_pruning(tiny_vit, "cut", r=cut, layer=1)
-        counts = tokens_after_each_block(tiny_vit, torch.randn(1, 3, 32, 32))
-        assert counts == pomt.token_schedule(tiny_vit, method, r, layer=1)
-    with pytest.raises(ValueError, match="at most 15 can be removed"):
-        pomt.apply_pruning(tiny_vit, "cut", r=[4, 4, 4, 4])
+def test_the_benchmarks_ideal_cuts_each_methods_schedule_unscored(tiny_vit):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pruning_latency import apply_ideal
+
+    x = torch.randn(1, 3, 32, 32)
+    for method, r in (("pomt", 5), ("topk", [0, 3, 0, 2]), ("tome", 3)):
+        apply_ideal(tiny_vit, method, r, layer=1)
+        assert tokens_after_each_block(tiny_vit, x) == pomt.token_schedule(tiny_vit, method, r, layer=1)
+        assert pomt.pruning_config(tiny_vit) is None  # a measuring device, not a pruning method
+        pomt.remove_pruning(tiny_vit)
+        assert all(type(b).__name__ == "Block" for b in vit_blocks(tiny_vit))
+    with pytest.raises(ValueError, match="unknown pruning method 'cut'"):
+        pomt.apply_pruning(tiny_vit, "cut", r=5)
 
 
 def test_per_block_list(tiny_vit):
