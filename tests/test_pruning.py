@@ -543,9 +543,30 @@ def test_hub_style_dinov2_with_registers():
 
 @pytest.mark.parametrize("method", ["pomt", "topk", "tome"])
 def test_pruned_model_trains(method):
+    """Training through the pruning blocks (the torch path): gradients reach every block, the
+    optimiser changes the weights, the token counts are the pruned ones during the training
+    steps, and removing the pruning gives back the unpruned model with the trained weights."""
+    torch.manual_seed(0)
     model = make_tiny_vit(reg_tokens=1).train()
     pomt.apply_pruning(model, method, r=3, layer=1)
-    loss = model(torch.randn(2, 3, 32, 32)).logsumexp(-1).mean()
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads[:5])
+    schedule = pomt.token_schedule(model, method, 3, layer=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    counts: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for b in vit_blocks(model)]
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        assert all(
+            p.grad is not None and torch.isfinite(p.grad).all() for p in vit_blocks(model)[1].parameters()
+        )
+        optimiser.step()
+    for h in hooks:
+        h.remove()
+    assert counts == schedule * 3
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("blocks.1.") for k in changed) and any(k.startswith("blocks.3.") for k in changed)
+    pomt.remove_pruning(model)
+    assert tokens_after_each_block(model.eval(), x) == [pomt.token_layout(model).n_total] * 4
