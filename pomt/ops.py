@@ -101,13 +101,27 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None)
     """The implementation POMT's block runs with on ``device`` (and ``dtype``), for labels:
     ``torch``, ``triton`` (forced), or under ``auto`` on CUDA what it chose for the shapes
     measured so far (``auto: triton``, ``auto: torch``, ``auto: triton+torch``)."""
-    device = torch.device(device)
-    if _mode != "auto":
+    device = _full_device(device)
+    if _checked_mode() != "auto":
         return _mode
     chosen = {c.backend for key, c in _CHOICES.items() if key[0] == str(device) and dtype in (None, key[1])}
     if chosen:
         return "auto: " + "+".join(sorted(chosen))
     return "torch" if device.type != "cuda" or _triton() is None else "auto: not measured yet"
+
+
+def _full_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``cuda`` is the current CUDA device), as tensors report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _checked_mode() -> str:
+    if _mode not in KERNEL_MODES:
+        raise ValueError(f"POMT_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {_mode!r}")
+    return _mode
 
 
 def _forced_triton(t: torch.Tensor) -> bool:
@@ -384,9 +398,10 @@ def _use_kernels(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
 ) -> bool:
     """Whether POMT's block runs the Triton kernels on this input (see the module docstring)."""
-    if _mode == "torch" or torch.compiler.is_compiling() or torch.jit.is_tracing() or _grad(x, q, k, v):
+    mode = _checked_mode()
+    if mode == "torch" or torch.compiler.is_compiling() or torch.jit.is_tracing() or _grad(x, q, k, v):
         return False
-    if _mode == "triton":
+    if mode == "triton":
         return _forced_triton(x)
     if not _auto_device(x) or _triton() is None:
         return False

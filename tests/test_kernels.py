@@ -415,6 +415,17 @@ def test_triton_without_interpreter_on_cpu_is_a_clear_error():
             pass
 
 
+def test_a_bad_pomt_kernels_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(ops, "_mode", "Triton")
+    model = make_tiny_vit()
+    pomt.apply_pruning(model, "pomt", r=3, layer=1)
+    with pytest.raises(ValueError, match="POMT_KERNELS must be one of auto, torch, triton, got 'Triton'"):
+        ops.kernel_backend("cpu")
+    x, q, k, v, prefix, r, scale = _block_inputs()
+    with pytest.raises(ValueError, match="POMT_KERNELS must be one of"):
+        ops._use_kernels(x, q, k, v, prefix, r, scale)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_kernels_launch_on_the_tensors_device():
