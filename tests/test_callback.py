@@ -390,6 +390,7 @@ def test_lightning_cli_builds_module_and_callback_from_plain_arguments():
             "--trainer.callbacks+=pomt.callbacks.POMTCallback",
             "--trainer.callbacks.layer=1",
             '--trainer.callbacks.search={"alpha": 0.7, "grid": [17, 9]}',
+            "--trainer.callbacks.accuracy_split=val",
             "--trainer.logger=false",
             "--trainer.accelerator=cpu",
             "--trainer.enable_checkpointing=false",
@@ -397,4 +398,5 @@ def test_lightning_cli_builds_module_and_callback_from_plain_arguments():
     )
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, POMTCallback))
     assert (callback.search.alpha, callback.layer, callback.search.grid) == (0.7, 1, (17, 9))
+    assert isinstance(callback.search, SearchConfig) and callback.accuracy_split == "val"
     assert cli.model.vit.patch_embed.num_patches == 16
