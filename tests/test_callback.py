@@ -284,6 +284,8 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
         with caplog.at_level("INFO"):
             trainer(callbacks=[callback], logger=logger).test(module, loader())
         run_dir = Path(logger.experiment.dir).parent
+        assert logger.experiment.config["pomt/precision"] == "32-true"  # what L(n) was timed at
+        assert logger.experiment.summary["pomt/precision"] == "32-true"
     finally:
         wandb.finish()
     assert run_dir.name.startswith("offline-run-")

@@ -291,10 +291,19 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
     if callback.selection is not None and callback.r is None and callback.selection.verification:
         summary["pomt/verification"] = callback.selection.verification
     log_summary(trainer, summary)
+    if callback.latency_profile is not None:  # how it was timed, in the W&B run's config too
+        _log_wandb_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
     sel = callback.selection
     if callback.log_plots and sel is not None and callback.r is None:
         _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
     announce_wandb_runs(trainer)
+
+
+@rank_zero_only
+def _log_wandb_config(trainer: Any, values: dict[str, Any]) -> None:
+    for logger in _loggers(trainer):
+        if isinstance(logger, WandbLogger):
+            logger.experiment.config.update(values, allow_val_change=True)
 
 
 def log_token_maps(trainer: Any, callback: Any, images: Any) -> None:
