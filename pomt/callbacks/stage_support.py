@@ -49,7 +49,7 @@ if logger.level == logging.NOTSET:
 @rank_zero_only
 def say(line: str) -> None:
     """One line of the callback, on global rank 0."""
-    logger.info(f"POMTCallback: {line}")
+    logger.info(line if line.startswith("POMTCallback") else f"POMTCallback: {line}")
 
 
 def unlabelled(stage: str) -> UnlabelledDataError:
