@@ -62,9 +62,31 @@ def _build_model(args: argparse.Namespace):
     ).eval()
 
 
+def select_device(device: str) -> None:
+    """Make ``cuda:N`` the current CUDA device, so that every launch, allocation and timing
+    of the command goes to it (not to device 0); other devices need nothing."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...): {err}") from err
+    if parsed.type == "cuda" and parsed.index is not None:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available here; use --device cpu")
+        if parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+        torch.cuda.set_device(parsed)
+
+
 def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", None):
+            select_device(args.device)
         return fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

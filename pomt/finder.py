@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pomt.measure import estimate_accuracy, model_name, profile_latency, resolve_dtype
+from pomt.measure import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.models import architecture, find_vit, token_layout, uncompiled, unwrap_compiled, weights_fingerprint
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.selection import Selection, select_r
 from pomt.verify import speedup_samples, verify
 
-__all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS"]
+__all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
+
+# Below this fraction of the unpruned model's estimated accuracy, the chosen R is warned about.
+LOW_ACCURACY_FRACTION = 0.8
 
 # The SearchConfig fields that pomt.profile_latency takes under the same names.
 LATENCY_SETTINGS = (
@@ -38,6 +42,13 @@ LATENCY_SETTINGS = (
     "coarse_points",
     "max_points",
 )
+
+
+def _plain(value: Any) -> Any:
+    """A config value with OmegaConf's list containers as plain lists."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _positive(name: str, value: object, allow_none: bool = True) -> None:
@@ -65,9 +76,12 @@ class SearchConfig:
 
     Verification (``verify``, on by default; see ``pomt.verify``): the chosen R is timed
     against the unpruned model, call by call, for at least ``verify_pairs`` pairs and
-    ``verify_time`` seconds; R is kept only if it is significantly faster (and, in utility
-    mode, its measured utility beats R = 0), else the next of up to ``verify_candidates``
-    candidates is tried, down to R = 0.
+    ``verify_time`` seconds, in ``verify_blocks`` blocks; R is kept only if it is
+    significantly faster over the blocks (and, in utility mode, its measured utility beats
+    R = 0), else the next of up to ``verify_candidates`` candidates is tried, down to R = 0.
+
+    :meth:`coerce` makes one from a mapping (a dict, or a Hydra/OmegaConf ``DictConfig``),
+    rejecting unknown keys.
     """
 
     alpha: float = 0.5
@@ -88,6 +102,30 @@ class SearchConfig:
     verify_pairs: int = 20
     verify_time: float = 1.0
     verify_candidates: int = 3
+    verify_blocks: int = 6
+
+    @classmethod
+    def coerce(cls, value: SearchConfig | Mapping[str, Any] | None) -> SearchConfig:
+        """``value`` as a SearchConfig: itself, the defaults for None, or one built from a mapping
+        (a dict, or a Hydra/OmegaConf ``DictConfig``; a ``_target_`` naming SearchConfig is
+        dropped). Unknown keys are a ValueError listing the valid ones."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"search must be a SearchConfig or a mapping of its fields, got {type(value).__name__}"
+            )
+        data = {str(k): _plain(v) for k, v in value.items()}
+        target = data.pop("_target_", None)
+        if target is not None and str(target).rsplit(".", 1)[-1] != cls.__name__:
+            raise ValueError(f"search: _target_ {target!r} is not pomt.SearchConfig")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"search: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        return cls(**data)
 
     def __post_init__(self) -> None:
         if (
@@ -113,6 +151,7 @@ class SearchConfig:
         _positive("accuracy_batch_size", self.accuracy_batch_size)
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
         _positive("verify_candidates", self.verify_candidates, allow_none=False)
+        _positive("verify_blocks", self.verify_blocks, allow_none=False)
         if not self.verify_time >= 0:
             raise ValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples
@@ -171,6 +210,11 @@ class Search:
     accuracy: AccuracyProfile
     notes: tuple[str, ...] = field(default=())
 
+    @property
+    def precision(self) -> str:
+        """The precision the latency profile was timed at (``32-true``, ``bf16-mixed``, ...)."""
+        return self.latency.precision
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (no pickled classes: checkpoints load with ``weights_only=True``)."""
         out = {"selection": self.selection.to_dict(), "latency_profile": self.latency.to_dict()}
@@ -205,15 +249,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _valid(profile: Any, expect: dict[str, Any], where: str) -> str | None:
-    """None when ``profile`` was measured for the setup in ``expect``; else why it is not reused."""
-    try:
-        profile.check(expect, source=where)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 def _reuse(kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str]) -> Any:
     """The first valid profile of ``earlier`` (kept from a previous search) and the file at
     ``path``; each one passed over adds its reason to ``notes``."""
@@ -222,14 +257,31 @@ def _reuse(kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], 
         try:
             sources.append((kind.load(path), f"the {kind.kind} profile {path}"))
         except ValueError as err:  # corrupt or foreign: measured again, and overwritten
-            notes.append(f"not reusing {path}: {err}")
+            notes.append(f"not reusing {path} ({err}); measuring the {kind.kind} profile again")
     for profile, where in sources:
-        why = _valid(profile, expect, where)
+        why = profile.mismatch(expect)
         if why is None:
             notes.append(f"reusing {where}")
             return profile
-        notes.append(f"not reusing {why}")
+        notes.append(f"not reusing {where}: {why}")
+    if not sources:
+        notes.append(f"no {kind.kind} profile to reuse (none saved, none measured earlier)")
     return None
+
+
+def _check_accuracy_kept(selection: Selection, warn: Callable[[str], object]) -> None:
+    """Warn when the chosen n keeps less than ``LOW_ACCURACY_FRACTION`` of the unpruned accuracy."""
+    if selection.mode == "accuracy_floor" or selection.n_star == selection.n_total:
+        return
+    accuracy = dict(zip(selection.curve_n, selection.curve_accuracy, strict=True))
+    unpruned = accuracy.get(selection.n_total, max(selection.curve_accuracy))
+    if unpruned > 0 and selection.predicted_accuracy < LOW_ACCURACY_FRACTION * unpruned:
+        warn(
+            f"R={selection.r} keeps {selection.n_star} of {selection.n_total} tokens at an estimated accuracy of "
+            f"{selection.predicted_accuracy:.3f}, {selection.predicted_accuracy / unpruned:.0%} of the unpruned "
+            f"{unpruned:.3f}. To bound the loss, set accuracy_floor (e.g. accuracy_floor="
+            f"{LOW_ACCURACY_FRACTION * unpruned:.2f}) or lower alpha."
+        )
 
 
 def find_r(
@@ -247,33 +299,49 @@ def find_r(
     previous: Search | None = None,
     progress: bool = True,
     log: Callable[[str], object] = print,
+    precision: str | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> Search:
     """Choose R for ``model`` (or the ViT inside it) on ``device`` at ``batch_size``.
 
     ``data``: labelled images for the accuracy estimate (a Dataset or DataLoader of
     ``(image, label)``); it may be None when a valid accuracy profile is at hand.
-    ``dtype``: the latency profile's dtype (default: the model's).
+    ``dtype``: the latency profile's dtype (default: the model's). ``precision``: what the
+    latency is timed at, in Lightning's names (``32-true``, ``bf16-mixed``, ``16-mixed``, ...;
+    default: ``16-mixed``/``bf16-mixed`` when autocast is on, else ``<dtype>-true``); a
+    profile timed at another precision, or one that does not record it, is measured again.
 
     Profiles are reused where they are valid, from ``previous`` (an earlier search, e.g. from a
     checkpoint) or from ``latency_path``/``accuracy_path`` (JSON files, written after
     measuring): latency for the same architecture (depth, width, heads, patch size, N,
-    prefix), model, device, dtype, batch size and layer, whatever the weights; accuracy only
+    prefix), model, device, dtype, precision, batch size and layer, whatever the weights; accuracy only
     for the same weights (a fingerprint of the parameters) and token count. Anything else is
     measured again; ``log`` receives one line for each decision and its reason.
 
     ``torch.compile``'d modules are timed and evaluated as their eager originals (a compiled
     module would recompile at every token count); the user's compiled wrapper is kept.
     Unless ``config.verify`` is off, the choice is then checked against the unpruned model
-    (``pomt.verify``).
+    (``pomt.verify``). ``warn`` receives a warning when the chosen R keeps less than
+    ``LOW_ACCURACY_FRACTION`` of the unpruned accuracy (default: ``warnings.warn``).
     """
-    config = config or SearchConfig()
+    config = SearchConfig.coerce(config)
+    warn = warn or (lambda text: warnings.warn(text, stacklevel=3))
     device = torch.device(device) if device is not None else _device_of(model)
     notes: list[str] = []
+    logged = 0
+
+    def flush() -> None:  # each decision is said as it is made
+        nonlocal logged
+        for note in notes[logged:]:
+            log(note)
+        logged = len(notes)
+
     with uncompiled(model) as (eager, compiled):
         if compiled:
             notes.append(f"timing the eager module: {', '.join(compiled)} torch.compile'd, left as they are")
         vit = find_vit(eager)[1] if vit is None else unwrap_compiled(vit)
         dtype = _dtype_of(vit) if dtype is None else dtype
+        precision = str(precision) if precision else precision_name(device, dtype)
         name = model_name(vit)
 
         expect = dict(model=name, n_total=token_layout(vit).n_total, weights=weights_fingerprint(eager))
@@ -285,6 +353,8 @@ def find_r(
                     "find_r needs labelled data for the accuracy estimate (a Dataset or DataLoader of "
                     "(image, label)), or a saved accuracy profile of these weights (accuracy_path)"
                 )
+            flush()
+            log(f"estimating A(n) on up to {config.accuracy_samples} images")
             accuracy = estimate_accuracy(
                 eager, data, vit=vit, device=device, progress=progress, **config.accuracy_kwargs()
             )
@@ -299,6 +369,7 @@ def find_r(
             device=device,
             batch_size=batch_size,
             dtype=dtype,
+            precision=precision,
             layer=layer,
             architecture=architecture(vit),
         )
@@ -307,6 +378,8 @@ def find_r(
         path = None if latency_path is None else Path(latency_path)
         latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes)
         if latency is None:
+            flush()
+            log(f"measuring L(n) on {device} at {precision}, batch {batch_size}")
             latency = profile_latency(
                 eager,
                 batch_size=batch_size,
@@ -315,13 +388,13 @@ def find_r(
                 dtype=dtype,
                 vit=vit,
                 progress=progress,
+                precision=precision,
                 **config.latency_kwargs(accuracy, device),
             )
             notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.search})")
             if path is not None:
                 latency.save(path)
-        for note in notes:
-            log(note)
+        flush()
         selection = config.select(latency, accuracy)
         if config.verify:
 
@@ -338,7 +411,9 @@ def find_r(
                     warmup=config.warmup,
                     min_run_time=config.verify_time,
                     min_pairs=config.verify_pairs,
+                    blocks=config.verify_blocks,
                 )
 
             selection = verify(selection, measure, candidates=config.verify_candidates, log=log)
+        _check_accuracy_kept(selection, warn)
     return Search(selection, latency, accuracy, tuple(notes))

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_dtype",
     "on_device",
     "random_batch",
+    "precision_name",
 ]
 
 
@@ -60,6 +61,20 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
             f"dtype must be a floating torch dtype such as float32, float16, bfloat16; got {dtype!r}"
         )
     return value
+
+
+_BITS = {torch.float32: "32", torch.float16: "16", torch.bfloat16: "bf16", torch.float64: "64"}
+
+
+def precision_name(device: torch.device | str, dtype: torch.dtype | str) -> str:
+    """The precision a model runs at, in Lightning's names: ``16-mixed``/``bf16-mixed`` when
+    autocast is on for ``device`` right now (its dtype), else ``<dtype>-true`` (``32-true``,
+    ``16-true``, ``bf16-true``) from the dtype of the parameters and inputs."""
+    kind = torch.device(device).type
+    dtype = resolve_dtype(dtype)
+    if torch.is_autocast_enabled(kind):
+        return f"{_BITS.get(torch.get_autocast_dtype(kind), 'autocast')}-mixed"
+    return f"{_BITS.get(dtype, str(dtype).removeprefix('torch.'))}-true"
 
 
 def image_size(vit: nn.Module, img_size: int | Sequence[int] | None) -> tuple[int, int]:
@@ -154,6 +169,7 @@ def profile_latency(
     progress: bool = True,
     name: str | None = None,
     measure: Callable[[int], TimingStats] | None = None,
+    precision: str | None = None,
 ) -> LatencyProfile:
     """Median latency of ``model(x)`` per token count n, as deployed with POMT at r = N - n.
 
@@ -164,6 +180,8 @@ def profile_latency(
     graph (falls back to eager with a warning if capture fails; ignored elsewhere). The
     model's pruning, train/eval flags, device and dtype are restored afterwards.
     ``measure`` replaces the timing with a function n -> TimingStats (for tests).
+    ``precision`` is recorded as what the profile was timed at (default: from autocast and
+    ``dtype``, see :func:`precision_name`); a Trainer's is its ``trainer.precision``.
 
     ``relative=True`` times every n call by call against the unpruned model
     (``pomt.timing.time_paired``) and scales the ratios by the unpruned model's pooled median:
@@ -184,6 +202,7 @@ def profile_latency(
         )
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
+    precision = str(precision) if precision else precision_name(device, dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
     grid = None if grid is None else as_grid(grid, prefix + 1, n_total)
@@ -293,6 +312,7 @@ def profile_latency(
         cuda_graphs=graphs_ok,
         search=search,
         architecture=architecture(vit, size),
+        precision=precision,
         points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.n),
     )
 

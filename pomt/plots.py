@@ -15,7 +15,14 @@ from typing import Any
 
 from pomt.selection import Selection, as_curve, select_r
 
-__all__ = ["plot_profiles", "plot_latency", "plot_tradeoff", "plot_token_groups", "save_figure"]
+__all__ = [
+    "plot_profiles",
+    "plot_latency",
+    "plot_tradeoff",
+    "plot_token_groups",
+    "save_figure",
+    "precision_label",
+]
 
 _STYLES = {
     "none": ("black", "s", "unpruned"),
@@ -35,6 +42,12 @@ def _points(profile: Any, what: str) -> tuple[list[int], list[float], list[float
     return grid, values, [curve.spread[n][0] for n in grid], [curve.spread[n][1] for n in grid]
 
 
+def precision_label(record: Any) -> str:
+    """What a profile or result row was timed at: its ``precision`` (``32-true``, ``bf16-mixed``,
+    ...) where it records one, else its parameters' ``dtype``."""
+    return str(getattr(record, "precision", None) or getattr(record, "dtype", None) or "")
+
+
 def _title(lat: Any, sel: Selection) -> str:
     parts = []
     for key in ("model", "device"):
@@ -43,7 +56,7 @@ def _title(lat: Any, sel: Selection) -> str:
             parts.append(str(value))
     batch = getattr(lat, "batch_size", None)
     if batch is not None:
-        parts.append(f"batch {batch}, {getattr(lat, 'dtype', '')}".rstrip(", "))
+        parts.append(f"batch {batch}, {precision_label(lat)}".rstrip(", "))
     head = " | ".join(parts)
     speed = f", x{sel.speedup:.2f} faster" if sel.speedup else ""
     choice = f"R = {sel.r}: keep n* = {sel.n_star} of N = {sel.n_total} tokens ({sel.mode}, alpha={sel.alpha:g}{speed})"
@@ -135,7 +148,7 @@ def plot_latency(lat: Any) -> Any:
     ax.errorbar(grid, values, yerr=err, fmt="o-", ms=3, lw=0.8, ecolor="#9ecae1")
     ax.set_xlabel("tokens kept after the pruning block (n)")
     ax.set_ylabel("latency [ms] (median, IQR)")
-    ax.set_title(f"{lat.model} | {lat.device} | batch {lat.batch_size}, {lat.dtype}", fontsize=10)
+    ax.set_title(f"{lat.model} | {lat.device} | batch {lat.batch_size}, {precision_label(lat)}", fontsize=10)
     ax.grid(alpha=0.3)
     return fig
 
@@ -174,7 +187,11 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
         xs, ys = [row.latency_ms for row in front], [100 * row.acc1 for row in front]
         ax.step(xs, ys, where="post", color="0.35", ls="--", lw=1, zorder=1, label="Pareto front")
     first = rows[0] if rows else None
-    where = f"\n{first.model}, batch {first.batch_size}, {first.dtype}, {first.device}" if first else ""
+    where = (
+        f"\n{first.model}, batch {first.batch_size}, {precision_label(first)}, {first.device}"
+        if first
+        else ""
+    )
     ax.set_title(f"Top-1 accuracy vs latency{where}", fontsize=10)
     ax.set_xlabel("median latency per batch (ms)")
     ax.set_ylabel("top-1 accuracy (%)")

@@ -183,8 +183,11 @@ class _Profile:
             profile.check(expect, source=str(path))
         return profile
 
-    def check(self, expect: Mapping[str, Any], source: str = "profile") -> None:
-        """Raise ValueError naming the first field whose value differs from ``expect``."""
+    def mismatch(self, expect: Mapping[str, Any]) -> str | None:
+        """None when every field in ``expect`` has the expected value, else why not (the first
+        field that differs, e.g. ``it was measured with precision='32-true', the current
+        precision is 'bf16-mixed'``). A field the profile does not record (a profile written by
+        an older pomt) never matches."""
         names = {f.name for f in fields(self)}  # type: ignore[arg-type]
         for key, wanted in expect.items():
             if key not in names or key == "points":
@@ -193,19 +196,23 @@ class _Profile:
                 )
             have = normalise(getattr(self, key))
             if have == "" and normalise(wanted) != "":
-                raise ValueError(
-                    f"{source} does not record its {key} (written by an older pomt), so it cannot be "
-                    f"checked against the current {key} {normalise(wanted)!r}. Measure a new profile."
+                return (
+                    f"it does not record its {key} (written by an older pomt), so it cannot be checked "
+                    f"against the current {key} {normalise(wanted)!r}"
                 )
             if key == "device" and (
                 isinstance(wanted, torch.device) or str(wanted).split(":")[0] in ("cpu", "cuda")
             ):
                 wanted = device_name(wanted)  # compare hardware names, not "cuda:0"
             if have != normalise(wanted):
-                raise ValueError(
-                    f"{source} does not match: it was measured with {key}={have!r}, the current {key} is "
-                    f"{normalise(wanted)!r}. Measure a new profile for this setup."
-                )
+                return f"it was measured with {key}={have!r}, the current {key} is {normalise(wanted)!r}"
+        return None
+
+    def check(self, expect: Mapping[str, Any], source: str = "profile") -> None:
+        """Raise ValueError naming the first field whose value differs from ``expect``."""
+        why = self.mismatch(expect)
+        if why is not None:
+            raise ValueError(f"{source} does not match: {why}. Measure a new profile for this setup.")
 
 
 def _from_v1(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,6 +263,7 @@ class LatencyProfile(_Profile):
     search: str
     points: list[LatencyPoint]
     architecture: str = ""
+    precision: str = ""
 
     @property
     def latency_ms(self) -> dict[int, float]:

@@ -45,7 +45,12 @@ class Selection:
     ``n_star`` (n*) tokens leave the pruning block when the model is pruned with ``r``
     (``n_star == n_total - r``). ``curve_*`` hold, per candidate n (ascending), the
     denoised latency used for the choice, the raw measured median, the accuracy used
-    (made non-decreasing and interpolated) and the utility.
+    (made non-decreasing and interpolated) and the utility. ``n_total`` is N, the tokens
+    entering the blocks (R = 0 keeps them all); ``unpruned_latency_ms`` is the latency at N.
+
+    After ``pomt.verify``: ``measured_speedup`` and its interval are those of the chosen R
+    (None when R = 0 was kept), ``measurements`` holds ``(r, speed-up, low, high)`` of every
+    candidate measured, kept or not. ``precision`` is what the latency profile was timed at.
     """
 
     r: int
@@ -70,6 +75,8 @@ class Selection:
     measured_speedup_interval: tuple[float, float] | None = None
     rejected: tuple[int, ...] = ()
     verification: str = ""
+    measurements: tuple[tuple[int, float, float, float], ...] = ()
+    precision: str | None = None
 
     @property
     def unpruned_latency_ms(self) -> float | None:
@@ -120,7 +127,9 @@ class Selection:
         missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"not a Selection: missing {', '.join(missing)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        kwargs["measurements"] = tuple(tuple(m) for m in kwargs.get("measurements", ()))
+        return cls(**kwargs)
 
     def summary(self) -> str:
         """One line a person can read: the prediction, and the measured speed-up when verified."""
@@ -132,6 +141,7 @@ class Selection:
             f"R={self.r} (keep {self.n_star} of {self.n_total} tokens) mode={self.mode} "
             f"alpha={self.alpha:g} utility={self.utility:.4f} latency={self.predicted_latency_ms:.3f} ms "
             f"accuracy={self.predicted_accuracy:.4f}{speed}"
+            + (f" (timed at {self.precision})" if self.precision else "")
         )
 
 
@@ -244,6 +254,7 @@ class Curve:
     n_total: int | None
     model: str | None
     layer: int | None
+    precision: str | None = None
 
     @property
     def grid(self) -> list[int]:
@@ -293,6 +304,7 @@ def as_curve(profile: object, what: str) -> Curve:
         getattr(profile, "n_total", None),
         getattr(profile, "model", None) or None,
         getattr(profile, "layer", None),
+        getattr(profile, "precision", None) or None,
     )
 
 
@@ -434,4 +446,5 @@ def select_r(
         curve_accuracy=tuple(acc_used),
         curve_utility=tuple(util),
         candidates=tuple(ns[i] for i in ranked),
+        precision=lcurve.precision,
     )

@@ -2,20 +2,26 @@
 
 A latency profile times each n once, minutes apart from its neighbours; on a busy machine a
 single fast measurement can make an n look like a step that is not there. So before R is
-used, the model pruned at R and the unpruned model are timed side by side, call by call
-(``pomt.timing.time_paired``), and R is kept only when
+used, the model pruned at R and the unpruned model are timed side by side, call by call,
+in ``blocks`` separate blocks spread over the verification's time (each block re-times both
+models, and the order within a pair alternates from block to block), and R is kept only when
 
-- the speed-up is significantly above 1 (the lower end of a 95 % confidence interval of the
-  median paired speed-up is above 1), and
+- the speed-up is significantly above 1: the lower end of a 95 % confidence interval of the
+  median over the *blocks'* speed-ups is above 1. Calls moments apart share the machine's
+  state, so they are not independent samples; blocks are the unit, and a burst of noise
+  that covers some blocks widens the interval instead of confirming a speed-up. (With six
+  blocks the interval spans all of them: one block without a gain rejects R.)
 - in utility mode, the utility with the *measured* speed-up beats R = 0; with a latency
   budget, the measured latency meets the budget.
 
 Otherwise the next candidate of the selection (in the order the objective ranks them) is
-tried, and if none passes, the unpruned model (R = 0) is kept.
+tried, and if none passes, the unpruned model (R = 0) is kept. Every measurement is kept on
+the selection (``Selection.measurements``), also when R = 0 is.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -43,39 +49,61 @@ def speedup_samples(
     warmup: int = 3,
     min_run_time: float = 1.0,
     min_pairs: int = 20,
+    blocks: int = 6,
 ) -> tuple[list[float], float]:
-    """Per-pair speed-ups ``t_unpruned / t_pruned`` of POMT at ``r``, timed call by call against
-    the unpruned model (CUDA-graph replays when ``cuda_graphs``), and the unpruned median (ms)."""
+    """Per-block speed-ups ``t_unpruned / t_pruned`` of POMT at ``r`` and the unpruned median (ms).
+
+    ``min_run_time`` seconds and ``min_pairs`` pairs are split over ``blocks`` blocks; each
+    block times both models call by call (CUDA-graph replays when ``cuda_graphs``), the pruned
+    one first in even blocks and second in odd ones, and its speed-up is the median of its pairs.
+    """
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be a positive int, got {blocks!r}")
     x = random_batch(vit, batch_size, image_size(vit, None), device, dtype)
 
     def call() -> object:
         return model(x)
 
+    def prune() -> None:
+        apply_pruning(vit, "pomt", r=r, layer=layer)
+
+    def unprune() -> None:
+        remove_pruning(vit)
+
     with on_device(model, vit, device, dtype), torch.inference_mode():
         graphs = cuda_graphs and device.type == "cuda"
         if graphs:  # both as graph replays, or both eager
-            apply_pruning(vit, "pomt", r=r, layer=layer)
+            prune()
             pruned, mode = cuda_graph_or_eager(call, device, f"verifying r={r}: ")
-            remove_pruning(vit)
+            unprune()
             if mode == "cuda_graphs":
                 unpruned, mode = cuda_graph_or_eager(call, device, f"verifying r={r}: ")
             graphs = mode == "cuda_graphs"
         if graphs:
-            ratios, reference = time_paired(
-                pruned, unpruned, device=device, warmup=warmup, min_run_time=min_run_time, min_pairs=min_pairs
-            )
+            sides = [(pruned, None), (unpruned, None)]
         else:
-            ratios, reference = time_paired(
-                call,
-                call,
+            sides = [(call, prune), (call, unprune)]
+        speedups: list[float] = []
+        reference: list[float] = []
+        for block in range(blocks):
+            first, second = sides if block % 2 == 0 else sides[::-1]
+            ratios, other = time_paired(
+                first[0],
+                second[0],
                 device=device,
-                warmup=warmup,
-                min_run_time=min_run_time,
-                min_pairs=min_pairs,
-                prepare=lambda: apply_pruning(vit, "pomt", r=r, layer=layer),
-                prepare_reference=lambda: remove_pruning(vit),
+                warmup=warmup if block == 0 else 1,
+                min_run_time=min_run_time / blocks,
+                min_pairs=max(1, -(-min_pairs // blocks)),
+                prepare=first[1],
+                prepare_reference=second[1],
             )
-    return [1.0 / max(ratio, 1e-12) for ratio in ratios], median_interval(reference)[0]
+            if block % 2 == 0:  # ratios are t_pruned / t_unpruned
+                speedups.append(1.0 / max(statistics.median(ratios), 1e-12))
+                reference.extend(other)
+            else:  # ratios are t_unpruned / t_pruned
+                speedups.append(statistics.median(ratios))
+                reference.extend(a * b for a, b in zip(ratios, other, strict=True))
+    return speedups, median_interval(reference)[0]
 
 
 def _passes(selection: Selection, n: int, speedup: float, low: float, unpruned_ms: float) -> str | None:
@@ -105,22 +133,24 @@ def verify(
     """The first of the selection's candidates (at most ``candidates`` of them) whose measured
     speed-up passes (see the module docstring), with the measurement recorded; else R = 0.
 
-    ``measure(r)`` returns the per-pair speed-ups of POMT at ``r`` and the unpruned model's
+    ``measure(r)`` returns the per-block speed-ups of POMT at ``r`` and the unpruned model's
     median latency (:func:`speedup_samples`, or a fake in tests).
     """
     if selection.n_star == selection.n_total:
         return replace(selection, verification="R=0 (the unpruned model): nothing to verify")
     rejected: list[int] = []
     reasons: list[str] = []
+    measured: list[tuple[int, float, float, float]] = []
     for n in selection.candidates[:candidates]:
         if n == selection.n_total:
             break  # the objective prefers R = 0 to every candidate left
         r = selection.n_total - n
         samples, unpruned_ms = measure(r)
         speedup, low, high = median_interval(samples)
+        measured.append((r, speedup, low, high))
         predicted = selection.at(n).speedup
         line = f"R={r}: " + (f"predicted x{predicted:.3f}, " if predicted else "")
-        line += f"measured x{speedup:.3f} [{low:.3f}, {high:.3f}] (95% CI, {len(samples)} paired calls)"
+        line += f"measured x{speedup:.3f} [{low:.3f}, {high:.3f}] (95% CI over {len(samples)} blocks)"
         why = _passes(selection, n, speedup, low, unpruned_ms)
         if why is None:
             note = f"{line}: verified" + (f" (rejected before: {'; '.join(reasons)})" if reasons else "")
@@ -131,6 +161,7 @@ def verify(
                 measured_speedup_interval=(low, high),
                 rejected=tuple(rejected),
                 verification=note,
+                measurements=tuple(measured),
             )
         log(f"{line}: {why}; trying the next candidate")
         rejected.append(n)
@@ -140,4 +171,4 @@ def verify(
         note += f" ({'; '.join(reasons)})"
     log(note)
     fallback = selection.at(selection.n_total) if selection.n_total in selection.curve_n else selection
-    return replace(fallback, rejected=tuple(rejected), verification=note)
+    return replace(fallback, rejected=tuple(rejected), verification=note, measurements=tuple(measured))

@@ -284,6 +284,8 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
         with caplog.at_level("INFO"):
             trainer(callbacks=[callback], logger=logger).test(module, loader())
         run_dir = Path(logger.experiment.dir).parent
+        assert logger.experiment.config["pomt/precision"] == "32-true"  # what L(n) was timed at
+        assert logger.experiment.summary["pomt/precision"] == "32-true"
     finally:
         wandb.finish()
     assert run_dir.name.startswith("offline-run-")
@@ -390,6 +392,7 @@ def test_lightning_cli_builds_module_and_callback_from_plain_arguments():
             "--trainer.callbacks+=pomt.callbacks.POMTCallback",
             "--trainer.callbacks.layer=1",
             '--trainer.callbacks.search={"alpha": 0.7, "grid": [17, 9]}',
+            "--trainer.callbacks.accuracy_split=val",
             "--trainer.logger=false",
             "--trainer.accelerator=cpu",
             "--trainer.enable_checkpointing=false",
@@ -397,4 +400,5 @@ def test_lightning_cli_builds_module_and_callback_from_plain_arguments():
     )
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, POMTCallback))
     assert (callback.search.alpha, callback.layer, callback.search.grid) == (0.7, 1, (17, 9))
+    assert isinstance(callback.search, SearchConfig) and callback.accuracy_split == "val"
     assert cli.model.vit.patch_embed.num_patches == 16

@@ -443,3 +443,32 @@ def test_commands_profile_estimate_and_select_from_saved_files(tmp_path, capsys)
     # a profile for another batch size is refused with the field named, exit status 2
     assert cli.select_r_main([*args, "--batch-size", "8"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_device_cuda_n_makes_that_device_current(monkeypatch, capsys):
+    chosen: list[torch.device] = []
+
+    class Chosen(Exception):
+        pass
+
+    def set_device(device):
+        chosen.append(torch.device(device))
+        raise Chosen  # stop here: no GPU on this machine to profile on
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for command in ("profile-latency", "estimate-accuracy"):
+        extra = ["-o", "x.json"] if command == "profile-latency" else ["--data", "x", "-o", "x.json"]
+        with pytest.raises(Chosen):  # before any model is built or timed
+            cli.main([command, "--model", "vit_tiny_patch16_224", "--device", "cuda:1", *extra])
+    assert chosen == [torch.device("cuda:1")] * 2
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    for device in ("cpu", "cuda"):  # no index: nothing to select
+        cli.select_device(device)
+    assert len(chosen) == 2
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        cli.select_device("cuda:2")
+    assert cli.main(["profile-latency", "--model", "m", "--device", "gpu:0", "-o", "x.json"]) == 2
+    assert "is not a device" in capsys.readouterr().err

@@ -260,10 +260,13 @@ def _pomt_scalars(callback: Any) -> dict[str, float]:
         if sel.unpruned_latency_ms is not None:
             out["pomt/unpruned_latency_ms"] = float(sel.unpruned_latency_ms)
             out["pomt/predicted_speedup"] = float(sel.speedup)
-        if sel.measured_speedup is not None and sel.measured_speedup_interval is not None:
-            out["pomt/measured_speedup"] = float(sel.measured_speedup)
-            out["pomt/measured_speedup_low"] = float(sel.measured_speedup_interval[0])
-            out["pomt/measured_speedup_high"] = float(sel.measured_speedup_interval[1])
+        if sel.measurements:  # the applied R's, else (R = 0 kept) the best-ranked candidate's
+            chosen = [m for m in sel.measurements if m[0] == sel.r] or sel.measurements[:1]
+            r, speedup, low, high = chosen[0]
+            out["pomt/measured_r"] = float(r)
+            out["pomt/measured_speedup"] = float(speedup)
+            out["pomt/measured_speedup_low"] = float(low)
+            out["pomt/measured_speedup_high"] = float(high)
     return out
 
 
@@ -284,13 +287,23 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
     if callback.latency_profile is not None:
         summary["pomt/device"] = callback.latency_profile.device
         summary["pomt/profile_batch_size"] = callback.latency_profile.batch_size
+        summary["pomt/precision"] = callback.latency_profile.precision
     if callback.selection is not None and callback.r is None and callback.selection.verification:
         summary["pomt/verification"] = callback.selection.verification
     log_summary(trainer, summary)
+    if callback.latency_profile is not None:  # how it was timed, in the W&B run's config too
+        _log_wandb_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
     sel = callback.selection
     if callback.log_plots and sel is not None and callback.r is None:
         _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
     announce_wandb_runs(trainer)
+
+
+@rank_zero_only
+def _log_wandb_config(trainer: Any, values: dict[str, Any]) -> None:
+    for logger in _loggers(trainer):
+        if isinstance(logger, WandbLogger):
+            logger.experiment.config.update(values, allow_val_change=True)
 
 
 def log_token_maps(trainer: Any, callback: Any, images: Any) -> None:

@@ -3,23 +3,26 @@
 ``setup`` checks all that needs no timing (the ViT, ``layer``, ``r``, the accuracy data), so
 mistakes fail before training. Before each chosen stage, rank 0 calls :func:`pomt.find_r`
 on the Trainer's device and precision (every rank receives the result) and the ViT is pruned
-in place. Results stay on the callback and in checkpoints, and are reused only where still
-valid; the global RNG state is the same after the search as before it.
+in place. The model is put back as it was after the stage (``restore``), always after an
+error in it (``on_exception``), and at the start of the next stage or of training if a stage
+died without either. Results stay on the callback and in checkpoints, and are reused only
+where still valid; the global RNG state is the same after the search as before it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from pomt.callbacks import logging as pomt_logging
-from pomt.data import UnlabelledDataError, check_accuracy_data, split_batch
-from pomt.finder import Search, SearchConfig, find_r
-from pomt.measure import image_size
+from pomt.callbacks import stage_support as support
+from pomt.data import split_batch
+from pomt.finder import Search, SearchConfig
 from pomt.models import find_vit
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
@@ -29,24 +32,6 @@ __all__ = ["POMTCallback", "STAGES", "SPLITS"]
 
 STAGES = ("validate", "test", "predict", "fit")
 SPLITS = ("selection", "val", "train", "test")
-_LOADERS = {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}
-_FIXES = (
-    "give the datamodule a selection_dataloader() (a held-out split), set accuracy_split='val' (or "
-    "'train'), or pass accuracy_data="
-)
-
-
-def _unlabelled(stage: str) -> UnlabelledDataError:
-    return UnlabelledDataError(
-        f"POMTCallback needs labelled images to estimate A(n) before {stage}, but its data yields images "
-        f"only. To search on labelled data, {_FIXES}; or fix r= to skip the search."
-    )
-
-
-def _first_loader(loaders: Any) -> Any:
-    """The first dataloader of what Lightning stores (a loader, or a list or dict of them)."""
-    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
-    return (loaders[0] if loaders else None) if isinstance(loaders, (list, tuple)) else loaders
 
 
 class POMTCallback(Callback):
@@ -57,7 +42,8 @@ class POMTCallback(Callback):
         r: tokens to remove; given, the search is skipped (``pomt``: removed once at ``layer``;
             ``topk``/``tome``: removed at every block).
         layer: block where POMT prunes (the authors use 3, the fourth block).
-        search: how R is chosen, measured and verified (:class:`pomt.SearchConfig`).
+        search: how R is chosen, measured and verified: a :class:`pomt.SearchConfig` or a mapping
+            of its fields (a dict, or Hydra's ``DictConfig``); an unknown key is a ValueError.
         batch_size: batch size of the latency profile; default: the stage dataloader's.
         accuracy_data: a Dataset/DataLoader of ``(image, label)`` for the accuracy estimate.
         accuracy_split: which of the datamodule's splits the estimate uses (``selection``,
@@ -66,7 +52,8 @@ class POMTCallback(Callback):
             split being reported).
         latency_profile_path, accuracy_profile_path: JSON profiles, reused when they are valid
             for this model and setup, written after measuring otherwise.
-        restore: put the model back as it was after the stage; ``False`` keeps it pruned.
+        restore: put the model back as it was after the stage; ``False`` keeps it pruned. After
+            an error in a stage the model is always put back.
         reuse: reuse results of an earlier stage or a checkpoint where they are still valid.
         vit_path: dotted path of the ViT in the LightningModule (default: the first ViT found).
         stages: when to run: ``validate``, ``test``, ``predict``, ``fit`` (the validation inside
@@ -82,7 +69,8 @@ class POMTCallback(Callback):
         method: str = "pomt",
         r: int | None = None,
         layer: int = 3,
-        search: SearchConfig | None = None,
+        *,
+        search: SearchConfig | Mapping[str, Any] | None = None,
         batch_size: int | None = None,
         accuracy_data: Any = None,
         accuracy_split: str | None = None,
@@ -111,7 +99,11 @@ class POMTCallback(Callback):
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
-        self.method, self.r, self.layer, self.search = method, r, layer, search or SearchConfig()
+        try:
+            search = SearchConfig.coerce(search)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"POMTCallback: {err}") from err
+        self.method, self.r, self.layer, self.search = method, r, layer, search
         self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
         self.restore, self.reuse, self.vit_path = restore, reuse, vit_path
@@ -122,47 +114,73 @@ class POMTCallback(Callback):
         self.applied_schedule: list[int] | None = None
         self._vit: Any = None
         self._found_path: str | None = None
-        self._previous: Any = None
+        self._previous: Any = None  # the pruning found at the start of the stage
+        self._left: Any = None  # the pruning this callback left on the model (restore=False)
         self._applied = False
         self._warned_split = False
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Separate checkpoint state for each ``method`` and ``layer`` (two callbacks, one Trainer)."""
+        return self._generate_state_key(method=self.method, layer=self.layer)
+
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Every check that needs no timing, before any training or evaluation starts."""
         try:
             self._found_path, self._vit = find_vit(pl_module, self.vit_path)
             token_schedule(self._vit, self.method, 0 if self.r is None else self.r, self.layer)
         except ValueError as err:
-            raise ValueError(f"POMTCallback: {err}") from err
+            raise ValueError(f"POMTCallback: {err}{support.vit_hint(pl_module, self.vit_path)}") from err
         if self.r is None:
-            data = self._accuracy_data(trainer, None)
+            data = support.accuracy_data(self, trainer, None)
             if data is not None:
-                self._check_data(data, stage)
+                support.check_data(self, data, stage)
         if stage == "fit" and "fit" in self.stages:
             pomt_logging.warn_pruned_monitors(trainer)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._recover()
+        self._report_pruning("training")
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         if ("fit" if trainer.state.fn == "fit" else "validate") in self.stages:
             self._before_stage(trainer, pl_module, "validate")
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._after_stage(force_restore=trainer.state.fn == "fit")
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.stages:
             self._before_stage(trainer, pl_module, "test")
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._after_stage()
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "predict" in self.stages:
             self._before_stage(trainer, pl_module, "predict")
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._after_stage()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """An error inside a pruned stage leaves the model as it was before the stage."""
+        self._recover()
 
     # ------------------------------------------------------------------ results and checkpoint state
     @property
@@ -177,18 +195,28 @@ class POMTCallback(Callback):
     def accuracy_profile(self) -> AccuracyProfile | None:
         return None if self.result is None else self.result.accuracy
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Plain values only, so checkpoints load with ``weights_only=True``."""
         state = {} if self.result is None else self.result.to_dict()
         return state | {"applied_r": self.applied_r, "method": self.method, "layer": self.layer}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.result, self.applied_r = Search.from_dict(state_dict), state_dict.get("applied_r")
+        """A checkpoint's search replaces the one in memory; one without a search (saved before
+        any) leaves the results in memory, which are still reused only where valid."""
+        loaded = Search.from_dict(state_dict)
+        if loaded is None:
+            if self.result is not None:
+                support.say("the checkpoint holds no POMT results: keeping the ones measured here")
+            return
+        self.result, self.applied_r = loaded, state_dict.get("applied_r")
 
     # ------------------------------------------------------------------ the work
     def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._vit
-        self._previous = pruning_config(vit)
+        self._recover()  # a stage that died without on_exception
+        self._previous = self._report_pruning(stage)
         remove_pruning(vit)  # profile, and prune, the model as built
         try:
             r = self.r
@@ -202,10 +230,10 @@ class POMTCallback(Callback):
             raise
         self._applied = True
         self.applied_r, self.applied_schedule = int(r), list(schedule)
-        rank_zero_info(pomt_logging.describe(self, self._found_path))
+        support.say(pomt_logging.describe(self, self._found_path))
         pomt_logging.log_pomt(trainer, pl_module, self, stage)
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
-            images = split_batch(next(iter(self._stage_loader(trainer, stage))))[0][: self.log_token_maps]
+            images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
             pomt_logging.log_token_maps(trainer, self, images.to(pl_module.device))
 
     def _after_stage(self, force_restore: bool = False) -> None:
@@ -213,7 +241,34 @@ class POMTCallback(Callback):
             return
         if self.restore or force_restore:
             self._put_back()
+        else:
+            self._left = pruning_config(self._vit)
         self._applied = False
+
+    def _recover(self) -> None:
+        """After a stage that ended in an error: the model as it was before it."""
+        if self._applied and self._vit is not None:
+            self._put_back()
+            self._applied = False
+
+    def _report_pruning(self, what: str) -> Any:
+        """The pruning the model has now; a warning naming it when this callback did not do it."""
+        found = pruning_config(self._vit)
+        if found is not None and found != self._left:
+            rank_zero_warn(
+                f"POMTCallback: the ViT at `{self._found_path or '<module>'}` is already pruned before "
+                f"{what}, not by this callback: {found}. "
+                + (
+                    "Training runs on that pruned model; call pomt.remove_pruning(vit) to train the whole one."
+                    if what == "training"
+                    else "The search and the pruning start from the unpruned model; it is pruned as found again after."
+                )
+            )
+        elif found is not None and what == "training":
+            rank_zero_warn(
+                f"POMTCallback: training runs on the model this callback left pruned (restore=False): {found}"
+            )
+        return found
 
     def _put_back(self) -> None:
         """The ViT as it was before the stage: unpruned, or pruned as the user had it."""
@@ -234,66 +289,5 @@ class POMTCallback(Callback):
             raise result
         self.result = result
 
-    def _stage_loader(self, trainer: pl.Trainer, stage: str) -> Any:
-        return _first_loader(getattr(trainer, _LOADERS[stage], None))
-
-    def _accuracy_data(self, trainer: pl.Trainer, stage: str | None) -> Any:
-        """The data of the accuracy estimate (None at setup when it is the stage's own data)."""
-        if self.accuracy_data is not None:
-            return self.accuracy_data
-        datamodule = getattr(trainer, "datamodule", None)
-        split = self.accuracy_split or ("selection" if hasattr(datamodule, "selection_dataloader") else None)
-        if split is not None:
-            method = getattr(datamodule, f"{split}_dataloader", None)
-            if not callable(method):
-                raise ValueError(
-                    f"POMTCallback: accuracy_split={split!r} but the datamodule has no {split}_dataloader()"
-                )
-            return method()
-        if stage is None:
-            return None
-        if not self._warned_split:
-            rank_zero_warn(
-                f"POMTCallback chooses R on the {stage} data, the split this {stage} reports: the accuracy "
-                f"it estimates is not held out. To choose R on other data, {_FIXES}."
-            )
-            self._warned_split = True
-        return self._stage_loader(trainer, stage)
-
-    def _check_data(self, data: Any, stage: str = "the search") -> None:
-        """Labelled images of the size the ViT takes (from the first example), or a clear error."""
-        dynamic = getattr(getattr(self._vit, "patch_embed", None), "dynamic_img_size", False)
-        try:
-            check_accuracy_data(data, None if dynamic else image_size(self._vit, None))
-        except UnlabelledDataError as err:
-            raise _unlabelled(stage) from err
-        except ValueError as err:
-            raise ValueError(f"POMTCallback: {err}") from err
-
     def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
-        device = pl_module.device
-        batch_size = self.batch_size or getattr(self._stage_loader(trainer, stage), "batch_size", None) or 1
-        data = self._accuracy_data(trainer, stage)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with isolate_rng(include_cuda=True), trainer.precision_plugin.forward_context():
-                search = find_r(
-                    pl_module,
-                    data,
-                    layer=self.layer,
-                    batch_size=int(batch_size),
-                    device=device,
-                    config=self.search,
-                    vit=self._vit,
-                    latency_path=self.latency_profile_path,
-                    accuracy_path=self.accuracy_profile_path,
-                    previous=self.result if self.reuse else None,
-                    progress=trainer.progress_bar_callback is not None,
-                    log=lambda line: rank_zero_info(f"POMTCallback: {line}"),
-                )
-        except UnlabelledDataError as err:
-            raise _unlabelled(stage) from err
-        finally:
-            pl_module.train(was_training)
-        return search
+        return support.search(self, trainer, pl_module, stage)
