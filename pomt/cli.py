@@ -177,7 +177,10 @@ def _profile_latency(args: argparse.Namespace) -> int:
         **config.latency_kwargs(accuracy, args.device),
     )
     path = lat.save(args.output)
-    print(f"saved latency profile ({len(lat.points)} points, {lat.device}, batch {lat.batch_size}) to {path}")
+    print(
+        f"saved latency profile ({len(lat.points)} points, {lat.device}, batch {lat.batch_size}, "
+        f"POMT block: {lat.kernels} path) to {path}"
+    )
     for p in lat.points:
         print(f"  n={p.n:5d}  median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
     if args.plot:
@@ -351,7 +354,10 @@ def _select_r(args: argparse.Namespace) -> int:
         accuracy_floor=args.accuracy_floor,
         denoise=not args.no_denoise,
     )
-    print(f"latency: {lat.model} on {lat.device}, batch {lat.batch_size}, {lat.dtype}, layer {lat.layer}")
+    kernels = f", POMT block: {lat.kernels} path" if lat.kernels else ""
+    print(
+        f"latency: {lat.model} on {lat.device}, batch {lat.batch_size}, {lat.dtype}, layer {lat.layer}{kernels}"
+    )
     print(f"accuracy: {acc.num_samples} images, seed {acc.seed}")
     print(sel.summary())
     if args.json:

@@ -21,6 +21,7 @@ from torch import nn
 from pomt.data import check_labels, labelled_batch, sample_loader
 from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
 from pomt.models import architecture, find_vit, token_layout, weights_fingerprint
+from pomt.ops import kernel_backend
 from pomt.profiles import (
     AccuracyPoint,
     AccuracyProfile,
@@ -313,6 +314,7 @@ def profile_latency(
         search=search,
         architecture=architecture(vit, size),
         precision=precision,
+        kernels=kernel_backend(device, dtype),
         points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.n),
     )
 

@@ -93,7 +93,7 @@ _CHOICES: dict[tuple, KernelChoice] = {}
 
 
 def kernel_choices() -> dict[tuple, KernelChoice]:
-    """The choices ``auto`` made so far, keyed by (device, dtype, x shape, qkv shape, prefix, r)."""
+    """The choices ``auto`` made so far, keyed by (device, dtype, x shape, q shape, prefix)."""
     return dict(_CHOICES)
 
 
@@ -405,7 +405,7 @@ def _use_kernels(
         return _forced_triton(x)
     if not _auto_device(x) or _triton() is None:
         return False
-    key = (str(x.device), x.dtype, tuple(x.shape), tuple(q.shape), prefix, r)
+    key = (str(x.device), x.dtype, tuple(x.shape), tuple(q.shape), prefix)  # any r: measured at the first
     choice = _CHOICES.get(key)
     if choice is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -264,6 +264,7 @@ class LatencyProfile(_Profile):
     points: list[LatencyPoint]
     architecture: str = ""
     precision: str = ""
+    kernels: str = ""  # the implementation POMT's block ran while timed (pomt.ops.kernel_backend)
 
     @property
     def latency_ms(self) -> dict[int, float]:

@@ -472,3 +472,15 @@ def test_device_cuda_n_makes_that_device_current(monkeypatch, capsys):
         cli.select_device("cuda:2")
     assert cli.main(["profile-latency", "--model", "m", "--device", "gpu:0", "-o", "x.json"]) == 2
     assert "is not a device" in capsys.readouterr().err
+
+
+def test_the_latency_profile_records_the_kernels_it_timed(tmp_path):
+    from conftest import make_tiny_vit
+
+    from pomt import LatencyProfile, profile_latency
+
+    model = make_tiny_vit()
+    lat = profile_latency(model, batch_size=1, grid=[17, 12], warmup=0, repeats=1, progress=False)
+    assert lat.kernels == "torch"  # the CPU: POMT's block runs the torch path
+    lat.save(tmp_path / "lat.json")
+    assert LatencyProfile.load(tmp_path / "lat.json").kernels == "torch"
