@@ -19,6 +19,7 @@ __all__ = [
     "configurations",
     "matching_r_values",
     "time_configurations",
+    "SideBySide",
     "token_maps_figure",
 ]
 
@@ -103,22 +104,39 @@ def configurations(
     return configs
 
 
+@dataclass(frozen=True)
+class SideBySide:
+    """How the configurations are timed against each other: ``rounds`` interleaved rounds on
+    one test batch after ``warmup`` untimed calls each, as CUDA-graph replays on CUDA with
+    ``cuda_graphs`` (the latency profile's own warm-up and graph setting)."""
+
+    rounds: int
+    warmup: int
+    cuda_graphs: bool
+
+    def describe(self, device: torch.device, precision: str) -> str:
+        """In words, for the table header, the report, the W&B config and the records' conditions."""
+        graphs = self.cuda_graphs and device.type == "cuda"
+        return (
+            f"{'CUDA-graph replays' if graphs else 'eager calls'}, precision {precision}, "
+            f"warm-up {self.warmup}, {self.rounds} interleaved rounds on one test batch"
+        )
+
+
 def time_configurations(
     model: nn.Module,
-    vit: nn.Module,
     images: torch.Tensor,
     configs: Sequence[Configuration],
     *,
     layer: int,
     device: torch.device,
-    rounds: int,
-    warmup: int,
-    cuda_graphs: bool,
+    how: SideBySide,
 ) -> dict[str, dict[str, Any]]:
     """Latency of every configuration on ``images``, interleaved round by round (call this
-    under the precision the profile used). With ``cuda_graphs`` on CUDA each configuration is
-    a captured graph replayed, as the profile timed; one that cannot be captured is timed
+    under the precision the profile used). With ``how.cuda_graphs`` on CUDA each configuration
+    is a captured graph replayed, as the profile timed; one that cannot be captured is timed
     eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``."""
+    vit = pomt.find_vit(model)[1]
     model.to(device).eval()
     images = images.to(device)
     by_key = {c.key: c for c in configs}
@@ -132,13 +150,13 @@ def time_configurations(
             for key, config in by_key.items():
                 prepare(key)
                 calls[key], modes[key] = (lambda: model(images)), "eager"
-                if cuda_graphs and device.type == "cuda":
+                if how.cuda_graphs and device.type == "cuda":
                     calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
             stats = time_interleaved(
                 calls,
                 device=device,
-                rounds=rounds,
-                warmup=warmup,
+                rounds=how.rounds,
+                warmup=how.warmup,
                 prepare=prepare,
                 progress=f"timing {len(by_key)} configurations",
             )

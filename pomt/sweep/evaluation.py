@@ -27,7 +27,7 @@ from pomt.callbacks.pomt_callback import POMTCallback
 from pomt.finder import SearchConfig
 from pomt.models import find_vit, weights_fingerprint
 from pomt.plots import plot_tradeoff
-from pomt.sweep.configurations import Configuration, token_maps_figure
+from pomt.sweep.configurations import Configuration, SideBySide, token_maps_figure
 from pomt.sweep.context import SweepRun, TradeoffResult, check_limit, no_trainer_limit, test_images
 from pomt.sweep.plan import Plan, Tested, accuracy_record, make_plan
 from pomt.sweep.report import ReportRow, format_table, mark_pareto, write_report
@@ -68,6 +68,7 @@ class TradeoffEvaluation:
     def __init__(
         self,
         methods: Sequence[str] = ("none", "pomt", "tome", "topk"),
+        *,
         tome_r: list[int] | None = None,
         topk_r: list[int] | None = None,
         span: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
@@ -101,6 +102,7 @@ class TradeoffEvaluation:
         self.wandb, self.wandb_project, self.wandb_group = wandb, wandb_project, wandb_group
         self.wandb_offline = wandb_offline
         self.latency_rounds = latency_rounds
+        self.side_by_side = SideBySide(latency_rounds, self.search.warmup, self.search.cuda_graphs)
         self.batch_sizes = list(batch_sizes) if batch_sizes else None
         self.token_maps, self.resume = token_maps, resume
         self.limit_test_batches = check_limit(limit_test_batches)
@@ -156,7 +158,7 @@ class TradeoffEvaluation:
             trainer=trainer,
             run_dir=run_dir,
             conditions=self._conditions(model, datamodule, trainer),
-            how_timed=self.describe_timing(trainer),
+            how_timed=self.side_by_side.describe(trainer.strategy.root_device, str(trainer.precision)),
             group=self.wandb_group or f"tradeoff-{name}",
             per_batch_size=bool(self.batch_sizes),
             result=TradeoffResult([], run_dir.root),
@@ -300,14 +302,6 @@ class TradeoffEvaluation:
         finish_run(logger, sweep.result.wandb_dirs)
 
     # ------------------------------------------------------------------ helpers
-    def describe_timing(self, trainer: pl.Trainer) -> str:
-        """How every configuration is timed, in words (table header, report and W&B config)."""
-        graphs = self.search.cuda_graphs and trainer.strategy.root_device.type == "cuda"
-        return (
-            f"{'CUDA-graph replays' if graphs else 'eager calls'}, precision {trainer.precision}, "
-            f"warm-up {self.search.warmup}, {self.latency_rounds} interleaved rounds on one test batch"
-        )
-
     def _conditions(self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
         """What every record of this run is valid for (see ``pomt.sweep.rundir``)."""
         test = getattr(datamodule, "test_dataset", None)

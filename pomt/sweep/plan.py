@@ -156,20 +156,12 @@ def _time(
     }
     stored = sweep.run_dir.load(path, valid_for, "the timing")
     if stored is None:
-        rank_zero_info(
-            f"timing {len(configs)} configurations side by side ({settings.latency_rounds} rounds)"
-        )
+        how = settings.side_by_side
+        rank_zero_info(f"timing {len(configs)} configurations side by side ({how.rounds} rounds)")
         with sweep.trainer.precision_plugin.forward_context():
+            images = test_images(sweep.datamodule)
             stored = time_configurations(
-                sweep.model,
-                sweep.vit,
-                test_images(sweep.datamodule),
-                configs,
-                layer=settings.layer,
-                device=sweep.device,
-                rounds=settings.latency_rounds,
-                warmup=settings.search.warmup,
-                cuda_graphs=settings.search.cuda_graphs,
+                sweep.model, images, configs, layer=settings.layer, device=sweep.device, how=how
             )
         sweep.run_dir.save(path, valid_for, stored)
     return {key: Timed.from_dict(value) for key, value in stored.items()}
