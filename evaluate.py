@@ -5,7 +5,7 @@
 A LightningCLI entry point: ``model:`` (:class:`pomt.lightning.ViTClassifier`, with the
 checkpoint in ``model.weights``), ``data:`` (any datamodule of ``datamodules``),
 ``trainer:`` (device, precision, devices/strategy) and ``sweep:``
-(:class:`pomt.evaluation.TradeoffEvaluation`: methods, r values, POMT's search settings,
+(:class:`pomt.sweep.TradeoffEvaluation`: methods, r values, POMT's search settings,
 output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
 ``report.json``, ``tradeoff.png``, the latency/accuracy profiles and the config, prints the
 table, and leaves one (offline) W&B run per configuration in one group plus a summary run.
@@ -20,9 +20,10 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
-from pomt.entry import command_line, quiet_console
-from pomt.evaluation import TradeoffEvaluation, TradeoffResult
 from pomt.lightning import ViTClassifier
+from pomt.sweep import TradeoffEvaluation, TradeoffResult
+from pomt.sweep.context import no_trainer_limit
+from pomt.sweep.entry import command_line, quiet_console
 
 
 class EvaluateCLI(LightningCLI):
@@ -38,6 +39,7 @@ class EvaluateCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
+        no_trainer_limit(self.config.trainer.get("limit_test_batches"))  # before any training
         weights = self.config.model.get("weights")
         train_config = self.config.get("train_config")
         if weights and not Path(weights).is_file():

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
-from pomt.entry import command_line, quiet_console
 from pomt.lightning import ViTClassifier
+from pomt.sweep.entry import command_line, quiet_console
 
 
 class TrainCLI(LightningCLI):

@@ -202,7 +202,7 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
 def plot_tradeoff(
     rows: Sequence[Any], latency: Any = None, accuracy: Any = None, selection: Any = None
 ) -> Any:
-    """Accuracy against latency, one marker per ``pomt.report.ReportRow``, POMT highlighted, and
+    """Accuracy against latency, one marker per ``pomt.sweep.report.ReportRow``, POMT highlighted, and
     the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase.
 
     With the latency/accuracy profiles given, a second panel shows the profile's curves

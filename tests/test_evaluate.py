@@ -13,8 +13,8 @@ from conftest import make_tiny_vit
 
 import evaluate
 import pomt
-from pomt.configurations import matching_r_values
-from pomt.report import ReportRow, comparisons, format_table, mark_pareto, read_report, write_report
+from pomt.sweep.configurations import matching_r_values
+from pomt.sweep.report import ReportRow, comparisons, format_table, mark_pareto, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "--data.augment=false",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
-        "--trainer.limit_test_batches=2",
+        "--sweep.limit_test_batches=2",
         "--trainer.enable_progress_bar=false",
         "--sweep.layer=1",
         '--sweep.search={"grid": [17, 13, 9, 5], "accuracy_grid": [17, 13, 9, 5], '
@@ -44,6 +44,11 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+def report_rows(path: Path) -> list[ReportRow]:
+    """The rows of a report JSON as written (NaN as None)."""
+    return [ReportRow(**row) for row in json.loads(Path(path).read_text())["rows"]]
+
+
 def test_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     result = evaluate.main(tiny_args(tmp_path))
@@ -52,13 +57,14 @@ def test_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
     methods = [row.method for row in result.rows]
     assert methods[:2] == ["none", "pomt"] and "tome" in methods and "topk" in methods
     pomt_row = next(row for row in result.rows if row.method == "pomt")
-    assert pomt_row.selected and int(pomt_row.r) == result.searches[32].selection.r
-    assert pomt_row.n_last == 17 - int(pomt_row.r)
+    assert pomt_row.selected and pomt_row.r == result.searches[32].selection.r
+    assert pomt_row.n_last == 17 - pomt_row.r
+    assert result.rows[0].r is None and all(isinstance(row.r, int) for row in result.rows[1:])
     for row in result.rows:
         assert 0.0 <= row.acc1 <= row.acc5 <= 1.0
         assert row.latency_ms > 0 and row.latency_p90_ms >= row.latency_ms
         assert row.batch_size == 32
-    assert read_report(run_dir / "report.json") == result.rows
+    assert report_rows(run_dir / "report.json") == result.rows
     assert (run_dir / "report.csv").read_text().splitlines()[0].startswith("method,r,n_last")
     assert (run_dir / "tradeoff.png").stat().st_size > 10_000
     assert (run_dir / "config.yaml").is_file()
@@ -87,7 +93,7 @@ def test_evaluate_sweeps_batch_sizes_and_reuses_accuracy(tmp_path, monkeypatch):
     assert len(list((tmp_path / "tiny").glob("**/accuracy_profile.json"))) == 1
     unpruned = [row for row in result.rows if row.method == "none"]
     assert unpruned[0].acc1 == unpruned[1].acc1
-    assert {row.batch_size for row in read_report(tmp_path / "tiny" / "report.json")} == {4, 8}
+    assert {row.batch_size for row in report_rows(tmp_path / "tiny" / "report.json")} == {4, 8}
 
 
 def test_missing_checkpoint_without_train_config_is_explained(tmp_path):
@@ -103,6 +109,11 @@ def test_help(script):
     )
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout and "--model" in out.stdout
+    if script == "evaluate.py":  # the sweep's own arguments, beside the Trainer's
+        for argument in ("--sweep.methods", "--sweep.limit_test_batches", "--sweep.resume", "--sweep.search"):
+            assert argument in out.stdout, argument
+    else:
+        assert "--checkpoint.dirpath" in out.stdout and "--sweep." not in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -125,18 +136,20 @@ def test_matching_r_values_span_the_pomt_range():
     assert matching_r_values(vit, "tome", [-50.0]) == []  # out of reach: skipped, not clamped
 
 
-def test_report_round_trip_and_table(tmp_path):
+def test_report_files_and_table(tmp_path):
     rows = [
-        ReportRow("none", "0", 17, 17.0, 0.9, 1.0, 10.0, 11.0, 10.5, 4, "cpu", "float32"),
-        ReportRow("pomt", "8", 9, 11.0, 0.85, 1.0, 6.0, 6.5, 6.2, 4, "cpu", "float32", selected=True),
+        ReportRow("none", None, 17, 17.0, 0.9, 1.0, 10.0, 11.0, 10.5, 4, "cpu", "float32"),
+        ReportRow("pomt", 8, 9, 11.0, 0.85, 1.0, 6.0, 6.5, 6.2, 4, "cpu", "float32", selected=True),
     ]
-    _, json_path = write_report(rows, tmp_path)
-    assert read_report(json_path) == rows
+    csv_path, json_path = write_report(rows, tmp_path)
+    assert report_rows(json_path) == rows
+    assert [line.split(",")[:2] for line in csv_path.read_text().splitlines()[1:]] == [
+        ["none", ""],
+        ["pomt", "8"],
+    ]
     table = format_table(rows)
     assert "pomt r=8 *" in table and "1.667" in table  # 10 ms / 6 ms
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a pomt report"):
-        read_report(tmp_path / "bad.json")
+    assert table.splitlines()[2].startswith("unpruned ")
 
 
 def test_online_wandb_without_login_falls_back_to_offline(tmp_path, monkeypatch):
@@ -152,11 +165,11 @@ def test_online_wandb_without_login_falls_back_to_offline(tmp_path, monkeypatch)
 
 def test_report_marks_the_front_and_compares_pomt_with_tome_and_topk():
     def row(method, r, acc1, ms, **kw):
-        return ReportRow(method, str(r), 10, 10.0, acc1, 1.0, ms, ms, None, 8, "cpu", "float32", **kw)
+        return ReportRow(method, r, 10, 10.0, acc1, 1.0, ms, ms, None, 8, "cpu", "float32", **kw)
 
     rows = mark_pareto(
         [
-            row("none", 0, 0.90, 10.0),
+            row("none", None, 0.90, 10.0),
             row("pomt", 8, 0.89, 6.0, selected=True),
             row("tome", 4, 0.89, 9.0),  # as accurate, slower: POMT is x1.50 faster
             row("tome", 8, 0.80, 5.0),  # faster, less accurate: also on the front

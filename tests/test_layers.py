@@ -1,5 +1,6 @@
-"""The layers: the method (every ``pomt`` module but the Lightning layer) imports with
-Lightning, datasets and wandb absent, and imports nothing from the Lightning layer."""
+"""The layers: the method (every ``pomt`` module but the Lightning layer and the sweep) imports
+with Lightning, datasets and wandb absent, and imports nothing from either; nothing in the
+package but the sweep itself imports the sweep (``pomt.sweep``, the driver of evaluate.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,31 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pomt"
-LIGHTNING_LAYER = ("pomt.lightning", "pomt.callbacks", "pomt.datamodules", "pomt.evaluation")
+SWEEP = "pomt.sweep"
+LIGHTNING_LAYER = ("pomt.lightning", "pomt.callbacks", "pomt.datamodules", SWEEP)
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
 
 
 def _core_modules() -> list[str]:
     names = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        name = _module_name(path)
         if not name.startswith(LIGHTNING_LAYER) and name != "pomt._triton":  # _triton needs triton
             names.append(name)
+    return names
+
+
+def _imported(path: Path) -> list[str]:
+    """Every module ``path`` imports, by absolute name (``from pomt import sweep`` -> pomt.sweep)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
     return names
 
 
@@ -41,14 +58,21 @@ def test_the_method_imports_without_lightning_datasets_or_wandb():
     assert out.stdout.strip() == "ok"
 
 
-def test_nothing_in_the_method_imports_the_lightning_layer():
-    for name in _core_modules():
+def test_nothing_in_the_method_imports_the_lightning_layer_or_the_sweep():
+    core = _core_modules()
+    assert "pomt.plots" in core and not any(name.startswith(SWEEP) for name in core)
+    for name in core:
         path = PACKAGE.parent / (name.replace(".", "/") + ".py")
         if not path.is_file():
             path = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                assert not node.module.startswith(LIGHTNING_LAYER), f"{name} imports {node.module}"
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    assert not alias.name.startswith(LIGHTNING_LAYER), f"{name} imports {alias.name}"
+        for imported in _imported(path):
+            assert not imported.startswith(LIGHTNING_LAYER), f"{name} imports {imported}"
+
+
+def test_only_the_sweep_and_the_entry_points_import_the_sweep():
+    sweep = [_module_name(path) for path in (PACKAGE / "sweep").glob("*.py")]
+    assert {"pomt.sweep.evaluation", "pomt.sweep.report", "pomt.sweep.rundir"} <= set(sweep)
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if not _module_name(path).startswith(SWEEP):
+            for imported in _imported(path):
+                assert not imported.startswith(SWEEP), f"{_module_name(path)} imports {imported}"

@@ -9,19 +9,19 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from test_evaluate import tiny_args
+from test_evaluate import report_rows, tiny_args
 
 import evaluate
 from pomt import SearchConfig
 from pomt.datamodules import DigitsDataModule
-from pomt.evaluation import TradeoffEvaluation
 from pomt.lightning import ViTClassifier
-from pomt.report import read_report
+from pomt.sweep import TradeoffEvaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_SPLIT = [a for a in tiny_args(Path("/unused")) if "limit_test_batches" not in a and "out_dir" not in a]
@@ -70,15 +70,24 @@ def test_other_weights_are_never_reused_silently(tmp_path, caplog):
 def _tiny_sweep(tmp_path: Path, **kwargs) -> tuple[ViTClassifier, DigitsDataModule, TradeoffEvaluation]:
     pl.seed_everything(0)
     model = ViTClassifier(
-        "vit_tiny_patch16_224", num_classes=10, img_size=16,
+        "vit_tiny_patch16_224",
+        num_classes=10,
+        img_size=16,
         model_kwargs=dict(patch_size=4, embed_dim=32, depth=3, num_heads=2),
-    )  # fmt: skip
+    )
     data = DigitsDataModule(img_size=16, batch_size=32, selection_size=40, augment=False)
-    search = SearchConfig(grid=(17, 9, 5), accuracy_grid=(17, 9, 5), accuracy_samples=40, min_run_time=0.0,
-                          warmup=1, verify=False)  # fmt: skip
-    sweep = TradeoffEvaluation(layer=1, search=search, out_dir=str(tmp_path), run_name="cut", latency_rounds=2,
-                               **kwargs)  # fmt: skip
+    grid = (17, 9, 5)
+    search = SearchConfig(
+        grid=grid, accuracy_grid=grid, accuracy_samples=40, min_run_time=0.0, warmup=1, verify=False
+    )
+    sweep = TradeoffEvaluation(
+        layer=1, search=search, out_dir=str(tmp_path), run_name="cut", latency_rounds=2, **kwargs
+    )
     return model, data, sweep
+
+
+def _cpu_trainer(cls: type[pl.Trainer] = pl.Trainer, **kwargs) -> pl.Trainer:
+    return cls(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
 def test_ctrl_c_leaves_every_finished_row_and_closes_the_wandb_runs(tmp_path, monkeypatch):
@@ -95,13 +104,11 @@ def test_ctrl_c_leaves_every_finished_row_and_closes_the_wandb_runs(tmp_path, mo
 
     def trainer_factory(**kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), Interrupt()]
-        return pl.Trainer(
-            accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, **kwargs
-        )
+        return _cpu_trainer(**kwargs)
 
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         sweep.run(model, data, trainer_factory)
-    rows = read_report(tmp_path / "cut" / "report.json")
+    rows = report_rows(tmp_path / "cut" / "report.json")
     assert [row.method for row in rows] == ["none", "pomt"]  # the two that finished
     assert wandb.run is None  # the W&B runs of finished (and interrupted) configurations are closed
     runs = list((tmp_path / "cut" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -145,24 +152,74 @@ def test_ddp_accuracy_equals_a_single_process_to_the_last_image(tmp_path):
     log = evaluate_py("--sweep.run_name=ddp", "--trainer.devices=2", "--trainer.strategy=ddp")
     assert "MEMBER: 2/2" in log  # the second process joined
     assert "selecting R" not in log and "timing " not in log  # nobody measured again
-    single = read_report(tmp_path / "single" / "report.json")
-    ddp = read_report(tmp_path / "ddp" / "report.json")
+    single = report_rows(tmp_path / "single" / "report.json")
+    ddp = report_rows(tmp_path / "ddp" / "report.json")
     assert [(r.method, r.r) for r in ddp] == [(r.method, r.r) for r in single]  # the same R
     assert [(r.acc1, r.acc5, r.images) for r in ddp] == [(r.acc1, r.acc5, r.images) for r in single]
     assert {r.images for r in ddp} == {359}  # every image once, none repeated
 
 
 def test_the_other_ranks_stop_with_rank_zeros_error_instead_of_waiting(tmp_path, monkeypatch):
-    from pomt.rundir import RunDir
+    monkeypatch.setenv("POMT_SWEEP_SESSION", "one-run")  # as Lightning's processes share it
+    model, _, sweep = _tiny_sweep(tmp_path, wandb=False, token_maps=0)
 
-    monkeypatch.setenv("POMT_SWEEP_SESSION", "one-run")
-    rank0 = RunDir(tmp_path, resume=True, rank_zero=True, log=print)
-    rank1 = RunDir(tmp_path, resume=True, rank_zero=False, log=print)
-    rank0.mark_ready(tmp_path, {"configs": [["none", 0, False]]})
-    assert rank1.wait_ready(tmp_path) == {"configs": [["none", 0, False]]}
+    class NoSelectionSplit(DigitsDataModule):
+        selection_dataloader = None  # rank 0 cannot choose R
 
-    rank0.mark_failed(tmp_path, ValueError("no selection_dataloader()"))
-    with pytest.raises(
-        RuntimeError, match=r"rank 0 stopped while measuring: ValueError: no selection_dataloader"
-    ):
-        rank1.wait_ready(tmp_path, poll=0.01)
+    class OtherRank(pl.Trainer):
+        @property
+        def is_global_zero(self) -> bool:
+            return False
+
+    def data():
+        return NoSelectionSplit(img_size=16, batch_size=32, selection_size=40, augment=False)
+
+    errors: list[BaseException] = []
+
+    def rank_one() -> None:
+        try:
+            sweep.run(model, data(), lambda **kwargs: _cpu_trainer(OtherRank, **kwargs))
+        except BaseException as err:
+            errors.append(err)
+
+    waiting = threading.Thread(target=rank_one, daemon=True)
+    waiting.start()  # waits for rank 0's plan
+    with pytest.raises(ValueError, match="NoSelectionSplit has no selection_dataloader"):
+        sweep.run(model, data(), _cpu_trainer)
+    waiting.join(timeout=120)
+    assert not waiting.is_alive(), "the other rank is still waiting for a plan that will never come"
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert "global rank 0 stopped while measuring: ValueError: NoSelectionSplit has no" in str(errors[0])
+
+
+def test_a_limited_run_is_never_reused_as_a_full_one(tmp_path, caplog):
+    args = tiny_args(
+        tmp_path,
+        "--sweep.wandb=false",
+        "--sweep.token_maps=0",
+        "--sweep.methods=[none, tome]",
+        "--sweep.tome_r=[2]",
+    )
+    quick = evaluate.main([*args, "--sweep.limit_test_batches=1"])
+    assert {row.images for row in quick.rows} == {32}
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        full = evaluate.main([*args, "--sweep.limit_test_batches=null"])
+    assert full.reused == [] and {row.images for row in full.rows} == {359}  # tested again, on every image
+    assert "not reusing unpruned" in caplog.text
+    assert "it was made with limit_test_batches=1, now limit_test_batches=None" in caplog.text
+    assert "timing " not in caplog.text  # the latency does not depend on the test limit: reused
+    again = evaluate.main([*args, "--sweep.limit_test_batches=1.0"])  # a fraction of 1.0 is every batch
+    assert again.reused == ["unpruned", "tome r=2"]
+    assert [row.acc1 for row in again.rows] == [row.acc1 for row in full.rows]
+
+
+def test_the_trainers_own_test_limit_is_rejected_for_the_sweeps(tmp_path):
+    with pytest.raises(ValueError, match=r"trainer.limit_test_batches=0.2 .*--sweep.limit_test_batches 0.2"):
+        evaluate.main(tiny_args(tmp_path, "--trainer.limit_test_batches=0.2"))
+    model, data, sweep = _tiny_sweep(tmp_path)
+    with pytest.raises(ValueError, match="trainer.limit_test_batches=3 .*use sweep.limit_test_batches"):
+        sweep.run(model, data, lambda **kwargs: _cpu_trainer(limit_test_batches=3, **kwargs))
+    assert list(tmp_path.iterdir()) == []  # rejected before anything was measured or written
+    with pytest.raises(ValueError, match=r"limit_test_batches must be a fraction in \(0, 1\] or a number"):
+        TradeoffEvaluation(limit_test_batches=1.5)

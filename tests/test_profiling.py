@@ -177,17 +177,6 @@ def test_guided_search_through_profile_latency_and_a_foreign_accuracy_profile():
 # --------------------------------------------------------------------------- accuracy
 
 
-def test_balanced_indices_are_seeded_and_class_balanced():
-    labels = [0] * 50 + [1] * 30 + [2] * 5
-    idx = balanced_indices(labels, 12, seed=1)
-    counts = [sum(labels[i] == c for i in idx) for c in range(3)]
-    assert counts == [4, 4, 4] and len(set(idx)) == 12
-    assert balanced_indices(labels, 12, seed=1) == idx
-    assert balanced_indices(labels, 12, seed=2) != idx
-    idx = balanced_indices(labels, 30, seed=0)  # class 2 runs out: the others share the rest
-    assert sorted(sum(labels[i] == c for i in idx) for c in range(3)) == [5, 12, 13]
-
-
 def test_estimate_accuracy_is_reproducible_and_leaves_the_global_rng_alone():
     model = make_tiny_vit()
     data = labelled_data()

@@ -1,6 +1,6 @@
 """Where the patches went: pomt.token_groups for POMT, Top-K and ToMe (the counts exactly),
-against the blocks' own token sizes and values, at no cost to the model; the figure; and the
-callback logging it."""
+against the blocks' own token sizes and values, at no cost to the model; the figure, the
+sweep's figure of its configurations, and the callback logging it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pomt
 from pomt import ops
 from pomt.blocks import tome_merge
 from pomt.callbacks import POMTCallback
+from pomt.sweep.configurations import Configuration, token_maps_figure
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,52 @@ def test_the_figure_shows_each_configuration_with_its_tokens_left():
     assert len(hatched) == 21  # the fused patches of the first image, greyed with a hatch
 
 
-def test_the_callback_logs_token_maps_to_its_loggers(tmp_path):
+def _hatched(ax) -> int:
+    return len([p for p in ax.patches if p.get_hatch()])
+
+
+def test_the_sweeps_figure_shows_each_kind_of_configuration_closest_to_pomt():
+    vit = make_tiny_vit(patch_size=4)  # 64 patches + CLS = 65 tokens, 4 blocks
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    configs = [
+        Configuration("none", 0),
+        Configuration("pomt", 20, selected=True),
+        Configuration("tome", 1),
+        Configuration("tome", 5),  # mean tokens per block closest to POMT at r=20
+        Configuration("topk", 5),
+        Configuration("topk", 12),
+    ]
+    fig = token_maps_figure(vit, images, configs, layer=1)
+    assert len(fig.axes) == 2 * 5  # two images, each: the image and four configurations
+    for row in range(2):
+        image, unpruned, pomt_ax, tome, topk = fig.axes[5 * row : 5 * row + 5]
+        assert image.get_title() == ("image" if row == 0 else "")
+        assert unpruned.get_title() == "unpruned: 65 tokens" and _hatched(unpruned) == 0
+        assert pomt_ax.get_title() == "pomt r=20: 45 tokens"
+        assert _hatched(pomt_ax) == 21  # the r + 1 patches fused into the mean token
+        assert tome.get_title() == "tome r=5: 45 tokens" and _hatched(tome) == 0  # merged, none dropped
+        assert topk.get_title() == "topk r=5: 45 tokens" and _hatched(topk) == 5 * 4  # dropped, 5 a block
+    unpruned = pomt.token_groups(vit, images)  # the model is left unpruned
+    assert torch.equal(unpruned, torch.arange(1, 65).expand(2, -1))
+
+
+def test_the_callback_logs_token_maps_to_its_loggers(tmp_path, monkeypatch):
+    figures = []
+    draw = pomt.plots.plot_token_groups
+
+    def recorded(images, groups, **kwargs):
+        figures.append((dict(groups), draw(images, groups, **kwargs)))
+        return figures[-1][1]
+
+    monkeypatch.setattr(pomt.plots, "plot_token_groups", recorded)
     logger = CSVLogger(tmp_path, name="run")
     callback = POMTCallback(r=6, layer=1, log_token_maps=2)
     cpu_trainer(callbacks=[callback], logger=logger).test(tiny_classifier(), image_loader())
     assert (tmp_path / "run" / "version_0" / "pomt_token_maps.png").stat().st_size > 1000
+    [(groups, fig)] = figures
+    assert list(groups) == ["pomt r=6"] and groups["pomt r=6"].shape == (2, 16)  # two images, 16 patches
+    for image in groups["pomt r=6"]:
+        assert sorted(image.unique(return_counts=True)[1].tolist())[-1] == 7  # r + 1 fused
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["image", "pomt r=6: 11 tokens", "", "pomt r=6: 11 tokens"]  # 17 - 6 left
+    assert _hatched(fig.axes[1]) == _hatched(fig.axes[3]) == 7

@@ -37,8 +37,6 @@ __all__ = [
     "log_figure",
     "OfflineWandbLogger",
     "wandb_logger",
-    "finish_wandb",
-    "log_tradeoff_summary",
     "announce_wandb_runs",
     "wandb_run_dir",
 ]
@@ -339,53 +337,3 @@ def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
     ys = ["latency_ms", "accuracy", "utility"]
     log_line_plots(trainer, "pomt/plot", "n", columns, rows, ys, mark_x=sel.n_star, title="POMT")
     log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object
-
-
-# --------------------------------------------------------------------------- evaluation runs
-
-
-def finish_wandb(logger: Any, dirs: list[str]) -> None:
-    """Close a ``WandbLogger``'s run (if it started one) and note its run directory in ``dirs``."""
-    experiment = getattr(logger, "_experiment", None)
-    if experiment is not None:
-        dirs.append(str(Path(experiment.dir).parent))
-        experiment.finish()
-
-
-def log_tradeoff_summary(
-    logger: Any, rows: Sequence[Any], images: Sequence[Path], config: dict[str, Any]
-) -> None:
-    """The summary run of an evaluation: the comparison table, an accuracy-vs-latency scatter,
-    the figures (``images``: the trade-off plot, the token maps), the run's ``config`` (how it
-    was timed, what it ran on), and summary values for POMT's row and the unpruned model."""
-    from dataclasses import asdict
-
-    import wandb
-
-    run = logger.experiment
-    logger.log_hyperparams(config)
-    columns = list(asdict(rows[0]))
-    table = wandb.Table(
-        columns=columns + ["label"], data=[[*asdict(row).values(), row.label] for row in rows]
-    )
-    logged: dict[str, Any] = {
-        "tradeoff/table": table,
-        "tradeoff/accuracy_vs_latency": wandb.plot.scatter(
-            table, "latency_ms", "acc1", title="top-1 accuracy vs median latency (ms)"
-        ),
-    }
-    logged |= {f"tradeoff/{Path(path).stem}": wandb.Image(str(path)) for path in images}
-    run.log(logged)
-    for row in rows:
-        if row.selected:
-            run.summary.update(
-                {
-                    "pomt/r": int(row.r),
-                    "pomt/n_last": row.n_last,
-                    "pomt/acc1": row.acc1,
-                    "pomt/latency_ms": row.latency_ms,
-                }
-            )
-    base = next((row for row in rows if row.method == "none"), None)
-    if base is not None:
-        run.summary.update({"unpruned/acc1": base.acc1, "unpruned/latency_ms": base.latency_ms})

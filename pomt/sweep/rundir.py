@@ -1,13 +1,15 @@
 """The run directory of an evaluation, and the records that make a sweep resumable.
 
 Each finished piece of a sweep is written as soon as it is known, with the conditions that
-make it valid (the weights' fingerprint, the data, the device, the precision, the batch
-size, the method and r): the search of each batch size (``bs<B>/search.json``), the side by
-side timing of its configurations (``bs<B>/timing.json``), and the accuracy of each
-configuration (``results/<method>-r<r>.json``). A rerun reuses a record whose conditions all
-match, and says why it measures again when one does not. Under DDP, global rank 0 writes the
-records and a ``ready`` marker per batch size; the other ranks wait for the marker of this
-session and follow it, so that every rank runs the same configurations in the same order.
+make it valid (the weights' fingerprint, the data, the device, the precision, the layer;
+then the batch size, the search settings, the test limit, the method and r, where they
+matter): the search of each batch size (``bs<B>/search.json``), the side by side timing of
+its configurations (``bs<B>/timing.json``), and the accuracy of each configuration
+(``results/<key>.json``, e.g. ``tome-r4.json``). A rerun reuses a record whose conditions
+all match, and says why it measures again when one does not. Under DDP, global rank 0 writes
+the plan of each batch size (``ready.json``, see ``pomt.sweep.plan``); the other ranks wait
+for the plan of this session and follow it, so that every rank runs the same configurations
+in the same order.
 """
 
 from __future__ import annotations

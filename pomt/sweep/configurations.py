@@ -1,11 +1,10 @@
-"""What an evaluation compares, and how: the configurations (unpruned, POMT at R, ToMe and
-Top-K at matching r), their side-by-side timing on one batch, and their token maps."""
+"""What the sweep compares, and how: the configurations (unpruned, POMT at R, ToMe and Top-K
+at matching r), their side-by-side timing on one batch, and their token maps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +14,14 @@ import pomt
 from pomt.plots import plot_token_groups
 from pomt.timing import cuda_graph_or_eager, time_interleaved
 
-__all__ = ["Configuration", "configurations", "matching_r_values", "time_configurations", "save_token_maps"]
+__all__ = [
+    "Configuration",
+    "configurations",
+    "matching_r_values",
+    "time_configurations",
+    "SideBySide",
+    "token_maps_figure",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,12 @@ class Configuration:
 
     @property
     def label(self) -> str:
+        """How tables, figures and logs name it: ``unpruned``, ``tome r=4``."""
+        return "unpruned" if self.method == "none" else f"{self.method} r={self.r}"
+
+    @property
+    def key(self) -> str:
+        """How files and records name it (stable, no spaces): ``unpruned``, ``tome-r4``."""
         return "unpruned" if self.method == "none" else f"{self.method}-r{self.r}"
 
 
@@ -92,55 +104,73 @@ def configurations(
     return configs
 
 
+@dataclass(frozen=True)
+class SideBySide:
+    """How the configurations are timed against each other: ``rounds`` interleaved rounds on
+    one test batch after ``warmup`` untimed calls each, as CUDA-graph replays on CUDA with
+    ``cuda_graphs`` (the latency profile's own warm-up and graph setting)."""
+
+    rounds: int
+    warmup: int
+    cuda_graphs: bool
+
+    def describe(self, device: torch.device, precision: str) -> str:
+        """In words, for the table header, the report, the W&B config and the records' conditions."""
+        graphs = self.cuda_graphs and device.type == "cuda"
+        return (
+            f"{'CUDA-graph replays' if graphs else 'eager calls'}, precision {precision}, "
+            f"warm-up {self.warmup}, {self.rounds} interleaved rounds on one test batch"
+        )
+
+
 def time_configurations(
     model: nn.Module,
-    vit: nn.Module,
     images: torch.Tensor,
     configs: Sequence[Configuration],
     *,
     layer: int,
     device: torch.device,
-    rounds: int,
-    warmup: int,
-    cuda_graphs: bool,
+    how: SideBySide,
 ) -> dict[str, dict[str, Any]]:
     """Latency of every configuration on ``images``, interleaved round by round (call this
-    under the precision the profile used). With ``cuda_graphs`` on CUDA each configuration is
-    a captured graph replayed, as the profile timed; one that cannot be captured is timed
-    eagerly with a warning, and its ``mode`` says why. Returns ``{label: stats + mode}``."""
+    under the precision the profile used). With ``how.cuda_graphs`` on CUDA each configuration
+    is a captured graph replayed, as the profile timed; one that cannot be captured is timed
+    eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``."""
+    vit = pomt.find_vit(model)[1]
     model.to(device).eval()
     images = images.to(device)
-    by_label = {c.label: c for c in configs}
+    by_key = {c.key: c for c in configs}
     calls, modes = {}, {}
 
-    def prepare(label: str) -> None:
-        pomt.apply_pruning(vit, by_label[label].method, r=by_label[label].r, layer=layer)
+    def prepare(key: str) -> None:
+        pomt.apply_pruning(vit, by_key[key].method, r=by_key[key].r, layer=layer)
 
     try:
         with torch.inference_mode():
-            for label in by_label:
-                prepare(label)
-                calls[label], modes[label] = (lambda: model(images)), "eager"
-                if cuda_graphs and device.type == "cuda":
-                    calls[label], modes[label] = cuda_graph_or_eager(calls[label], device, f"{label}: ")
+            for key, config in by_key.items():
+                prepare(key)
+                calls[key], modes[key] = (lambda: model(images)), "eager"
+                if how.cuda_graphs and device.type == "cuda":
+                    calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
             stats = time_interleaved(
                 calls,
                 device=device,
-                rounds=rounds,
-                warmup=warmup,
+                rounds=how.rounds,
+                warmup=how.warmup,
                 prepare=prepare,
-                progress=f"timing {len(by_label)} configurations",
+                progress=f"timing {len(by_key)} configurations",
             )
     finally:
         pomt.remove_pruning(vit)
-    return {label: {**s.to_dict(), "mode": modes[label]} for label, s in stats.items()}
+    return {key: {**s.to_dict(), "mode": modes[key]} for key, s in stats.items()}
 
 
-def save_token_maps(
-    vit: nn.Module, images: torch.Tensor, configs: Sequence[Configuration], layer: int, path: Path
-) -> Path:
+def token_maps_figure(
+    vit: nn.Module, images: torch.Tensor, configs: Sequence[Configuration], layer: int
+) -> Any:
     """The same images unpruned, with POMT at its R, and with the ToMe and Top-K settings whose
-    mean token count is closest to POMT's, as one figure (``pomt.plots.plot_token_groups``)."""
+    mean token count is closest to POMT's: one column each, titled by the configuration's
+    label (``pomt.plots.plot_token_groups``)."""
     chosen = next((c for c in configs if c.selected), None)
     target = mean_n(vit, chosen, layer) if chosen else 0.0
     shown = [c for c in configs if c.method in ("none", "pomt")]
@@ -152,11 +182,8 @@ def save_token_maps(
     try:
         for config in shown:
             pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
-            columns[config.label.replace("-r", " r=")] = pomt.token_groups(vit, images)
+            columns[config.label] = pomt.token_groups(vit, images)
     finally:
         pomt.remove_pruning(vit)
     layout = pomt.token_layout(vit)
-    plot_token_groups(images, columns, prefix=layout.prefix, patch_grid=layout.patch_grid).savefig(
-        path, dpi=100
-    )
-    return path
+    return plot_token_groups(images, columns, prefix=layout.prefix, patch_grid=layout.patch_grid)

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ReportRow", "write_report", "read_report", "format_table", "mark_pareto", "comparisons"]
+__all__ = ["ReportRow", "write_report", "format_table", "mark_pareto", "comparisons"]
 
 REPORT_SCHEMA = 2
 
 
 @dataclass
 class ReportRow:
-    """One evaluated configuration.
+    """One evaluated configuration: ``method`` with per-block ``r`` (None for the unpruned row).
 
     ``n_last`` is the number of tokens leaving the last block (for POMT: the tokens kept
     after the pruning block); ``mean_n`` averages the tokens over all blocks, a
@@ -36,7 +36,7 @@ class ReportRow:
     """
 
     method: str
-    r: str
+    r: int | None
     n_last: int
     mean_n: float
     acc1: float
@@ -143,18 +143,6 @@ def comparisons(rows: Sequence[ReportRow]) -> list[str]:
                 f"{where}on this device {faster} is x{by:.2f} faster than {slower} at the same or higher accuracy"
             )
     return out
-
-
-def read_report(path: str | os.PathLike[str]) -> list[ReportRow]:
-    """Rows of a report JSON written by :func:`write_report`."""
-    path = Path(path)
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        return [ReportRow(**row) for row in payload["rows"]]
-    except FileNotFoundError:
-        raise
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a pomt report JSON: {err}") from err
 
 
 def format_table(rows: Sequence[ReportRow], timing: str | None = None) -> str:

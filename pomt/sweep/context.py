@@ -1,0 +1,100 @@
+"""What one run of the sweep carries from step to step (:class:`SweepRun`), what it returns
+(:class:`TradeoffResult`), and the sweep's one test limit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+
+from pomt.data import split_batch
+from pomt.finder import Search
+from pomt.sweep.report import ReportRow
+from pomt.sweep.rundir import RunDir
+
+__all__ = ["SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
+
+
+@dataclass
+class TradeoffResult:
+    """What a sweep returns: the report rows (global rank 0; empty on the other ranks) and where
+    the report, plot and W&B runs are."""
+
+    rows: list[ReportRow]
+    out_dir: Path
+    csv_path: Path | None = None
+    json_path: Path | None = None
+    plot_path: Path | None = None
+    searches: dict[int, Search] = field(default_factory=dict)  # per batch size, when made on this rank
+    wandb_dirs: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)  # configurations whose accuracy was reused
+
+
+@dataclass
+class SweepRun:
+    """What every step of one run of the sweep works with.
+
+    ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
+    with it); ``conditions`` what every record of this run is valid for (see
+    ``pomt.sweep.rundir``); ``how_timed`` how every configuration is timed, in words;
+    ``per_batch_size``: each batch size has its own folder ``bs<B>/``.
+    """
+
+    model: pl.LightningModule
+    vit: nn.Module
+    datamodule: Any
+    trainer_factory: Callable[..., pl.Trainer]
+    trainer: pl.Trainer
+    run_dir: RunDir
+    conditions: dict[str, Any]
+    how_timed: str
+    group: str
+    per_batch_size: bool
+    result: TradeoffResult
+    bar: Any = None
+
+    @property
+    def zero(self) -> bool:
+        return self.run_dir.rank_zero
+
+    @property
+    def device(self) -> Any:
+        return self.trainer.strategy.root_device
+
+    def folder(self, batch_size: int) -> Path:
+        return self.run_dir.folder(batch_size, self.per_batch_size)
+
+
+def test_images(datamodule: Any) -> Any:
+    """The images of the first test batch (timed side by side, and shown in the token maps)."""
+    return split_batch(next(iter(datamodule.test_dataloader())))[0]
+
+
+def check_limit(limit: float | int | None) -> float | int | None:
+    """The sweep's test limit, or None for every test batch (a fraction of 1.0 included, so
+    that "all" has one form in what a rerun compares)."""
+    if limit is None:
+        return None
+    fraction = isinstance(limit, float) and 0 < limit <= 1
+    count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if not (fraction or count):
+        raise ValueError(
+            f"limit_test_batches must be a fraction in (0, 1] or a number of batches >= 1, got {limit!r}"
+        )
+    return None if fraction and limit == 1.0 else limit
+
+
+def no_trainer_limit(limit: float | int | None) -> None:
+    """The sweep has one test limit, keyed in what a rerun reuses: a Trainer's own
+    ``limit_test_batches`` (``limit``) must not set another."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return
+    raise ValueError(
+        f"trainer.limit_test_batches={limit!r} (or fast_dev_run) would limit the sweep's test batches "
+        "where a rerun cannot see it: leave it unset and use sweep.limit_test_batches "
+        f"(--sweep.limit_test_batches {limit}), which the report states and a rerun checks"
+    )

@@ -1,0 +1,365 @@
+"""The driver behind ``evaluate.py``: the accuracy-latency trade-off of one model on this device.
+
+Per batch size, global rank 0 alone measures (no other process shares the device): it
+chooses R with :func:`pomt.find_r`, fixes the configurations (unpruned, POMT at R, ToMe and
+Top-K at r values that span the same token reduction), and times them side by side on one
+real test batch, the way the latency profile was timed. Then every rank tests each
+configuration (``trainer.test``, one logger each; exact under DDP with unrepeated
+sampling). Every finished piece is written to the run directory at once and reused by a
+rerun where still valid (``pomt.sweep.rundir``); the report, plot and token maps land there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+import pomt
+from pomt import METHODS
+from pomt.callbacks.logging import wandb_logger
+from pomt.callbacks.pomt_callback import POMTCallback
+from pomt.finder import SearchConfig
+from pomt.models import find_vit, weights_fingerprint
+from pomt.plots import plot_tradeoff
+from pomt.sweep.configurations import Configuration, SideBySide, token_maps_figure
+from pomt.sweep.context import SweepRun, TradeoffResult, check_limit, no_trainer_limit, test_images
+from pomt.sweep.plan import Plan, Tested, accuracy_record, make_plan
+from pomt.sweep.report import ReportRow, format_table, mark_pareto, write_report
+from pomt.sweep.rundir import RunDir
+from pomt.sweep.summary import finish_run, log_summary_run
+from pomt.timing import device_name
+
+__all__ = ["TradeoffEvaluation", "TradeoffResult"]
+
+
+class TradeoffEvaluation:
+    """Evaluate one model pruned several ways; LightningCLI builds it from the ``sweep:`` section.
+
+    Args:
+        methods: which of ``none``, ``pomt``, ``tome``, ``topk`` to evaluate.
+        tome_r, topk_r: explicit per-block r values; default: r values whose mean tokens per
+            block span from half to twice POMT's token reduction (``span``).
+        span: multiples of POMT's token reduction that ToMe/Top-K are matched to.
+        layer: block where POMT prunes.
+        search: how POMT's R is chosen (:class:`pomt.SearchConfig`); ``search.cuda_graphs`` and
+            ``search.warmup`` also time the side-by-side comparison.
+        out_dir: where the run directory is created; ``run_name`` names it (default: a time stamp).
+        wandb: log every configuration as its own W&B run in one group, plus a summary run.
+        wandb_project, wandb_group, wandb_offline: where the runs go (offline by default: no
+            account or network needed; ``wandb sync DIR`` uploads later).
+        latency_rounds: interleaved timing rounds per configuration (one real test batch each).
+        batch_sizes: evaluate at each of these batch sizes (latency, and R, depend on it; accuracy
+            does not, so ToMe/Top-K/unpruned are tested once). Results per batch size go to
+            ``bs<B>/`` and one combined report to the run directory. Default: the data's batch size.
+        token_maps: how many test images ``token_maps.png`` shows (0: none).
+        resume: reuse what an earlier run of the same command finished, where still valid.
+        limit_test_batches: test on a fraction (float) or a number (int) of the test batches, for
+            a quick estimate; the report states it, and a rerun reuses an accuracy only when it
+            was measured under the same limit. The sweep's one test limit: a Trainer that
+            sets ``limit_test_batches`` itself is rejected.
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[str] = ("none", "pomt", "tome", "topk"),
+        *,
+        tome_r: list[int] | None = None,
+        topk_r: list[int] | None = None,
+        span: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+        layer: int = 3,
+        search: SearchConfig | None = None,
+        out_dir: str = "runs",
+        run_name: str | None = None,
+        wandb: bool = True,
+        wandb_project: str = "pomt",
+        wandb_group: str | None = None,
+        wandb_offline: bool = True,
+        latency_rounds: int = 30,
+        batch_sizes: list[int] | None = None,
+        token_maps: int = 4,
+        resume: bool = True,
+        limit_test_batches: float | int | None = None,
+    ) -> None:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
+        if any(s <= 0 for s in span):
+            raise ValueError(f"span values must be > 0, got {list(span)}")
+        if latency_rounds < 1:
+            raise ValueError(f"latency_rounds must be >= 1, got {latency_rounds}")
+        if batch_sizes is not None and (not batch_sizes or any(b < 1 for b in batch_sizes)):
+            raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes}")
+        self.methods = list(methods)
+        self.tome_r, self.topk_r, self.span = tome_r, topk_r, list(span)
+        self.layer, self.search = layer, search or SearchConfig()
+        self.out_dir, self.run_name = out_dir, run_name
+        self.wandb, self.wandb_project, self.wandb_group = wandb, wandb_project, wandb_group
+        self.wandb_offline = wandb_offline
+        self.latency_rounds = latency_rounds
+        self.side_by_side = SideBySide(latency_rounds, self.search.warmup, self.search.cuda_graphs)
+        self.batch_sizes = list(batch_sizes) if batch_sizes else None
+        self.token_maps, self.resume = token_maps, resume
+        self.limit_test_batches = check_limit(limit_test_batches)
+
+    # ------------------------------------------------------------------ the sweep
+    def run(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule,
+        trainer_factory: Callable[..., pl.Trainer],
+        on_start: Callable[[Path], object] | None = None,
+    ) -> TradeoffResult:
+        """Run every configuration; ``trainer_factory(logger=..., callbacks=[...], **trainer_kwargs)``
+        makes a Trainer; ``on_start(run_dir)`` runs on rank 0 once the run directory exists."""
+        sweep = self._open(model, datamodule, trainer_factory, on_start)
+        with self._progress(sweep.zero) as sweep.bar:
+            try:
+                for index, batch_size in enumerate(self._batch_sizes(datamodule)):
+                    datamodule.batch_size = batch_size
+                    plan = self._share_plan(sweep, batch_size)
+                    if index == 0 and sweep.zero:
+                        self._announce(sweep, plan)
+                        self._save_token_maps(sweep, plan)
+                    rows = self._test_all(sweep, plan)
+                    if sweep.zero and self.batch_sizes:
+                        self._write(sweep, mark_pareto(rows), sweep.folder(batch_size), batch_size)
+            finally:  # also after Ctrl-C: every finished row is on disk
+                self._write_combined(sweep)
+        if sweep.zero:
+            print(format_table(sweep.result.rows, sweep.how_timed))
+            self._log_summary(sweep)
+            self._print_where(sweep)
+        return sweep.result
+
+    # ------------------------------------------------------------------ steps
+    def _open(self, model, datamodule, trainer_factory, on_start) -> SweepRun:
+        """The run directory, the Trainer that fixes device and precision, and what records need."""
+        trainer = trainer_factory(logger=False, callbacks=[])
+        no_trainer_limit(getattr(trainer, "limit_test_batches", None))
+        if self.batch_sizes and not hasattr(datamodule, "batch_size"):
+            raise ValueError(f"{type(datamodule).__name__} has no batch_size: cannot sweep batch sizes")
+        name = self.run_name or time.strftime("%Y%m%d-%H%M%S")
+        zero = trainer.is_global_zero
+        run_dir = RunDir(Path(self.out_dir) / name, resume=self.resume, rank_zero=zero, log=rank_zero_info)
+        if on_start is not None and zero:
+            on_start(run_dir.root)
+        datamodule.setup("test")
+        return SweepRun(
+            model=model,
+            vit=find_vit(model)[1],
+            datamodule=datamodule,
+            trainer_factory=trainer_factory,
+            trainer=trainer,
+            run_dir=run_dir,
+            conditions=self._conditions(model, datamodule, trainer),
+            how_timed=self.side_by_side.describe(trainer.strategy.root_device, str(trainer.precision)),
+            group=self.wandb_group or f"tradeoff-{name}",
+            per_batch_size=bool(self.batch_sizes),
+            result=TradeoffResult([], run_dir.root),
+        )
+
+    def _batch_sizes(self, datamodule: Any) -> list[int]:
+        return self.batch_sizes or [int(getattr(datamodule, "batch_size", 0) or 0)]
+
+    def _share_plan(self, sweep: SweepRun, batch_size: int) -> Plan:
+        """The DDP hand-over: global rank 0 plans this batch size and marks the plan ready (or
+        failed, so that nobody waits for ever); the other ranks wait for it and follow it."""
+        folder = sweep.folder(batch_size)
+        if not sweep.zero:
+            return Plan.from_dict(sweep.run_dir.wait_ready(folder))
+        try:
+            plan = make_plan(sweep, self, batch_size)
+        except BaseException as err:
+            sweep.run_dir.mark_failed(folder, err)
+            raise
+        sweep.run_dir.mark_ready(folder, plan.to_dict())
+        return plan
+
+    def _test_all(self, sweep: SweepRun, plan: Plan) -> list[ReportRow]:
+        """Test (or reuse) every configuration of one batch size; rows written as they finish."""
+        rows, reused = [], []
+        for config in plan.configs:
+            tested = plan.done.get(config.key)
+            if tested is None:
+                tested = self._test(sweep, plan, config)
+            else:
+                reused.append(config.label)
+            if sweep.zero:
+                rows.append(self._row(sweep, plan, config, tested))
+                sweep.result.rows.append(rows[-1])
+                write_report(
+                    sweep.result.rows, sweep.run_dir.root, timing=sweep.how_timed, run=self._run_info(sweep)
+                )
+            if sweep.bar is not None:
+                sweep.bar.update(1)
+        if reused and sweep.zero:
+            sweep.result.reused.extend(reused)
+            where = sweep.run_dir.root / "results"
+            rank_zero_info(
+                f"reused the accuracy of {', '.join(dict.fromkeys(sweep.result.reused))} (see {where})"
+            )
+        return rows
+
+    def _test(self, sweep: SweepRun, plan: Plan, config: Configuration) -> Tested:
+        """``trainer.test`` of one configuration (pruned by a fixed-r POMTCallback), with its own
+        W&B run; the accuracy record is written at once."""
+        logger = self._logger(config.label, sweep.group, sweep.folder(plan.batch_size))
+        callbacks = (
+            [] if config.method == "none" else [POMTCallback(config.method, r=config.r, layer=self.layer)]
+        )
+        limit = {} if self.limit_test_batches is None else {"limit_test_batches": self.limit_test_batches}
+        try:
+            rank_zero_info(f"evaluating {config.label}")
+            start = time.perf_counter()
+            trainer = sweep.trainer_factory(logger=logger, callbacks=callbacks, **limit)
+            metrics = trainer.test(sweep.model, datamodule=sweep.datamodule, verbose=False)[0]
+            tested = Tested({k: float(v) for k, v in metrics.items()}, time.perf_counter() - start)
+            if logger:
+                stats = plan.latency[config.key].stats
+                logger.log_hyperparams({"method": config.method, "r": config.r, "timing": sweep.how_timed})
+                logger.log_metrics({"latency/median_ms": stats.median_ms, "latency/p90_ms": stats.p90_ms})
+        finally:
+            finish_run(logger, sweep.result.wandb_dirs)
+        sweep.run_dir.save(*accuracy_record(sweep, self, config), tested.to_dict())
+        return tested
+
+    def _row(self, sweep: SweepRun, plan: Plan, config: Configuration, tested: Tested) -> ReportRow:
+        """The report row of one configuration at the plan's batch size."""
+        schedule = pomt.token_schedule(sweep.vit, config.method, config.r, self.layer)
+        search = sweep.result.searches.get(plan.batch_size)
+        chosen = search.selection if (search and config.selected) else None
+        timed, metrics = plan.latency[config.key], tested.metrics
+        return ReportRow(
+            method=config.method,
+            r=None if config.method == "none" else config.r,
+            n_last=schedule[-1],
+            mean_n=sum(schedule) / len(schedule),
+            acc1=metrics.get("test/acc1", float("nan")),
+            acc5=metrics.get("test/acc5", float("nan")),
+            latency_ms=timed.stats.median_ms,
+            latency_p90_ms=timed.stats.p90_ms,
+            loop_latency_ms=metrics.get("test/latency_ms"),
+            batch_size=plan.batch_size,
+            device=sweep.conditions["device"],
+            dtype=str(next(sweep.model.parameters()).dtype).removeprefix("torch."),
+            model=str(
+                getattr(getattr(sweep.model, "hparams", {}), "model_name", "") or type(sweep.vit).__name__
+            ),
+            selected=config.selected,
+            predicted_latency_ms=None if chosen is None else chosen.predicted_latency_ms,
+            samples=timed.stats.samples,
+            verified_speedup=None if chosen is None else chosen.measured_speedup,
+            timing=timed.mode,
+            images=int(metrics.get("test/images", 0)),
+            wall_s=tested.wall_s,
+        )
+
+    def _save_token_maps(self, sweep: SweepRun, plan: Plan) -> None:
+        """``token_maps.png``: the first test images under each kind of configuration."""
+        if self.token_maps:
+            images = test_images(sweep.datamodule)[: self.token_maps].to(sweep.device)
+            figure = token_maps_figure(sweep.vit, images, plan.configs, self.layer)
+            figure.savefig(sweep.run_dir.root / "token_maps.png", dpi=100)
+
+    def _write(
+        self, sweep: SweepRun, rows: list[ReportRow], out: Path, batch_size: int | None
+    ) -> tuple[Path, ...]:
+        """``report.csv``, ``report.json`` and ``tradeoff.png`` of ``rows`` in ``out`` (with the
+        profiles of ``batch_size``'s search in the plot, when there is one)."""
+        csv_path, json_path = write_report(rows, out, timing=sweep.how_timed, run=self._run_info(sweep))
+        search = sweep.result.searches.get(batch_size) if batch_size is not None else None
+        parts = (search.latency, search.accuracy, search.selection) if search else (None, None, None)
+        plot_path = out / "tradeoff.png"
+        plot_tradeoff(rows, *parts).savefig(plot_path, dpi=110)
+        return csv_path, json_path, plot_path
+
+    def _write_combined(self, sweep: SweepRun) -> None:
+        """Rank 0: the report of every finished row in the run directory."""
+        result = sweep.result
+        if sweep.zero and result.rows:
+            result.rows = mark_pareto(result.rows)
+            single = None if self.batch_sizes else self._batch_sizes(sweep.datamodule)[0]
+            result.csv_path, result.json_path, result.plot_path = self._write(
+                sweep, result.rows, sweep.run_dir.root, single
+            )
+
+    def _log_summary(self, sweep: SweepRun) -> None:
+        """The W&B summary run: table, scatter, figures, and how the run was made."""
+        if not self.wandb:
+            return
+        logger = self._logger("summary", sweep.group, sweep.run_dir.root)
+        figures = [sweep.result.plot_path, sweep.run_dir.root / "token_maps.png"]
+        images = [p for p in figures if p is not None and p.is_file()]
+        log_summary_run(
+            logger, sweep.result.rows, images, {"timing": sweep.how_timed, **self._run_info(sweep)}
+        )
+        finish_run(logger, sweep.result.wandb_dirs)
+
+    # ------------------------------------------------------------------ helpers
+    def _conditions(self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
+        """What every record of this run is valid for (see ``pomt.sweep.rundir``)."""
+        test = getattr(datamodule, "test_dataset", None)
+        size = len(test) if hasattr(test, "__len__") else None
+        return {
+            "weights": weights_fingerprint(model),
+            "data": f"{type(datamodule).__name__}: test split of {size} images",
+            "device": device_name(trainer.strategy.root_device),
+            "precision": str(trainer.precision),
+            "layer": self.layer,
+        }
+
+    def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
+        """What the report says the run was made under: the conditions and the test limit."""
+        return {**sweep.conditions, "limit_test_batches": self.limit_test_batches}
+
+    def _logger(self, name: str, group: str, run_dir: Path) -> Any:
+        if not self.wandb:
+            return False
+        kwargs = dict(project=self.wandb_project, group=group, name=name, job_type="evaluate")
+        try:
+            return wandb_logger(save_dir=run_dir, offline=self.wandb_offline, **kwargs)
+        except ValueError as err:  # online without credentials: keep the results, log offline
+            rank_zero_warn(f"{err}; logging this evaluation offline instead")
+            self.wandb_offline = True
+            return wandb_logger(save_dir=run_dir, offline=True, **kwargs)
+
+    @contextlib.contextmanager
+    def _progress(self, enabled: bool) -> Iterator[Any]:
+        if not enabled:
+            yield None
+            return
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="sweep", unit="config", position=0, leave=True, dynamic_ncols=True)
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    def _announce(self, sweep: SweepRun, plan: Plan) -> None:
+        """The line before the sweep runs: what it compares, on what, and what is reused."""
+        test = getattr(sweep.datamodule, "test_dataset", None)
+        images = f"{len(test)} test images" if hasattr(test, "__len__") else "the test split"
+        limit = "" if self.limit_test_batches is None else f" (limit_test_batches={self.limit_test_batches})"
+        batch_sizes = self._batch_sizes(sweep.datamodule)
+        configs, to_test = plan.configs, len(plan.to_test)
+        print(
+            f"sweep: {len(configs)} configurations x batch sizes {batch_sizes}: "
+            f"{', '.join(c.label for c in configs)}; accuracy on {images}{limit}; "
+            f"{to_test} to test, {len(configs) - to_test} reused"
+        )
+        if sweep.bar is not None:
+            sweep.bar.total = len(configs) * len(batch_sizes)
+            sweep.bar.refresh()
+
+    def _print_where(self, sweep: SweepRun) -> None:
+        result = sweep.result
+        print(f"report: {result.csv_path} and {result.json_path}; plot: {result.plot_path}")
+        if result.wandb_dirs and self.wandb_offline:
+            print(f"W&B offline runs (upload with `wandb sync DIR`): {Path(result.wandb_dirs[0]).parent}")

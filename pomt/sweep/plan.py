@@ -1,0 +1,186 @@
+"""What global rank 0 decides for one batch size and every rank then runs: the :class:`Plan`.
+
+Rank 0 chooses R (or reuses the search), fixes the configurations, times them side by side
+(or reuses the timing) and looks up which accuracy records are still valid; the plan is
+written to the run directory (``ready.json``), where the other ranks read it, so that all
+ranks test the same configurations in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from pomt.finder import Search, find_r
+from pomt.sweep.configurations import Configuration, configurations, time_configurations
+from pomt.sweep.context import SweepRun, test_images
+from pomt.timing import TimingStats
+
+if TYPE_CHECKING:
+    from pomt.sweep.evaluation import TradeoffEvaluation
+
+__all__ = ["Plan", "Tested", "Timed", "make_plan", "accuracy_record", "load_tested"]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One configuration's side-by-side latency, and how it was timed (``eager``,
+    ``cuda_graphs``, or why it fell back to eager calls)."""
+
+    stats: TimingStats
+    mode: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Timed:
+        return cls(TimingStats(**{k: v for k, v in data.items() if k != "mode"}), str(data["mode"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.stats.to_dict(), "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Tested:
+    """One configuration's accuracy record: the test metrics and how long the test took."""
+
+    metrics: dict[str, float]
+    wall_s: float
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tested:
+        return cls({k: float(v) for k, v in data["metrics"].items()}, float(data["wall_s"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics), "wall_s": self.wall_s}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One batch size of the sweep: its configurations in order, their latency (by
+    ``Configuration.key``), and the accuracy records a rerun reuses (``done``, by key)."""
+
+    batch_size: int
+    configs: list[Configuration]
+    latency: dict[str, Timed]
+    done: dict[str, Tested]
+
+    @property
+    def to_test(self) -> list[Configuration]:
+        """The configurations whose accuracy is still to be measured."""
+        return [c for c in self.configs if c.key not in self.done]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "configs": [[c.method, c.r, c.selected] for c in self.configs],
+            "latency": {key: timed.to_dict() for key, timed in self.latency.items()},
+            "done": {key: tested.to_dict() for key, tested in self.done.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        return cls(
+            batch_size=int(data["batch_size"]),
+            configs=[Configuration(m, int(r), bool(s)) for m, r, s in data["configs"]],
+            latency={key: Timed.from_dict(value) for key, value in data["latency"].items()},
+            done={key: Tested.from_dict(value) for key, value in data["done"].items()},
+        )
+
+
+# --------------------------------------------------------------------------- rank 0 plans
+
+
+def make_plan(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int) -> Plan:
+    """Rank 0: this batch size's search, configurations and timing (reused or measured), and
+    the accuracy records still valid."""
+    folder = sweep.folder(batch_size)
+    search = _search(sweep, settings, batch_size, folder) if "pomt" in settings.methods else None
+    if search is not None:
+        sweep.result.searches[batch_size] = search
+    r = None if search is None else search.selection.r
+    explicit = {"tome": settings.tome_r, "topk": settings.topk_r}
+    configs = configurations(sweep.vit, settings.methods, r, settings.layer, settings.span, explicit)
+    latency = _time(sweep, settings, batch_size, configs)
+    done = {c.key: tested for c in configs if (tested := load_tested(sweep, settings, c)) is not None}
+    return Plan(batch_size, configs, latency, done)
+
+
+def _search(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, folder: Path) -> Search:
+    """POMT's R at this batch size: the stored search when still valid, else :func:`find_r`."""
+    valid_for = sweep.conditions | {"batch_size": batch_size, "search": settings.search.to_dict()}
+    stored = sweep.run_dir.load(folder / "search.json", valid_for, "the search")
+    if stored is not None:
+        return Search.from_dict(stored)
+    rank_zero_info(f"selecting R on this device at batch size {batch_size}")
+    search = _find_r(sweep, settings, batch_size, folder)
+    sweep.run_dir.save(folder / "search.json", valid_for, search.to_dict())
+    return search
+
+
+def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, folder: Path) -> Search:
+    """:func:`pomt.find_r` on the datamodule's selection split, under the Trainer's device and
+    precision, with the profiles kept in the run directory."""
+    selection_loader = getattr(sweep.datamodule, "selection_dataloader", None)
+    if not callable(selection_loader):
+        raise ValueError(
+            f"{type(sweep.datamodule).__name__} has no selection_dataloader() to estimate A(n) on"
+        )
+    sweep.model.to(sweep.device).eval()
+    with sweep.trainer.precision_plugin.forward_context():
+        return find_r(
+            sweep.model,
+            selection_loader(),
+            layer=settings.layer,
+            batch_size=batch_size,
+            device=sweep.device,
+            config=settings.search,
+            latency_path=folder / "latency_profile.json",
+            accuracy_path=sweep.run_dir.root / "accuracy_profile.json",
+            progress=sweep.trainer.progress_bar_callback is not None,
+            log=rank_zero_info,
+        )
+
+
+def _time(
+    sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, configs: list[Configuration]
+) -> dict[str, Timed]:
+    """The side-by-side latency of ``configs`` on one test batch (stored, or timed now)."""
+    path = sweep.folder(batch_size) / "timing.json"
+    valid_for = sweep.conditions | {
+        "batch_size": batch_size,
+        "timing": sweep.how_timed,
+        "configs": [c.key for c in configs],
+    }
+    stored = sweep.run_dir.load(path, valid_for, "the timing")
+    if stored is None:
+        how = settings.side_by_side
+        rank_zero_info(f"timing {len(configs)} configurations side by side ({how.rounds} rounds)")
+        with sweep.trainer.precision_plugin.forward_context():
+            images = test_images(sweep.datamodule)
+            stored = time_configurations(
+                sweep.model, images, configs, layer=settings.layer, device=sweep.device, how=how
+            )
+        sweep.run_dir.save(path, valid_for, stored)
+    return {key: Timed.from_dict(value) for key, value in stored.items()}
+
+
+def accuracy_record(
+    sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration
+) -> tuple[Path, dict[str, Any]]:
+    """Where one configuration's accuracy record lives, and what it is valid for: the run's
+    conditions, the test limit, the method and r (accuracy does not depend on the batch size)."""
+    valid_for = sweep.conditions | {
+        "limit_test_batches": settings.limit_test_batches,
+        "method": config.method,
+        "r": config.r,
+    }
+    return sweep.run_dir.root / "results" / f"{config.key}.json", valid_for
+
+
+def load_tested(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -> Tested | None:
+    """The accuracy record of ``config`` when it is still valid (else None, with the reason said)."""
+    stored = sweep.run_dir.load(*accuracy_record(sweep, settings, config), config.label)
+    return None if stored is None else Tested.from_dict(stored)

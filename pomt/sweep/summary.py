@@ -1,0 +1,58 @@
+"""The sweep's W&B runs: one per configuration (opened by the sweep, closed here) and the
+summary run of the whole evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pomt.sweep.report import ReportRow
+
+__all__ = ["finish_run", "log_summary_run"]
+
+
+def finish_run(logger: Any, dirs: list[str]) -> None:
+    """Close a ``WandbLogger``'s run (if it started one) and note its run directory in ``dirs``."""
+    experiment = getattr(logger, "_experiment", None)
+    if experiment is not None:
+        dirs.append(str(Path(experiment.dir).parent))
+        experiment.finish()
+
+
+def log_summary_run(
+    logger: Any, rows: Sequence[ReportRow], images: Sequence[Path], config: dict[str, Any]
+) -> None:
+    """The summary run: the comparison table, an accuracy-vs-latency scatter, the figures
+    (``images``: the trade-off plot, the token maps), the run's ``config`` (how it was timed,
+    what it ran on), and summary values for POMT's row and the unpruned model."""
+    import wandb
+
+    run = logger.experiment
+    logger.log_hyperparams(config)
+    columns = list(asdict(rows[0]))
+    table = wandb.Table(
+        columns=columns + ["label"], data=[[*asdict(row).values(), row.label] for row in rows]
+    )
+    logged: dict[str, Any] = {
+        "tradeoff/table": table,
+        "tradeoff/accuracy_vs_latency": wandb.plot.scatter(
+            table, "latency_ms", "acc1", title="top-1 accuracy vs median latency (ms)"
+        ),
+    }
+    logged |= {f"tradeoff/{Path(path).stem}": wandb.Image(str(path)) for path in images}
+    run.log(logged)
+    for row in rows:
+        if row.selected:
+            run.summary.update(
+                {
+                    "pomt/r": row.r,
+                    "pomt/n_last": row.n_last,
+                    "pomt/acc1": row.acc1,
+                    "pomt/latency_ms": row.latency_ms,
+                }
+            )
+    base = next((row for row in rows if row.method == "none"), None)
+    if base is not None:
+        run.summary.update({"unpruned/acc1": base.acc1, "unpruned/latency_ms": base.latency_ms})
