@@ -26,6 +26,7 @@ from pomt.callbacks.logging import wandb_logger
 from pomt.callbacks.pomt_callback import POMTCallback
 from pomt.finder import SearchConfig
 from pomt.models import find_vit, weights_fingerprint
+from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
 from pomt.sweep.configurations import Configuration, SideBySide, token_maps_figure
 from pomt.sweep.context import SweepRun, TradeoffResult, check_limit, no_trainer_limit, test_images
@@ -132,7 +133,9 @@ class TradeoffEvaluation:
             finally:  # also after Ctrl-C: every finished row is on disk
                 self._write_combined(sweep)
         if sweep.zero:
-            print(format_table(sweep.result.rows, sweep.how_timed))
+            print(
+                format_table(sweep.result.rows, f"{sweep.how_timed}; POMT block: {self._kernels(sweep)} path")
+            )
             self._log_summary(sweep)
             self._print_where(sweep)
         return sweep.result
@@ -248,6 +251,7 @@ class TradeoffEvaluation:
             batch_size=plan.batch_size,
             device=sweep.conditions["device"],
             dtype=str(next(sweep.model.parameters()).dtype).removeprefix("torch."),
+            precision=sweep.conditions["precision"],
             model=str(
                 getattr(getattr(sweep.model, "hparams", {}), "model_name", "") or type(sweep.vit).__name__
             ),
@@ -315,8 +319,17 @@ class TradeoffEvaluation:
         }
 
     def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
-        """What the report says the run was made under: the conditions and the test limit."""
-        return {**sweep.conditions, "limit_test_batches": self.limit_test_batches}
+        """What the report says the run was made under: the conditions, the test limit, and the
+        implementation POMT's block ran while timed."""
+        return {
+            **sweep.conditions,
+            "limit_test_batches": self.limit_test_batches,
+            "kernels": self._kernels(sweep),
+        }
+
+    @staticmethod
+    def _kernels(sweep: SweepRun) -> str:
+        return kernel_backend(sweep.device)
 
     def _logger(self, name: str, group: str, run_dir: Path) -> Any:
         if not self.wandb:

@@ -136,6 +136,7 @@ def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, fold
             layer=settings.layer,
             batch_size=batch_size,
             device=sweep.device,
+            precision=str(sweep.trainer.precision),
             config=settings.search,
             latency_path=folder / "latency_profile.json",
             accuracy_path=sweep.run_dir.root / "accuracy_profile.json",

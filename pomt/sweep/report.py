@@ -30,7 +30,8 @@ class ReportRow:
     ``loop_latency_ms`` is the median per-batch forward time inside the test loop. For POMT's
     chosen R, ``predicted_latency_ms`` is what the profile predicted and ``verified_speedup``
     what the check before use measured against the unpruned model (``pomt.verify``).
-    ``timing`` says how the latency was timed (``eager`` or ``cuda_graphs``, as the latency
+    ``dtype`` is the parameters' dtype and ``precision`` the Trainer's (``32-true``,
+    ``bf16-mixed``, ...), which the latency was timed under. ``timing`` says how the latency was timed (``eager`` or ``cuda_graphs``, as the latency
     profile was, or why not); ``pareto`` marks the accuracy-latency front of its batch size;
     ``images`` is how many test images the accuracy is on, ``wall_s`` how long its test took.
     """
@@ -47,6 +48,7 @@ class ReportRow:
     batch_size: int
     device: str
     dtype: str
+    precision: str = ""
     model: str = ""
     selected: bool = False
     predicted_latency_ms: float | None = None
