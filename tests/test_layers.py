@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pomt"
 SWEEP = "pomt.sweep"
-LIGHTNING_LAYER = ("pomt.lightning", "pomt.callbacks", "pomt.datamodules", SWEEP)
+LIGHTNING_LAYER = ("pomt.lightning", "pomt.loggers", "pomt.callbacks", "pomt.datamodules", SWEEP)
 
 
 def _module_name(path: Path) -> str:

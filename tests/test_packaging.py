@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_LEVEL = ("datamodules",)
+TOP_LEVEL = ("callbacks", "datamodules")
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from pomt.callbacks import logging as pomt_logging
+from pomt.callbacks import logs
 from pomt.callbacks import stage_support as support
 from pomt.data import split_batch
 from pomt.finder import Search, SearchConfig
@@ -139,7 +139,7 @@ class POMTCallback(Callback):
             if data is not None:
                 support.check_data(self, data, stage)
         if stage == "fit" and "fit" in self.stages:
-            pomt_logging.warn_pruned_monitors(trainer)
+            logs.warn_pruned_monitors(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -230,11 +230,11 @@ class POMTCallback(Callback):
             raise
         self._applied = True
         self.applied_r, self.applied_schedule = int(r), list(schedule)
-        support.say(pomt_logging.describe(self, self._found_path))
-        pomt_logging.log_pomt(trainer, pl_module, self, stage)
+        support.say(logs.describe(self, self._found_path))
+        logs.log_pomt(trainer, pl_module, self, stage)
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
             images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
-            pomt_logging.log_token_maps(trainer, self, images.to(pl_module.device))
+            logs.log_token_maps(trainer, self, images.to(pl_module.device))
 
     def _after_stage(self, force_restore: bool = False) -> None:
         if not self._applied or self._vit is None:

@@ -22,28 +22,13 @@ from pomt.models import find_vit
 
 __all__ = ["say", "unlabelled", "first_loader", "stage_loader", "accuracy_data", "check_data", "search"]
 
-logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks"
+logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
 
 LOADERS = {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}
 FIXES = (
     "give the datamodule a selection_dataloader() (a held-out split), set accuracy_split='val' (or "
     "'train'), or pass accuracy_data="
 )
-
-
-class _ConsoleUntilConfigured(logging.StreamHandler):
-    """Prints records while the root logger has no handler; once the application configures
-    logging, its own handlers (console and files) take them instead, each line once."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger().handlers:
-            super().emit(record)
-
-
-if not any(isinstance(h, _ConsoleUntilConfigured) for h in logger.handlers):
-    logger.addHandler(_ConsoleUntilConfigured())
-if logger.level == logging.NOTSET:
-    logger.setLevel(logging.INFO)
 
 
 @rank_zero_only

@@ -1,0 +1,138 @@
+"""What ``POMTCallback`` logs: the line it prints, its scalars and summary values, its curves
+as a table, line plots and a figure, and its token maps (through ``pomt.loggers``, to
+whatever loggers the Trainer has)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from pomt.loggers import (
+    announce_wandb_runs,
+    log_config,
+    log_figure,
+    log_line_plots,
+    log_scalars,
+    log_summary,
+    log_table,
+)
+from pomt.plots import plot_profiles
+
+__all__ = ["describe", "warn_pruned_monitors", "log_pomt", "log_token_maps"]
+
+
+def describe(callback: Any, where: str | None) -> str:
+    """The line the callback prints when it has pruned the model: R, and for a search the
+    predicted and the measured (verified) speed-up."""
+    text = (
+        f"POMTCallback: {callback.method} r={callback.applied_r} on `{where or '<module>'}`, "
+        f"tokens per block {callback.applied_schedule}"
+    )
+    if callback.selection is not None and callback.r is None:
+        text += f"; {callback.selection.summary()}"
+    return text
+
+
+def warn_pruned_monitors(trainer: Any) -> None:
+    """Warn that checkpointing and early stopping watch the pruned model during ``fit``."""
+    watched = sorted({m for c in trainer.callbacks if isinstance(m := getattr(c, "monitor", None), str)})
+    if watched:
+        rank_zero_warn(
+            f"POMTCallback prunes the validation inside fit (stages contains 'fit'): {', '.join(watched)} "
+            "will be the pruned model's, and checkpoints and early stopping follow them. Leave 'fit' out "
+            "of stages to monitor the unpruned model."
+        )
+
+
+def _pomt_scalars(callback: Any) -> dict[str, float]:
+    out: dict[str, float] = {"pomt/r": float(callback.applied_r or 0)}
+    if callback.applied_schedule:
+        out["pomt/n_last"] = float(callback.applied_schedule[-1])
+    sel = callback.selection
+    if sel is not None and callback.r is None:
+        out.update(
+            {
+                "pomt/n_star": float(sel.n_star),
+                "pomt/utility": float(sel.utility),
+                "pomt/predicted_latency_ms": float(sel.predicted_latency_ms),
+                "pomt/predicted_accuracy": float(sel.predicted_accuracy),
+                "pomt/rejected_candidates": float(len(sel.rejected)),
+            }
+        )
+        if sel.unpruned_latency_ms is not None:
+            out["pomt/unpruned_latency_ms"] = float(sel.unpruned_latency_ms)
+            out["pomt/predicted_speedup"] = float(sel.speedup)
+        if sel.measurements:  # the applied R's, else (R = 0 kept) the best-ranked candidate's
+            chosen = [m for m in sel.measurements if m[0] == sel.r] or sel.measurements[:1]
+            r, speedup, low, high = chosen[0]
+            out["pomt/measured_r"] = float(r)
+            out["pomt/measured_speedup"] = float(speedup)
+            out["pomt/measured_speedup_low"] = float(low)
+            out["pomt/measured_speedup_high"] = float(high)
+    return out
+
+
+def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
+    """Everything the callback found, to the Trainer's loggers: scalars (through
+    ``pl_module.log`` where Lightning allows it, so ``trainer.test`` returns them), run
+    summary values, and, when it searched, the curves as a table, line plots and a figure."""
+    scalars = _pomt_scalars(callback)
+    if stage in ("validate", "test"):  # epoch-level values, returned by trainer.validate/test
+        for key, value in scalars.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+    elif trainer.loggers:
+        log_scalars(trainer, scalars, step=trainer.global_step)
+    if not trainer.loggers:
+        return
+    summary: dict[str, Any] = dict(scalars)
+    summary.update({"pomt/method": callback.method, "pomt/layer": callback.layer, "pomt/stage": stage})
+    if callback.latency_profile is not None:
+        summary["pomt/device"] = callback.latency_profile.device
+        summary["pomt/profile_batch_size"] = callback.latency_profile.batch_size
+        summary["pomt/precision"] = callback.latency_profile.precision
+    if callback.selection is not None and callback.r is None and callback.selection.verification:
+        summary["pomt/verification"] = callback.selection.verification
+    log_summary(trainer, summary)
+    if callback.latency_profile is not None:  # how it was timed, in the W&B run's config too
+        log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
+    sel = callback.selection
+    if callback.log_plots and sel is not None and callback.r is None:
+        _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
+    announce_wandb_runs(trainer)
+
+
+def log_token_maps(trainer: Any, callback: Any, images: Any) -> None:
+    """The images with the token each patch ended in under the applied pruning, as a figure."""
+    from pomt.models import token_layout
+    from pomt.plots import plot_token_groups
+    from pomt.pruning import token_groups
+
+    vit = callback._vit
+    layout = token_layout(vit, tuple(images.shape[-2:]))
+    label = f"{callback.method} r={callback.applied_r}"
+    figure = plot_token_groups(
+        images, {label: token_groups(vit, images)}, prefix=layout.prefix, patch_grid=layout.patch_grid
+    )
+    log_figure(trainer, "pomt/token_maps", figure)
+
+
+def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
+    columns = ["n", "r", "latency_ms", "raw_latency_ms", "accuracy", "utility", "selected"]
+    rows = [
+        [int(n), int(sel.n_total - n), float(lat), float(raw), float(acc), float(u), int(n == sel.n_star)]
+        for n, lat, raw, acc, u in zip(
+            sel.curve_n,
+            sel.curve_latency_ms,
+            sel.curve_raw_latency_ms,
+            sel.curve_accuracy,
+            sel.curve_utility,
+            strict=True,
+        )
+        if all(math.isfinite(v) for v in (lat, raw, acc, u))
+    ]
+    log_table(trainer, "pomt/curves", columns, rows)
+    ys = ["latency_ms", "accuracy", "utility"]
+    log_line_plots(trainer, "pomt/plot", "n", columns, rows, ys, mark_x=sel.n_star, title="POMT")
+    log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object
