@@ -19,6 +19,7 @@ from pomt.selection import (
     interpolate,
     isotonic_increasing,
     step_fit,
+    utility,
     validate_curve,
 )
 from pomt.timing import TimingStats
@@ -123,10 +124,10 @@ def _best_bound(
     ns: list[int], levels: list[float], acc_at: Callable[[int], float], alpha: float
 ) -> int | None:
     max_l = max(levels)
-    max_a = max(acc_at(n) for n in range(ns[0], ns[-1] + 1)) or 1.0
+    max_a = max(acc_at(n) for n in range(ns[0], ns[-1] + 1))
 
     def u(lat: float, acc: float) -> float:
-        return alpha * (1.0 - lat / max_l) + (1.0 - alpha) * acc / max_a
+        return utility(lat, acc, alpha, max_l, max_a)
 
     incumbent = max(round(u(lev, acc_at(n)), TIE_DECIMALS) for n, lev in zip(ns, levels, strict=True))
     best: tuple[float, int] | None = None

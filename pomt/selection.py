@@ -30,11 +30,11 @@ __all__ = [
     "step_fit",
     "isotonic_increasing",
     "interpolate",
+    "utility",
     "utility_curve",
     "as_curve",
 ]
 
-MODES = ("utility", "latency_budget", "accuracy_floor")
 TIE_DECIMALS = 12
 
 
@@ -227,16 +227,22 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return float(ys[lo] + t * (ys[hi] - ys[lo]))
 
 
+def utility(latency: float, accuracy: float, alpha: float, max_latency: float, max_accuracy: float) -> float:
+    """U = alpha (1 - L/max L) + (1 - alpha) (A/max A); the accuracy term is 0 when max A is 0.
+
+    The one formula of the utility: the selection, the search's bound and the verification
+    (with L/max L the measured 1 / speed-up) all evaluate it here."""
+    accuracy_term = accuracy / max_accuracy if max_accuracy > 0 else 0.0
+    return alpha * (1.0 - latency / max_latency) + (1.0 - alpha) * accuracy_term
+
+
 def utility_curve(latency: Sequence[float], accuracy: Sequence[float], alpha: float) -> list[float]:
     """U(n) = alpha (1 - L/max L) + (1 - alpha) (A/max A), point by point."""
     max_l = max(latency)
     max_a = max(accuracy)
     if max_l <= 0:
         raise ValueError("latency values must be positive")
-    return [
-        alpha * (1.0 - lat / max_l) + (1.0 - alpha) * (acc / max_a if max_a > 0 else 0.0)
-        for lat, acc in zip(latency, accuracy, strict=True)
-    ]
+    return [utility(lat, acc, alpha, max_l, max_a) for lat, acc in zip(latency, accuracy, strict=True)]
 
 
 # --------------------------------------------------------------------------- inputs
