@@ -23,7 +23,7 @@ from torch import nn
 from pomt.measure import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.models import architecture, find_vit, token_layout, uncompiled, unwrap_compiled, weights_fingerprint
 from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.selection import Selection, select_r
+from pomt.selection import Selection, check_objective, select_r
 from pomt.verify import speedup_samples, verify
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
@@ -128,20 +128,7 @@ class SearchConfig:
         return cls(**data)
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not 0 <= self.alpha <= 1
-        ):
-            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
-        if self.latency_budget_ms is not None and self.accuracy_floor is not None:
-            raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
-        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
-            raise ValueError(f"latency_budget_ms must be positive, got {self.latency_budget_ms!r}")
-        if self.accuracy_floor is not None and not 0 <= self.accuracy_floor <= 1:
-            raise ValueError(
-                f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {self.accuracy_floor!r}"
-            )
+        check_objective(self.alpha, self.latency_budget_ms, self.accuracy_floor)
         if not self.min_run_time >= 0:
             raise ValueError(f"min_run_time must be >= 0, got {self.min_run_time!r}")
         if self.coarse_points < 2:

@@ -16,6 +16,7 @@ from pomt.selection import (
     TIE_DECIMALS,
     as_curve,
     check_n,
+    check_objective,
     interpolate,
     isotonic_increasing,
     step_fit,
@@ -75,8 +76,7 @@ def adaptive_search(
     """
     if coarse_points < 2:
         raise ValueError(f"coarse_points must be >= 2, got {coarse_points}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    check_objective(alpha, None, None)
     if max_points is None:
         max_points = default_max_points(lo, hi, coarse_points)
     if max_points < 2:

@@ -331,6 +331,19 @@ def validate_curve(curve: Curve, what: str, unit_interval: bool) -> None:
 # --------------------------------------------------------------------------- selection
 
 
+def check_objective(alpha: object, latency_budget_ms: object, accuracy_floor: object) -> None:
+    """A ValueError naming the bad value unless ``alpha`` is in [0, 1], the budget positive, the
+    floor a fraction, and at most one of the two given (``select_r`` and ``SearchConfig``)."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if latency_budget_ms is not None and accuracy_floor is not None:
+        raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
+    if latency_budget_ms is not None and not latency_budget_ms > 0:
+        raise ValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
+    if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
+        raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
+
+
 def select_r(
     lat: object,
     acc: object,
@@ -353,14 +366,7 @@ def select_r(
     and ``accuracy_floor`` (a fraction) switch to the constrained modes; giving both is an
     error. Ties are broken as the module docstring says (larger n last).
     """
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if latency_budget_ms is not None and accuracy_floor is not None:
-        raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
-    if latency_budget_ms is not None and not latency_budget_ms > 0:
-        raise ValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
-    if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
-        raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
+    check_objective(alpha, latency_budget_ms, accuracy_floor)
     lcurve = as_curve(lat, "latency profile")
     acurve = as_curve(acc, "accuracy profile")
     validate_curve(lcurve, "latency profile", unit_interval=False)
