@@ -11,7 +11,6 @@ Three commands, each with ``--help`` (installed as console scripts, or run as
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -338,7 +337,7 @@ def select_parser() -> argparse.ArgumentParser:
 
 
 def _select_r(args: argparse.Namespace) -> int:
-    from pomt.profiles import AccuracyProfile, LatencyProfile
+    from pomt.profiles import AccuracyProfile, LatencyProfile, write_json
     from pomt.selection import select_r
 
     expect_lat = {
@@ -361,8 +360,7 @@ def _select_r(args: argparse.Namespace) -> int:
     print(f"accuracy: {acc.num_samples} images, seed {acc.seed}")
     print(sel.summary())
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(sel.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, sel.to_dict())
     if args.plot:
         from pomt.plots import plot_profiles, save_figure
 

@@ -24,11 +24,29 @@ import torch
 
 from pomt.timing import TimingStats, device_name
 
-__all__ = ["SCHEMA_VERSION", "LatencyPoint", "AccuracyPoint", "LatencyProfile", "AccuracyProfile"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "LatencyPoint",
+    "AccuracyPoint",
+    "LatencyProfile",
+    "AccuracyProfile",
+    "write_json",
+]
 
 SCHEMA_VERSION = 2
 # Keys that schema version 1 files use for what is now named otherwise (read, never written).
 _V1_KEYS = {"tokens": "n", "tokens_total": "n_total", "prefix_tokens": "prefix"}
+
+
+def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as JSON at ``path`` atomically (a temporary file, then a rename, so a
+    reader never sees half a file); parent folders are created. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -101,12 +119,7 @@ class _Profile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the profile as JSON (parent folders are created). Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "profile") -> Any:
