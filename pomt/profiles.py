@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 2
-# Keys that schema version 1 files use for what is now named otherwise (read, never written).
-_V1_KEYS = {"tokens": "n", "tokens_total": "n_total", "prefix_tokens": "prefix"}
 
 
 def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
@@ -136,10 +134,13 @@ class _Profile:
             raise ValueError(f"{source}: missing or invalid schema_version {version!r}")
         if version > SCHEMA_VERSION:
             raise ValueError(
-                f"{source}: schema_version {version} was written by a newer pomt (this one reads <= {SCHEMA_VERSION})"
+                f"{source}: schema_version {version} was written by a newer pomt (this one reads {SCHEMA_VERSION})"
             )
-        if version == 1:
-            data = _from_v1(data)
+        if version < SCHEMA_VERSION:
+            raise ValueError(
+                f"{source}: schema_version {version} predates the first release (this pomt reads "
+                f"{SCHEMA_VERSION}); measure the profile again"
+            )
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
         required = [
             f.name
@@ -226,18 +227,6 @@ class _Profile:
         why = self.mismatch(expect)
         if why is not None:
             raise ValueError(f"{source} does not match: {why}. Measure a new profile for this setup.")
-
-
-def _from_v1(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A schema version 1 profile with today's key names (``tokens`` -> ``n`` and so on)."""
-
-    def renamed(obj: Mapping[str, Any]) -> dict[str, Any]:
-        return {_V1_KEYS.get(k, k): v for k, v in obj.items()}
-
-    out = renamed(data)
-    if isinstance(out.get("points"), list):
-        out["points"] = [renamed(p) if isinstance(p, Mapping) else p for p in out["points"]]
-    return out
 
 
 def _now() -> str:

@@ -118,10 +118,7 @@ class Selection:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Selection:
-        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored; the key
-        names of pomt 0.1 checkpoints are read too)."""
-        renamed = {"tokens": "n_star", "tokens_total": "n_total", "curve_tokens": "curve_n"}
-        data = {renamed.get(k, k): v for k, v in data.items()}
+        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored)."""
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(data))
