@@ -22,7 +22,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ClassificationDataModule",
     "ImageFileDataset",
-    "balanced_indices",
     "default_num_workers",
     "model_data_config",
     "stratified_split",

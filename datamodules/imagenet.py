@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pomt.data import balanced_indices
 from pomt.datamodules._common import (
     ClassificationDataModule,
     ImageFileDataset,
-    balanced_indices,
     create_transforms,
     default_num_workers,
     model_data_config,

@@ -26,7 +26,7 @@ from pomt.data import split_batch
 from pomt.models import create_model, load_weights, read_state_dict
 from pomt.timing import Stopwatch, TimingStats
 
-__all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features", "split_batch"]
+__all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features"]
 
 HEADS = ("dinov2_linear",)
 _STAGES = ("train", "val", "test")
