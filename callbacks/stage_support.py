@@ -17,8 +17,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.finder import Search, find_r
-from pomt.measure import image_size
-from pomt.models import find_vit
+from pomt.models import find_vit, image_size
 
 __all__ = ["say", "unlabelled", "first_loader", "stage_loader", "accuracy_data", "check_data", "search"]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pomt.datamodules._common import ClassificationDataModule, stratified_split, trainer_vit
+from pomt.models import image_size
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digit_images"]
 
@@ -104,8 +105,7 @@ class DigitsDataModule(ClassificationDataModule):
 
     def _resolve_img_size(self) -> int:
         vit = trainer_vit(self)
-        size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
-        model_size = None if size is None else int(size if isinstance(size, int) else size[0])
+        model_size = None if vit is None else image_size(vit)[0]
         if self.img_size is None:
             return model_size or 32
         if model_size is not None and model_size != self.img_size:

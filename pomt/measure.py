@@ -20,7 +20,7 @@ from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
 from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
-from pomt.models import architecture, find_vit, token_layout, weights_fingerprint
+from pomt.models import architecture, find_vit, image_size, token_layout, weights_fingerprint
 from pomt.ops import kernel_backend
 from pomt.profiles import (
     AccuracyPoint,
@@ -36,7 +36,6 @@ __all__ = [
     "profile_latency",
     "estimate_accuracy",
     "model_name",
-    "image_size",
     "resolve_dtype",
     "on_device",
     "random_batch",
@@ -76,20 +75,6 @@ def precision_name(device: torch.device | str, dtype: torch.dtype | str) -> str:
     if torch.is_autocast_enabled(kind):
         return f"{_BITS.get(torch.get_autocast_dtype(kind), 'autocast')}-mixed"
     return f"{_BITS.get(dtype, str(dtype).removeprefix('torch.'))}-true"
-
-
-def image_size(vit: nn.Module, img_size: int | Sequence[int] | None) -> tuple[int, int]:
-    if img_size is not None:
-        if isinstance(img_size, int):
-            return (img_size, img_size)
-        return (int(img_size[0]), int(img_size[1]))
-    size = getattr(vit.patch_embed, "img_size", None)
-    if size is not None:
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    layout = token_layout(vit)
-    patch = getattr(vit.patch_embed, "patch_size", 16)
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    return (layout.patch_grid[0] * ph, layout.patch_grid[1] * pw)
 
 
 def _in_chans(vit: nn.Module) -> int:

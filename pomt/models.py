@@ -13,7 +13,7 @@ import contextlib
 import difflib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from torch import nn
 __all__ = [
     "TokenLayout",
     "token_layout",
+    "image_size",
     "vit_blocks",
     "unsupported_reason",
     "is_supported_vit",
@@ -128,7 +129,7 @@ def _require_supported(model: nn.Module) -> None:
         )
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))
@@ -169,6 +170,19 @@ def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None
         num_heads=int(blocks[0].attn.num_heads),
         patch_grid=grid,
     )
+
+
+def image_size(vit: nn.Module, img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
+    """The input size ``(height, width)`` of ``vit``: ``img_size`` when given, else the size its
+    patch embedding was built for, else its patch grid times its patch size."""
+    if img_size is not None:
+        return _pair(img_size)
+    size = getattr(vit.patch_embed, "img_size", None)
+    if size is not None:
+        return _pair(size)
+    layout = token_layout(vit)
+    ph, pw = _pair(getattr(vit.patch_embed, "patch_size", 16))
+    return (layout.patch_grid[0] * ph, layout.patch_grid[1] * pw)
 
 
 def _vit_paths(root: nn.Module) -> list[str]:
