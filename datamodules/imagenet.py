@@ -27,9 +27,7 @@ from pomt.data import balanced_indices
 from pomt.datamodules._common import (
     ClassificationDataModule,
     ImageFileDataset,
-    create_transforms,
     default_num_workers,
-    model_data_config,
     take_balanced,
     trainer_vit,
 )
@@ -45,30 +43,20 @@ from pomt.datamodules.sources import (
     load_hub_split,
     split_samples,
 )
+from pomt.preprocessing import (
+    create_transforms,
+    imagenet_class_names,
+    imagenet_labels,
+    imagenet_wnids,
+    model_data_config,
+)
 
 __all__ = [
     "DEFAULT_HUB_ID",
     "ImageNetDataModule",
     "LocalTree",
     "find_local_tree",
-    "imagenet_class_names",
-    "imagenet_wnids",
 ]
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k wnids in the standard label order."""
-    from timm.data import ImageNetInfo
-
-    return list(ImageNetInfo().label_names())
-
-
-def imagenet_class_names() -> list[str]:
-    """Human-readable names of the 1000 ImageNet-1k classes, in label order."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -201,11 +189,11 @@ class ImageNetDataModule(ClassificationDataModule):
         return chosen, [i for i in range(len(labels)) if i not in taken]
 
     def _class_index(self, names: set[str]) -> dict[str, int]:
-        wnids = imagenet_wnids()
-        if names <= set(wnids):
-            self.wnids = wnids
+        index = imagenet_labels(names)
+        if index is not None:
+            self.wnids = imagenet_wnids()
             self._class_names = imagenet_class_names()
-            return {w: i for i, w in enumerate(wnids)}
+            return index
         ordered = sorted(names)
         self.wnids = None
         self._class_names = ordered
@@ -272,13 +260,12 @@ class ImageNetDataModule(ClassificationDataModule):
             raise ValueError(
                 f"{self.hub_id}: the {self.label_key!r} column is not a ClassLabel: cannot name classes"
             )
-        wnids = imagenet_wnids()
+        index = imagenet_labels(names)
         self._label_map = None
-        if len(names) == 1000 or set(names) <= set(wnids):
-            self.wnids, self._class_names = wnids, imagenet_class_names()
+        if len(names) == 1000 or index is not None:
+            self.wnids, self._class_names = imagenet_wnids(), imagenet_class_names()
             if len(names) != 1000:  # e.g. an imagefolder of wnid folders
-                position = {w: i for i, w in enumerate(wnids)}
-                self._label_map = [position[n] for n in names]
+                self._label_map = [index[n] for n in names]
         else:
             self.wnids, self._class_names = None, names
 

@@ -237,35 +237,31 @@ def accuracy_parser() -> argparse.ArgumentParser:
 def image_folder(root: str | Path, model, class_map: str = "auto"):
     """``torchvision.datasets.ImageFolder`` with the model's own eval preprocessing (timm
     data config), labelled per ``class_map`` (see ``pomt-estimate-accuracy --help``)."""
-    import timm.data
     from torchvision.datasets import ImageFolder
+
+    from pomt.preprocessing import create_transforms, imagenet_labels, model_data_config
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    from pomt.measure import image_size
-    from pomt.models import find_vit
-
-    config = timm.data.resolve_model_data_config(model)
-    height, width = image_size(find_vit(model)[1], None)
-    config["input_size"] = (config["input_size"][0], height, width)  # the model's size, if overridden
-    transform = timm.data.create_transform(**config, is_training=False)
+    transform = create_transforms(model_data_config(model))[1]  # at the model's size, if overridden
     try:
         dataset = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
         raise ValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
     if class_map != "folder":
-        info = timm.data.ImageNetInfo()
-        wnids = {name: i for i, name in enumerate(info.label_names())}
-        all_wnids = all(c in wnids for c in dataset.classes)
+        index = imagenet_labels(dataset.classes)
         outputs = getattr(model, "num_classes", None)
-        if class_map == "imagenet" and not all_wnids:
+        if class_map == "imagenet" and index is None:
+            from pomt.preprocessing import imagenet_wnids
+
+            wnids = set(imagenet_wnids())
             bad = [c for c in dataset.classes if c not in wnids][:5]
             raise ValueError(f"--class-map imagenet needs ImageNet wnid folder names; not wnids: {bad}")
-        if all_wnids and (class_map == "imagenet" or outputs == 1000):
-            index = {i: wnids[c] for i, c in enumerate(dataset.classes)}
-            dataset.targets = [index[t] for t in dataset.targets]
-            dataset.samples = [(path, index[t]) for path, t in dataset.samples]
+        if index is not None and (class_map == "imagenet" or outputs == 1000):
+            label = [index[c] for c in dataset.classes]
+            dataset.targets = [label[t] for t in dataset.targets]
+            dataset.samples = [(path, label[t]) for path, t in dataset.samples]
             dataset.imgs = dataset.samples
     return dataset
 
