@@ -21,7 +21,16 @@ import torch
 from torch import nn
 
 from pomt.measure import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
-from pomt.models import architecture, find_vit, token_layout, uncompiled, unwrap_compiled, weights_fingerprint
+from pomt.models import (
+    architecture,
+    device_of,
+    dtype_of,
+    find_vit,
+    token_layout,
+    uncompiled,
+    unwrap_compiled,
+    weights_fingerprint,
+)
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.selection import Selection, check_objective, select_r
 from pomt.verify import speedup_samples, verify
@@ -223,19 +232,6 @@ class Search:
         )
 
 
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _reuse(kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str]) -> Any:
     """The first valid profile of ``earlier`` (kept from a previous search) and the file at
     ``path``; each one passed over adds its reason to ``notes``."""
@@ -313,7 +309,7 @@ def find_r(
     """
     config = SearchConfig.coerce(config)
     warn = warn or (lambda text: warnings.warn(text, stacklevel=3))
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     notes: list[str] = []
     logged = 0
 
@@ -327,7 +323,7 @@ def find_r(
         if compiled:
             notes.append(f"timing the eager module: {', '.join(compiled)} torch.compile'd, left as they are")
         vit = find_vit(eager)[1] if vit is None else unwrap_compiled(vit)
-        dtype = _dtype_of(vit) if dtype is None else dtype
+        dtype = (dtype_of(vit) or torch.float32) if dtype is None else dtype
         precision = str(precision) if precision else precision_name(device, dtype)
         name = model_name(vit)
 

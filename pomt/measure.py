@@ -20,7 +20,15 @@ from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
 from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
-from pomt.models import architecture, find_vit, image_size, token_layout, weights_fingerprint
+from pomt.models import (
+    architecture,
+    device_of,
+    dtype_of,
+    find_vit,
+    image_size,
+    token_layout,
+    weights_fingerprint,
+)
 from pomt.ops import kernel_backend
 from pomt.profiles import (
     AccuracyPoint,
@@ -82,14 +90,6 @@ def _in_chans(vit: nn.Module) -> int:
     return int(getattr(proj, "in_channels", 3))
 
 
-def _first_param(model: nn.Module) -> torch.Tensor | None:
-    for t in model.parameters():
-        return t
-    for t in model.buffers():
-        return t
-    return None
-
-
 @contextlib.contextmanager
 def on_device(
     model: nn.Module, vit: nn.Module, device: torch.device, dtype: torch.dtype | None = None
@@ -98,9 +98,7 @@ def on_device(
     afterwards its pruning, train/eval flags, device and dtype are what they were."""
     config = pruning_config(vit)
     training = {m: m.training for m in model.modules()}
-    first = _first_param(model)
-    old_device = first.device if first is not None else torch.device("cpu")
-    old_dtype = first.dtype if first is not None and first.is_floating_point() else None
+    old_device, old_dtype = device_of(model), dtype_of(model)
     cast = dtype is not None and old_dtype is not None and dtype != old_dtype
     try:
         model.eval()
@@ -348,13 +346,8 @@ def estimate_accuracy(
         if grid is not None
         else sorted(coarse_grid(prefix + 1, n_total, points), reverse=True)
     )
-    first = _first_param(model)
-    device = (
-        torch.device(device)
-        if device is not None
-        else (first.device if first is not None else torch.device("cpu"))
-    )
-    in_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    device = torch.device(device) if device is not None else device_of(model)
+    in_dtype = dtype_of(model) or torch.float32
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     metrics: dict[int, Any] = {}
     seen = 0

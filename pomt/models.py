@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ __all__ = [
     "TokenLayout",
     "token_layout",
     "image_size",
+    "device_of",
+    "dtype_of",
     "vit_blocks",
     "unsupported_reason",
     "is_supported_vit",
@@ -183,6 +186,22 @@ def image_size(vit: nn.Module, img_size: int | Sequence[int] | None = None) -> t
     layout = token_layout(vit)
     ph, pw = _pair(getattr(vit.patch_embed, "patch_size", 16))
     return (layout.patch_grid[0] * ph, layout.patch_grid[1] * pw)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter (or buffer); the CPU without either."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The dtype ``model`` computes in: that of its first floating parameter (or buffer); None
+    without one."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
 
 
 def _vit_paths(root: nn.Module) -> list[str]:
