@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,7 +22,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pomt.data import split_batch
-from pomt.models import create_model, load_weights, read_state_dict
+from pomt.models import create_model, load_weights
 from pomt.timing import Stopwatch, TimingStats
 
 __all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features"]
@@ -49,23 +48,6 @@ def _existing_file(path: str | os.PathLike[str], what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     return str(path)
-
-
-def _load_original_keys(model: nn.Module, path: str) -> bool:
-    """Load a checkpoint with original (non-timm) key names through timm's checkpoint filter
-    of the model's family; True only when every key then matches exactly (else nothing is loaded)."""
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        return False
-    try:
-        state = filter_fn(read_state_dict(path), model)
-    except Exception:
-        return False
-    own = model.state_dict()
-    if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
-        return False
-    model.load_state_dict(state)
-    return True
 
 
 class ViTClassifier(pl.LightningModule):
@@ -154,26 +136,14 @@ class ViTClassifier(pl.LightningModule):
     # ----------------------------------------------------------------- building
     def _build(self, num_classes: int | None) -> nn.Module:
         hp = self.hparams
-        kwargs = dict(hp.model_kwargs or {})
-        weights = hp.weights
-        if weights is None:
-            return create_model(
-                hp.model_name,
-                pretrained=hp.pretrained,
-                num_classes=num_classes,
-                img_size=hp.img_size,
-                **kwargs,
-            )
-        _existing_file(weights, "weights")
-        model = create_model(
-            hp.model_name, pretrained=False, num_classes=num_classes, img_size=hp.img_size, **kwargs
+        return create_model(
+            hp.model_name,
+            pretrained=hp.pretrained,
+            weights=hp.weights,
+            num_classes=num_classes,
+            img_size=hp.img_size,
+            **dict(hp.model_kwargs or {}),
         )
-        try:  # timm key names, our own checkpoints (prefix "model.") or plain state dicts
-            return load_weights(model, weights)
-        except ValueError as ours:
-            if _load_original_keys(model, weights):  # e.g. the DeiT/DINOv2 releases' own key names
-                return model
-            raise ours from None
 
     @property
     def vit(self) -> nn.Module:

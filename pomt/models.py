@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ __all__ = [
     "read_state_dict",
 ]
 
+WRAPPER_PREFIXES = ("model.", "module.", "vit.")
 BLOCK_ATTRIBUTES = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 ATTENTION_ATTRIBUTES = ("qkv", "num_heads", "proj")
 
@@ -335,6 +336,18 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _unwrapped(state: dict[str, torch.Tensor], own: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``state`` without a wrapper's prefix (``model.``, ``module.``, ``vit.``; e.g. a Lightning
+    checkpoint of ``pomt.lightning.ViTClassifier``) that every key carries, unless a key
+    already matches one of ``own``."""
+    if set(state) & set(own):
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
     """Load a ``.safetensors`` or ``torch.save`` state dict into ``model`` (never unpickles code).
 
@@ -342,11 +355,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     a missing file or mismatched keys raise an error naming the file and a few offending keys.
     """
     path = Path(path)
-    state = read_state_dict(path)
     own = model.state_dict()
-    for prefix in ("model.", "module.", "vit."):
-        if state and not (set(state) & set(own)) and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    state = _unwrapped(read_state_dict(path), own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -374,8 +384,10 @@ def create_model(
 ) -> nn.Module:
     """A timm ViT by name, optionally with pretrained (hub) or local weights.
 
-    ``weights`` is a local file loaded through the model's own checkpoint filter, so
-    original (non-timm) key names work as they do for timm's pretrained loading.
+    ``weights`` is a local file (see :func:`read_state_dict`) loaded by timm's own pretrained
+    loading (``pretrained_cfg_overlay``), through the model's checkpoint filter: timm key
+    names, original release key names (DeiT, DINOv2) and pomt's Lightning checkpoints all
+    load. Keys that do not match are a ValueError naming the file and the keys.
     """
     import timm
 
@@ -388,15 +400,17 @@ def create_model(
     if img_size is not None:
         kwargs["img_size"] = img_size
     if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        overlay: dict[str, object] = dict(file=str(weights), state_dict=_unwrapped(read_state_dict(weights)))
+        if num_classes is not None:  # the file's classifier is loaded, not dropped as timm's 1000-class one
+            overlay["num_classes"] = num_classes
+        kwargs["pretrained_cfg_overlay"] = overlay
         pretrained = True
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
-        if pretrained and weights is None:
+        if weights is not None:
+            raise ValueError(f"weights in {weights} do not match {name}: {err}") from err
+        if pretrained:
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name!r} ({err}). Without network access, "
                 "download them elsewhere and pass `weights=PATH`, or set pretrained=False."
