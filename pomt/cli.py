@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
 
@@ -81,6 +82,25 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(parsed)
 
 
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
+def _plot(figure: Any, path: str) -> None:
+    from pomt.plots import save_figure
+
+    save_figure(figure, path)
+    print(f"saved plot to {path}")
+
+
+def _save(profile, output: str, what: str, point_line: Callable[[Any], str]) -> None:
+    """Save ``profile`` at ``output`` and print what it holds, one line per point."""
+    path = profile.save(output)
+    print(f"saved {profile.kind} profile ({what}) to {path}")
+    for point in profile.points:
+        print(f"  n={point.n:5d}  {point_line(point)}")
+
+
 def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     try:
@@ -96,13 +116,11 @@ def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int
 
 
 def latency_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pomt-profile-latency",
-        description=(
-            "Measure the latency profile L(n) of a ViT pruned with POMT on this device and save it as JSON. "
-            "Run it on the deployment device (e.g. the Jetson) with the deployment batch size and dtype; "
-            "weights do not matter for latency, so random weights are fine."
-        ),
+    parser = _parser(
+        "pomt-profile-latency",
+        "Measure the latency profile L(n) of a ViT pruned with POMT on this device and save it as JSON. "
+        "Run it on the deployment device (e.g. the Jetson) with the deployment batch size and dtype; "
+        "weights do not matter for latency, so random weights are fine.",
     )
     _model_args(parser)
     parser.add_argument("--output", "-o", required=True, help="where to write the JSON profile")
@@ -175,37 +193,24 @@ def _profile_latency(args: argparse.Namespace) -> int:
         name=args.model,
         **config.latency_kwargs(accuracy, args.device),
     )
-    path = lat.save(args.output)
-    print(
-        f"saved latency profile ({len(lat.points)} points, {lat.device}, batch {lat.batch_size}, "
-        f"POMT block: {lat.kernels} path) to {path}"
-    )
-    for p in lat.points:
-        print(f"  n={p.n:5d}  median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
+    what = f"{len(lat.points)} points, {lat.device}, batch {lat.batch_size}, POMT block: {lat.kernels} path"
+    _save(lat, args.output, what, lambda p: f"median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
     if args.plot:
-        from pomt.plots import plot_latency, save_figure
+        from pomt.plots import plot_latency
 
-        save_figure(plot_latency(lat), args.plot)
-        print(f"saved plot to {args.plot}")
+        _plot(plot_latency(lat), args.plot)
     return 0
-
-
-def profile_latency_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pomt-profile-latency``."""
-    return _run(_profile_latency, argv, latency_parser())
 
 
 # --------------------------------------------------------------------------- accuracy
 
 
 def accuracy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pomt-estimate-accuracy",
-        description=(
-            "Estimate the accuracy profile A(n) (top-1 with n random tokens kept after the embedding) on a "
-            "seeded, class-balanced sample of an image folder, and save it as JSON. Accuracy does not depend "
-            "on the device, so run it wherever it is fast (a server), with the real weights."
-        ),
+    parser = _parser(
+        "pomt-estimate-accuracy",
+        "Estimate the accuracy profile A(n) (top-1 with n random tokens kept after the embedding) on a "
+        "seeded, class-balanced sample of an image folder, and save it as JSON. Accuracy does not depend "
+        "on the device, so run it wherever it is fast (a server), with the real weights.",
     )
     _model_args(parser)
     parser.add_argument(
@@ -289,31 +294,22 @@ def _estimate_accuracy(args: argparse.Namespace) -> int:
         dataset=str(Path(args.data).resolve()),
         **config.accuracy_kwargs(),
     )
-    path = acc.save(args.output)
     balanced = "class-balanced" if acc.class_balanced else "not class-balanced"
-    print(f"saved accuracy profile ({acc.num_samples} images, {balanced}, seed {acc.seed}) to {path}")
-    for p in acc.points:
-        print(f"  n={p.n:5d}  top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
+    what = f"{acc.num_samples} images, {balanced}, seed {acc.seed}"
+    _save(acc, args.output, what, lambda p: f"top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
     return 0
-
-
-def estimate_accuracy_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pomt-estimate-accuracy``."""
-    return _run(_estimate_accuracy, argv, accuracy_parser())
 
 
 # --------------------------------------------------------------------------- selection
 
 
 def select_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pomt-select-r",
-        description=(
-            "Choose R (tokens POMT removes) from a saved latency profile and a saved accuracy profile, "
-            "which may come from different machines, and print it. Default: maximise the utility "
-            "U(n) = alpha (1 - L/max L) + (1 - alpha) A/max A; or the most accurate n under a latency "
-            "budget; or the fastest n above an accuracy floor."
-        ),
+    parser = _parser(
+        "pomt-select-r",
+        "Choose R (tokens POMT removes) from a saved latency profile and a saved accuracy profile, "
+        "which may come from different machines, and print it. Default: maximise the utility "
+        "U(n) = alpha (1 - L/max L) + (1 - alpha) A/max A; or the most accurate n under a latency "
+        "budget; or the fastest n above an accuracy floor.",
     )
     parser.add_argument("--latency", required=True, help="latency profile JSON (pomt-profile-latency)")
     parser.add_argument("--accuracy", required=True, help="accuracy profile JSON (pomt-estimate-accuracy)")
@@ -341,14 +337,8 @@ def _select_r(args: argparse.Namespace) -> int:
     }
     lat = LatencyProfile.load(args.latency, expect=expect_lat)
     acc = AccuracyProfile.load(args.accuracy, expect={"model": args.model} if args.model else None)
-    sel = select_r(
-        lat,
-        acc,
-        alpha=args.alpha,
-        latency_budget_ms=args.latency_budget_ms,
-        accuracy_floor=args.accuracy_floor,
-        denoise=not args.no_denoise,
-    )
+    objective = {name: getattr(args, name) for name in ("alpha", "latency_budget_ms", "accuracy_floor")}
+    sel = select_r(lat, acc, denoise=not args.no_denoise, **objective)
     kernels = f", POMT block: {lat.kernels} path" if lat.kernels else ""
     print(
         f"latency: {lat.model} on {lat.device}, batch {lat.batch_size}, {lat.dtype}, layer {lat.layer}{kernels}"
@@ -358,26 +348,36 @@ def _select_r(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, sel.to_dict())
     if args.plot:
-        from pomt.plots import plot_profiles, save_figure
+        from pomt.plots import plot_profiles
 
-        save_figure(plot_profiles(lat, acc, sel), args.plot)
-        print(f"saved plot to {args.plot}")
+        _plot(plot_profiles(lat, acc, sel), args.plot)
     print(f"R={sel.r}")
     return 0
 
 
-def select_r_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pomt-select-r``."""
-    return _run(_select_r, argv, select_parser())
-
-
 # --------------------------------------------------------------------------- python -m pomt.cli
 
+# each command: its parser and what it does with the parsed arguments
 COMMANDS = {
-    "profile-latency": profile_latency_main,
-    "estimate-accuracy": estimate_accuracy_main,
-    "select-r": select_r_main,
+    "profile-latency": (latency_parser, _profile_latency),
+    "estimate-accuracy": (accuracy_parser, _estimate_accuracy),
+    "select-r": (select_parser, _select_r),
 }
+
+
+def _entry_point(command: str) -> Callable[[Sequence[str] | None], int]:
+    parser, fn = COMMANDS[command]
+
+    def entry_point(argv: Sequence[str] | None = None) -> int:
+        return _run(fn, argv, parser())
+
+    entry_point.__doc__ = f"Entry point of ``pomt-{command}``: exit status 0, or 2 after a clear error."
+    return entry_point
+
+
+profile_latency_main = _entry_point("profile-latency")
+estimate_accuracy_main = _entry_point("estimate-accuracy")
+select_r_main = _entry_point("select-r")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; valid: {names}", file=sys.stderr)
         return 2
-    return COMMANDS[command](argv[1:])
+    return _entry_point(command)(argv[1:])
 
 
 if __name__ == "__main__":
