@@ -347,15 +347,9 @@ def find_r(
             if path is not None:
                 accuracy.save(path)
 
-        expect = dict(
-            model=name,
-            device=device,
-            batch_size=batch_size,
-            dtype=dtype,
-            precision=precision,
-            layer=layer,
-            architecture=architecture(vit),
-        )
+        # how the latency is timed: what profile_latency takes, and what a reused profile must match
+        setup = dict(device=device, batch_size=batch_size, dtype=dtype, precision=precision, layer=layer)
+        expect = dict(model=name, architecture=architecture(vit), **setup)
         if device.type == "cuda":
             expect["cuda_graphs"] = config.cuda_graphs
         path = None if latency_path is None else Path(latency_path)
@@ -364,15 +358,7 @@ def find_r(
             flush()
             log(f"measuring L(n) on {device} at {precision}, batch {batch_size}")
             latency = profile_latency(
-                eager,
-                batch_size=batch_size,
-                device=device,
-                layer=layer,
-                dtype=dtype,
-                vit=vit,
-                progress=progress,
-                precision=precision,
-                **config.latency_kwargs(accuracy, device),
+                eager, vit=vit, progress=progress, **setup, **config.latency_kwargs(accuracy, device)
             )
             notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.search})")
             if path is not None:
@@ -381,7 +367,7 @@ def find_r(
         selection = config.select(latency, accuracy)
         if config.verify:
 
-            def measure(r: int) -> tuple[list[float], float]:
+            def speedups_at(r: int) -> tuple[list[float], float]:
                 return speedup_samples(
                     eager,
                     vit,
@@ -397,6 +383,6 @@ def find_r(
                     blocks=config.verify_blocks,
                 )
 
-            selection = verify(selection, measure, candidates=config.verify_candidates, log=log)
+            selection = verify(selection, speedups_at, candidates=config.verify_candidates, log=log)
         _check_accuracy_kept(selection, warn)
     return Search(selection, latency, accuracy, tuple(notes))
