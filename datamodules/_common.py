@@ -21,6 +21,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ClassificationDataModule",
     "ImageFileDataset",
+    "LabelledItems",
     "default_num_workers",
     "stratified_split",
     "trainer_vit",
@@ -69,10 +70,11 @@ def trainer_vit(datamodule: pl.LightningDataModule) -> nn.Module | None:
         return None
 
 
-class ImageFileDataset(Dataset):
-    """``(transform(image), label)`` for a list of ``(path, label)`` image files."""
+class LabelledItems(Dataset):
+    """``(transform(image), label)`` for a list of ``(item, label)``: decoded images, or image
+    files (see :class:`ImageFileDataset`); ``labels`` without reading any image."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None) -> None:
+    def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
 
@@ -83,13 +85,21 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _image(self, item: Any) -> Any:
+        return item
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        item, label = self.samples[index]
+        image = self._image(item)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+class ImageFileDataset(LabelledItems):
+    """``(transform(image), label)`` for a list of ``(path, label)`` image files."""
+
+    def _image(self, item: Any) -> Any:
+        with Image.open(item) as img:
+            return img.convert("RGB")
 
 
 def image_files(folder: Path) -> list[Path]:

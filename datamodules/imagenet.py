@@ -27,6 +27,7 @@ from pomt.data import balanced_indices
 from pomt.datamodules._common import (
     ClassificationDataModule,
     ImageFileDataset,
+    LabelledItems,
     default_num_workers,
     take_balanced,
     trainer_vit,
@@ -36,7 +37,6 @@ from pomt.datamodules.sources import (
     LAYOUT_HELP,
     HubImageDataset,
     HubStreamDataset,
-    InMemoryImages,
     LocalTree,
     find_local_tree,
     hub_label_names,
@@ -297,7 +297,7 @@ class ImageNetDataModule(ClassificationDataModule):
                 f"scanned {self.stream_scan_limit} streamed images of {self.hub_id}:{self.train_split} and found "
                 f"only {len(items)} for a balanced selection of {self.selection_size}: raise stream_scan_limit"
             )
-        self.selection_dataset = InMemoryImages(items, eval_tf)
+        self.selection_dataset = LabelledItems(items, eval_tf)
         self.val_dataset = self.test_dataset = HubStreamDataset(
             self._node(val), eval_tf, self.image_key, self.label_key, self._label_map
         )
