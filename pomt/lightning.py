@@ -207,12 +207,11 @@ class ViTClassifier(pl.LightningModule):
         return self._timed_forward("predict", x)
 
     # ----------------------------------------------------------------- latency
-    def _reset_latency(self, stage: str) -> None:
-        self._latency[stage] = []
-        self._batches_seen[stage] = 0
-
     def _log_latency(self, stage: str) -> None:
-        samples = self._latency.get(stage, [])
+        """At the end of a stage's epoch: log (and keep in ``last_latency``) the epoch's latency,
+        then start counting the next epoch's batches afresh."""
+        samples = self._latency.pop(stage, [])
+        self._batches_seen[stage] = 0
         if not samples:
             return
         batch_size = samples[0][0]  # the loader's batch size; a smaller last batch is left out
@@ -226,20 +225,11 @@ class ViTClassifier(pl.LightningModule):
             self.log(f"{stage}/{key}", value, rank_zero_only=True)
         self.log(f"{stage}/latency_batch_size", float(batch_size), rank_zero_only=True)
 
-    def on_validation_epoch_start(self) -> None:
-        self._reset_latency("val")
-
     def on_validation_epoch_end(self) -> None:
         self._log_latency("val")
 
-    def on_test_epoch_start(self) -> None:
-        self._reset_latency("test")
-
     def on_test_epoch_end(self) -> None:
         self._log_latency("test")
-
-    def on_predict_epoch_start(self) -> None:
-        self._reset_latency("predict")
 
     def on_predict_epoch_end(self) -> None:
         self._log_latency("predict")
