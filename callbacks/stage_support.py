@@ -116,7 +116,7 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
                 layer=callback.layer,
                 batch_size=int(batch_size),
                 device=device,
-                config=callback.search,
+                config=callback.search_config,
                 vit=callback._vit,
                 latency_path=callback.latency_profile_path,
                 accuracy_path=callback.accuracy_profile_path,

@@ -8,9 +8,9 @@ import logging as _logging
 
 from pomt import plots  # (matplotlib itself is imported only when plotting)
 from pomt.finder import Search, SearchConfig, find_r
-from pomt.measure import estimate_accuracy, profile_latency
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
+from pomt.profiling import estimate_accuracy, profile_latency
 from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_groups, token_schedule
 from pomt.selection import Selection, select_r
 

@@ -167,8 +167,8 @@ def _profile_latency(args: argparse.Namespace) -> int:
 
     from pomt.finder import LATENCY_SETTINGS, SearchConfig
     from pomt.grid import full_grid
-    from pomt.measure import profile_latency
     from pomt.profiles import AccuracyProfile
+    from pomt.profiling import profile_latency
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,7 +273,7 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
 
 def _estimate_accuracy(args: argparse.Namespace) -> int:
     from pomt.finder import SearchConfig
-    from pomt.measure import estimate_accuracy
+    from pomt.profiling import estimate_accuracy
 
     model = _build_model(args)
     dataset = image_folder(args.data, model, args.class_map)

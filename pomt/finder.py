@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pomt.measure import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.models import (
     architecture,
     device_of,
@@ -32,6 +31,7 @@ from pomt.models import (
     weights_fingerprint,
 )
 from pomt.profiles import AccuracyProfile, LatencyProfile
+from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.selection import Selection, check_objective, select_r
 from pomt.verify import speedup_samples, verify
 

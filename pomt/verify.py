@@ -28,8 +28,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from pomt.measure import on_device, random_batch
 from pomt.models import image_size
+from pomt.profiling import on_device, random_batch
 from pomt.pruning import apply_pruning, remove_pruning
 from pomt.selection import Selection, utility
 from pomt.timing import cuda_graph_or_eager, median_interval, time_paired

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import pomt
 from pomt import cli
 from pomt.data import balanced_indices
-from pomt.measure import estimate_accuracy, profile_latency
 from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
+from pomt.profiling import estimate_accuracy, profile_latency
 from pomt.pruning import apply_pruning, pruning_config
 from pomt.timing import TimingStats, cuda_graph_or_eager, time_paired
 
