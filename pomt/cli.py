@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pomt.timing import MIN_RUN_TIME
+
 __all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
 
 
@@ -142,7 +144,9 @@ def latency_parser() -> argparse.ArgumentParser:
         "--max-points", type=int, help="point budget of the fast search (default 9%% of the grid)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed calls per point")
+    parser.add_argument(
+        "--min-run-time", type=float, default=MIN_RUN_TIME, help="seconds of timed calls per point"
+    )
     parser.add_argument("--repeats", type=int, help="fixed number of timed calls per point instead")
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="replay CUDA graphs (removes launch overhead)"

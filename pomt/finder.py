@@ -33,6 +33,7 @@ from pomt.models import (
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.selection import Selection, check_objective, select_r
+from pomt.timing import MIN_RUN_TIME
 from pomt.verify import speedup_samples, verify
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
@@ -99,7 +100,7 @@ class SearchConfig:
     grid: tuple[int, ...] | None = None
     coarse_points: int = 9
     max_points: int | None = None
-    min_run_time: float = 0.2
+    min_run_time: float = MIN_RUN_TIME
     warmup: int = 3
     cuda_graphs: bool = False
     relative: bool | None = None

@@ -38,7 +38,7 @@ from pomt.profiles import (
     normalise,
 )
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
-from pomt.timing import TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
+from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
 
 __all__ = [
     "profile_latency",
@@ -144,7 +144,7 @@ def profile_latency(
     accuracy: object | None = None,
     alpha: float = 0.5,
     warmup: int = 3,
-    min_run_time: float = 0.5,
+    min_run_time: float = MIN_RUN_TIME,
     repeats: int | None = None,
     cuda_graphs: bool = False,
     relative: bool | None = None,
