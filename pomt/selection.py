@@ -48,9 +48,13 @@ class Selection:
     (made non-decreasing and interpolated) and the utility. ``n_total`` is N, the tokens
     entering the blocks (R = 0 keeps them all); ``unpruned_latency_ms`` is the latency at N.
 
-    After ``pomt.verify``: ``measured_speedup`` and its interval are those of the chosen R
-    (None when R = 0 was kept), ``measurements`` holds ``(r, speed-up, low, high)`` of every
-    candidate measured, kept or not. ``precision`` is what the latency profile was timed at.
+    Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
+    n* (before denoising; ``predicted_latency_ms`` is the denoised level the choice used),
+    while ``measured_speedup`` comes from the verification after the choice (``pomt.verify``:
+    the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
+    its interval are those of the chosen R (None before verification and when R = 0 was
+    kept), ``measurements`` holds ``(r, speed-up, low, high)`` of every candidate verified,
+    kept or not. ``precision`` is what the latency profile was timed at.
     """
 
     r: int
