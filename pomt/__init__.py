@@ -1,7 +1,10 @@
 """POMT: device-aware, training-free token pruning for Vision Transformers.
 
-``pomt`` depends on torch and timm only; the Lightning module lives in ``pomt.lightning``
-and is not imported here.
+Importing ``pomt`` imports torch only; what a function needs besides is imported when it is
+called: timm (building models, preprocessing), torchmetrics (``estimate_accuracy``), tqdm
+(progress bars), matplotlib (``pomt.plots``). The Lightning layer (``pomt.lightning``,
+``pomt.loggers``, ``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported
+here.
 """
 
 import logging as _logging

@@ -2,9 +2,10 @@
 
 Accuracy first (it does not depend on the device, and it guides the latency search), then
 latency on the device, then the choice of R. Profiles saved by an earlier call are reused
-where they are valid for this model and setup. Lightning's callback, the evaluation sweep
-and the command-line tools all go through here, with their settings in one
-:class:`SearchConfig`.
+where they are valid for this model and setup. Lightning's callback and the evaluation
+sweep go through here; the command-line tools run its steps one by one (``profile_latency``,
+``estimate_accuracy``, ``select_r``, on different machines if need be), with the same
+settings, as one :class:`SearchConfig` names them.
 """
 
 from __future__ import annotations
