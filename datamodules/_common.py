@@ -122,6 +122,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self,
         batch_size: int = 64,
         num_workers: int = 0,
+        *,
         selection_size: int = 1024,
         seed: int = 0,
         pin_memory: bool | None = None,

@@ -77,6 +77,7 @@ class DigitsDataModule(ClassificationDataModule):
         img_size: int | None = 32,
         batch_size: int = 64,
         num_workers: int = 0,
+        *,
         selection_size: int = 200,
         test_fraction: float = 0.2,
         val_fraction: float = 0.1,
@@ -84,7 +85,9 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, selection_size, seed, pin_memory)
+        super().__init__(
+            batch_size, num_workers, selection_size=selection_size, seed=seed, pin_memory=pin_memory
+        )
         if img_size is not None and img_size < 8:
             raise ValueError(f"img_size must be >= 8 (the digits are 8x8), got {img_size}")
         for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):

@@ -82,6 +82,7 @@ class ImageNetDataModule(ClassificationDataModule):
         self,
         root: str | None = None,
         hub_id: str = DEFAULT_HUB_ID,
+        *,
         hub_kwargs: dict[str, Any] | None = None,
         streaming: bool = False,
         train_split: str = "train",
@@ -99,7 +100,7 @@ class ImageNetDataModule(ClassificationDataModule):
         stream_scan_limit: int = 100_000,
     ) -> None:
         workers = default_num_workers() if num_workers is None else num_workers
-        super().__init__(batch_size, workers, selection_size, seed, pin_memory)
+        super().__init__(batch_size, workers, selection_size=selection_size, seed=seed, pin_memory=pin_memory)
         if selection_from not in ("val", "train"):
             raise ValueError(f"selection_from must be 'val' or 'train', got {selection_from!r}")
         self.root = root

@@ -74,6 +74,7 @@ class ViTClassifier(pl.LightningModule):
         model_name: str = "vit_tiny_patch16_224",
         num_classes: int | None = None,
         img_size: int | None = None,
+        *,
         pretrained: bool = False,
         weights: str | None = None,
         model_kwargs: dict[str, Any] | None = None,

@@ -133,6 +133,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def profile_latency(
     model: nn.Module,
+    *,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     layer: int = 3,
@@ -140,7 +141,6 @@ def profile_latency(
     img_size: int | Sequence[int] | None = None,
     grid: Iterable[int] | None = None,
     vit: nn.Module | None = None,
-    *,
     accuracy: object | None = None,
     alpha: float = 0.5,
     warmup: int = 3,
@@ -308,13 +308,13 @@ def profile_latency(
 def estimate_accuracy(
     model: nn.Module,
     data: object,
+    *,
     num_samples: int = 1024,
     grid: Iterable[int] | None = None,
     seed: int = 0,
     vit: nn.Module | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
-    *,
     num_classes: int | None = None,
     points: int = 16,
     num_workers: int = 0,

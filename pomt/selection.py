@@ -348,10 +348,10 @@ def check_objective(alpha: object, latency_budget_ms: object, accuracy_floor: ob
 def select_r(
     lat: object,
     acc: object,
+    *,
     alpha: float = 0.5,
     latency_budget_ms: float | None = None,
     accuracy_floor: float | None = None,
-    *,
     n_total: int | None = None,
     denoise: bool = True,
     latency_tolerance_ms: float | None = None,
