@@ -205,13 +205,12 @@ def dtype_of(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _vit_paths(root: nn.Module) -> list[str]:
-    """Paths of the supported ViTs inside ``root`` (outermost first)."""
-    return [
-        name
-        for name, module in root.named_modules()
-        if hasattr(module, "blocks") and hasattr(module, "patch_embed") and is_supported_vit(module)
-    ]
+def _vit_candidates(root: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    """``(path, module, why it is unsupported or None)`` of every submodule of ``root`` with a
+    ``patch_embed`` and ``blocks``, outermost first."""
+    for name, module in root.named_modules():
+        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
+            yield name, module, unsupported_reason(module)
 
 
 def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
@@ -225,7 +224,7 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
         try:
             module = root.get_submodule(path)
         except AttributeError as err:
-            found = _vit_paths(root)
+            found = [name for name, _, why in _vit_candidates(root) if why is None]
             names = [name for name, _ in root.named_modules() if name]
             close = found[:1] or difflib.get_close_matches(path, names, n=1)
             hint = f"; did you mean vit_path={close[0]!r}?" if close else ""
@@ -235,11 +234,10 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
     if is_supported_vit(root):
         return "", root
     searched = []
-    for name, module in root.named_modules():
-        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
-            if is_supported_vit(module):
-                return name, module
-            searched.append(f"{name or '<root>'} ({type(module).__name__}: {unsupported_reason(module)})")
+    for name, module, why in _vit_candidates(root):
+        if why is None:
+            return name, module
+        searched.append(f"{name or '<root>'} ({type(module).__name__}: {why})")
     detail = "; candidates rejected: " + "; ".join(searched) if searched else ""
     raise ValueError(
         f"no supported ViT found inside {type(root).__name__}: {unsupported_reason(root)}; searched all "
