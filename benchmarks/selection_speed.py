@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pomt.grid import coarse_grid, full_grid  # noqa: E402
-from pomt.measure import profile_latency  # noqa: E402
 from pomt.models import create_model, token_layout  # noqa: E402
+from pomt.profiling import profile_latency  # noqa: E402
 from pomt.selection import select_r  # noqa: E402
 
 
@@ -160,17 +160,14 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         sel = select_r(lat, acc, alpha=args.alpha)
         gap = (authors.utility - raw_u[sel.n_star]) / authors.utility
         gap_denoised = (ours_on_full.utility - denoised_u[sel.n_star]) / ours_on_full.utility
-        rows[label] = dict(
-            points=len(lat.points),
-            seconds=seconds,
-            time_ratio=seconds / full_time,
-            n_star=sel.n_star,
-            r=sel.r,
-            utility_gap=gap,
-            utility_gap_denoised=gap_denoised,
-            profile=lat,
-            selection=sel,
-        )
+        rows[label] = {"points": len(lat.points), "seconds": seconds, "time_ratio": seconds / full_time}
+        rows[label] |= {
+            "n_star": sel.n_star,
+            "r": sel.r,
+            "utility_gap": gap,
+            "utility_gap_denoised": gap_denoised,
+        }
+        rows[label] |= {"profile": lat, "selection": sel}
         print(
             f"{label:<20} {len(lat.points):6d} {seconds:8.1f} {seconds / full_time:6.3f} {sel.n_star:5d} {sel.r:4d} "
             f"{gap:7.4f} {gap_denoised:8.4f}"

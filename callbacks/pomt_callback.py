@@ -103,7 +103,7 @@ class POMTCallback(Callback):
             search = SearchConfig.coerce(search)
         except (TypeError, ValueError) as err:
             raise ValueError(f"POMTCallback: {err}") from err
-        self.method, self.r, self.layer, self.search = method, r, layer, search
+        self.method, self.r, self.layer, self.search_config = method, r, layer, search
         self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
         self.restore, self.reuse, self.vit_path = restore, reuse, vit_path

@@ -17,8 +17,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.finder import Search, find_r
-from pomt.measure import image_size
-from pomt.models import find_vit
+from pomt.models import find_vit, image_size
 
 __all__ = ["say", "unlabelled", "first_loader", "stage_loader", "accuracy_data", "check_data", "search"]
 
@@ -117,7 +116,7 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
                 layer=callback.layer,
                 batch_size=int(batch_size),
                 device=device,
-                config=callback.search,
+                config=callback.search_config,
                 vit=callback._vit,
                 latency_path=callback.latency_profile_path,
                 accuracy_path=callback.accuracy_profile_path,

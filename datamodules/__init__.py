@@ -1,15 +1,11 @@
 """LightningDataModules: ImageNet-1k (hub, local ILSVRC tree or image folder) and the embedded digits."""
 
-from pomt.datamodules._common import ClassificationDataModule, balanced_indices, model_data_config
+from pomt.datamodules._common import ClassificationDataModule
 from pomt.datamodules.digits import DigitsDataModule
-from pomt.datamodules.imagenet import ImageNetDataModule, imagenet_class_names, imagenet_wnids
+from pomt.datamodules.imagenet import ImageNetDataModule
 
 __all__ = [
     "ClassificationDataModule",
     "DigitsDataModule",
     "ImageNetDataModule",
-    "balanced_indices",
-    "imagenet_class_names",
-    "imagenet_wnids",
-    "model_data_config",
 ]

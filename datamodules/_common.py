@@ -4,7 +4,6 @@ and evaluation transforms taken from a model's own timm data config."""
 from __future__ import annotations
 
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,9 +21,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ClassificationDataModule",
     "ImageFileDataset",
-    "balanced_indices",
+    "LabelledItems",
     "default_num_workers",
-    "model_data_config",
     "stratified_split",
     "trainer_vit",
 ]
@@ -72,79 +70,11 @@ def trainer_vit(datamodule: pl.LightningDataModule) -> nn.Module | None:
         return None
 
 
-def _input_size(model: nn.Module) -> tuple[int, int] | None:
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return (size, size)
-    return (int(size[0]), int(size[1]))
+class LabelledItems(Dataset):
+    """``(transform(image), label)`` for a list of ``(item, label)``: decoded images, or image
+    files (see :class:`ImageFileDataset`); ``labels`` without reading any image."""
 
-
-def model_data_config(
-    model: nn.Module | None = None,
-    model_name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The preprocessing a model expects (timm data config: input size, interpolation, crop, mean/std).
-
-    From a built ``model`` (its ``pretrained_cfg``, with the input size it was actually built
-    for: timm reports the pretrained size, e.g. 518 for DINOv2 built at 224), else from a timm
-    ``model_name`` (no weights loaded), else timm's defaults with a warning. ``overrides`` win.
-    """
-    import timm
-    import timm.data
-
-    if model is not None:
-        cfg = dict(timm.data.resolve_model_data_config(model))
-        size = _input_size(model)
-        if size is not None:
-            cfg["input_size"] = (3, *size)
-    elif model_name is not None:
-        if not timm.is_model(model_name):
-            raise ValueError(f"unknown timm model name {model_name!r} for the data config")
-        pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
-        if pretrained_cfg is None:
-            built = timm.create_model(model_name, pretrained=False)
-            cfg = dict(timm.data.resolve_model_data_config(built))
-        else:
-            cfg = dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict()))
-    else:
-        warnings.warn(
-            "no model to take the preprocessing from: using timm's ImageNet defaults. Pass model_name "
-            "or attach the datamodule to a trainer with the model.",
-            stacklevel=2,
-        )
-        cfg = {
-            "input_size": (3, 224, 224),
-            "interpolation": "bicubic",
-            "mean": timm.data.IMAGENET_DEFAULT_MEAN,
-            "std": timm.data.IMAGENET_DEFAULT_STD,
-            "crop_pct": timm.data.DEFAULT_CROP_PCT,
-            "crop_mode": "center",
-        }
-    for key, value in (overrides or {}).items():
-        if key == "input_size" and isinstance(value, int):
-            value = (3, value, value)
-        cfg[key] = tuple(value) if isinstance(value, list) else value
-    return cfg
-
-
-def create_transforms(cfg: dict[str, Any]) -> tuple[Callable, Callable]:
-    """(train, eval) transforms of a timm data config; eval is resize, centre crop, normalise."""
-    import timm.data
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    args = {k: cfg[k] for k in keys if k in cfg}
-    return timm.data.create_transform(**args, is_training=True), timm.data.create_transform(
-        **args, is_training=False
-    )
-
-
-class ImageFileDataset(Dataset):
-    """``(transform(image), label)`` for a list of ``(path, label)`` image files."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None) -> None:
+    def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
 
@@ -155,13 +85,21 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _image(self, item: Any) -> Any:
+        return item
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        item, label = self.samples[index]
+        image = self._image(item)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+class ImageFileDataset(LabelledItems):
+    """``(transform(image), label)`` for a list of ``(path, label)`` image files."""
+
+    def _image(self, item: Any) -> Any:
+        with Image.open(item) as img:
+            return img.convert("RGB")
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -184,6 +122,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self,
         batch_size: int = 64,
         num_workers: int = 0,
+        *,
         selection_size: int = 1024,
         seed: int = 0,
         pin_memory: bool | None = None,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pomt.datamodules._common import ClassificationDataModule, stratified_split, trainer_vit
+from pomt.models import image_size
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digit_images"]
 
@@ -76,6 +77,7 @@ class DigitsDataModule(ClassificationDataModule):
         img_size: int | None = 32,
         batch_size: int = 64,
         num_workers: int = 0,
+        *,
         selection_size: int = 200,
         test_fraction: float = 0.2,
         val_fraction: float = 0.1,
@@ -83,7 +85,9 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, selection_size, seed, pin_memory)
+        super().__init__(
+            batch_size, num_workers, selection_size=selection_size, seed=seed, pin_memory=pin_memory
+        )
         if img_size is not None and img_size < 8:
             raise ValueError(f"img_size must be >= 8 (the digits are 8x8), got {img_size}")
         for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
@@ -104,8 +108,7 @@ class DigitsDataModule(ClassificationDataModule):
 
     def _resolve_img_size(self) -> int:
         vit = trainer_vit(self)
-        size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
-        model_size = None if size is None else int(size if isinstance(size, int) else size[0])
+        model_size = None if vit is None else image_size(vit)[0]
         if self.img_size is None:
             return model_size or 32
         if model_size is not None and model_size != self.img_size:

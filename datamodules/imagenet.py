@@ -23,13 +23,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pomt.data import balanced_indices
 from pomt.datamodules._common import (
     ClassificationDataModule,
     ImageFileDataset,
-    balanced_indices,
-    create_transforms,
+    LabelledItems,
     default_num_workers,
-    model_data_config,
     take_balanced,
     trainer_vit,
 )
@@ -38,12 +37,18 @@ from pomt.datamodules.sources import (
     LAYOUT_HELP,
     HubImageDataset,
     HubStreamDataset,
-    InMemoryImages,
     LocalTree,
     find_local_tree,
     hub_label_names,
     load_hub_split,
     split_samples,
+)
+from pomt.preprocessing import (
+    create_transforms,
+    imagenet_class_names,
+    imagenet_labels,
+    imagenet_wnids,
+    model_data_config,
 )
 
 __all__ = [
@@ -51,24 +56,7 @@ __all__ = [
     "ImageNetDataModule",
     "LocalTree",
     "find_local_tree",
-    "imagenet_class_names",
-    "imagenet_wnids",
 ]
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k wnids in the standard label order."""
-    from timm.data import ImageNetInfo
-
-    return list(ImageNetInfo().label_names())
-
-
-def imagenet_class_names() -> list[str]:
-    """Human-readable names of the 1000 ImageNet-1k classes, in label order."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -94,6 +82,7 @@ class ImageNetDataModule(ClassificationDataModule):
         self,
         root: str | None = None,
         hub_id: str = DEFAULT_HUB_ID,
+        *,
         hub_kwargs: dict[str, Any] | None = None,
         streaming: bool = False,
         train_split: str = "train",
@@ -111,7 +100,7 @@ class ImageNetDataModule(ClassificationDataModule):
         stream_scan_limit: int = 100_000,
     ) -> None:
         workers = default_num_workers() if num_workers is None else num_workers
-        super().__init__(batch_size, workers, selection_size, seed, pin_memory)
+        super().__init__(batch_size, workers, selection_size=selection_size, seed=seed, pin_memory=pin_memory)
         if selection_from not in ("val", "train"):
             raise ValueError(f"selection_from must be 'val' or 'train', got {selection_from!r}")
         self.root = root
@@ -201,11 +190,11 @@ class ImageNetDataModule(ClassificationDataModule):
         return chosen, [i for i in range(len(labels)) if i not in taken]
 
     def _class_index(self, names: set[str]) -> dict[str, int]:
-        wnids = imagenet_wnids()
-        if names <= set(wnids):
-            self.wnids = wnids
+        index = imagenet_labels(names)
+        if index is not None:
+            self.wnids = imagenet_wnids()
             self._class_names = imagenet_class_names()
-            return {w: i for i, w in enumerate(wnids)}
+            return index
         ordered = sorted(names)
         self.wnids = None
         self._class_names = ordered
@@ -272,13 +261,12 @@ class ImageNetDataModule(ClassificationDataModule):
             raise ValueError(
                 f"{self.hub_id}: the {self.label_key!r} column is not a ClassLabel: cannot name classes"
             )
-        wnids = imagenet_wnids()
+        index = imagenet_labels(names)
         self._label_map = None
-        if len(names) == 1000 or set(names) <= set(wnids):
-            self.wnids, self._class_names = wnids, imagenet_class_names()
+        if len(names) == 1000 or index is not None:
+            self.wnids, self._class_names = imagenet_wnids(), imagenet_class_names()
             if len(names) != 1000:  # e.g. an imagefolder of wnid folders
-                position = {w: i for i, w in enumerate(wnids)}
-                self._label_map = [position[n] for n in names]
+                self._label_map = [index[n] for n in names]
         else:
             self.wnids, self._class_names = None, names
 
@@ -310,7 +298,7 @@ class ImageNetDataModule(ClassificationDataModule):
                 f"scanned {self.stream_scan_limit} streamed images of {self.hub_id}:{self.train_split} and found "
                 f"only {len(items)} for a balanced selection of {self.selection_size}: raise stream_scan_limit"
             )
-        self.selection_dataset = InMemoryImages(items, eval_tf)
+        self.selection_dataset = LabelledItems(items, eval_tf)
         self.val_dataset = self.test_dataset = HubStreamDataset(
             self._node(val), eval_tf, self.image_key, self.label_key, self._label_map
         )

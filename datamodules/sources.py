@@ -21,7 +21,6 @@ __all__ = [
     "split_samples",
     "HubImageDataset",
     "HubStreamDataset",
-    "InMemoryImages",
     "load_hub_split",
     "hub_label_names",
 ]
@@ -188,24 +187,6 @@ class HubStreamDataset(_HubRows, IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         for row in self.ds:
             yield self._example(row)
-
-
-class InMemoryImages(Dataset):
-    """Decoded images kept in memory (the selection split drawn from a stream)."""
-
-    def __init__(self, items: list[tuple[Any, int]], transform: Callable | None) -> None:
-        self.items, self.transform = items, transform
-
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.items]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.items[index]
-        return (self.transform(image) if self.transform else image), label
 
 
 def _hub_token(hub_kwargs: dict[str, Any]) -> str | None:

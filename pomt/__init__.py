@@ -1,16 +1,19 @@
 """POMT: device-aware, training-free token pruning for Vision Transformers.
 
-``pomt`` depends on torch and timm only; the Lightning module lives in ``pomt.lightning``
-and is not imported here.
+Importing ``pomt`` imports torch only; what a function needs besides is imported when it is
+called: timm (building models, preprocessing), torchmetrics (``estimate_accuracy``), tqdm
+(progress bars), matplotlib (``pomt.plots``). The Lightning layer (``pomt.lightning``,
+``pomt.loggers``, ``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported
+here.
 """
 
 import logging as _logging
 
 from pomt import plots  # (matplotlib itself is imported only when plotting)
 from pomt.finder import Search, SearchConfig, find_r
-from pomt.measure import estimate_accuracy, profile_latency
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
+from pomt.profiling import estimate_accuracy, profile_latency
 from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_groups, token_schedule
 from pomt.selection import Selection, select_r
 

@@ -11,10 +11,12 @@ Three commands, each with ``--help`` (installed as console scripts, or run as
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from pomt.timing import MIN_RUN_TIME
 
 __all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
 
@@ -82,6 +84,25 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(parsed)
 
 
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
+def _plot(figure: Any, path: str) -> None:
+    from pomt.plots import save_figure
+
+    save_figure(figure, path)
+    print(f"saved plot to {path}")
+
+
+def _save(profile, output: str, what: str, point_line: Callable[[Any], str]) -> None:
+    """Save ``profile`` at ``output`` and print what it holds, one line per point."""
+    path = profile.save(output)
+    print(f"saved {profile.kind} profile ({what}) to {path}")
+    for point in profile.points:
+        print(f"  n={point.n:5d}  {point_line(point)}")
+
+
 def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     try:
@@ -97,13 +118,11 @@ def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int
 
 
 def latency_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pomt-profile-latency",
-        description=(
-            "Measure the latency profile L(n) of a ViT pruned with POMT on this device and save it as JSON. "
-            "Run it on the deployment device (e.g. the Jetson) with the deployment batch size and dtype; "
-            "weights do not matter for latency, so random weights are fine."
-        ),
+    parser = _parser(
+        "pomt-profile-latency",
+        "Measure the latency profile L(n) of a ViT pruned with POMT on this device and save it as JSON. "
+        "Run it on the deployment device (e.g. the Jetson) with the deployment batch size and dtype; "
+        "weights do not matter for latency, so random weights are fine.",
     )
     _model_args(parser)
     parser.add_argument("--output", "-o", required=True, help="where to write the JSON profile")
@@ -125,7 +144,9 @@ def latency_parser() -> argparse.ArgumentParser:
         "--max-points", type=int, help="point budget of the fast search (default 9%% of the grid)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed calls per point")
+    parser.add_argument(
+        "--min-run-time", type=float, default=MIN_RUN_TIME, help="seconds of timed calls per point"
+    )
     parser.add_argument("--repeats", type=int, help="fixed number of timed calls per point instead")
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="replay CUDA graphs (removes launch overhead)"
@@ -150,8 +171,8 @@ def _profile_latency(args: argparse.Namespace) -> int:
 
     from pomt.finder import LATENCY_SETTINGS, SearchConfig
     from pomt.grid import full_grid
-    from pomt.measure import profile_latency
     from pomt.profiles import AccuracyProfile
+    from pomt.profiling import profile_latency
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,37 +197,24 @@ def _profile_latency(args: argparse.Namespace) -> int:
         name=args.model,
         **config.latency_kwargs(accuracy, args.device),
     )
-    path = lat.save(args.output)
-    print(
-        f"saved latency profile ({len(lat.points)} points, {lat.device}, batch {lat.batch_size}, "
-        f"POMT block: {lat.kernels} path) to {path}"
-    )
-    for p in lat.points:
-        print(f"  n={p.n:5d}  median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
+    what = f"{len(lat.points)} points, {lat.device}, batch {lat.batch_size}, POMT block: {lat.kernels} path"
+    _save(lat, args.output, what, lambda p: f"median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
     if args.plot:
-        from pomt.plots import plot_latency, save_figure
+        from pomt.plots import plot_latency
 
-        save_figure(plot_latency(lat), args.plot)
-        print(f"saved plot to {args.plot}")
+        _plot(plot_latency(lat), args.plot)
     return 0
-
-
-def profile_latency_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pomt-profile-latency``."""
-    return _run(_profile_latency, argv, latency_parser())
 
 
 # --------------------------------------------------------------------------- accuracy
 
 
 def accuracy_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pomt-estimate-accuracy",
-        description=(
-            "Estimate the accuracy profile A(n) (top-1 with n random tokens kept after the embedding) on a "
-            "seeded, class-balanced sample of an image folder, and save it as JSON. Accuracy does not depend "
-            "on the device, so run it wherever it is fast (a server), with the real weights."
-        ),
+    parser = _parser(
+        "pomt-estimate-accuracy",
+        "Estimate the accuracy profile A(n) (top-1 with n random tokens kept after the embedding) on a "
+        "seeded, class-balanced sample of an image folder, and save it as JSON. Accuracy does not depend "
+        "on the device, so run it wherever it is fast (a server), with the real weights.",
     )
     _model_args(parser)
     parser.add_argument(
@@ -238,42 +246,38 @@ def accuracy_parser() -> argparse.ArgumentParser:
 def image_folder(root: str | Path, model, class_map: str = "auto"):
     """``torchvision.datasets.ImageFolder`` with the model's own eval preprocessing (timm
     data config), labelled per ``class_map`` (see ``pomt-estimate-accuracy --help``)."""
-    import timm.data
     from torchvision.datasets import ImageFolder
+
+    from pomt.preprocessing import create_transforms, imagenet_labels, model_data_config
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    from pomt.measure import image_size
-    from pomt.models import find_vit
-
-    config = timm.data.resolve_model_data_config(model)
-    height, width = image_size(find_vit(model)[1], None)
-    config["input_size"] = (config["input_size"][0], height, width)  # the model's size, if overridden
-    transform = timm.data.create_transform(**config, is_training=False)
+    transform = create_transforms(model_data_config(model))[1]  # at the model's size, if overridden
     try:
         dataset = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
         raise ValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
     if class_map != "folder":
-        info = timm.data.ImageNetInfo()
-        wnids = {name: i for i, name in enumerate(info.label_names())}
-        all_wnids = all(c in wnids for c in dataset.classes)
+        index = imagenet_labels(dataset.classes)
         outputs = getattr(model, "num_classes", None)
-        if class_map == "imagenet" and not all_wnids:
+        if class_map == "imagenet" and index is None:
+            from pomt.preprocessing import imagenet_wnids
+
+            wnids = set(imagenet_wnids())
             bad = [c for c in dataset.classes if c not in wnids][:5]
             raise ValueError(f"--class-map imagenet needs ImageNet wnid folder names; not wnids: {bad}")
-        if all_wnids and (class_map == "imagenet" or outputs == 1000):
-            index = {i: wnids[c] for i, c in enumerate(dataset.classes)}
-            dataset.targets = [index[t] for t in dataset.targets]
-            dataset.samples = [(path, index[t]) for path, t in dataset.samples]
+        if index is not None and (class_map == "imagenet" or outputs == 1000):
+            label = [index[c] for c in dataset.classes]
+            dataset.targets = [label[t] for t in dataset.targets]
+            dataset.samples = [(path, label[t]) for path, t in dataset.samples]
             dataset.imgs = dataset.samples
     return dataset
 
 
 def _estimate_accuracy(args: argparse.Namespace) -> int:
     from pomt.finder import SearchConfig
-    from pomt.measure import estimate_accuracy
+    from pomt.profiling import estimate_accuracy
 
     model = _build_model(args)
     dataset = image_folder(args.data, model, args.class_map)
@@ -294,31 +298,22 @@ def _estimate_accuracy(args: argparse.Namespace) -> int:
         dataset=str(Path(args.data).resolve()),
         **config.accuracy_kwargs(),
     )
-    path = acc.save(args.output)
     balanced = "class-balanced" if acc.class_balanced else "not class-balanced"
-    print(f"saved accuracy profile ({acc.num_samples} images, {balanced}, seed {acc.seed}) to {path}")
-    for p in acc.points:
-        print(f"  n={p.n:5d}  top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
+    what = f"{acc.num_samples} images, {balanced}, seed {acc.seed}"
+    _save(acc, args.output, what, lambda p: f"top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
     return 0
-
-
-def estimate_accuracy_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pomt-estimate-accuracy``."""
-    return _run(_estimate_accuracy, argv, accuracy_parser())
 
 
 # --------------------------------------------------------------------------- selection
 
 
 def select_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pomt-select-r",
-        description=(
-            "Choose R (tokens POMT removes) from a saved latency profile and a saved accuracy profile, "
-            "which may come from different machines, and print it. Default: maximise the utility "
-            "U(n) = alpha (1 - L/max L) + (1 - alpha) A/max A; or the most accurate n under a latency "
-            "budget; or the fastest n above an accuracy floor."
-        ),
+    parser = _parser(
+        "pomt-select-r",
+        "Choose R (tokens POMT removes) from a saved latency profile and a saved accuracy profile, "
+        "which may come from different machines, and print it. Default: maximise the utility "
+        "U(n) = alpha (1 - L/max L) + (1 - alpha) A/max A; or the most accurate n under a latency "
+        "budget; or the fastest n above an accuracy floor.",
     )
     parser.add_argument("--latency", required=True, help="latency profile JSON (pomt-profile-latency)")
     parser.add_argument("--accuracy", required=True, help="accuracy profile JSON (pomt-estimate-accuracy)")
@@ -338,7 +333,7 @@ def select_parser() -> argparse.ArgumentParser:
 
 
 def _select_r(args: argparse.Namespace) -> int:
-    from pomt.profiles import AccuracyProfile, LatencyProfile
+    from pomt.profiles import AccuracyProfile, LatencyProfile, write_json
     from pomt.selection import select_r
 
     expect_lat = {
@@ -346,14 +341,8 @@ def _select_r(args: argparse.Namespace) -> int:
     }
     lat = LatencyProfile.load(args.latency, expect=expect_lat)
     acc = AccuracyProfile.load(args.accuracy, expect={"model": args.model} if args.model else None)
-    sel = select_r(
-        lat,
-        acc,
-        alpha=args.alpha,
-        latency_budget_ms=args.latency_budget_ms,
-        accuracy_floor=args.accuracy_floor,
-        denoise=not args.no_denoise,
-    )
+    objective = {name: getattr(args, name) for name in ("alpha", "latency_budget_ms", "accuracy_floor")}
+    sel = select_r(lat, acc, denoise=not args.no_denoise, **objective)
     kernels = f", POMT block: {lat.kernels} path" if lat.kernels else ""
     print(
         f"latency: {lat.model} on {lat.device}, batch {lat.batch_size}, {lat.dtype}, layer {lat.layer}{kernels}"
@@ -361,29 +350,38 @@ def _select_r(args: argparse.Namespace) -> int:
     print(f"accuracy: {acc.num_samples} images, seed {acc.seed}")
     print(sel.summary())
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(sel.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, sel.to_dict())
     if args.plot:
-        from pomt.plots import plot_profiles, save_figure
+        from pomt.plots import plot_profiles
 
-        save_figure(plot_profiles(lat, acc, sel), args.plot)
-        print(f"saved plot to {args.plot}")
+        _plot(plot_profiles(lat, acc, sel), args.plot)
     print(f"R={sel.r}")
     return 0
 
 
-def select_r_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pomt-select-r``."""
-    return _run(_select_r, argv, select_parser())
-
-
 # --------------------------------------------------------------------------- python -m pomt.cli
 
+# each command: its parser and what it does with the parsed arguments
 COMMANDS = {
-    "profile-latency": profile_latency_main,
-    "estimate-accuracy": estimate_accuracy_main,
-    "select-r": select_r_main,
+    "profile-latency": (latency_parser, _profile_latency),
+    "estimate-accuracy": (accuracy_parser, _estimate_accuracy),
+    "select-r": (select_parser, _select_r),
 }
+
+
+def _entry_point(command: str) -> Callable[[Sequence[str] | None], int]:
+    parser, fn = COMMANDS[command]
+
+    def entry_point(argv: Sequence[str] | None = None) -> int:
+        return _run(fn, argv, parser())
+
+    entry_point.__doc__ = f"Entry point of ``pomt-{command}``: exit status 0, or 2 after a clear error."
+    return entry_point
+
+
+profile_latency_main = _entry_point("profile-latency")
+estimate_accuracy_main = _entry_point("estimate-accuracy")
+select_r_main = _entry_point("select-r")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; valid: {names}", file=sys.stderr)
         return 2
-    return COMMANDS[command](argv[1:])
+    return _entry_point(command)(argv[1:])
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Accuracy first (it does not depend on the device, and it guides the latency search), then
 latency on the device, then the choice of R. Profiles saved by an earlier call are reused
-where they are valid for this model and setup. Lightning's callback, the evaluation sweep
-and the command-line tools all go through here, with their settings in one
-:class:`SearchConfig`.
+where they are valid for this model and setup. Lightning's callback and the evaluation
+sweep go through here; the command-line tools run its steps one by one (``profile_latency``,
+``estimate_accuracy``, ``select_r``, on different machines if need be), with the same
+settings, as one :class:`SearchConfig` names them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from pomt.measure import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
-from pomt.models import architecture, find_vit, token_layout, uncompiled, unwrap_compiled, weights_fingerprint
+from pomt.models import (
+    architecture,
+    device_of,
+    dtype_of,
+    find_vit,
+    token_layout,
+    uncompiled,
+    unwrap_compiled,
+    weights_fingerprint,
+)
 from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.selection import Selection, select_r
+from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
+from pomt.selection import Selection, check_objective, select_r
+from pomt.timing import MIN_RUN_TIME
 from pomt.verify import speedup_samples, verify
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
@@ -90,7 +101,7 @@ class SearchConfig:
     grid: tuple[int, ...] | None = None
     coarse_points: int = 9
     max_points: int | None = None
-    min_run_time: float = 0.2
+    min_run_time: float = MIN_RUN_TIME
     warmup: int = 3
     cuda_graphs: bool = False
     relative: bool | None = None
@@ -128,20 +139,7 @@ class SearchConfig:
         return cls(**data)
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not 0 <= self.alpha <= 1
-        ):
-            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
-        if self.latency_budget_ms is not None and self.accuracy_floor is not None:
-            raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
-        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
-            raise ValueError(f"latency_budget_ms must be positive, got {self.latency_budget_ms!r}")
-        if self.accuracy_floor is not None and not 0 <= self.accuracy_floor <= 1:
-            raise ValueError(
-                f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {self.accuracy_floor!r}"
-            )
+        check_objective(self.alpha, self.latency_budget_ms, self.accuracy_floor)
         if not self.min_run_time >= 0:
             raise ValueError(f"min_run_time must be >= 0, got {self.min_run_time!r}")
         if self.coarse_points < 2:
@@ -236,19 +234,6 @@ class Search:
         )
 
 
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _reuse(kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str]) -> Any:
     """The first valid profile of ``earlier`` (kept from a previous search) and the file at
     ``path``; each one passed over adds its reason to ``notes``."""
@@ -326,7 +311,7 @@ def find_r(
     """
     config = SearchConfig.coerce(config)
     warn = warn or (lambda text: warnings.warn(text, stacklevel=3))
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     notes: list[str] = []
     logged = 0
 
@@ -340,7 +325,7 @@ def find_r(
         if compiled:
             notes.append(f"timing the eager module: {', '.join(compiled)} torch.compile'd, left as they are")
         vit = find_vit(eager)[1] if vit is None else unwrap_compiled(vit)
-        dtype = _dtype_of(vit) if dtype is None else dtype
+        dtype = (dtype_of(vit) or torch.float32) if dtype is None else dtype
         precision = str(precision) if precision else precision_name(device, dtype)
         name = model_name(vit)
 
@@ -364,15 +349,9 @@ def find_r(
             if path is not None:
                 accuracy.save(path)
 
-        expect = dict(
-            model=name,
-            device=device,
-            batch_size=batch_size,
-            dtype=dtype,
-            precision=precision,
-            layer=layer,
-            architecture=architecture(vit),
-        )
+        # how the latency is timed: what profile_latency takes, and what a reused profile must match
+        setup = dict(device=device, batch_size=batch_size, dtype=dtype, precision=precision, layer=layer)
+        expect = dict(model=name, architecture=architecture(vit), **setup)
         if device.type == "cuda":
             expect["cuda_graphs"] = config.cuda_graphs
         path = None if latency_path is None else Path(latency_path)
@@ -381,15 +360,7 @@ def find_r(
             flush()
             log(f"measuring L(n) on {device} at {precision}, batch {batch_size}")
             latency = profile_latency(
-                eager,
-                batch_size=batch_size,
-                device=device,
-                layer=layer,
-                dtype=dtype,
-                vit=vit,
-                progress=progress,
-                precision=precision,
-                **config.latency_kwargs(accuracy, device),
+                eager, vit=vit, progress=progress, **setup, **config.latency_kwargs(accuracy, device)
             )
             notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.search})")
             if path is not None:
@@ -398,7 +369,7 @@ def find_r(
         selection = config.select(latency, accuracy)
         if config.verify:
 
-            def measure(r: int) -> tuple[list[float], float]:
+            def speedups_at(r: int) -> tuple[list[float], float]:
                 return speedup_samples(
                     eager,
                     vit,
@@ -414,6 +385,6 @@ def find_r(
                     blocks=config.verify_blocks,
                 )
 
-            selection = verify(selection, measure, candidates=config.verify_candidates, log=log)
+            selection = verify(selection, speedups_at, candidates=config.verify_candidates, log=log)
         _check_accuracy_kept(selection, warn)
     return Search(selection, latency, accuracy, tuple(notes))

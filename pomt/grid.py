@@ -12,15 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from pomt.selection import (
-    TIE_DECIMALS,
-    as_curve,
-    check_n,
-    interpolate,
-    isotonic_increasing,
-    step_fit,
-    validate_curve,
-)
+from pomt.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
+from pomt.selection import TIE_DECIMALS, check_objective, utility
 from pomt.timing import TimingStats
 
 __all__ = ["coarse_grid", "default_max_points", "adaptive_search", "full_grid", "as_grid"]
@@ -74,8 +67,7 @@ def adaptive_search(
     """
     if coarse_points < 2:
         raise ValueError(f"coarse_points must be >= 2, got {coarse_points}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    check_objective(alpha, None, None)
     if max_points is None:
         max_points = default_max_points(lo, hi, coarse_points)
     if max_points < 2:
@@ -123,10 +115,10 @@ def _best_bound(
     ns: list[int], levels: list[float], acc_at: Callable[[int], float], alpha: float
 ) -> int | None:
     max_l = max(levels)
-    max_a = max(acc_at(n) for n in range(ns[0], ns[-1] + 1)) or 1.0
+    max_a = max(acc_at(n) for n in range(ns[0], ns[-1] + 1))
 
     def u(lat: float, acc: float) -> float:
-        return alpha * (1.0 - lat / max_l) + (1.0 - alpha) * acc / max_a
+        return utility(lat, acc, alpha, max_l, max_a)
 
     incumbent = max(round(u(lev, acc_at(n)), TIE_DECIMALS) for n, lev in zip(ns, levels, strict=True))
     best: tuple[float, int] | None = None

@@ -5,15 +5,15 @@ model the user passes, or puts a DINOv2 backbone under the linear head layout of
 DINOv2 authors. It logs top-1/top-5 accuracy and the per-batch forward latency, so a
 pruned and an unpruned run can be compared from their logged metrics alone.
 
-This is the one module inside ``pomt/`` that imports Lightning; ``pomt/__init__`` does not
-import it.
+Part of the Lightning layer (with ``pomt.loggers``, ``pomt.sweep``, ``pomt.callbacks`` and
+``pomt.datamodules``), which the method core does not import; ``pomt/__init__`` does not
+import it either.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,10 +23,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pomt.data import split_batch
-from pomt.models import create_model, load_weights, read_state_dict
+from pomt.models import create_model, load_weights
 from pomt.timing import Stopwatch, TimingStats
 
-__all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features", "split_batch"]
+__all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features"]
 
 HEADS = ("dinov2_linear",)
 _STAGES = ("train", "val", "test")
@@ -49,23 +49,6 @@ def _existing_file(path: str | os.PathLike[str], what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     return str(path)
-
-
-def _load_original_keys(model: nn.Module, path: str) -> bool:
-    """Load a checkpoint with original (non-timm) key names through timm's checkpoint filter
-    of the model's family; True only when every key then matches exactly (else nothing is loaded)."""
-    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        return False
-    try:
-        state = filter_fn(read_state_dict(path), model)
-    except Exception:
-        return False
-    own = model.state_dict()
-    if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
-        return False
-    model.load_state_dict(state)
-    return True
 
 
 class ViTClassifier(pl.LightningModule):
@@ -91,6 +74,7 @@ class ViTClassifier(pl.LightningModule):
         model_name: str = "vit_tiny_patch16_224",
         num_classes: int | None = None,
         img_size: int | None = None,
+        *,
         pretrained: bool = False,
         weights: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
@@ -154,26 +138,14 @@ class ViTClassifier(pl.LightningModule):
     # ----------------------------------------------------------------- building
     def _build(self, num_classes: int | None) -> nn.Module:
         hp = self.hparams
-        kwargs = dict(hp.model_kwargs or {})
-        weights = hp.weights
-        if weights is None:
-            return create_model(
-                hp.model_name,
-                pretrained=hp.pretrained,
-                num_classes=num_classes,
-                img_size=hp.img_size,
-                **kwargs,
-            )
-        _existing_file(weights, "weights")
-        model = create_model(
-            hp.model_name, pretrained=False, num_classes=num_classes, img_size=hp.img_size, **kwargs
+        return create_model(
+            hp.model_name,
+            pretrained=hp.pretrained,
+            weights=hp.weights,
+            num_classes=num_classes,
+            img_size=hp.img_size,
+            **dict(hp.model_kwargs or {}),
         )
-        try:  # timm key names, our own checkpoints (prefix "model.") or plain state dicts
-            return load_weights(model, weights)
-        except ValueError as ours:
-            if _load_original_keys(model, weights):  # e.g. the DeiT/DINOv2 releases' own key names
-                return model
-            raise ours from None
 
     @property
     def vit(self) -> nn.Module:
@@ -237,12 +209,11 @@ class ViTClassifier(pl.LightningModule):
         return self._timed_forward("predict", x)
 
     # ----------------------------------------------------------------- latency
-    def _reset_latency(self, stage: str) -> None:
-        self._latency[stage] = []
-        self._batches_seen[stage] = 0
-
     def _log_latency(self, stage: str) -> None:
-        samples = self._latency.get(stage, [])
+        """At the end of a stage's epoch: log (and keep in ``last_latency``) the epoch's latency,
+        then start counting the next epoch's batches afresh."""
+        samples = self._latency.pop(stage, [])
+        self._batches_seen[stage] = 0
         if not samples:
             return
         batch_size = samples[0][0]  # the loader's batch size; a smaller last batch is left out
@@ -256,20 +227,11 @@ class ViTClassifier(pl.LightningModule):
             self.log(f"{stage}/{key}", value, rank_zero_only=True)
         self.log(f"{stage}/latency_batch_size", float(batch_size), rank_zero_only=True)
 
-    def on_validation_epoch_start(self) -> None:
-        self._reset_latency("val")
-
     def on_validation_epoch_end(self) -> None:
         self._log_latency("val")
 
-    def on_test_epoch_start(self) -> None:
-        self._reset_latency("test")
-
     def on_test_epoch_end(self) -> None:
         self._log_latency("test")
-
-    def on_predict_epoch_start(self) -> None:
-        self._reset_latency("predict")
 
     def on_predict_epoch_end(self) -> None:
         self._log_latency("predict")

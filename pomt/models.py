@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from torch import nn
 __all__ = [
     "TokenLayout",
     "token_layout",
+    "image_size",
+    "device_of",
+    "dtype_of",
     "vit_blocks",
     "unsupported_reason",
     "is_supported_vit",
@@ -36,6 +40,7 @@ __all__ = [
     "read_state_dict",
 ]
 
+WRAPPER_PREFIXES = ("model.", "module.", "vit.")
 BLOCK_ATTRIBUTES = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 ATTENTION_ATTRIBUTES = ("qkv", "num_heads", "proj")
 
@@ -128,7 +133,7 @@ def _require_supported(model: nn.Module) -> None:
         )
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))
@@ -171,13 +176,41 @@ def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None
     )
 
 
-def _vit_paths(root: nn.Module) -> list[str]:
-    """Paths of the supported ViTs inside ``root`` (outermost first)."""
-    return [
-        name
-        for name, module in root.named_modules()
-        if hasattr(module, "blocks") and hasattr(module, "patch_embed") and is_supported_vit(module)
-    ]
+def image_size(vit: nn.Module, img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
+    """The input size ``(height, width)`` of ``vit``: ``img_size`` when given, else the size its
+    patch embedding was built for, else its patch grid times its patch size."""
+    if img_size is not None:
+        return _pair(img_size)
+    size = getattr(vit.patch_embed, "img_size", None)
+    if size is not None:
+        return _pair(size)
+    layout = token_layout(vit)
+    ph, pw = _pair(getattr(vit.patch_embed, "patch_size", 16))
+    return (layout.patch_grid[0] * ph, layout.patch_grid[1] * pw)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter (or buffer); the CPU without either."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The dtype ``model`` computes in: that of its first floating parameter (or buffer); None
+    without one."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _vit_candidates(root: nn.Module) -> Iterator[tuple[str, nn.Module, str | None]]:
+    """``(path, module, why it is unsupported or None)`` of every submodule of ``root`` with a
+    ``patch_embed`` and ``blocks``, outermost first."""
+    for name, module in root.named_modules():
+        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
+            yield name, module, unsupported_reason(module)
 
 
 def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
@@ -191,7 +224,7 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
         try:
             module = root.get_submodule(path)
         except AttributeError as err:
-            found = _vit_paths(root)
+            found = [name for name, _, why in _vit_candidates(root) if why is None]
             names = [name for name, _ in root.named_modules() if name]
             close = found[:1] or difflib.get_close_matches(path, names, n=1)
             hint = f"; did you mean vit_path={close[0]!r}?" if close else ""
@@ -201,11 +234,10 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
     if is_supported_vit(root):
         return "", root
     searched = []
-    for name, module in root.named_modules():
-        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
-            if is_supported_vit(module):
-                return name, module
-            searched.append(f"{name or '<root>'} ({type(module).__name__}: {unsupported_reason(module)})")
+    for name, module, why in _vit_candidates(root):
+        if why is None:
+            return name, module
+        searched.append(f"{name or '<root>'} ({type(module).__name__}: {why})")
     detail = "; candidates rejected: " + "; ".join(searched) if searched else ""
     raise ValueError(
         f"no supported ViT found inside {type(root).__name__}: {unsupported_reason(root)}; searched all "
@@ -302,6 +334,18 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return state
 
 
+def _unwrapped(state: dict[str, torch.Tensor], own: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``state`` without a wrapper's prefix (``model.``, ``module.``, ``vit.``; e.g. a Lightning
+    checkpoint of ``pomt.lightning.ViTClassifier``) that every key carries, unless a key
+    already matches one of ``own``."""
+    if set(state) & set(own):
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
     """Load a ``.safetensors`` or ``torch.save`` state dict into ``model`` (never unpickles code).
 
@@ -309,11 +353,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     a missing file or mismatched keys raise an error naming the file and a few offending keys.
     """
     path = Path(path)
-    state = read_state_dict(path)
     own = model.state_dict()
-    for prefix in ("model.", "module.", "vit."):
-        if state and not (set(state) & set(own)) and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    state = _unwrapped(read_state_dict(path), own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -341,8 +382,10 @@ def create_model(
 ) -> nn.Module:
     """A timm ViT by name, optionally with pretrained (hub) or local weights.
 
-    ``weights`` is a local file loaded through the model's own checkpoint filter, so
-    original (non-timm) key names work as they do for timm's pretrained loading.
+    ``weights`` is a local file (see :func:`read_state_dict`) loaded by timm's own pretrained
+    loading (``pretrained_cfg_overlay``), through the model's checkpoint filter: timm key
+    names, original release key names (DeiT, DINOv2) and pomt's Lightning checkpoints all
+    load. Keys that do not match are a ValueError naming the file and the keys.
     """
     import timm
 
@@ -355,15 +398,17 @@ def create_model(
     if img_size is not None:
         kwargs["img_size"] = img_size
     if weights is not None:
-        weights = Path(weights)
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        overlay: dict[str, object] = dict(file=str(weights), state_dict=_unwrapped(read_state_dict(weights)))
+        if num_classes is not None:  # the file's classifier is loaded, not dropped as timm's 1000-class one
+            overlay["num_classes"] = num_classes
+        kwargs["pretrained_cfg_overlay"] = overlay
         pretrained = True
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
-        if pretrained and weights is None:
+        if weights is not None:
+            raise ValueError(f"weights in {weights} do not match {name}: {err}") from err
+        if pretrained:
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name!r} ({err}). Without network access, "
                 "download them elsewhere and pass `weights=PATH`, or set pretrained=False."

@@ -101,21 +101,15 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None)
     """The implementation POMT's block runs with on ``device`` (and ``dtype``), for labels:
     ``torch``, ``triton`` (forced), or under ``auto`` on CUDA what it chose for the shapes
     measured so far (``auto: triton``, ``auto: torch``, ``auto: triton+torch``)."""
-    device = _full_device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
     if _checked_mode() != "auto":
         return _mode
     chosen = {c.backend for key, c in _CHOICES.items() if key[0] == str(device) and dtype in (None, key[1])}
     if chosen:
         return "auto: " + "+".join(sorted(chosen))
     return "torch" if device.type != "cuda" or _triton() is None else "auto: not measured yet"
-
-
-def _full_device(device: torch.device | str) -> torch.device:
-    """``device`` with its index (``cuda`` is the current CUDA device), as tensors report it."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _checked_mode() -> str:

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pomt.selection import Selection, as_curve, select_r
+from pomt.curves import as_curve
+from pomt.selection import Selection, select_r
 
 __all__ = [
     "plot_profiles",

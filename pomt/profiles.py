@@ -24,11 +24,27 @@ import torch
 
 from pomt.timing import TimingStats, device_name
 
-__all__ = ["SCHEMA_VERSION", "LatencyPoint", "AccuracyPoint", "LatencyProfile", "AccuracyProfile"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "LatencyPoint",
+    "AccuracyPoint",
+    "LatencyProfile",
+    "AccuracyProfile",
+    "write_json",
+]
 
 SCHEMA_VERSION = 2
-# Keys that schema version 1 files use for what is now named otherwise (read, never written).
-_V1_KEYS = {"tokens": "n", "tokens_total": "n_total", "prefix_tokens": "prefix"}
+
+
+def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as JSON at ``path`` atomically (a temporary file, then a rename, so a
+    reader never sees half a file); parent folders are created. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -101,12 +117,7 @@ class _Profile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the profile as JSON (parent folders are created). Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "profile") -> Any:
@@ -123,10 +134,13 @@ class _Profile:
             raise ValueError(f"{source}: missing or invalid schema_version {version!r}")
         if version > SCHEMA_VERSION:
             raise ValueError(
-                f"{source}: schema_version {version} was written by a newer pomt (this one reads <= {SCHEMA_VERSION})"
+                f"{source}: schema_version {version} was written by a newer pomt (this one reads {SCHEMA_VERSION})"
             )
-        if version == 1:
-            data = _from_v1(data)
+        if version < SCHEMA_VERSION:
+            raise ValueError(
+                f"{source}: schema_version {version} predates the first release (this pomt reads "
+                f"{SCHEMA_VERSION}); measure the profile again"
+            )
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
         required = [
             f.name
@@ -213,18 +227,6 @@ class _Profile:
         why = self.mismatch(expect)
         if why is not None:
             raise ValueError(f"{source} does not match: {why}. Measure a new profile for this setup.")
-
-
-def _from_v1(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A schema version 1 profile with today's key names (``tokens`` -> ``n`` and so on)."""
-
-    def renamed(obj: Mapping[str, Any]) -> dict[str, Any]:
-        return {_V1_KEYS.get(k, k): v for k, v in obj.items()}
-
-    out = renamed(data)
-    if isinstance(out.get("points"), list):
-        out["points"] = [renamed(p) if isinstance(p, Mapping) else p for p in out["points"]]
-    return out
 
 
 def _now() -> str:

@@ -17,24 +17,14 @@ authors' code).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from pomt.timing import TimingStats
+from pomt.curves import as_curve, interpolate, isotonic_increasing, step_fit, validate_curve
 
-__all__ = [
-    "Selection",
-    "select_r",
-    "step_fit",
-    "isotonic_increasing",
-    "interpolate",
-    "utility_curve",
-    "as_curve",
-]
+__all__ = ["Selection", "select_r", "check_objective", "utility", "utility_curve"]
 
-MODES = ("utility", "latency_budget", "accuracy_floor")
 TIE_DECIMALS = 12
 
 
@@ -48,9 +38,13 @@ class Selection:
     (made non-decreasing and interpolated) and the utility. ``n_total`` is N, the tokens
     entering the blocks (R = 0 keeps them all); ``unpruned_latency_ms`` is the latency at N.
 
-    After ``pomt.verify``: ``measured_speedup`` and its interval are those of the chosen R
-    (None when R = 0 was kept), ``measurements`` holds ``(r, speed-up, low, high)`` of every
-    candidate measured, kept or not. ``precision`` is what the latency profile was timed at.
+    Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
+    n* (before denoising; ``predicted_latency_ms`` is the denoised level the choice used),
+    while ``measured_speedup`` comes from the verification after the choice (``pomt.verify``:
+    the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
+    its interval are those of the chosen R (None before verification and when R = 0 was
+    kept), ``measurements`` holds ``(r, speed-up, low, high)`` of every candidate verified,
+    kept or not. ``precision`` is what the latency profile was timed at.
     """
 
     r: int
@@ -118,10 +112,7 @@ class Selection:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Selection:
-        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored; the key
-        names of pomt 0.1 checkpoints are read too)."""
-        renamed = {"tokens": "n_star", "tokens_total": "n_total", "curve_tokens": "curve_n"}
-        data = {renamed.get(k, k): v for k, v in data.items()}
+        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored)."""
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(data))
@@ -145,86 +136,16 @@ class Selection:
         )
 
 
-# --------------------------------------------------------------------------- curve fitting
+# --------------------------------------------------------------------------- utility
 
 
-def isotonic_increasing(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
-    """Least-squares non-decreasing fit (pool adjacent violators)."""
-    if weights is None:
-        weights = [1.0] * len(values)
-    blocks: list[list[float]] = []  # [level, weight, count]
-    for v, w in zip(values, weights, strict=True):
-        blocks.append([float(v), float(w), 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            b = blocks.pop()
-            a = blocks[-1]
-            total = a[1] + b[1]
-            a[0] = (a[0] * a[1] + b[0] * b[1]) / total if total > 0 else (a[0] + b[0]) / 2
-            a[1] = total
-            a[2] += b[2]
-    out: list[float] = []
-    for level, _, count in blocks:
-        out.extend([level] * int(count))
-    return out
+def utility(latency: float, accuracy: float, alpha: float, max_latency: float, max_accuracy: float) -> float:
+    """U = alpha (1 - L/max L) + (1 - alpha) (A/max A); the accuracy term is 0 when max A is 0.
 
-
-def step_fit(values: Sequence[float], noise: Sequence[float]) -> list[float]:
-    """Piecewise-constant fit: neighbouring levels closer than their noise are merged.
-
-    ``values`` are medians in order of n, ``noise[i]`` the tie tolerance of point i (e.g. its
-    IQR). Adjacent groups are merged, closest first, while their levels differ by no more
-    than the larger of their tolerances (a group's tolerance is the lower median of its
-    members'). A group's level is the mean of its members weighted by 1 / noise^2, so a
-    point disturbed during its measurement (large IQR) hardly moves its step. Real steps
-    and real dips larger than the noise survive; wiggles within the noise become flat, so
-    they cannot make one n look faster than its neighbour.
-    """
-    if len(values) != len(noise):
-        raise ValueError("step_fit: values and noise differ in length")
-    groups = []  # [level, weight, count, tolerances]
-    for v, t in zip(values, noise, strict=True):
-        v, t = float(v), max(0.0, float(t))
-        weight = 1.0 / (t * t + (1e-3 * v) ** 2 + 1e-12)
-        groups.append([v, weight, 1, [t]])
-
-    def tol(group: list) -> float:
-        members = sorted(group[3])
-        return members[(len(members) - 1) // 2]  # the lower median: one noisy point cannot widen it
-
-    while len(groups) > 1:
-        best_i, best_gap = -1, math.inf
-        for i in range(len(groups) - 1):
-            gap = abs(groups[i][0] - groups[i + 1][0])
-            if gap <= max(tol(groups[i]), tol(groups[i + 1])) and gap < best_gap:
-                best_i, best_gap = i, gap
-        if best_i < 0:
-            break
-        a, b = groups[best_i], groups.pop(best_i + 1)
-        a[0] = (a[0] * a[1] + b[0] * b[1]) / (a[1] + b[1])
-        a[1] += b[1]
-        a[2] += b[2]
-        a[3] = a[3] + b[3]
-    out: list[float] = []
-    for level, _, count, _ in groups:
-        out.extend([level] * count)
-    return out
-
-
-def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear interpolation at ``x`` inside [xs[0], xs[-1]] (xs ascending)."""
-    if not xs[0] <= x <= xs[-1]:
-        raise ValueError(f"cannot interpolate at {x}: outside [{xs[0]}, {xs[-1]}]")
-    lo, hi = 0, len(xs) - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if xs[mid] <= x:
-            lo = mid
-        else:
-            hi = mid
-    if xs[lo] == x or hi == lo:
-        return float(ys[lo])
-    t = (x - xs[lo]) / (xs[hi] - xs[lo])
-    return float(ys[lo] + t * (ys[hi] - ys[lo]))
+    The one formula of the utility: the selection, the search's bound and the verification
+    (with L/max L the measured 1 / speed-up) all evaluate it here."""
+    accuracy_term = accuracy / max_accuracy if max_accuracy > 0 else 0.0
+    return alpha * (1.0 - latency / max_latency) + (1.0 - alpha) * accuracy_term
 
 
 def utility_curve(latency: Sequence[float], accuracy: Sequence[float], alpha: float) -> list[float]:
@@ -233,105 +154,32 @@ def utility_curve(latency: Sequence[float], accuracy: Sequence[float], alpha: fl
     max_a = max(accuracy)
     if max_l <= 0:
         raise ValueError("latency values must be positive")
-    return [
-        alpha * (1.0 - lat / max_l) + (1.0 - alpha) * (acc / max_a if max_a > 0 else 0.0)
-        for lat, acc in zip(latency, accuracy, strict=True)
-    ]
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class Curve:
-    """One curve against n, from a profile or a plain mapping: the values (median latency or
-    accuracy), the tie tolerance of each (a latency's IQR), its spread for plotting (IQR, or
-    accuracy +- one standard error; empty when unknown) and what the profile says of N."""
-
-    values: dict[int, float]
-    noise: dict[int, float]
-    spread: dict[int, tuple[float, float]]
-    n_total: int | None
-    model: str | None
-    layer: int | None
-    precision: str | None = None
-
-    @property
-    def grid(self) -> list[int]:
-        return sorted(self.values)
-
-
-def check_n(n: object, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        if isinstance(n, str) and n.strip().lstrip("-").isdigit():
-            return int(n)
-        raise ValueError(f"{what}: token counts must be ints, got {n!r}")
-    return int(n)
-
-
-def as_curve(profile: object, what: str) -> Curve:
-    """A profile (anything with ``points``) or a plain ``{n: value}`` mapping."""
-    values: dict[int, float] = {}
-    noise: dict[int, float] = {}
-    spread: dict[int, tuple[float, float]] = {}
-    if isinstance(profile, Mapping):
-        for key, value in profile.items():
-            n = check_n(key, what)
-            if isinstance(value, TimingStats):
-                values[n], noise[n] = value.median_ms, value.iqr_ms
-                spread[n] = (value.p25_ms, value.p75_ms)
-            else:
-                values[n], noise[n] = float(value), 0.0
-        return Curve(values, noise, spread, None, None, None)
-    points = getattr(profile, "points", None)
-    if points is None:
-        raise ValueError(
-            f"{what} must be a LatencyProfile/AccuracyProfile or a {{n: value}} dict, "
-            f"got {type(profile).__name__}"
-        )
-    for point in points:
-        n = int(point.n)
-        if hasattr(point, "median_ms"):
-            values[n], noise[n] = float(point.median_ms), float(point.p75_ms - point.p25_ms)
-            spread[n] = (float(point.p25_ms), float(point.p75_ms))
-        else:
-            values[n], noise[n] = float(point.accuracy), 0.0
-            spread[n] = (max(0.0, point.accuracy - point.stderr), min(1.0, point.accuracy + point.stderr))
-    return Curve(
-        values,
-        noise,
-        spread,
-        getattr(profile, "n_total", None),
-        getattr(profile, "model", None) or None,
-        getattr(profile, "layer", None),
-        getattr(profile, "precision", None) or None,
-    )
-
-
-def validate_curve(curve: Curve, what: str, unit_interval: bool) -> None:
-    if not curve.values:
-        raise ValueError(f"{what} is empty: it needs at least one measured token count")
-    for n, v in curve.values.items():
-        if n < 1:
-            raise ValueError(f"{what}: token count {n} is not positive")
-        if not math.isfinite(v):
-            raise ValueError(f"{what}: value at n={n} is not finite ({v})")
-        if unit_interval and not 0.0 <= v <= 1.0:
-            raise ValueError(f"{what}: accuracy at n={n} is {v}; accuracies are fractions in [0, 1]")
-        if not unit_interval and v <= 0:
-            raise ValueError(f"{what}: latency at n={n} is {v} ms; latencies must be positive")
+    return [utility(lat, acc, alpha, max_l, max_a) for lat, acc in zip(latency, accuracy, strict=True)]
 
 
 # --------------------------------------------------------------------------- selection
 
 
+def check_objective(alpha: object, latency_budget_ms: object, accuracy_floor: object) -> None:
+    """A ValueError naming the bad value unless ``alpha`` is in [0, 1], the budget positive, the
+    floor a fraction, and at most one of the two given (``select_r`` and ``SearchConfig``)."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if latency_budget_ms is not None and accuracy_floor is not None:
+        raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
+    if latency_budget_ms is not None and not latency_budget_ms > 0:
+        raise ValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
+    if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
+        raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
+
+
 def select_r(
     lat: object,
     acc: object,
+    *,
     alpha: float = 0.5,
     latency_budget_ms: float | None = None,
     accuracy_floor: float | None = None,
-    *,
     n_total: int | None = None,
     denoise: bool = True,
     latency_tolerance_ms: float | None = None,
@@ -347,14 +195,7 @@ def select_r(
     and ``accuracy_floor`` (a fraction) switch to the constrained modes; giving both is an
     error. Ties are broken as the module docstring says (larger n last).
     """
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if latency_budget_ms is not None and accuracy_floor is not None:
-        raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
-    if latency_budget_ms is not None and not latency_budget_ms > 0:
-        raise ValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
-    if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
-        raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
+    check_objective(alpha, latency_budget_ms, accuracy_floor)
     lcurve = as_curve(lat, "latency profile")
     acurve = as_curve(acc, "accuracy profile")
     validate_curve(lcurve, "latency profile", unit_interval=False)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 __all__ = [
+    "MIN_RUN_TIME",
     "TimingStats",
     "synchronize",
     "time_call",
@@ -32,6 +33,10 @@ __all__ = [
     "Stopwatch",
     "device_name",
 ]
+
+# Seconds of timed calls per measurement (per token count in a latency profile): the one
+# default of SearchConfig, profile_latency, pomt-profile-latency and the timers here.
+MIN_RUN_TIME = 0.2
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -142,7 +147,7 @@ def time_call(
     device: torch.device | str = "cpu",
     warmup: int = 3,
     repeats: int | None = None,
-    min_run_time: float = 0.5,
+    min_run_time: float = MIN_RUN_TIME,
     max_repeats: int = 10_000,
 ) -> TimingStats:
     """Median-oriented latency of ``fn()`` on ``device``.
@@ -293,7 +298,7 @@ def time_paired(
     *,
     device: torch.device | str = "cpu",
     warmup: int = 3,
-    min_run_time: float = 0.5,
+    min_run_time: float = MIN_RUN_TIME,
     min_pairs: int = 5,
     prepare: Callable[[], object] | None = None,
     prepare_reference: Callable[[], object] | None = None,

@@ -28,9 +28,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from pomt.measure import image_size, on_device, random_batch
+from pomt.models import image_size
+from pomt.profiling import on_device, random_batch
 from pomt.pruning import apply_pruning, remove_pruning
-from pomt.selection import Selection
+from pomt.selection import Selection, utility
 from pomt.timing import cuda_graph_or_eager, median_interval, time_paired
 
 __all__ = ["verify", "speedup_samples"]
@@ -111,11 +112,11 @@ def _passes(selection: Selection, n: int, speedup: float, low: float, unpruned_m
     if low <= 1.0:
         return "not significantly faster than the unpruned model"
     if selection.mode == "utility":
-        top = max(selection.curve_accuracy) or 1.0
+        top = max(selection.curve_accuracy)
         accuracy = dict(zip(selection.curve_n, selection.curve_accuracy, strict=True))
-        a = selection.alpha
-        measured = a * (1.0 - 1.0 / speedup) + (1.0 - a) * accuracy[n] / top
-        unpruned = (1.0 - a) * accuracy.get(selection.n_total, top) / top
+        # latency relative to the unpruned model's: 1 / speed-up, and 1 for R = 0
+        measured = utility(1.0 / speedup, accuracy[n], selection.alpha, 1.0, top)
+        unpruned = utility(1.0, accuracy.get(selection.n_total, top), selection.alpha, 1.0, top)
         if measured <= unpruned:
             return f"its measured utility {measured:.4f} does not beat R = 0 ({unpruned:.4f})"
     if selection.mode == "latency_budget" and unpruned_ms / speedup > selection.latency_budget_ms:

@@ -399,6 +399,6 @@ def test_lightning_cli_builds_module_and_callback_from_plain_arguments():
         ],
     )
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, POMTCallback))
-    assert (callback.search.alpha, callback.layer, callback.search.grid) == (0.7, 1, (17, 9))
-    assert isinstance(callback.search, SearchConfig) and callback.accuracy_split == "val"
+    assert (callback.search_config.alpha, callback.layer, callback.search_config.grid) == (0.7, 1, (17, 9))
+    assert isinstance(callback.search_config, SearchConfig) and callback.accuracy_split == "val"
     assert cli.model.vit.patch_embed.num_patches == 16

@@ -208,9 +208,9 @@ def test_search_accepts_a_dict_or_omegaconf_mapping_and_rejects_unknown_keys():
         omegaconf.OmegaConf.create({"alpha": 0.5, "grid": [17, 9]}),
     ):
         callback = POMTCallback(search=given)
-        assert callback.search == SearchConfig(alpha=0.5, grid=(17, 9))
+        assert callback.search_config == SearchConfig(alpha=0.5, grid=(17, 9))
     target = {"_target_": "pomt.SearchConfig", "alpha": 0.25}
-    assert POMTCallback(search=omegaconf.OmegaConf.create(target)).search.alpha == 0.25
+    assert POMTCallback(search=omegaconf.OmegaConf.create(target)).search_config.alpha == 0.25
     with pytest.raises(ValueError, match=r"unknown key\(s\) alphaa; valid keys: alpha, latency_budget_ms"):
         POMTCallback(search=omegaconf.OmegaConf.create({"alphaa": 0.5}))
     with pytest.raises(ValueError, match="alpha must be a number"):
@@ -231,7 +231,7 @@ def test_hydra_instantiates_the_callback_with_a_plain_search_mapping():
         }
     )
     callback = hydra_utils.instantiate(config)
-    assert isinstance(callback.search, SearchConfig) and callback.search.grid == (17, 9)
+    assert isinstance(callback.search_config, SearchConfig) and callback.search_config.grid == (17, 9)
     cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())  # the search runs
     assert callback.selection is not None
     with pytest.raises(Exception, match="alphaa"):
@@ -356,12 +356,12 @@ def test_the_callback_lines_reach_a_log_file_the_application_configured(tmp_path
 
 
 def test_under_a_trainer_the_search_draws_no_bar_of_its_own(monkeypatch):
-    import pomt.measure
+    import pomt.profiling
 
     bars: list[bool] = []
-    real = pomt.measure._progress
+    real = pomt.profiling._progress
     monkeypatch.setattr(
-        pomt.measure,
+        pomt.profiling,
         "_progress",
         lambda total, desc, enabled: bars.append(enabled) or real(total, desc, enabled),
     )

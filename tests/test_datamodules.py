@@ -14,7 +14,9 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import pomt.datamodules.sources as sources
-from pomt.datamodules import DigitsDataModule, ImageNetDataModule, balanced_indices, imagenet_wnids
+from pomt.data import balanced_indices
+from pomt.datamodules import DigitsDataModule, ImageNetDataModule
+from pomt.preprocessing import imagenet_wnids
 
 WNIDS = imagenet_wnids()
 # four classes far apart in the standard order, so a label is wrong unless mapped to it

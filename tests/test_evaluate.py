@@ -185,7 +185,7 @@ def test_report_marks_the_front_and_compares_pomt_with_tome_and_topk():
     assert sentences[1].startswith("batch 8: no Top-K setting reaches the accuracy of POMT")
     slower = mark_pareto([row("pomt", 8, 0.89, 12.0, selected=True), row("tome", 4, 0.9, 8.0)])
     assert "ToMe (r=4, 90.00 %, 8.00 ms) is x1.50 faster than POMT" in comparisons(slower)[0]
-    table = format_table(rows, timing="eager calls, precision 32-true")
+    table = format_table(rows, how_timed="eager calls, precision 32-true")
     assert table.splitlines()[0] == "latency: eager calls, precision 32-true" and " yes" in table
     from pomt.plots import plot_tradeoff
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import pomt
 from pomt import cli
 from pomt.data import balanced_indices
-from pomt.measure import estimate_accuracy, profile_latency
 from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
+from pomt.profiling import estimate_accuracy, profile_latency
 from pomt.pruning import apply_pruning, pruning_config
 from pomt.timing import TimingStats, cuda_graph_or_eager, time_paired
 
@@ -264,17 +264,12 @@ def test_profiles_round_trip_through_json(tmp_path):
     # latency and accuracy from different files (machines) combine
     sel = pomt.select_r(LatencyProfile.load(lat_path), AccuracyProfile.load(acc_path))
     assert sel.n_star == sel.n_total - sel.r and sel.n_star in (2, 9, 17)
-    # files of schema version 1 (pomt 0.1: "tokens" for n) are read as they were written
+    # files of the unreleased schema version 1 are refused with a clear error, never misread
     old = json.loads(lat_path.read_text())
-    old["schema_version"], old["tokens_total"], old["prefix_tokens"] = (
-        1,
-        old.pop("n_total"),
-        old.pop("prefix"),
-    )
-    for point in old["points"]:
-        point["tokens"] = point.pop("n")
+    old["schema_version"] = 1
     (tmp_path / "v1.json").write_text(json.dumps(old))
-    assert LatencyProfile.load(tmp_path / "v1.json") == lat
+    with pytest.raises(ValueError, match="schema_version 1 predates the first release"):
+        LatencyProfile.load(tmp_path / "v1.json")
 
 
 @pytest.mark.parametrize(

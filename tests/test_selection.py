@@ -7,8 +7,9 @@ import random
 
 import pytest
 
+from pomt.curves import isotonic_increasing, step_fit
 from pomt.grid import adaptive_search, default_max_points
-from pomt.selection import isotonic_increasing, select_r, step_fit
+from pomt.selection import select_r
 from pomt.timing import TimingStats
 
 # N = 6 tokens, 1 prefix token: candidates n = 2..6.

@@ -98,12 +98,14 @@ class TradeoffEvaluation:
             raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes}")
         self.methods = list(methods)
         self.tome_r, self.topk_r, self.span = tome_r, topk_r, list(span)
-        self.layer, self.search = layer, search or SearchConfig()
+        self.layer, self.search_config = layer, search or SearchConfig()
         self.out_dir, self.run_name = out_dir, run_name
         self.wandb, self.wandb_project, self.wandb_group = wandb, wandb_project, wandb_group
         self.wandb_offline = wandb_offline
         self.latency_rounds = latency_rounds
-        self.side_by_side = SideBySide(latency_rounds, self.search.warmup, self.search.cuda_graphs)
+        self.side_by_side = SideBySide(
+            latency_rounds, self.search_config.warmup, self.search_config.cuda_graphs
+        )
         self.batch_sizes = list(batch_sizes) if batch_sizes else None
         self.token_maps, self.resume = token_maps, resume
         self.limit_test_batches = check_limit(limit_test_batches)
@@ -197,7 +199,10 @@ class TradeoffEvaluation:
                 rows.append(self._row(sweep, plan, config, tested))
                 sweep.result.rows.append(rows[-1])
                 write_report(
-                    sweep.result.rows, sweep.run_dir.root, timing=sweep.how_timed, run=self._run_info(sweep)
+                    sweep.result.rows,
+                    sweep.run_dir.root,
+                    how_timed=sweep.how_timed,
+                    run=self._run_info(sweep),
                 )
             if sweep.bar is not None:
                 sweep.bar.update(1)
@@ -259,7 +264,7 @@ class TradeoffEvaluation:
             predicted_latency_ms=None if chosen is None else chosen.predicted_latency_ms,
             samples=timed.stats.samples,
             verified_speedup=None if chosen is None else chosen.measured_speedup,
-            timing=timed.mode,
+            timer_mode=timed.mode,
             images=int(metrics.get("test/images", 0)),
             wall_s=tested.wall_s,
         )
@@ -276,7 +281,7 @@ class TradeoffEvaluation:
     ) -> tuple[Path, ...]:
         """``report.csv``, ``report.json`` and ``tradeoff.png`` of ``rows`` in ``out`` (with the
         profiles of ``batch_size``'s search in the plot, when there is one)."""
-        csv_path, json_path = write_report(rows, out, timing=sweep.how_timed, run=self._run_info(sweep))
+        csv_path, json_path = write_report(rows, out, how_timed=sweep.how_timed, run=self._run_info(sweep))
         search = sweep.result.searches.get(batch_size) if batch_size is not None else None
         parts = (search.latency, search.accuracy, search.selection) if search else (None, None, None)
         plot_path = out / "tradeoff.png"

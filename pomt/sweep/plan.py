@@ -110,7 +110,7 @@ def make_plan(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int) ->
 
 def _search(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, folder: Path) -> Search:
     """POMT's R at this batch size: the stored search when still valid, else :func:`find_r`."""
-    valid_for = sweep.conditions | {"batch_size": batch_size, "search": settings.search.to_dict()}
+    valid_for = sweep.conditions | {"batch_size": batch_size, "search": settings.search_config.to_dict()}
     stored = sweep.run_dir.load(folder / "search.json", valid_for, "the search")
     if stored is not None:
         return Search.from_dict(stored)
@@ -137,7 +137,7 @@ def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, fold
             batch_size=batch_size,
             device=sweep.device,
             precision=str(sweep.trainer.precision),
-            config=settings.search,
+            config=settings.search_config,
             latency_path=folder / "latency_profile.json",
             accuracy_path=sweep.run_dir.root / "accuracy_profile.json",
             progress=sweep.trainer.progress_bar_callback is not None,

@@ -31,8 +31,8 @@ class ReportRow:
     chosen R, ``predicted_latency_ms`` is what the profile predicted and ``verified_speedup``
     what the check before use measured against the unpruned model (``pomt.verify``).
     ``dtype`` is the parameters' dtype and ``precision`` the Trainer's (``32-true``,
-    ``bf16-mixed``, ...), which the latency was timed under. ``timing`` says how the latency was timed (``eager`` or ``cuda_graphs``, as the latency
-    profile was, or why not); ``pareto`` marks the accuracy-latency front of its batch size;
+    ``bf16-mixed``, ...), which the latency was timed under. ``timer_mode`` says how this row's latency was timed (``eager`` or
+    ``cuda_graphs``, as the latency profile was, or why not); ``pareto`` marks the accuracy-latency front of its batch size;
     ``images`` is how many test images the accuracy is on, ``wall_s`` how long its test took.
     """
 
@@ -54,7 +54,7 @@ class ReportRow:
     predicted_latency_ms: float | None = None
     samples: int = 0
     verified_speedup: float | None = None
-    timing: str = "eager"
+    timer_mode: str = "eager"
     pareto: bool = False
     images: int = 0
     wall_s: float | None = None
@@ -73,11 +73,11 @@ def write_report(
     rows: Sequence[ReportRow],
     out_dir: str | os.PathLike[str],
     stem: str = "report",
-    timing: str | None = None,
+    how_timed: str | None = None,
     run: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``rows`` to ``out_dir/stem.csv`` and ``out_dir/stem.json`` (with the ``timing``
-    description, what the ``run`` was made under, and the comparison sentences)."""
+    """Write ``rows`` to ``out_dir/stem.csv`` and ``out_dir/stem.json`` (with ``how_timed``,
+    how every row was timed in words, what the ``run`` was made under, and the comparison sentences)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = [f.name for f in fields(ReportRow)]
@@ -89,7 +89,7 @@ def write_report(
             writer.writerow(asdict(row))
     payload = {
         "schema": REPORT_SCHEMA,
-        "timing": timing,
+        "timing": how_timed,
         "run": run,
         "comparisons": comparisons(rows),
         "rows": [_finite(asdict(row)) for row in rows],
@@ -147,7 +147,7 @@ def comparisons(rows: Sequence[ReportRow]) -> list[str]:
     return out
 
 
-def format_table(rows: Sequence[ReportRow], timing: str | None = None) -> str:
+def format_table(rows: Sequence[ReportRow], how_timed: str | None = None) -> str:
     """A fixed-width table, one line per configuration, speed-up against the unpruned row of
     the same batch size, the Pareto front marked; then the comparisons with ToMe and Top-K."""
     base = {row.batch_size: row.latency_ms for row in rows if row.method == "none"}
@@ -155,13 +155,13 @@ def format_table(rows: Sequence[ReportRow], timing: str | None = None) -> str:
         f"{'configuration':<18} {'batch':>5} {'n last':>6} {'mean n':>8} {'top-1 %':>8} {'top-5 %':>8} "
         f"{'median ms':>10} {'p90 ms':>8} {'speed-up':>8} {'front':>5}"
     )
-    lines = [f"latency: {timing}"] if timing else []
+    lines = [f"latency: {how_timed}"] if how_timed else []
     lines += [header, "-" * len(header)]
     for row in rows:
         unpruned = base.get(row.batch_size)
         speedup = f"{unpruned / row.latency_ms:.3f}" if unpruned and row.latency_ms > 0 else "-"
         mark = " *" if row.selected else ""
-        eager = " (eager)" if row.timing.startswith("eager (") else ""
+        eager = " (eager)" if row.timer_mode.startswith("eager (") else ""
         lines.append(
             f"{row.label + mark + eager:<18} {row.batch_size:>5} {row.n_last:>6} {row.mean_n:>8.1f} "
             f"{100 * row.acc1:>8.2f} {100 * row.acc5:>8.2f} {row.latency_ms:>10.2f} {row.latency_p90_ms:>8.2f} "
@@ -175,7 +175,7 @@ def format_table(rows: Sequence[ReportRow], timing: str | None = None) -> str:
                     f"  (batch {row.batch_size}: verified before use, x{row.verified_speedup:.3f} against the unpruned model)"
                 )
     for row in rows:
-        if row.timing.startswith("eager ("):
-            lines.append(f"{row.label} (batch {row.batch_size}) was timed {row.timing}")
+        if row.timer_mode.startswith("eager ("):
+            lines.append(f"{row.label} (batch {row.batch_size}) was timed {row.timer_mode}")
     lines += comparisons(rows)
     return "\n".join(lines)

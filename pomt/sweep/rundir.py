@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pomt.profiles import write_json
+
 __all__ = ["RunDir", "session_id"]
 
 RECORD_SCHEMA = 1
@@ -38,13 +40,6 @@ def session_id() -> str:
             return f"{name}={os.environ[name]}"
     os.environ[_SESSION] = uuid.uuid4().hex
     return f"{_SESSION}={os.environ[_SESSION]}"
-
-
-def _write(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -96,7 +91,9 @@ class RunDir:
 
     def save(self, path: Path, conditions: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
         if self.rank_zero:
-            _write(path, {"schema": RECORD_SCHEMA, "conditions": dict(conditions), "payload": dict(payload)})
+            write_json(
+                path, {"schema": RECORD_SCHEMA, "conditions": dict(conditions), "payload": dict(payload)}
+            )
 
     # ------------------------------------------------------------------ DDP hand-over
     def mark_ready(self, folder: Path, plan: Mapping[str, Any]) -> None:

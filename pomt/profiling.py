@@ -20,7 +20,15 @@ from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
 from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
-from pomt.models import architecture, find_vit, token_layout, weights_fingerprint
+from pomt.models import (
+    architecture,
+    device_of,
+    dtype_of,
+    find_vit,
+    image_size,
+    token_layout,
+    weights_fingerprint,
+)
 from pomt.ops import kernel_backend
 from pomt.profiles import (
     AccuracyPoint,
@@ -30,13 +38,12 @@ from pomt.profiles import (
     normalise,
 )
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
-from pomt.timing import TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
+from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
 
 __all__ = [
     "profile_latency",
     "estimate_accuracy",
     "model_name",
-    "image_size",
     "resolve_dtype",
     "on_device",
     "random_batch",
@@ -78,31 +85,9 @@ def precision_name(device: torch.device | str, dtype: torch.dtype | str) -> str:
     return f"{_BITS.get(dtype, str(dtype).removeprefix('torch.'))}-true"
 
 
-def image_size(vit: nn.Module, img_size: int | Sequence[int] | None) -> tuple[int, int]:
-    if img_size is not None:
-        if isinstance(img_size, int):
-            return (img_size, img_size)
-        return (int(img_size[0]), int(img_size[1]))
-    size = getattr(vit.patch_embed, "img_size", None)
-    if size is not None:
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    layout = token_layout(vit)
-    patch = getattr(vit.patch_embed, "patch_size", 16)
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    return (layout.patch_grid[0] * ph, layout.patch_grid[1] * pw)
-
-
 def _in_chans(vit: nn.Module) -> int:
     proj = getattr(vit.patch_embed, "proj", None)
     return int(getattr(proj, "in_channels", 3))
-
-
-def _first_param(model: nn.Module) -> torch.Tensor | None:
-    for t in model.parameters():
-        return t
-    for t in model.buffers():
-        return t
-    return None
 
 
 @contextlib.contextmanager
@@ -113,9 +98,7 @@ def on_device(
     afterwards its pruning, train/eval flags, device and dtype are what they were."""
     config = pruning_config(vit)
     training = {m: m.training for m in model.modules()}
-    first = _first_param(model)
-    old_device = first.device if first is not None else torch.device("cpu")
-    old_dtype = first.dtype if first is not None and first.is_floating_point() else None
+    old_device, old_dtype = device_of(model), dtype_of(model)
     cast = dtype is not None and old_dtype is not None and dtype != old_dtype
     try:
         model.eval()
@@ -150,6 +133,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def profile_latency(
     model: nn.Module,
+    *,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     layer: int = 3,
@@ -157,11 +141,10 @@ def profile_latency(
     img_size: int | Sequence[int] | None = None,
     grid: Iterable[int] | None = None,
     vit: nn.Module | None = None,
-    *,
     accuracy: object | None = None,
     alpha: float = 0.5,
     warmup: int = 3,
-    min_run_time: float = 0.5,
+    min_run_time: float = MIN_RUN_TIME,
     repeats: int | None = None,
     cuda_graphs: bool = False,
     relative: bool | None = None,
@@ -325,13 +308,13 @@ def profile_latency(
 def estimate_accuracy(
     model: nn.Module,
     data: object,
+    *,
     num_samples: int = 1024,
     grid: Iterable[int] | None = None,
     seed: int = 0,
     vit: nn.Module | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
-    *,
     num_classes: int | None = None,
     points: int = 16,
     num_workers: int = 0,
@@ -363,13 +346,8 @@ def estimate_accuracy(
         if grid is not None
         else sorted(coarse_grid(prefix + 1, n_total, points), reverse=True)
     )
-    first = _first_param(model)
-    device = (
-        torch.device(device)
-        if device is not None
-        else (first.device if first is not None else torch.device("cpu"))
-    )
-    in_dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    device = torch.device(device) if device is not None else device_of(model)
+    in_dtype = dtype_of(model) or torch.float32
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     metrics: dict[int, Any] = {}
     seen = 0
