@@ -72,6 +72,7 @@ def heal_conditions(sweep: SweepRun, settings: TradeoffEvaluation, config: Confi
         "heal_batch_size": sweep.heal_batch_size,
         "heal_seed": settings.search.seed,
         "train_data": _train_split(sweep.datamodule),
+        "train_augment": getattr(sweep.datamodule, "augment", None),
         "hparams": hparams,  # the optimiser settings among them (lr, weight decay, schedule)
     }
 
