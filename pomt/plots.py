@@ -154,15 +154,22 @@ def plot_latency(lat: Any) -> Any:
 
 
 def _healed_front(rows: Sequence[Any]) -> list[Any]:
-    """The healed rows on their front, and the unpruned row when no healed row beats it."""
+    """The healed rows on their front, and the unpruned row when it was not fine-tuned too and
+    no healed row beats it."""
     healed = [row for row in rows if getattr(row, "healed", False)]
     out = [row for row in healed if getattr(row, "pareto", False)]
+    control = any(row.method == "none" for row in healed)
     for row in rows:
-        if row.method == "none" and not any(
-            o.acc1 >= row.acc1
-            and o.latency_ms <= row.latency_ms
-            and (o.acc1 > row.acc1 or o.latency_ms < row.latency_ms)
-            for o in healed
+        if (
+            row.method == "none"
+            and not control
+            and row not in healed
+            and not any(
+                o.acc1 >= row.acc1
+                and o.latency_ms <= row.latency_ms
+                and (o.acc1 > row.acc1 or o.latency_ms < row.latency_ms)
+                for o in healed
+            )
         ):
             out.append(row)
     return sorted(out, key=lambda row: row.latency_ms) if healed else []

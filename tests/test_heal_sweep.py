@@ -37,15 +37,17 @@ def test_healed_rows_fronts_wandb_and_a_rerun_that_reuses_the_healed_checkpoints
     healed = [row for row in result.rows if row.healed]
     training_free = [row for row in result.rows if not row.healed]
 
-    # every pruned configuration healed once, for the same epochs; its latency is its training-free row's
+    # every pruned configuration healed once, for the same epochs, and the unpruned model as the
+    # control; its latency is its training-free row's
     pruned = [(row.method, row.r) for row in training_free if row.method != "none" and row.r]
-    assert sorted((row.method, row.r) for row in healed) == sorted(pruned)
+    assert sorted((row.method, row.r or 0) for row in healed) == sorted([*pruned, ("none", 0)])
     assert {("tome", 2), ("tome", 4), ("topk", 2)} <= set(pruned)
     by_config = {(row.method, row.r): row for row in training_free}
     for row in healed:
         assert row.heal_epochs == 1 and row.heal_s > 0 and row.wall_s >= row.heal_s
         assert row.latency_ms == by_config[row.method, row.r].latency_ms
-        assert (run_dir / "healed" / f"{row.method}-r{row.r}-healed1.pt").is_file()
+        key = "unpruned" if row.method == "none" else f"{row.method}-r{row.r}"
+        assert (run_dir / "healed" / f"{key}-healed1.pt").is_file()
     assert "healing tome r=2 healed: 1 epochs at r=2" in caplog.text
     # the training-free rows are those of a run without healing: same accuracy at the same r
     before = {(row.method, row.r): row.acc1 for row in free.rows}
@@ -63,7 +65,7 @@ def test_healed_rows_fronts_wandb_and_a_rerun_that_reuses_the_healed_checkpoints
     # W&B: one run per configuration, healed ones named and configured as such
     runs = _wandb_runs(run_dir)
     assert len(runs) == len(result.rows) + 1
-    healed_runs = [data for data in runs.values() if b"r=2 healed" in data or b"r=4 healed" in data]
+    healed_runs = [data for data in runs.values() if b" healed" in data]
     assert len(healed_runs) == len(healed) and all(b"heal_epochs" in data for data in healed_runs)
 
     # a rerun under another test limit tests again, on the healed checkpoints it reuses (and says so)
@@ -146,6 +148,12 @@ def test_fronts_and_sentences_for_training_free_and_healed_rows():
     assert sentences[2].startswith("batch 64, healed 2 epochs: no ToMe setting reaches the accuracy of POMT")
     table = format_table(rows)
     assert "pomt r=25 healed *" in table and "healed: fine-tuned 2 epochs at its r" in table
+
+    # with the unpruned model fine-tuned the same way (the control), the healed front is over healed rows
+    control = mark_pareto([*rows, _row("none", None, 0.97, 40.0, healed=True)])
+    assert [row.label for row in front(control, 64, healed=True)][-1] == "unpruned healed"
+    assert {row.label: row.pareto for row in control}["unpruned"]  # still on the training-free front
+    assert "; the unpruned model fine-tuned the same way: 97.00 %)" in comparisons(control)[1]
 
 
 @pytest.mark.parametrize(("epochs", "batches"), [(-1, None), (1.5, None), (True, None), (1, 0)])

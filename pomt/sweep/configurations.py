@@ -97,7 +97,8 @@ def configurations(
     """Unpruned, POMT at ``r`` (None: not evaluated), and ToMe/Top-K at ``explicit[method]`` or at
     r values whose mean token counts span ``span`` times POMT's reduction (a quarter of the
     patches when POMT removes nothing); with ``heal_epochs`` > 0, then every pruned one again,
-    healed for that many epochs."""
+    healed for that many epochs, and the unpruned model fine-tuned the same way (the control:
+    what the epochs give without pruning)."""
     layout = pomt.token_layout(vit)
     configs = [Configuration("none", 0)] if "none" in methods else []
     reduction = 0.0
@@ -113,7 +114,7 @@ def configurations(
             values = values if values is not None else matching_r_values(vit, method, targets, layer)
             configs.extend(Configuration(method, int(v)) for v in values)
     if heal_epochs > 0:
-        configs += [replace(c, heal_epochs=heal_epochs) for c in configs if c.method != "none" and c.r > 0]
+        configs += [replace(c, heal_epochs=heal_epochs) for c in configs if c.method == "none" or c.r > 0]
     return configs
 
 

@@ -1,7 +1,8 @@
 """Healing in the sweep: fine-tune each pruned configuration at its r before testing it.
 
 With ``heal_epochs`` K > 0, every pruned configuration (POMT at its R, each ToMe and Top-K r)
-is fine-tuned for the same K epochs, from the same starting weights, with the same optimiser
+is fine-tuned for the same K epochs (and, as the control, the unpruned model), from the same
+starting weights, with the same optimiser
 settings (the LightningModule's own ``configure_optimizers``), the same training batches (the
 datamodule's ``train_dataloader`` at the batch size the run started with, at most
 ``heal_batches`` per epoch) and the same seed, through a fixed-r :class:`POMTCallback` with
@@ -125,8 +126,11 @@ def _load(sweep: SweepRun, path: Path, fingerprint: str, config: Configuration) 
 
 def _fit(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -> float:
     """``trainer.fit`` of ``config`` pruned at its r for ``config.heal_epochs`` epochs; its seconds."""
-    rank_zero_info(f"healing {config.label}: {config.heal_epochs} epochs at r={config.r}")
-    callback = POMTCallback(config.method, r=config.r, layer=settings.layer, stages=("train",))
+    rank_zero_info(f"healing {config.label}: {config.heal_epochs} epochs at r={config.r}")  # r=0: unpruned
+    pruned = config.method != "none"  # the unpruned control trains without the callback
+    callbacks = (
+        [POMTCallback(config.method, r=config.r, layer=settings.layer, stages=("train",))] if pruned else []
+    )
     limit = {} if settings.heal_batches is None else {"limit_train_batches": settings.heal_batches}
     datamodule, timed_batch = sweep.datamodule, getattr(sweep.datamodule, "batch_size", None)
     start = time.perf_counter()
@@ -135,7 +139,7 @@ def _fit(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -
             datamodule.batch_size = sweep.heal_batch_size
         trainer = sweep.trainer_factory(
             logger=False,
-            callbacks=[callback],
+            callbacks=callbacks,
             max_epochs=config.heal_epochs,
             limit_val_batches=0,
             num_sanity_val_steps=0,

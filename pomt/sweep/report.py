@@ -106,9 +106,13 @@ def write_report(
 
 
 def _kind(rows: Sequence[ReportRow], batch_size: int, healed: bool) -> list[ReportRow]:
-    """The rows one front is drawn over: a batch size's training-free rows, or its healed rows;
-    the unpruned model belongs to both."""
-    return [r for r in rows if r.batch_size == batch_size and (r.healed == healed or r.method == "none")]
+    """The rows one front is drawn over: a batch size's training-free rows, or its healed rows
+    (with the training-free unpruned model when the unpruned one was not fine-tuned too)."""
+    same = [r for r in rows if r.batch_size == batch_size]
+    kind = [r for r in same if r.healed == healed]
+    if healed and kind and not any(r.method == "none" for r in kind):
+        kind += [r for r in same if r.method == "none" and not r.healed]
+    return kind
 
 
 def _dominated(row: ReportRow, rivals: Sequence[ReportRow]) -> bool:
@@ -123,15 +127,16 @@ def _dominated(row: ReportRow, rivals: Sequence[ReportRow]) -> bool:
 
 def front(rows: Sequence[ReportRow], batch_size: int, healed: bool = False) -> list[ReportRow]:
     """The accuracy-latency Pareto front of one batch size, training-free or healed (the
-    unpruned model is on either when nothing of that kind beats it), fastest first."""
+    unpruned model is on the healed one when nothing healed beats it and it was not itself
+    fine-tuned), fastest first."""
     group = _kind(rows, batch_size, healed)
     return sorted((r for r in group if not _dominated(r, group)), key=lambda r: r.latency_ms)
 
 
 def mark_pareto(rows: Sequence[ReportRow]) -> list[ReportRow]:
     """``rows`` with ``pareto`` set where no other row of the same batch size and kind
-    (training-free, or healed; the unpruned model counts as both and is marked as
-    training-free) is at least as accurate and at least as fast, and better in one of the two."""
+    (training-free, or healed, see :func:`front`) is at least as accurate and at least as fast,
+    and better in one of the two."""
     return [replace(row, pareto=not _dominated(row, _kind(rows, row.batch_size, row.healed))) for row in rows]
 
 
@@ -185,6 +190,12 @@ def _recovery(rows: Sequence[ReportRow], healed: ReportRow, where: str) -> list[
         f"unpruned {100 * base.acc1:.2f} %, POMT r={free.r} training-free {100 * free.acc1:.2f} %, "
         f"healed {100 * healed.acc1:.2f} %"
     )
+    control = next(
+        (row for row in rows if row.healed and row.method == "none" and row.batch_size == healed.batch_size),
+        None,
+    )
+    if control is not None:
+        numbers += f"; the unpruned model fine-tuned the same way: {100 * control.acc1:.2f} %"
     if loss <= 0:
         return [f"{where}POMT at r={free.r} lost no accuracy without training ({numbers})"]
     return [
