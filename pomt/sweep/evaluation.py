@@ -419,7 +419,7 @@ class TradeoffEvaluation:
         limit = "" if self.limit_test_batches is None else f" (limit_test_batches={self.limit_test_batches})"
         batch_sizes = self._batch_sizes(sweep.datamodule)
         configs, to_test = plan.configs, len(plan.to_test)
-        healed = sum(1 for c in configs if c.heal_epochs)
+        healed = sum(1 for c in plan.to_test if c.heal_epochs)
         heal = f" ({healed} healed for {self.heal_epochs} epochs each first)" if healed else ""
         print(
             f"sweep: {len(configs)} configurations x batch sizes {batch_sizes}: "

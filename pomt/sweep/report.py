@@ -236,8 +236,7 @@ def format_table(rows: Sequence[ReportRow], timing: str | None = None) -> str:
     if epochs:
         lines.append(
             f"healed: fine-tuned {' / '.join(map(str, epochs))} epochs at its r from the same weights, "
-            "then tested (same latency as its training-free row); its front is over the healed rows and "
-            "the unpruned model"
+            "then tested (same latency as its training-free row); the healed rows have their own front"
         )
     for row in rows:
         if row.timing.startswith("eager ("):
