@@ -10,7 +10,9 @@ output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
 ``report.json``, ``tradeoff.png``, the latency/accuracy profiles and the config, prints the
 table, and leaves one (offline) W&B run per configuration in one group plus a summary run.
 When ``model.weights`` does not exist yet and ``--train_config`` is given, the model is
-trained first with ``train.py``. ``--print_config`` shows every option.
+trained first with ``train.py``. ``--sweep.heal_epochs K`` also fine-tunes every pruned
+configuration at its r for K epochs and reports it as a healed row
+(``configs/digits_heal_evaluate.yaml``). ``--print_config`` shows every option.
 """
 
 from __future__ import annotations

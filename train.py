@@ -5,6 +5,11 @@ is :class:`pomt.lightning.ViTClassifier`; the datamodule any of ``datamodules`` 
 ``class_path``). The best checkpoint is written where ``checkpoint.dirpath`` /
 ``checkpoint.filename`` say (the digits config: ``checkpoints/digits_vit.ckpt``, which the
 evaluate config reads). ``--print_config`` shows every option.
+
+Healing (``configs/digits_heal.yaml``): with ``model.weights`` a trained checkpoint and a
+``POMTCallback`` with ``"train"`` in its ``stages`` among ``trainer.callbacks``, the model is
+fine-tuned with its ViT pruned at one R (chosen before the first step, or the callback's
+``r``), validated and checkpointed at that R, and tested at it.
 """
 
 from __future__ import annotations
@@ -66,7 +71,11 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         acc = metrics.get("test/acc1")
         shown = f"{100 * acc:.2f}%" if acc is not None else "n/a"
         where = best if best else "none saved"
-        print(f"test accuracy (top-1): {shown}  |  fit time: {fit_s:.0f} s  |  checkpoint: {where}")
+        healed = [
+            f"{c.method} r={c.trained_r}" for c in cli.trainer.callbacks if getattr(c, "trained_r", None)
+        ]
+        pruned = f"  |  trained and tested pruned: {', '.join(healed)}" if healed else ""
+        print(f"test accuracy (top-1): {shown}  |  fit time: {fit_s:.0f} s  |  checkpoint: {where}{pruned}")
     return metrics
 
 

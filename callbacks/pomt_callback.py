@@ -3,9 +3,10 @@
 ``setup`` checks all that needs no timing (the ViT, ``layer``, ``r``, the accuracy data), so
 mistakes fail before training. Before each chosen stage, rank 0 calls :func:`pomt.find_r`
 on the Trainer's device and precision (every rank receives the result) and the ViT is pruned
-in place. The model is put back as it was after the stage (``restore``), always after an
-error in it (``on_exception``), and at the start of the next stage or of training if a stage
-died without either. Results stay on the callback and in checkpoints, and are reused only
+in place. With ``"train"`` in ``stages`` the ViT is pruned before the first training step and
+stays pruned through training and the validations inside ``fit``, at one R. The model is put
+back as it was after the stage (``restore``), always after an error in it (``on_exception``),
+and at the start of the next stage or of training if a stage died without either. Results stay on the callback and in checkpoints, and are reused only
 where still valid; the global RNG state is the same after the search as before it.
 """
 
@@ -16,7 +17,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pomt.callbacks import logs
@@ -30,7 +30,7 @@ from pomt.selection import Selection
 
 __all__ = ["POMTCallback", "STAGES", "SPLITS"]
 
-STAGES = ("validate", "test", "predict", "fit")
+STAGES = ("validate", "test", "predict", "fit", "train")
 SPLITS = ("selection", "val", "train", "test")
 
 
@@ -58,7 +58,9 @@ class POMTCallback(Callback):
         vit_path: dotted path of the ViT in the LightningModule (default: the first ViT found).
         stages: when to run: ``validate``, ``test``, ``predict``, ``fit`` (the validation inside
             ``fit``, pruned while training is not: A(n) is measured again as the weights change,
-            and what a ModelCheckpoint or EarlyStopping monitors is the pruned model).
+            and what a ModelCheckpoint or EarlyStopping monitors is the pruned model), ``train``
+            (training steps and the validations inside ``fit`` run pruned at one R, chosen before
+            the first step on the starting weights, or ``r``; later stages keep that R).
         log_plots: log the curves (table, line plots, PNG); scalars are always logged.
         log_token_maps: log this many images of the stage's data with the token each patch
             ended in (``pomt.plots.plot_token_groups``) to every logger that takes images.
@@ -99,6 +101,10 @@ class POMTCallback(Callback):
         unknown = sorted(set(stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
+        if {"fit", "train"} <= set(stages):
+            raise ValueError(
+                "stages has 'fit' and 'train': 'train' already prunes the validations inside fit"
+            )
         try:
             search = SearchConfig.coerce(search)
         except (TypeError, ValueError) as err:
@@ -112,11 +118,13 @@ class POMTCallback(Callback):
         self.result: Search | None = None
         self.applied_r: int | None = None
         self.applied_schedule: list[int] | None = None
+        self.trained_r: int | None = None  # the R training ran at ("train"): later stages use it
         self._vit: Any = None
         self._found_path: str | None = None
         self._previous: Any = None  # the pruning found at the start of the stage
         self._left: Any = None  # the pruning this callback left on the model (restore=False)
         self._applied = False
+        self._training = False  # pruned for training: held through fit's validations
         self._warned_split = False
 
     @property
@@ -143,19 +151,30 @@ class POMTCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._recover()
-        self._report_pruning("training")
+        if "train" not in self.stages:
+            self._recover()
+            support.report_pruning(self, "training")
+            return
+        self._before_stage(trainer, pl_module, "train")  # R on the starting weights, held until the end
+        self._training = True
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._training:
+            self._training, self.trained_r = False, self.applied_r
+            self._after_stage()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self._training:  # while training pruned, validation runs at its R
             return
         if ("fit" if trainer.state.fn == "fit" else "validate") in self.stages:
             self._before_stage(trainer, pl_module, "validate")
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._after_stage(force_restore=trainer.state.fn == "fit")
+        if not self._training:
+            self._after_stage(force_restore=trainer.state.fn == "fit")
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,7 +198,8 @@ class POMTCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """An error inside a pruned stage leaves the model as it was before the stage."""
+        """An error inside a pruned stage (or pruned training) leaves the model as it was before it."""
+        self._training = False
         self._recover()
 
     # ------------------------------------------------------------------ results and checkpoint state
@@ -199,12 +219,20 @@ class POMTCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain values only, so checkpoints load with ``weights_only=True``."""
         state = {} if self.result is None else self.result.to_dict()
-        return state | {"applied_r": self.applied_r, "method": self.method, "layer": self.layer}
+        trained = self.applied_r if self._training else self.trained_r
+        return state | {
+            "applied_r": self.applied_r,
+            "trained_r": trained,
+            "method": self.method,
+            "layer": self.layer,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A checkpoint's search replaces the one in memory; one without a search (saved before
         any) leaves the results in memory, which are still reused only where valid."""
+        if state_dict.get("trained_r") is not None:  # weights trained at that R are tested at it
+            self.trained_r = int(state_dict["trained_r"])
         loaded = Search.from_dict(state_dict)
         if loaded is None:
             if self.result is not None:
@@ -216,12 +244,12 @@ class POMTCallback(Callback):
     def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._vit
         self._recover()  # a stage that died without on_exception
-        self._previous = self._report_pruning(stage)
+        self._previous = support.report_pruning(self, stage)
         remove_pruning(vit)  # profile, and prune, the model as built
         try:
-            r = self.r
+            r = self.r if self.r is not None or stage == "train" else self.trained_r
             if r is None:
-                self._search_all_ranks(trainer, pl_module, stage)
+                self.result = support.search_all_ranks(self, trainer, pl_module, stage)
                 r = self.selection.r
             schedule = token_schedule(vit, self.method, r, self.layer)  # validates r before patching
             apply_pruning(vit, self.method, r=r, layer=self.layer)
@@ -251,43 +279,12 @@ class POMTCallback(Callback):
             self._put_back()
             self._applied = False
 
-    def _report_pruning(self, what: str) -> Any:
-        """The pruning the model has now; a warning naming it when this callback did not do it."""
-        found = pruning_config(self._vit)
-        if found is not None and found != self._left:
-            rank_zero_warn(
-                f"POMTCallback: the ViT at `{self._found_path or '<module>'}` is already pruned before "
-                f"{what}, not by this callback: {found}. "
-                + (
-                    "Training runs on that pruned model; call pomt.remove_pruning(vit) to train the whole one."
-                    if what == "training"
-                    else "The search and the pruning start from the unpruned model; it is pruned as found again after."
-                )
-            )
-        elif found is not None and what == "training":
-            rank_zero_warn(
-                f"POMTCallback: training runs on the model this callback left pruned (restore=False): {found}"
-            )
-        return found
-
     def _put_back(self) -> None:
         """The ViT as it was before the stage: unpruned, or pruned as the user had it."""
         remove_pruning(self._vit)
         if self._previous is not None:
             prev = self._previous
             apply_pruning(self._vit, prev.method, r=prev.r, layer=prev.layer)
-
-    def _search_all_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        result: Any = None
-        if trainer.is_global_zero:
-            try:
-                result = self._search(trainer, pl_module, stage)
-            except Exception as err:  # tell the other ranks instead of leaving them waiting
-                result = err
-        result = trainer.strategy.broadcast(result, src=0)
-        if isinstance(result, Exception):
-            raise result
-        self.result = result
 
     def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
         return support.search(self, trainer, pl_module, stage)

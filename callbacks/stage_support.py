@@ -1,5 +1,6 @@
-"""What ``POMTCallback`` needs besides its hooks: its log lines, the data it estimates A(n) on,
-the search under the Trainer's precision, and the report of a model pruned by someone else.
+"""What ``POMTCallback`` needs besides its hooks: its log lines, the data it estimates A(n) on
+(for ``train``: the training data when nothing else is given), the search under the Trainer's
+precision, and the report of a model pruned by someone else.
 
 The callback's lines go to the ``pomt.callbacks`` logger (rank 0 only), so an application that
 configures logging (Hydra's ``train.log``, ``logging.basicConfig``) receives them in its files;
@@ -18,12 +19,28 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.finder import Search, find_r
 from pomt.models import find_vit, image_size
+from pomt.pruning import pruning_config
 
-__all__ = ["say", "unlabelled", "first_loader", "stage_loader", "accuracy_data", "check_data", "search"]
+__all__ = [
+    "say",
+    "unlabelled",
+    "first_loader",
+    "stage_loader",
+    "accuracy_data",
+    "check_data",
+    "search",
+    "report_pruning",
+    "search_all_ranks",
+]
 
 logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
 
-LOADERS = {"validate": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}
+LOADERS = {
+    "train": "train_dataloader",
+    "validate": "val_dataloaders",
+    "test": "test_dataloaders",
+    "predict": "predict_dataloaders",
+}
 FIXES = (
     "give the datamodule a selection_dataloader() (a held-out split), set accuracy_split='val' (or "
     "'train'), or pass accuracy_data="
@@ -92,7 +109,7 @@ def accuracy_data(callback: Any, trainer: pl.Trainer, stage: str | None) -> Any:
         return None
     loader = stage_loader(trainer, stage)
     check_data(callback, loader, stage)  # unlabelled data is an error, said before any warning
-    if not callback._warned_split:
+    if not callback._warned_split and stage != "train":  # the training data is not reported on
         rank_zero_warn(
             f"POMTCallback chooses R on the {stage} data, the split this {stage} reports: the accuracy "
             f"it estimates is not held out. To choose R on other data, {FIXES}."
@@ -130,3 +147,38 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
         raise unlabelled(stage) from err
     finally:
         pl_module.train(was_training)
+
+
+def report_pruning(callback: Any, what: str) -> Any:
+    """The pruning the callback's ViT has now (``pruning_config``); a warning naming it when the
+    callback did not leave it there (``what``: ``training`` or the stage about to run)."""
+    found = pruning_config(callback._vit)
+    if found is not None and found != callback._left:
+        rank_zero_warn(
+            f"POMTCallback: the ViT at `{callback._found_path or '<module>'}` is already pruned before "
+            f"{what}, not by this callback: {found}. "
+            + (
+                "Training runs on that pruned model; call pomt.remove_pruning(vit) to train the whole one."
+                if what == "training"
+                else "The search and the pruning start from the unpruned model; it is pruned as found again after."
+            )
+        )
+    elif found is not None and what == "training":
+        rank_zero_warn(
+            f"POMTCallback: training runs on the model this callback left pruned (restore=False): {found}"
+        )
+    return found
+
+
+def search_all_ranks(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
+    """Rank 0 searches (``callback._search``); every rank receives its result, or its error."""
+    result: Any = None
+    if trainer.is_global_zero:
+        try:
+            result = callback._search(trainer, pl_module, stage)
+        except Exception as err:  # tell the other ranks instead of leaving them waiting
+            result = err
+    result = trainer.strategy.broadcast(result, src=0)
+    if isinstance(result, Exception):
+        raise result
+    return result

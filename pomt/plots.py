@@ -154,25 +154,51 @@ def plot_latency(lat: Any) -> Any:
     return fig
 
 
+def _healed_front(rows: Sequence[Any]) -> list[Any]:
+    """The healed rows on their front, and the unpruned row when it was not fine-tuned too and
+    no healed row beats it."""
+    healed = [row for row in rows if getattr(row, "healed", False)]
+    out = [row for row in healed if getattr(row, "pareto", False)]
+    control = any(row.method == "none" for row in healed)
+    for row in rows:
+        if (
+            row.method == "none"
+            and not control
+            and row not in healed
+            and not any(
+                o.acc1 >= row.acc1
+                and o.latency_ms <= row.latency_ms
+                and (o.acc1 > row.acc1 or o.latency_ms < row.latency_ms)
+                for o in healed
+            )
+        ):
+            out.append(row)
+    return sorted(out, key=lambda row: row.latency_ms) if healed else []
+
+
 def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
-    for method in dict.fromkeys(row.method for row in rows):
-        group = sorted((row for row in rows if row.method == method), key=lambda row: row.latency_ms)
+    kinds = dict.fromkeys((row.method, bool(getattr(row, "healed", False))) for row in rows)
+    for method, healed in kinds:
+        group = sorted(
+            (row for row in rows if row.method == method and bool(getattr(row, "healed", False)) == healed),
+            key=lambda row: row.latency_ms,
+        )
         color, marker, label = _STYLES.get(method, ("tab:gray", "x", method))
         xs = [row.latency_ms for row in group]
         ys = [100 * row.acc1 for row in group]
-        ax.scatter(
+        ax.scatter(  # healed rows: hollow markers in the method's colour
             xs,
             ys,
             s=260 if method == "pomt" else 60,
-            c=color,
+            c="none" if healed else color,
             marker=marker,
-            label=label,
+            label=f"{label}, healed" if healed else label,
             zorder=3,
-            edgecolors="black",
-            linewidths=0.6,
+            edgecolors=color if healed else "black",
+            linewidths=1.6 if healed else 0.6,
         )
         if len(group) > 1:
-            ax.plot(xs, ys, c=color, alpha=0.4, zorder=2)
+            ax.plot(xs, ys, c=color, alpha=0.4, zorder=2, ls=":" if healed else "-")
         for row in group:
             if row.method != "none":
                 ax.annotate(
@@ -183,10 +209,15 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
                     fontsize=8,
                     color=color,
                 )
-    front = sorted((row for row in rows if getattr(row, "pareto", False)), key=lambda row: row.latency_ms)
-    if len(front) > 1:
-        xs, ys = [row.latency_ms for row in front], [100 * row.acc1 for row in front]
-        ax.step(xs, ys, where="post", color="0.35", ls="--", lw=1, zorder=1, label="Pareto front")
+    front = sorted(
+        (row for row in rows if getattr(row, "pareto", False) and not getattr(row, "healed", False)),
+        key=lambda row: row.latency_ms,
+    )
+    healed_front = _healed_front(rows)
+    for line, label, style in ((front, "Pareto front", "--"), (healed_front, "Pareto front, healed", "-.")):
+        if len(line) > 1:
+            xs, ys = [row.latency_ms for row in line], [100 * row.acc1 for row in line]
+            ax.step(xs, ys, where="post", color="0.35", ls=style, lw=1, zorder=1, label=label)
     first = rows[0] if rows else None
     where = (
         f"\n{first.model}, batch {first.batch_size}, {precision_label(first)}, {first.device}"
@@ -204,7 +235,8 @@ def plot_tradeoff(
     rows: Sequence[Any], latency: Any = None, accuracy: Any = None, selection: Any = None
 ) -> Any:
     """Accuracy against latency, one marker per ``pomt.sweep.report.ReportRow``, POMT highlighted, and
-    the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase.
+    the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase; healed
+    rows (``healed``) as hollow markers, with their own front (dash-dotted).
 
     With the latency/accuracy profiles given, a second panel shows the profile's curves
     (``pomt.plots.plot_profiles`` on its own axes) beside the trade-off.

@@ -83,3 +83,48 @@ def test_fit_then_test_twice_into_the_same_folders(tmp_path, monkeypatch, capsys
     assert model.hparams.model_kwargs["embed_dim"] == 32 and model.num_classes == 10
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_heal_config_fine_tunes_a_checkpoint_pruned_and_tests_it_at_the_same_r(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train = _load_train(monkeypatch)
+    train.main(_tiny_args(tmp_path))  # the starting checkpoint, as configs/digits_train.yaml writes it
+    wandb.finish()
+    start = tmp_path / "checkpoints" / "digits_vit.ckpt"
+    capsys.readouterr()
+
+    callback = '[{"class_path": "pomt.callbacks.POMTCallback", "init_args": {"r": 4, "layer": 1, "stages": ["train", "test"]}}]'
+    heal = [
+        str(ROOT / "configs" / "digits_heal.yaml") if a == str(CONFIG) else a for a in _tiny_args(tmp_path)
+    ]
+    metrics = train.main([*heal, f"--model.weights={start}", f"--trainer.callbacks={callback}"])
+    wandb.finish()
+    printed = capsys.readouterr().out
+    assert "trained and tested pruned: pomt r=4" in printed
+    assert metrics["pomt/r"] == 4 and 0.0 <= metrics["test/acc1"] <= 1.0  # the test ran pruned at r=4
+
+    healed = tmp_path / "checkpoints" / "digits_vit_healed.ckpt"
+    state = torch.load(healed, map_location="cpu", weights_only=True)
+    pomt_state = next(v for k, v in state["callbacks"].items() if "POMTCallback" in k)
+    assert pomt_state["trained_r"] == 4  # the R the weights were healed at
+    before = torch.load(start, map_location="cpu", weights_only=True)["state_dict"]
+    assert any(not torch.equal(before[k], v) for k, v in state["state_dict"].items())
+
+
+def test_heal_config_parses_with_its_search():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/digits_heal.yaml", "--print_config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (
+        "stages:\n      - train\n      - test" in out.stdout
+        and "weights: checkpoints/digits_vit.ckpt" in out.stdout
+    )

@@ -4,7 +4,7 @@ at matching r), their side-by-side timing on one batch, and their token maps."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,21 +27,30 @@ __all__ = [
 @dataclass(frozen=True)
 class Configuration:
     """One evaluated way of running the model: ``method`` with ``r`` (``selected``: POMT at the
-    R chosen for this device)."""
+    R chosen for this device); ``heal_epochs`` > 0: fine-tuned that many epochs at this r first."""
 
     method: str
     r: int
     selected: bool = False
+    heal_epochs: int = 0
 
     @property
     def label(self) -> str:
-        """How tables, figures and logs name it: ``unpruned``, ``tome r=4``."""
-        return "unpruned" if self.method == "none" else f"{self.method} r={self.r}"
+        """How tables, figures and logs name it: ``unpruned``, ``tome r=4``, ``tome r=4 healed``."""
+        name = "unpruned" if self.method == "none" else f"{self.method} r={self.r}"
+        return f"{name} healed" if self.heal_epochs else name
 
     @property
     def key(self) -> str:
-        """How files and records name it (stable, no spaces): ``unpruned``, ``tome-r4``."""
-        return "unpruned" if self.method == "none" else f"{self.method}-r{self.r}"
+        """How files and records name it (stable, no spaces): ``unpruned``, ``tome-r4``,
+        ``tome-r4-healed2`` (2 epochs)."""
+        name = "unpruned" if self.method == "none" else f"{self.method}-r{self.r}"
+        return f"{name}-healed{self.heal_epochs}" if self.heal_epochs else name
+
+    @property
+    def base(self) -> Configuration:
+        """The training-free configuration with the same method and r (its latency is this one's)."""
+        return replace(self, heal_epochs=0)
 
 
 def mean_n(vit: nn.Module, config: Configuration, layer: int) -> float:
@@ -83,10 +92,13 @@ def configurations(
     layer: int,
     span: Sequence[float],
     explicit: dict[str, list[int] | None],
+    heal_epochs: int = 0,
 ) -> list[Configuration]:
     """Unpruned, POMT at ``r`` (None: not evaluated), and ToMe/Top-K at ``explicit[method]`` or at
     r values whose mean token counts span ``span`` times POMT's reduction (a quarter of the
-    patches when POMT removes nothing)."""
+    patches when POMT removes nothing); with ``heal_epochs`` > 0, then every pruned one again,
+    healed for that many epochs, and the unpruned model fine-tuned the same way (the control:
+    what the epochs give without pruning)."""
     layout = pomt.token_layout(vit)
     configs = [Configuration("none", 0)] if "none" in methods else []
     reduction = 0.0
@@ -101,6 +113,8 @@ def configurations(
             values = explicit.get(method)
             values = values if values is not None else matching_r_values(vit, method, targets, layer)
             configs.extend(Configuration(method, int(v)) for v in values)
+    if heal_epochs > 0:
+        configs += [replace(c, heal_epochs=heal_epochs) for c in configs if c.method == "none" or c.r > 0]
     return configs
 
 
@@ -171,6 +185,7 @@ def token_maps_figure(
     """The same images unpruned, with POMT at its R, and with the ToMe and Top-K settings whose
     mean token count is closest to POMT's: one column each, titled by the configuration's
     label (``pomt.plots.plot_token_groups``)."""
+    configs = [c for c in configs if not c.heal_epochs]  # the tokens of the starting weights
     chosen = next((c for c in configs if c.selected), None)
     target = mean_n(vit, chosen, layer) if chosen else 0.0
     shown = [c for c in configs if c.method in ("none", "pomt")]

@@ -32,6 +32,7 @@ class TradeoffResult:
     searches: dict[int, Search] = field(default_factory=dict)  # per batch size, when made on this rank
     wandb_dirs: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)  # configurations whose accuracy was reused
+    reused_healed: list[str] = field(default_factory=list)  # healed weights loaded, not trained again
 
 
 @dataclass
@@ -41,7 +42,8 @@ class SweepRun:
     ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
     with it); ``conditions`` what every record of this run is valid for (see
     ``pomt.sweep.rundir``); ``how_timed`` how every configuration is timed, in words;
-    ``per_batch_size``: each batch size has its own folder ``bs<B>/``.
+    ``per_batch_size``: each batch size has its own folder ``bs<B>/``; ``heal_batch_size``: the
+    batch size the run started with, at which every configuration heals.
     """
 
     model: pl.LightningModule
@@ -56,6 +58,8 @@ class SweepRun:
     per_batch_size: bool
     result: TradeoffResult
     bar: Any = None
+    heal_batch_size: int | None = None  # the batch size every configuration heals at
+    heal_s: float = 0.0  # seconds spent healing (and testing healed rows) in this run
 
     @property
     def zero(self) -> bool:

@@ -5,8 +5,10 @@ chooses R with :func:`pomt.find_r`, fixes the configurations (unpruned, POMT at 
 Top-K at r values that span the same token reduction), and times them side by side on one
 real test batch, the way the latency profile was timed. Then every rank tests each
 configuration (``trainer.test``, one logger each; exact under DDP with unrepeated
-sampling). Every finished piece is written to the run directory at once and reused by a
-rerun where still valid (``pomt.sweep.rundir``); the report, plot and token maps land there too.
+sampling). With ``heal_epochs`` > 0, every pruned configuration is also fine-tuned at its r
+for that many epochs and tested again, as a healed row (``pomt.sweep.healing``). Every
+finished piece is written to the run directory at once and reused by a rerun where still
+valid (``pomt.sweep.rundir``); the report, plot and token maps land there too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
 from pomt.sweep.configurations import Configuration, SideBySide, token_maps_figure
 from pomt.sweep.context import SweepRun, TradeoffResult, check_limit, no_trainer_limit, test_images
+from pomt.sweep.healing import check_heal_epochs, healed_weights
 from pomt.sweep.plan import Plan, Tested, accuracy_record, make_plan
 from pomt.sweep.report import ReportRow, format_table, mark_pareto, write_report
 from pomt.sweep.rundir import RunDir
@@ -64,6 +67,11 @@ class TradeoffEvaluation:
             a quick estimate; the report states it, and a rerun reuses an accuracy only when it
             was measured under the same limit. The sweep's one test limit: a Trainer that
             sets ``limit_test_batches`` itself is rejected.
+        heal_epochs: 0 (default): training-free. K > 0: every pruned configuration (POMT at its R,
+            each ToMe and Top-K r) is also fine-tuned at its r for K epochs from the same
+            weights, with the model's own optimiser settings and the same seed, then tested:
+            the report adds these as healed rows (single process only).
+        heal_batches: at most this many training batches per healing epoch (default: all).
     """
 
     def __init__(
@@ -86,7 +94,10 @@ class TradeoffEvaluation:
         token_maps: int = 4,
         resume: bool = True,
         limit_test_batches: float | int | None = None,
+        heal_epochs: int = 0,
+        heal_batches: int | None = None,
     ) -> None:
+        check_heal_epochs(heal_epochs, heal_batches)
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
@@ -109,6 +120,7 @@ class TradeoffEvaluation:
         self.batch_sizes = list(batch_sizes) if batch_sizes else None
         self.token_maps, self.resume = token_maps, resume
         self.limit_test_batches = check_limit(limit_test_batches)
+        self.heal_epochs, self.heal_batches = heal_epochs, heal_batches
 
     # ------------------------------------------------------------------ the sweep
     def run(
@@ -147,6 +159,11 @@ class TradeoffEvaluation:
         """The run directory, the Trainer that fixes device and precision, and what records need."""
         trainer = trainer_factory(logger=False, callbacks=[])
         no_trainer_limit(getattr(trainer, "limit_test_batches", None))
+        if self.heal_epochs and trainer.world_size > 1:
+            raise ValueError(
+                f"sweep.heal_epochs={self.heal_epochs} runs in one process only, but the Trainer has "
+                f"{trainer.world_size} (devices x nodes): run the healing sweep with --trainer.devices 1"
+            )
         if self.batch_sizes and not hasattr(datamodule, "batch_size"):
             raise ValueError(f"{type(datamodule).__name__} has no batch_size: cannot sweep batch sizes")
         name = self.run_name or time.strftime("%Y%m%d-%H%M%S")
@@ -167,6 +184,7 @@ class TradeoffEvaluation:
             group=self.wandb_group or f"tradeoff-{name}",
             per_batch_size=bool(self.batch_sizes),
             result=TradeoffResult([], run_dir.root),
+            heal_batch_size=getattr(datamodule, "batch_size", None),
         )
 
     def _batch_sizes(self, datamodule: Any) -> list[int]:
@@ -212,6 +230,12 @@ class TradeoffEvaluation:
             rank_zero_info(
                 f"reused the accuracy of {', '.join(dict.fromkeys(sweep.result.reused))} (see {where})"
             )
+        if sweep.result.reused_healed and sweep.zero:
+            where = sweep.run_dir.root / "healed"
+            rank_zero_info(
+                f"reused the healed checkpoints of {', '.join(dict.fromkeys(sweep.result.reused_healed))} "
+                f"(see {where})"
+            )
         return rows
 
     def _test(self, sweep: SweepRun, plan: Plan, config: Configuration) -> Tested:
@@ -223,15 +247,30 @@ class TradeoffEvaluation:
         )
         limit = {} if self.limit_test_batches is None else {"limit_test_batches": self.limit_test_batches}
         try:
-            rank_zero_info(f"evaluating {config.label}")
             start = time.perf_counter()
-            trainer = sweep.trainer_factory(logger=logger, callbacks=callbacks, **limit)
-            metrics = trainer.test(sweep.model, datamodule=sweep.datamodule, verbose=False)[0]
-            tested = Tested({k: float(v) for k, v in metrics.items()}, time.perf_counter() - start)
+            with self._healing_shown(sweep, config), healed_weights(sweep, self, config) as healing:
+                rank_zero_info(f"evaluating {config.label}")
+                trainer = sweep.trainer_factory(logger=logger, callbacks=callbacks, **limit)
+                metrics = trainer.test(sweep.model, datamodule=sweep.datamodule, verbose=False)[0]
+            wall_s = time.perf_counter() - start
+            tested = Tested({k: float(v) for k, v in metrics.items()}, wall_s, healing.seconds)
+            if healing.reused:
+                sweep.result.reused_healed.append(config.label)
             if logger:
-                stats = plan.latency[config.key].stats
-                logger.log_hyperparams({"method": config.method, "r": config.r, "timing": sweep.how_timed})
-                logger.log_metrics({"latency/median_ms": stats.median_ms, "latency/p90_ms": stats.p90_ms})
+                stats = plan.latency[config.base.key].stats
+                logger.log_hyperparams(
+                    {
+                        "method": config.method,
+                        "r": config.r,
+                        "timing": sweep.how_timed,
+                        "healed": bool(config.heal_epochs),
+                        "heal_epochs": config.heal_epochs,
+                    }
+                )
+                healed = {} if healing.seconds is None else {"heal/seconds": healing.seconds}
+                logger.log_metrics(
+                    {"latency/median_ms": stats.median_ms, "latency/p90_ms": stats.p90_ms, **healed}
+                )
         finally:
             finish_run(logger, sweep.result.wandb_dirs)
         sweep.run_dir.save(*accuracy_record(sweep, self, config), tested.to_dict())
@@ -242,7 +281,7 @@ class TradeoffEvaluation:
         schedule = pomt.token_schedule(sweep.vit, config.method, config.r, self.layer)
         search = sweep.result.searches.get(plan.batch_size)
         chosen = search.selection if (search and config.selected) else None
-        timed, metrics = plan.latency[config.key], tested.metrics
+        timed, metrics = plan.latency[config.base.key], tested.metrics
         return ReportRow(
             method=config.method,
             r=None if config.method == "none" else config.r,
@@ -267,6 +306,9 @@ class TradeoffEvaluation:
             timer_mode=timed.mode,
             images=int(metrics.get("test/images", 0)),
             wall_s=tested.wall_s,
+            healed=bool(config.heal_epochs),
+            heal_epochs=config.heal_epochs,
+            heal_s=tested.heal_s,
         )
 
     def _save_token_maps(self, sweep: SweepRun, plan: Plan) -> None:
@@ -348,6 +390,21 @@ class TradeoffEvaluation:
             return wandb_logger(save_dir=run_dir, offline=True, **kwargs)
 
     @contextlib.contextmanager
+    def _healing_shown(self, sweep: SweepRun, config: Configuration) -> Iterator[None]:
+        """While a configuration heals, the progress bar says so; then the healing time so far."""
+        bar = sweep.bar if config.heal_epochs else None
+        if bar is None:
+            yield
+            return
+        bar.set_postfix_str(f"healing {config.label} ({config.heal_epochs} epochs)", refresh=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sweep.heal_s += time.perf_counter() - start
+            bar.set_postfix_str(f"healing and testing healed rows: {sweep.heal_s:.0f} s", refresh=True)
+
+    @contextlib.contextmanager
     def _progress(self, enabled: bool) -> Iterator[Any]:
         if not enabled:
             yield None
@@ -367,10 +424,12 @@ class TradeoffEvaluation:
         limit = "" if self.limit_test_batches is None else f" (limit_test_batches={self.limit_test_batches})"
         batch_sizes = self._batch_sizes(sweep.datamodule)
         configs, to_test = plan.configs, len(plan.to_test)
+        healed = sum(1 for c in plan.to_test if c.heal_epochs)
+        heal = f" ({healed} healed for {self.heal_epochs} epochs each first)" if healed else ""
         print(
             f"sweep: {len(configs)} configurations x batch sizes {batch_sizes}: "
             f"{', '.join(c.label for c in configs)}; accuracy on {images}{limit}; "
-            f"{to_test} to test, {len(configs) - to_test} reused"
+            f"{to_test} to test{heal}, {len(configs) - to_test} reused"
         )
         if sweep.bar is not None:
             sweep.bar.total = len(configs) * len(batch_sizes)

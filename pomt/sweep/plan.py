@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from pomt.finder import Search, find_r
 from pomt.sweep.configurations import Configuration, configurations, time_configurations
 from pomt.sweep.context import SweepRun, test_images
+from pomt.sweep.healing import heal_conditions
 from pomt.timing import TimingStats
 
 if TYPE_CHECKING:
@@ -44,17 +45,24 @@ class Timed:
 
 @dataclass(frozen=True)
 class Tested:
-    """One configuration's accuracy record: the test metrics and how long the test took."""
+    """One configuration's accuracy record: the test metrics, how long the test took (healing
+    included) and, for a healed configuration, how long its fine-tuning took (``heal_s``)."""
 
     metrics: dict[str, float]
     wall_s: float
+    heal_s: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Tested:
-        return cls({k: float(v) for k, v in data["metrics"].items()}, float(data["wall_s"]))
+        heal_s = data.get("heal_s")
+        return cls(
+            {k: float(v) for k, v in data["metrics"].items()},
+            float(data["wall_s"]),
+            None if heal_s is None else float(heal_s),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metrics": dict(self.metrics), "wall_s": self.wall_s}
+        return {"metrics": dict(self.metrics), "wall_s": self.wall_s, "heal_s": self.heal_s}
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
-            "configs": [[c.method, c.r, c.selected] for c in self.configs],
+            "configs": [[c.method, c.r, c.selected, c.heal_epochs] for c in self.configs],
             "latency": {key: timed.to_dict() for key, timed in self.latency.items()},
             "done": {key: tested.to_dict() for key, tested in self.done.items()},
         }
@@ -84,7 +92,7 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         return cls(
             batch_size=int(data["batch_size"]),
-            configs=[Configuration(m, int(r), bool(s)) for m, r, s in data["configs"]],
+            configs=[Configuration(m, int(r), bool(s), int(h)) for m, r, s, h in data["configs"]],
             latency={key: Timed.from_dict(value) for key, value in data["latency"].items()},
             done={key: Tested.from_dict(value) for key, value in data["done"].items()},
         )
@@ -102,8 +110,10 @@ def make_plan(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int) ->
         sweep.result.searches[batch_size] = search
     r = None if search is None else search.selection.r
     explicit = {"tome": settings.tome_r, "topk": settings.topk_r}
-    configs = configurations(sweep.vit, settings.methods, r, settings.layer, settings.span, explicit)
-    latency = _time(sweep, settings, batch_size, configs)
+    configs = configurations(
+        sweep.vit, settings.methods, r, settings.layer, settings.span, explicit, settings.heal_epochs
+    )
+    latency = _time(sweep, settings, batch_size, [c for c in configs if not c.heal_epochs])
     done = {c.key: tested for c in configs if (tested := load_tested(sweep, settings, c)) is not None}
     return Plan(batch_size, configs, latency, done)
 
@@ -172,12 +182,15 @@ def accuracy_record(
     sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration
 ) -> tuple[Path, dict[str, Any]]:
     """Where one configuration's accuracy record lives, and what it is valid for: the run's
-    conditions, the test limit, the method and r (accuracy does not depend on the batch size)."""
+    conditions, the test limit, the method and r (accuracy does not depend on the batch size),
+    and for a healed configuration how it was fine-tuned (``pomt.sweep.healing``)."""
     valid_for = sweep.conditions | {
         "limit_test_batches": settings.limit_test_batches,
         "method": config.method,
         "r": config.r,
     }
+    if config.heal_epochs:
+        valid_for |= heal_conditions(sweep, settings, config)
     return sweep.run_dir.root / "results" / f"{config.key}.json", valid_for
 
 

@@ -5,7 +5,8 @@ make it valid (the weights' fingerprint, the data, the device, the precision, th
 then the batch size, the search settings, the test limit, the method and r, where they
 matter): the search of each batch size (``bs<B>/search.json``), the side by side timing of
 its configurations (``bs<B>/timing.json``), and the accuracy of each configuration
-(``results/<key>.json``, e.g. ``tome-r4.json``). A rerun reuses a record whose conditions
+(``results/<key>.json``, e.g. ``tome-r4.json``), and the weights of each healed configuration
+(``healed/<key>.pt`` with ``healed/<key>.json``, see ``pomt.sweep.healing``). A rerun reuses a record whose conditions
 all match, and says why it measures again when one does not. Under DDP, global rank 0 writes
 the plan of each batch size (``ready.json``, see ``pomt.sweep.plan``); the other ranks wait
 for the plan of this session and follow it, so that every rank runs the same configurations
@@ -66,7 +67,7 @@ class RunDir:
         self.session = session_id()
         if rank_zero:
             if not resume:
-                for name in ("results", "report.csv", "report.json"):
+                for name in ("results", "healed", "report.csv", "report.json"):
                     target = self.root / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
                 for folder in [self.root, *self.root.glob("bs*")]:

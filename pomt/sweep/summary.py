@@ -26,7 +26,8 @@ def log_summary_run(
 ) -> None:
     """The summary run: the comparison table, an accuracy-vs-latency scatter, the figures
     (``images``: the trade-off plot, the token maps), the run's ``config`` (how it was timed,
-    what it ran on), and summary values for POMT's row and the unpruned model."""
+    what it ran on), and summary values for POMT's row (``pomt/``, healed: ``pomt_healed/``) and
+    the unpruned model."""
     import wandb
 
     run = logger.experiment
@@ -45,14 +46,17 @@ def log_summary_run(
     run.log(logged)
     for row in rows:
         if row.selected:
+            prefix = "pomt_healed" if row.healed else "pomt"
             run.summary.update(
                 {
-                    "pomt/r": row.r,
-                    "pomt/n_last": row.n_last,
-                    "pomt/acc1": row.acc1,
-                    "pomt/latency_ms": row.latency_ms,
+                    f"{prefix}/r": row.r,
+                    f"{prefix}/n_last": row.n_last,
+                    f"{prefix}/acc1": row.acc1,
+                    f"{prefix}/latency_ms": row.latency_ms,
                 }
             )
+            if row.healed:
+                run.summary.update({"pomt_healed/heal_epochs": row.heal_epochs})
     base = next((row for row in rows if row.method == "none"), None)
     if base is not None:
         run.summary.update({"unpruned/acc1": base.acc1, "unpruned/latency_ms": base.latency_ms})
