@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -33,26 +32,23 @@ def _table(rows):
 
 def test_a_rerun_reuses_every_configuration_and_prints_the_same_table(tmp_path, capsys, caplog):
     args = tiny_args(tmp_path, "--sweep.wandb=false")
-    start = time.perf_counter()
     first = evaluate.main(args)
-    first_s = time.perf_counter() - start
     out = capsys.readouterr().out
     assert "sweep: " in out and "configurations x batch sizes [32]" in out  # the line before it runs
     assert first.reused == [] and all(row.wall_s > 0 and row.images == 64 for row in first.rows)
     table = out[out.index("configuration ") : out.index("report:")]
 
     caplog.clear()
-    start = time.perf_counter()
     with caplog.at_level("INFO"):
         second = evaluate.main(args)
-    second_s = time.perf_counter() - start
     out = capsys.readouterr().out
     assert len(second.reused) == len(first.rows) and not list(tmp_path.glob("tiny/wandb"))
     for step in ("selecting R", "timing ", "evaluating "):  # nothing measured or tested again
         assert step not in caplog.text
     assert _table(second.rows) == _table(first.rows)
     assert out[out.index("configuration ") : out.index("report:")] == table  # the same table
-    assert second_s < first_s, (first_s, second_s)  # (the digits main job: see the README)
+    # (how much faster a rerun is, is measured on the digits main job: see the README; a timed
+    # assertion here would only measure this machine's noise on a tiny model)
 
     fresh = evaluate.main([*args, "--sweep.resume=false"])  # starts clean
     assert fresh.reused == []
