@@ -27,6 +27,7 @@ __all__ = [
     "attention_residual",
     "mlp_residual",
     "check_room",
+    "patched_class",
 ]
 
 
@@ -138,10 +139,49 @@ def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+# --------------------------------------------------------------------------- patched classes
+
+
+class _PrunedBlock(nn.Module):
+    """Base of the mixins: a patched block pickles (``torch.save``, ``copy.deepcopy``, Lightning
+    checkpoints that hold the module) by naming its mixin and original class, both importable,
+    instead of its generated class, which ``patched_class`` rebuilds when it is loaded."""
+
+    _pomt_spec: BlockSpec
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        cls = type(self)
+        base = getattr(cls, "_pomt_base_class", None)
+        reduced = super().__reduce_ex__(protocol)
+        if base is None or not isinstance(reduced, tuple) or len(reduced) < 3:
+            return reduced
+        return (_rebuild_block, (cls._pomt_mixin, base), *reduced[2:])
+
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def patched_class(mixin: type[nn.Module], base: type[nn.Module]) -> type[nn.Module]:
+    """The class of a ``base`` block whose ``forward`` is ``mixin``'s: one per pair, so that
+    blocks patched, copied or loaded alike share it (and ``isinstance`` holds across them)."""
+    key = (mixin, base)
+    if key not in _CLASS_CACHE:
+        name = f"{mixin.__name__.lstrip('_').removesuffix('Block')}{base.__name__}"
+        attrs = {"_pomt_base_class": base, "_pomt_mixin": mixin, "__module__": __name__}
+        _CLASS_CACHE[key] = type(name, (mixin, base), attrs)
+    return _CLASS_CACHE[key]
+
+
+def _rebuild_block(mixin: type[nn.Module], base: type[nn.Module]) -> nn.Module:
+    """An empty block of the patched class (pickle then restores its state)."""
+    cls = patched_class(mixin, base)
+    return cls.__new__(cls)
+
+
 # --------------------------------------------------------------------------- POMT, Top-K
 
 
-class _POMTBlock(nn.Module):
+class _POMTBlock(_PrunedBlock):
     """Mixin: POMT pruning inside one block: score after the attention, keep the best, fuse the rest.
 
     On CUDA the block keeps fused attention and scores from q and k on the side (Triton
@@ -165,7 +205,7 @@ class _POMTBlock(nn.Module):
         return mlp_residual(self, x)
 
 
-class _TopKBlock(nn.Module):
+class _TopKBlock(_PrunedBlock):
     """Mixin: drop the r ordinary tokens with the least CLS attention (mean over heads)."""
 
     _pomt_spec: BlockSpec
@@ -248,7 +288,7 @@ def _tome_moves(
     return moves
 
 
-class _ToMeBlock(nn.Module):
+class _ToMeBlock(_PrunedBlock):
     """Mixin: proportional attention, then merge r token pairs (sizes carried in shared state)."""
 
     _pomt_spec: BlockSpec

@@ -3,7 +3,9 @@
 ``apply_pruning(model, method, r, layer)`` changes the model in place by swapping the
 class of the blocks that prune for a subclass whose ``forward`` prunes (``pomt.blocks``);
 parameters, buffers and ``state_dict`` keys are untouched, and ``remove_pruning`` swaps
-the classes back. Every block keeps fused attention for its output, except POMT's one block
+the classes back. A pruned model pickles (``torch.save``, ``copy.deepcopy``, a Lightning
+checkpoint that keeps the network in its hyperparameters) and loads back pruned: a patched
+block is saved as its mixin and original class, and its class is rebuilt on loading. Every block keeps fused attention for its output, except POMT's one block
 on the CPU (an explicit softmax costs no more there, and its probabilities give the
 scores); blocks that do not prune are not touched at all.
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pomt.blocks import MIXINS, BlockSpec, ToMeState
+from pomt.blocks import MIXINS, BlockSpec, ToMeState, patched_class
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
 from pomt.ops import Trace, gather_tokens, kernels
 
@@ -61,17 +63,6 @@ class PruningConfig:
     r: int | tuple[int, ...]
     layer: int
     schedule: tuple[int, ...]
-
-
-_CLASS_CACHE: dict[tuple[type, type], type] = {}
-
-
-def _patched_class(mixin: type[nn.Module], base: type[nn.Module]) -> type[nn.Module]:
-    key = (mixin, base)
-    if key not in _CLASS_CACHE:
-        name = f"{mixin.__name__.lstrip('_').removesuffix('Block')}{base.__name__}"
-        _CLASS_CACHE[key] = type(name, (mixin, base), {"_pomt_base_class": base})
-    return _CLASS_CACHE[key]
 
 
 # --------------------------------------------------------------------------- validation
@@ -200,7 +191,7 @@ def apply_pruning(
         stored_r = int(r) if _is_int(r) else per_block
     for i, spec in targets.items():
         block = blocks[i]
-        block.__class__ = _patched_class(MIXINS[method], type(block))
+        block.__class__ = patched_class(MIXINS[method], type(block))
         block._pomt_spec = spec
     vit._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, schedule=schedule)
     return model
