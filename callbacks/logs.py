@@ -7,8 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
-
+from pomt.callbacks.stage_support import warn
 from pomt.loggers import (
     announce_wandb_runs,
     log_config,
@@ -39,7 +38,7 @@ def warn_pruned_monitors(trainer: Any) -> None:
     """Warn that checkpointing and early stopping watch the pruned model during ``fit``."""
     watched = sorted({m for c in trainer.callbacks if isinstance(m := getattr(c, "monitor", None), str)})
     if watched:
-        rank_zero_warn(
+        warn(
             f"POMTCallback prunes the validation inside fit (stages contains 'fit'): {', '.join(watched)} "
             "will be the pruned model's, and checkpoints and early stopping follow them. Leave 'fit' out "
             "of stages to monitor the unpruned model."

@@ -23,7 +23,7 @@ from pomt.callbacks import logs
 from pomt.callbacks import stage_support as support
 from pomt.data import split_batch
 from pomt.finder import Search, SearchConfig
-from pomt.models import find_vit
+from pomt.models import find_vit, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.selection import Selection
@@ -126,6 +126,7 @@ class POMTCallback(Callback):
         self._applied = False
         self._training = False  # pruned for training: held through fit's validations
         self._warned_split = False
+        self._modes: dict[str, bool] | None = None  # each module's train/eval mode at setup
 
     @property
     @override
@@ -137,6 +138,7 @@ class POMTCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Every check that needs no timing, before any training or evaluation starts."""
+        self._modes = train_modes(pl_module)  # what on_exception puts back
         try:
             self._found_path, self._vit = find_vit(pl_module, self.vit_path)
             token_schedule(self._vit, self.method, 0 if self.r is None else self.r, self.layer)
@@ -198,9 +200,13 @@ class POMTCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """An error inside a pruned stage (or pruned training) leaves the model as it was before it."""
+        """An error inside a pruned stage (or pruned training) leaves the model as it was before it:
+        its pruning, and each module's train/eval mode as the Trainer call found it (Lightning
+        puts the modes back after a stage, not after an error in it)."""
         self._training = False
         self._recover()
+        if self._modes is not None:
+            restore_train_modes(pl_module, self._modes)
 
     # ------------------------------------------------------------------ results and checkpoint state
     @property

@@ -10,19 +10,25 @@ while nothing is configured, they are printed to stderr.
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.seed import isolate_rng
 
+import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.finder import Search, find_r
-from pomt.models import find_vit, image_size
+from pomt.models import find_vit, image_size, restore_train_modes, train_modes
 from pomt.pruning import pruning_config
 
 __all__ = [
     "say",
+    "warn",
     "unlabelled",
     "first_loader",
     "stage_loader",
@@ -47,10 +53,38 @@ FIXES = (
 )
 
 
+# where our frames (and the libraries' that call us) are: a warning is attributed to the first
+# frame outside them, the user's line that started the stage
+_INTERNAL = tuple(
+    {str(Path(m.__file__).parent) for m in (pomt, pl, torch)}
+    | {str(Path(m.__file__).resolve().parent) for m in (pomt, pl, torch)}
+    | {str(Path(__file__).parent), str(Path(__file__).resolve().parent), str(Path(pl.__file__).parent.parent)}
+)
+
+
 @rank_zero_only
 def say(line: str) -> None:
     """One line of the callback, on global rank 0."""
     logger.info(line if line.startswith("POMTCallback") else f"POMTCallback: {line}")
+
+
+def _outside() -> int:
+    """The ``stacklevel`` (for ``warnings.warn`` in ``warn``) of the first frame outside pomt,
+    Lightning and torch."""
+    frame, level = sys._getframe(1), 1  # 1: ``warn`` itself
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@rank_zero_only
+def warn(text: str) -> None:
+    """A warning of the callback, on global rank 0: to the ``pomt.callbacks`` logger at WARNING
+    (so the application's log files get it), and as a ``UserWarning`` (filterable) attributed
+    to the user's line that started the stage, so no source line of ours is printed."""
+    text = text if text.startswith("POMTCallback") else f"POMTCallback: {text}"
+    logger.warning(text, extra={"pomt_python_warning": True})
+    warnings.warn(text, UserWarning, stacklevel=_outside())
 
 
 def unlabelled(stage: str) -> UnlabelledDataError:
@@ -110,7 +144,7 @@ def accuracy_data(callback: Any, trainer: pl.Trainer, stage: str | None) -> Any:
     loader = stage_loader(trainer, stage)
     check_data(callback, loader, stage)  # unlabelled data is an error, said before any warning
     if not callback._warned_split and stage != "train":  # the training data is not reported on
-        rank_zero_warn(
+        warn(
             f"POMTCallback chooses R on the {stage} data, the split this {stage} reports: the accuracy "
             f"it estimates is not held out. To choose R on other data, {FIXES}."
         )
@@ -123,7 +157,7 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
     device = pl_module.device
     batch_size = callback.batch_size or getattr(stage_loader(trainer, stage), "batch_size", None) or 1
     data = accuracy_data(callback, trainer, stage)
-    was_training = pl_module.training
+    modes = train_modes(pl_module)  # each module's, put back as found (not one flag for all)
     pl_module.eval()
     try:
         with isolate_rng(include_cuda=True), trainer.precision_plugin.forward_context():
@@ -141,12 +175,12 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
                 progress=False,  # under a Trainer, its progress bar is the only one; each step is logged
                 log=say,
                 precision=str(trainer.precision),
-                warn=lambda text: rank_zero_warn(f"POMTCallback: {text}"),
+                warn=warn,
             )
     except UnlabelledDataError as err:
         raise unlabelled(stage) from err
     finally:
-        pl_module.train(was_training)
+        restore_train_modes(pl_module, modes)
 
 
 def report_pruning(callback: Any, what: str) -> Any:
@@ -154,7 +188,7 @@ def report_pruning(callback: Any, what: str) -> Any:
     callback did not leave it there (``what``: ``training`` or the stage about to run)."""
     found = pruning_config(callback._vit)
     if found is not None and found != callback._left:
-        rank_zero_warn(
+        warn(
             f"POMTCallback: the ViT at `{callback._found_path or '<module>'}` is already pruned before "
             f"{what}, not by this callback: {found}. "
             + (
@@ -164,9 +198,7 @@ def report_pruning(callback: Any, what: str) -> Any:
             )
         )
     elif found is not None and what == "training":
-        rank_zero_warn(
-            f"POMTCallback: training runs on the model this callback left pruned (restore=False): {found}"
-        )
+        warn(f"POMTCallback: training runs on the model this callback left pruned (restore=False): {found}")
     return found
 
 

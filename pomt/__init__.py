@@ -26,7 +26,8 @@ class _UnlessConfigured(_logging.StreamHandler):
     go there only."""
 
     def emit(self, record: _logging.LogRecord) -> None:
-        if not _logging.getLogger().hasHandlers():
+        # a warning also issued through ``warnings`` is already printed once, by Python
+        if not _logging.getLogger().hasHandlers() and not getattr(record, "pomt_python_warning", False):
             super().emit(record)
 
 

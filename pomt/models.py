@@ -35,6 +35,8 @@ __all__ = [
     "unwrap_compiled",
     "architecture",
     "weights_fingerprint",
+    "train_modes",
+    "restore_train_modes",
     "create_model",
     "load_weights",
     "read_state_dict",
@@ -194,6 +196,19 @@ def device_of(model: nn.Module) -> torch.device:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def train_modes(model: nn.Module) -> dict[str, bool]:
+    """Each submodule's ``training`` flag, by name: what :func:`restore_train_modes` puts back
+    (a model may hold modules in eval mode on purpose, e.g. a frozen normalisation)."""
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def restore_train_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Put back the ``training`` flags of :func:`train_modes` (modules not recorded are left)."""
+    for name, module in model.named_modules():
+        if name in modes:
+            module.training = modes[name]
 
 
 def dtype_of(model: nn.Module) -> torch.dtype | None:

@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_trainer, image_loader, make_tiny_vit
+from conftest import TINY_KWARGS, cpu_trainer, image_loader, make_tiny_vit, tiny_classifier
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import pomt
+from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
+from pomt.sweep.configurations import Configuration
+from pomt.sweep.healing import _fit
 
 N, LAYER = 17, 1
 METHODS = [("pomt", 6), ("topk", 2), ("tome", 2)]
@@ -115,3 +121,88 @@ def test_the_template_healing_run_checkpoints_the_pruned_net_and_loads_it_back(t
         assert torch.equal(loaded.net.eval()(x), module.net.eval()(x))
     pomt.remove_pruning(loaded.net)
     assert pomt.pruning_config(loaded.net) is None
+
+
+# ----------------------------------------------------------------------------- training in train mode
+
+
+class Data(pl.LightningDataModule):
+    def train_dataloader(self):
+        return image_loader(n=16)
+
+
+def _drop_path_modes(vit: nn.Module) -> list[bool]:
+    seen: list[bool] = []
+    for block in vit.blocks[1:]:  # (timm's rate rises from 0 at the first block)
+        block.drop_path1.register_forward_hook(lambda m, _i, _o: seen.append(m.training))
+    return seen
+
+
+def test_the_sweep_heals_in_train_mode_with_drop_path_on_and_puts_the_modes_back():
+    module = tiny_classifier(latency_warmup_batches=0, model_kwargs=TINY_KWARGS | {"drop_path_rate": 0.1})
+    module.eval()  # as the sweep leaves it after timing and testing
+    seen = _drop_path_modes(module.model)
+    assert module.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    sweep = SimpleNamespace(
+        model=module, datamodule=Data(), heal_batch_size=None, trainer_factory=cpu_trainer
+    )
+    settings = SimpleNamespace(heal_batches=2, layer=LAYER, search_config=SearchConfig())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(sweep, settings, Configuration("tome", 2, heal_epochs=1))
+    assert not [w for w in caught if "eval mode at the start of training" in str(w.message)]
+    assert seen and all(seen)  # every training step ran drop-path (train mode)
+    assert not any(m.training for m in module.modules())  # and the modes are put back
+
+
+def test_an_error_in_an_evaluation_stage_puts_each_module_mode_back_as_found():
+    class Failing(TemplateModule):
+        def test_step(self, batch, batch_idx):
+            raise RuntimeError("step failed")
+
+    module = Failing(make_tiny_vit().train())
+    module.net.norm.eval()  # a module the project keeps in eval mode on purpose
+    found = {name: m.training for name, m in module.named_modules()}
+    with pytest.raises(RuntimeError, match="step failed"):
+        cpu_trainer(callbacks=[POMTCallback(r=6, layer=LAYER)]).test(module, image_loader(n=8))
+    assert {name: m.training for name, m in module.named_modules()} == found
+    assert pomt.pruning_config(module.net) is None
+
+
+# ----------------------------------------------------------------------------- warnings reach the log files
+
+
+def test_every_callback_warning_reaches_a_log_file_and_points_at_the_users_line(tmp_path):
+    log_file = tmp_path / "train.log"
+    handler = logging.FileHandler(log_file)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    module = TemplateModule(make_tiny_vit())
+    pomt.apply_pruning(module.net, "tome", r=1, layer=LAYER)  # pruned by someone else
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    trainer = cpu_trainer(
+        callbacks=[POMTCallback(r=2, layer=LAYER, stages=("fit",)), checkpoint],
+        enable_checkpointing=True,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, image_loader(n=8), image_loader(n=8, seed=1))  # the user's line
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    ours = [w for w in caught if str(w.message).startswith("POMTCallback")]
+    said = [
+        "val/acc will be the pruned model's",
+        "already pruned before training",
+        "already pruned before validate",
+    ]
+    text = log_file.read_text()
+    for words in said:
+        assert words in text  # the application's log file has every one
+        assert any(words in str(w.message) for w in ours)  # and each is a filterable UserWarning
+    assert all(w.filename == __file__ for w in ours)  # shown at this line, not at one of ours

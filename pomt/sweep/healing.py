@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.callbacks.pomt_callback import POMTCallback
-from pomt.models import weights_fingerprint
+from pomt.models import restore_train_modes, train_modes, weights_fingerprint
 from pomt.sweep.configurations import Configuration
 from pomt.sweep.context import SweepRun
 
@@ -133,8 +133,10 @@ def _fit(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -
     )
     limit = {} if settings.heal_batches is None else {"limit_train_batches": settings.heal_batches}
     datamodule, timed_batch = sweep.datamodule, getattr(sweep.datamodule, "batch_size", None)
+    modes = train_modes(sweep.model)  # timed and tested in eval mode: trained in train mode
     start = time.perf_counter()
     try:
+        sweep.model.train()  # dropout and drop-path on, as in any fine-tuning
         if sweep.heal_batch_size is not None:
             datamodule.batch_size = sweep.heal_batch_size
         trainer = sweep.trainer_factory(
@@ -150,6 +152,7 @@ def _fit(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -
             seed_everything(settings.search_config.seed, verbose=False)
             trainer.fit(sweep.model, datamodule=datamodule)
     finally:
+        restore_train_modes(sweep.model, modes)
         if timed_batch is not None:
             datamodule.batch_size = timed_batch
     seconds = time.perf_counter() - start
