@@ -299,7 +299,8 @@ def find_r(
     Profiles are reused where they are valid, from ``previous`` (an earlier search, e.g. from a
     checkpoint) or from ``latency_path``/``accuracy_path`` (JSON files, written after
     measuring): latency for the same architecture (depth, width, heads, patch size, N,
-    prefix), model, device, dtype, precision, batch size and layer, whatever the weights; accuracy only
+    prefix), model, device, dtype, precision, batch size and layer (on a CPU, thread count),
+    whatever the weights; accuracy only
     for the same weights (a fingerprint of the parameters) and token count. Anything else is
     measured again; ``log`` receives one line for each decision and its reason.
 
@@ -354,6 +355,8 @@ def find_r(
         expect = dict(model=name, architecture=architecture(vit), **setup)
         if device.type == "cuda":
             expect["cuda_graphs"] = config.cuda_graphs
+        else:  # CPU latency scales with the threads it runs on: never reuse it at another count
+            expect["threads"] = torch.get_num_threads()
         path = None if latency_path is None else Path(latency_path)
         latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes)
         if latency is None:

@@ -219,6 +219,11 @@ class _Profile:
             ):
                 wanted = device_name(wanted)  # compare hardware names, not "cuda:0"
             if have != normalise(wanted):
+                if key == "threads":  # CPU latency depends on the thread count
+                    return (
+                        f"it was timed on {have} CPU thread(s), this process runs {normalise(wanted)} "
+                        "(torch.get_num_threads())"
+                    )
                 return f"it was measured with {key}={have!r}, the current {key} is {normalise(wanted)!r}"
         return None
 

@@ -206,3 +206,29 @@ def test_every_callback_warning_reaches_a_log_file_and_points_at_the_users_line(
         assert words in text  # the application's log file has every one
         assert any(words in str(w.message) for w in ours)  # and each is a filterable UserWarning
     assert all(w.filename == __file__ for w in ours)  # shown at this line, not at one of ours
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+
+def test_a_one_thread_cpu_profile_is_not_reused_at_two_threads(tmp_path):
+    from conftest import staircase_profile
+
+    vit = make_tiny_vit()
+    path = staircase_profile(vit, tmp_path / "latency.json")  # timed (as if) on this 1-thread process
+    assert pomt.LatencyProfile.load(path).threads == 1
+    quick = SearchConfig(accuracy_samples=16, accuracy_grid=(17, 9, 5), grid=(17, 9, 5), min_run_time=0.0)
+    quick = SearchConfig(**(quick.to_dict() | {"warmup": 1, "verify": False}))
+    kwargs = dict(
+        layer=LAYER, batch_size=8, config=quick, latency_path=path, progress=False, log=lambda _: None
+    )
+    same = pomt.find_r(vit, image_loader(n=16), **kwargs)
+    assert "reusing the latency profile" in " ".join(same.notes)
+    torch.set_num_threads(2)  # (the autouse fixture puts the count back)
+    other = pomt.find_r(vit, image_loader(n=16), previous=same, **kwargs)
+    notes = [note for note in other.notes if "latency profile" in note]
+    assert len(notes) == 2 and all(note.startswith("not reusing") for note in notes)  # neither source
+    assert all(
+        "it was timed on 1 CPU thread(s), this process runs 2 (torch.get_num_threads())" in n for n in notes
+    )
+    assert other.latency.threads == 2  # measured again
