@@ -19,19 +19,46 @@ from pomt.loggers import (
 )
 from pomt.plots import plot_profiles
 
-__all__ = ["describe", "warn_pruned_monitors", "log_pomt", "log_token_maps"]
+__all__ = ["describe", "measured", "warn_pruned_monitors", "log_pomt", "log_token_maps"]
 
 
 def describe(callback: Any, where: str | None) -> str:
-    """The line the callback prints when it has pruned the model: R, and for a search the
-    predicted and the measured (verified) speed-up."""
+    """The line the callback prints when it has pruned the model: R and where it came from, and
+    for a search the selection's estimates and the measured (verified) speed-up."""
     text = (
         f"POMTCallback: {callback.method} r={callback.applied_r} on `{where or '<module>'}`, "
         f"tokens per block {callback.applied_schedule}"
     )
-    if callback.selection is not None and callback.r is None:
+    if callback.r_source == "trained_r":
+        text += "; R from trained_r, the R these weights were trained at (no new search)"
+    elif callback.r_source == "search" and callback.selection is not None:
         text += f"; {callback.selection.summary()}"
     return text
+
+
+def measured(callback: Any, stage: str, metrics: Any) -> str:
+    """The accuracy the stage measured on the pruned model (its logged metrics whose names hold
+    "acc"), beside the selection's random-token estimate where R was searched."""
+    values = {
+        k: float(v)
+        for k, v in metrics.items()
+        if "acc" in k.lower() and not k.startswith("pomt/") and getattr(v, "numel", lambda: 1)() == 1
+    }
+    found = ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())) or "no accuracy metric logged"
+    text = f"{stage} of {callback.method} r={callback.applied_r} ({_origin(callback)}) measured {found}"
+    sel = callback.selection
+    if callback.r_source == "search" and sel is not None:
+        text += (
+            f"; the selection's estimate A({sel.n_star})={sel.predicted_accuracy:.4f} was the accuracy with "
+            f"{sel.n_star} random tokens, not this model's"
+        )
+    return text
+
+
+def _origin(callback: Any) -> str:
+    return {"r": "fixed r", "trained_r": "R from trained_r", "search": "R from the search"}.get(
+        callback.r_source, "R"
+    )
 
 
 def warn_pruned_monitors(trainer: Any) -> None:
@@ -50,7 +77,7 @@ def _pomt_scalars(callback: Any) -> dict[str, float]:
     if callback.applied_schedule:
         out["pomt/n_last"] = float(callback.applied_schedule[-1])
     sel = callback.selection
-    if sel is not None and callback.r is None:
+    if sel is not None and callback.r_source == "search":  # not for a fixed r, nor trained_r
         out.update(
             {
                 "pomt/n_star": float(sel.n_star),
@@ -91,13 +118,13 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
         summary["pomt/device"] = callback.latency_profile.device
         summary["pomt/profile_batch_size"] = callback.latency_profile.batch_size
         summary["pomt/precision"] = callback.latency_profile.precision
-    if callback.selection is not None and callback.r is None and callback.selection.verification:
+    if callback.selection is not None and callback.r_source == "search" and callback.selection.verification:
         summary["pomt/verification"] = callback.selection.verification
     log_summary(trainer, summary)
     if callback.latency_profile is not None:  # how it was timed, in the W&B run's config too
         log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
     sel = callback.selection
-    if callback.log_plots and sel is not None and callback.r is None:
+    if callback.log_plots and sel is not None and callback.r_source == "search":
         _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
     announce_wandb_runs(trainer)
 

@@ -6,8 +6,9 @@ on the Trainer's device and precision (every rank receives the result) and the V
 in place. With ``"train"`` in ``stages`` the ViT is pruned before the first training step and
 stays pruned through training and the validations inside ``fit``, at one R. The model is put
 back as it was after the stage (``restore``), always after an error in it (``on_exception``),
-and at the start of the next stage or of training if a stage died without either. Results stay on the callback and in checkpoints, and are reused only
-where still valid; the global RNG state is the same after the search as before it.
+and at the start of the next stage or of training if a stage died without either. Results
+stay on the callback and in checkpoints, and are reused only where still valid; the global
+RNG state is the same after the search as before it.
 """
 
 from __future__ import annotations
@@ -46,21 +47,18 @@ class POMTCallback(Callback):
             of its fields (a dict, or Hydra's ``DictConfig``); an unknown key is a ValueError.
         batch_size: batch size of the latency profile; default: the stage dataloader's.
         accuracy_data: a Dataset/DataLoader of ``(image, label)`` for the accuracy estimate.
-        accuracy_split: which of the datamodule's splits the estimate uses (``selection``,
-            ``val``, ``train``, ``test``). Default: ``accuracy_data``, else the datamodule's
-            ``selection_dataloader()``, else the stage's own data (with a warning: that is the
-            split being reported).
+        accuracy_split: the datamodule's split for the estimate (``selection``, ``val``, ``train``,
+            ``test``). Default: ``accuracy_data``, else ``selection_dataloader()``, else the
+            stage's own data (with a warning: that is the split being reported).
         latency_profile_path, accuracy_profile_path: JSON profiles, reused when they are valid
             for this model and setup, written after measuring otherwise.
-        restore: put the model back as it was after the stage; ``False`` keeps it pruned. After
-            an error in a stage the model is always put back.
+        restore: put the model back after the stage; ``False`` keeps it pruned (not after an error).
         reuse: reuse results of an earlier stage or a checkpoint where they are still valid.
         vit_path: dotted path of the ViT in the LightningModule (default: the first ViT found).
-        stages: when to run: ``validate``, ``test``, ``predict``, ``fit`` (the validation inside
-            ``fit``, pruned while training is not: A(n) is measured again as the weights change,
-            and what a ModelCheckpoint or EarlyStopping monitors is the pruned model), ``train``
-            (training steps and the validations inside ``fit`` run pruned at one R, chosen before
-            the first step on the starting weights, or ``r``; later stages keep that R).
+        stages: when to run: ``validate``, ``test``, ``predict``, ``fit`` (the validations inside
+            ``fit`` pruned, training not; A(n) measured again as the weights change), ``train``
+            (training and the validations inside ``fit`` pruned at one R: ``r``, or chosen on the
+            starting weights; later stages keep it).
         log_plots: log the curves (table, line plots, PNG); scalars are always logged.
         log_token_maps: log this many images of the stage's data with the token each patch
             ended in (``pomt.plots.plot_token_groups``) to every logger that takes images.
@@ -119,14 +117,15 @@ class POMTCallback(Callback):
         self.applied_r: int | None = None
         self.applied_schedule: list[int] | None = None
         self.trained_r: int | None = None  # the R training ran at ("train"): later stages use it
-        self._vit: Any = None
-        self._found_path: str | None = None
+        self.r_source: str | None = None  # where applied_r came from: "r", "search" or "trained_r"
+        self._vit, self._found_path = None, None  # the ViT and its path, found at setup
         self._previous: Any = None  # the pruning found at the start of the stage
         self._left: Any = None  # the pruning this callback left on the model (restore=False)
         self._applied = False
         self._training = False  # pruned for training: held through fit's validations
         self._warned_split = False
         self._modes: dict[str, bool] | None = None  # each module's train/eval mode at setup
+        self._result_origin = "measured earlier"  # or "loaded from the checkpoint"
 
     @property
     @override
@@ -176,7 +175,8 @@ class POMTCallback(Callback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._training:
-            self._after_stage(force_restore=trainer.state.fn == "fit")
+            fit = trainer.state.fn == "fit"
+            self._after_stage(force_restore=fit, said=None if fit else ("validate", trainer.callback_metrics))
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -185,7 +185,7 @@ class POMTCallback(Callback):
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._after_stage()
+        self._after_stage(said=("test", trainer.callback_metrics))
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,8 +201,7 @@ class POMTCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """An error inside a pruned stage (or pruned training) leaves the model as it was before it:
-        its pruning, and each module's train/eval mode as the Trainer call found it (Lightning
-        puts the modes back after a stage, not after an error in it)."""
+        its pruning, and each module's train/eval mode as the Trainer call found it."""
         self._training = False
         self._recover()
         if self._modes is not None:
@@ -245,6 +244,7 @@ class POMTCallback(Callback):
                 support.say("the checkpoint holds no POMT results: keeping the ones measured here")
             return
         self.result, self.applied_r = loaded, state_dict.get("applied_r")
+        self._result_origin = "loaded from the checkpoint"
 
     # ------------------------------------------------------------------ the work
     def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -254,25 +254,31 @@ class POMTCallback(Callback):
         remove_pruning(vit)  # profile, and prune, the model as built
         try:
             r = self.r if self.r is not None or stage == "train" else self.trained_r
+            source = "r" if self.r is not None else "trained_r" if r is not None else "search"
             if r is None:
                 self.result = support.search_all_ranks(self, trainer, pl_module, stage)
+                self._result_origin = "measured earlier"
                 r = self.selection.r
+                if stage == "train":
+                    support.warn_if_near_chance(self.result.accuracy, r)
             schedule = token_schedule(vit, self.method, r, self.layer)  # validates r before patching
             apply_pruning(vit, self.method, r=r, layer=self.layer)
         except BaseException:
             self._put_back()  # an error leaves the model as it was
             raise
         self._applied = True
-        self.applied_r, self.applied_schedule = int(r), list(schedule)
+        self.applied_r, self.applied_schedule, self.r_source = int(r), list(schedule), source
         support.say(logs.describe(self, self._found_path))
         logs.log_pomt(trainer, pl_module, self, stage)
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
             images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
             logs.log_token_maps(trainer, self, images.to(pl_module.device))
 
-    def _after_stage(self, force_restore: bool = False) -> None:
+    def _after_stage(self, force_restore: bool = False, said: tuple[str, Any] | None = None) -> None:
         if not self._applied or self._vit is None:
             return
+        if said is not None:
+            support.say(logs.measured(self, *said))
         if self.restore or force_restore:
             self._put_back()
         else:
@@ -291,6 +297,3 @@ class POMTCallback(Callback):
         if self._previous is not None:
             prev = self._previous
             apply_pruning(self._vit, prev.method, r=prev.r, layer=prev.layer)
-
-    def _search(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
-        return support.search(self, trainer, pl_module, stage)

@@ -10,6 +10,7 @@ while nothing is configured, they are printed to stderr.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.finder import Search, find_r
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
+from pomt.profiles import AccuracyProfile
 from pomt.pruning import pruning_config
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "search",
     "report_pruning",
     "search_all_ranks",
+    "warn_if_near_chance",
 ]
 
 logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
@@ -172,6 +175,7 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
                 latency_path=callback.latency_profile_path,
                 accuracy_path=callback.accuracy_profile_path,
                 previous=callback.result if callback.reuse else None,
+                previous_origin=callback._result_origin,
                 progress=False,  # under a Trainer, its progress bar is the only one; each step is logged
                 log=say,
                 precision=str(trainer.precision),
@@ -203,14 +207,34 @@ def report_pruning(callback: Any, what: str) -> Any:
 
 
 def search_all_ranks(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
-    """Rank 0 searches (``callback._search``); every rank receives its result, or its error."""
+    """Rank 0 searches (:func:`search`); every rank receives its result, or its error."""
     result: Any = None
     if trainer.is_global_zero:
         try:
-            result = callback._search(trainer, pl_module, stage)
+            result = search(callback, trainer, pl_module, stage)
         except Exception as err:  # tell the other ranks instead of leaving them waiting
             result = err
     result = trainer.strategy.broadcast(result, src=0)
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def warn_if_near_chance(accuracy: AccuracyProfile, r: int) -> None:
+    """Warn when R was chosen for training on weights whose unpruned accuracy estimate is near
+    chance: below chance + max(1/classes, 3 standard errors of chance accuracy on the sample)
+    (0.2 for 10 classes). There A(n) is flat and says nothing about the R training can afford."""
+    estimate = accuracy.accuracy
+    unpruned = estimate.get(accuracy.n_total, max(estimate.values()))
+    classes = max(int(accuracy.num_classes), 2)
+    chance = 1.0 / classes
+    margin = max(chance, 3 * math.sqrt(chance * (1 - chance) / max(accuracy.num_samples, 1)))
+    if unpruned >= chance + margin:
+        return
+    warn(
+        f"R={r} was chosen for training on weights at chance: the unpruned model's accuracy estimate is "
+        f"{unpruned:.3f} on {accuracy.num_samples} images, near chance for {classes} classes (1/{classes} = "
+        f"{chance:.3f}; near: below {chance + margin:.3f}). On such weights every R looks alike, and "
+        f"training runs at R={r} throughout. To train from scratch, fix the R: r= (e.g. r={r // 2}); or "
+        "choose R after some training (fit without 'train' first, then fit again with stages=('train', ...))."
+    )

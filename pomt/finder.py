@@ -234,10 +234,12 @@ class Search:
         )
 
 
-def _reuse(kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str]) -> Any:
-    """The first valid profile of ``earlier`` (kept from a previous search) and the file at
-    ``path``; each one passed over adds its reason to ``notes``."""
-    sources = [(earlier, f"the {kind.kind} profile measured earlier")] if earlier is not None else []
+def _reuse(
+    kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str], origin: str
+) -> Any:
+    """The first valid profile of ``earlier`` (kept from a previous search; ``origin`` says where
+    it came from) and the file at ``path``; each one passed over adds its reason to ``notes``."""
+    sources = [(earlier, f"the {kind.kind} profile {origin}")] if earlier is not None else []
     if path is not None and path.is_file():
         try:
             sources.append((kind.load(path), f"the {kind.kind} profile {path}"))
@@ -261,11 +263,14 @@ def _check_accuracy_kept(selection: Selection, warn: Callable[[str], object]) ->
     accuracy = dict(zip(selection.curve_n, selection.curve_accuracy, strict=True))
     unpruned = accuracy.get(selection.n_total, max(selection.curve_accuracy))
     if unpruned > 0 and selection.predicted_accuracy < LOW_ACCURACY_FRACTION * unpruned:
+        n, total = selection.n_star, selection.n_total
         warn(
-            f"R={selection.r} keeps {selection.n_star} of {selection.n_total} tokens at an estimated accuracy of "
-            f"{selection.predicted_accuracy:.3f}, {selection.predicted_accuracy / unpruned:.0%} of the unpruned "
-            f"{unpruned:.3f}. To bound the loss, set accuracy_floor (e.g. accuracy_floor="
-            f"{LOW_ACCURACY_FRACTION * unpruned:.2f}) or lower alpha."
+            f"R={selection.r} keeps {n} of {total} tokens. The selection's estimate with {n} random tokens "
+            f"is {selection.predicted_accuracy:.3f}, {selection.predicted_accuracy / unpruned:.0%} of the "
+            f"same estimate with all {total} tokens ({unpruned:.3f}); both are random-token estimates on "
+            "one sample, not the pruned model's accuracy, which keeps the best-scoring tokens and is "
+            "usually higher (the stage measures it). To bound the loss, set accuracy_floor (e.g. "
+            f"accuracy_floor={LOW_ACCURACY_FRACTION * unpruned:.2f}) or lower alpha."
         )
 
 
@@ -286,6 +291,7 @@ def find_r(
     log: Callable[[str], object] = print,
     precision: str | None = None,
     warn: Callable[[str], object] | None = None,
+    previous_origin: str = "measured earlier",
 ) -> Search:
     """Choose R for ``model`` (or the ViT inside it) on ``device`` at ``batch_size``.
 
@@ -297,7 +303,7 @@ def find_r(
     profile timed at another precision, or one that does not record it, is measured again.
 
     Profiles are reused where they are valid, from ``previous`` (an earlier search, e.g. from a
-    checkpoint) or from ``latency_path``/``accuracy_path`` (JSON files, written after
+    checkpoint; ``previous_origin`` names it in the notes, e.g. ``"loaded from the checkpoint"``) or from ``latency_path``/``accuracy_path`` (JSON files, written after
     measuring): latency for the same architecture (depth, width, heads, patch size, N,
     prefix), model, device, dtype, precision, batch size and layer (on a CPU, thread count),
     whatever the weights; accuracy only
@@ -332,7 +338,9 @@ def find_r(
 
         expect = dict(model=name, n_total=token_layout(vit).n_total, weights=weights_fingerprint(eager))
         path = None if accuracy_path is None else Path(accuracy_path)
-        accuracy = _reuse(AccuracyProfile, path, previous and previous.accuracy, expect, notes)
+        accuracy = _reuse(
+            AccuracyProfile, path, previous and previous.accuracy, expect, notes, previous_origin
+        )
         if accuracy is None:
             if data is None:
                 raise ValueError(
@@ -358,7 +366,7 @@ def find_r(
         else:  # CPU latency scales with the threads it runs on: never reuse it at another count
             expect["threads"] = torch.get_num_threads()
         path = None if latency_path is None else Path(latency_path)
-        latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes)
+        latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes, previous_origin)
         if latency is None:
             flush()
             log(f"measuring L(n) on {device} at {precision}, batch {batch_size}")

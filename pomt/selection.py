@@ -131,7 +131,8 @@ class Selection:
         return (
             f"R={self.r} (keep {self.n_star} of {self.n_total} tokens) mode={self.mode} "
             f"alpha={self.alpha:g} utility={self.utility:.4f} latency={self.predicted_latency_ms:.3f} ms "
-            f"accuracy={self.predicted_accuracy:.4f}{speed}"
+            f"selection estimate A({self.n_star})={self.predicted_accuracy:.4f} ({self.n_star} random tokens, "
+            f"not the pruned model's accuracy){speed}"
             + (f" (timed at {self.precision})" if self.precision else "")
         )
 

@@ -189,22 +189,28 @@ def test_missing_vit_is_a_clear_error_at_setup():
         trainer(callbacks=[POMTCallback(r=1, vit_path="encoder")]).test(tiny_module(), loader())
 
 
-class CountingCallback(POMTCallback):
-    searches = 0
+def count_searches(monkeypatch) -> list[int]:
+    """A list that grows by one at each search of any POMTCallback (``stage_support.search``)."""
+    from pomt.callbacks import stage_support
 
-    def _search(self, *args, **kwargs):
-        type(self).searches += 1
-        return super()._search(*args, **kwargs)
+    searches, search = [], stage_support.search
+
+    def counting(*args, **kwargs):
+        searches.append(1)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(stage_support, "search", counting)
+    return searches
 
 
-def test_fit_validation_only_when_asked_searched_per_weights_and_training_unpruned():
+def test_fit_validation_only_when_asked_searched_per_weights_and_training_unpruned(monkeypatch):
     fit = dict(max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1)
     module = tiny_module()
     probe = TokenProbe(module.model, LAYER)
     trainer(callbacks=[POMTCallback(r=4, layer=LAYER)], **fit).fit(module, loader(), loader(seed=1))
     assert set(probe.seen) == {N}  # not asked: neither sanity check nor validation in fit is pruned
 
-    CountingCallback.searches = 0
+    searches = count_searches(monkeypatch)
     module = tiny_module()
     phases: list[tuple[str, int]] = []
 
@@ -216,12 +222,12 @@ def test_fit_validation_only_when_asked_searched_per_weights_and_training_unprun
             phases.append(("sanity" if trainer.sanity_checking else "val", probe.seen[-1]))
 
     probe = TokenProbe(module.model, LAYER)
-    callback = CountingCallback(stages=("fit",), **fast(grid=(17, 9)))
+    callback = POMTCallback(stages=("fit",), **fast(grid=(17, 9)))
     trainer(callbacks=[callback, Phase()], **fit).fit(module, loader(), loader(seed=1))
     n_star = callback.selection.n_star
     # one search per validation: the weights changed in between, so A(n) is estimated again
     # while L(n), which does not depend on the weights, is reused
-    assert CountingCallback.searches == 2
+    assert len(searches) == 2
     notes = " | ".join(callback.result.notes)
     assert "reusing the latency profile measured earlier" in notes and "weights" in notes
     assert {n for phase, n in phases if phase == "sanity"} == {N}
@@ -329,12 +335,14 @@ from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
 
-class Counting(POMTCallback):
-    searches = 0
+from pomt.callbacks import stage_support
+searches, search = [], stage_support.search
 
-    def _search(self, *args, **kwargs):
-        Counting.searches += 1
-        return super()._search(*args, **kwargs)
+def counting(*args, **kwargs):
+    searches.append(1)
+    return search(*args, **kwargs)
+
+stage_support.search = counting
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -342,14 +350,14 @@ module = ViTClassifier("vit_tiny_patch16_224", num_classes=10, img_size=32,
                        model_kwargs=dict(patch_size=8, embed_dim=64, depth=4, num_heads=2))
 g = torch.Generator().manual_seed(0)
 data = TensorDataset(torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g))
-callback = Counting(layer=1, latency_profile_path={profile!r},
+callback = POMTCallback(layer=1, latency_profile_path={profile!r},
                     search=SearchConfig(alpha=0.9, accuracy_grid=(17, 9, 5), accuracy_samples=16, verify=False))
 seen = []
 module.model.blocks[1].register_forward_hook(lambda m, i, o: seen.append(int(o.shape[1])))
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback], logger=False,
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 result = trainer.test(module, DataLoader(data, batch_size=4))
-out = dict(rank=trainer.global_rank, r=callback.applied_r, searches=Counting.searches,
+out = dict(rank=trainer.global_rank, r=callback.applied_r, searches=len(searches),
            tokens_seen=sorted(set(seen[-4:])), result=result[0])
 with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
     json.dump(out, f)

@@ -232,3 +232,64 @@ def test_a_one_thread_cpu_profile_is_not_reused_at_two_threads(tmp_path):
         "it was timed on 1 CPU thread(s), this process runs 2 (torch.get_num_threads())" in n for n in notes
     )
     assert other.latency.threads == 2  # measured again
+
+
+# ----------------------------------------------------------------------------- numbers that say what they are
+
+
+def _search_callback(tmp_path, **kwargs) -> POMTCallback:
+    from conftest import staircase_profile
+
+    path = staircase_profile(make_tiny_vit(), tmp_path / "latency.json")  # a step below 12 tokens
+    quick = dict(accuracy_samples=32, accuracy_grid=(17, 13, 9, 5), grid=(17, 13, 9, 5), min_run_time=0.0)
+    search = SearchConfig(**quick, warmup=1, verify=False)
+    return POMTCallback(layer=LAYER, latency_profile_path=str(path), search=search, **kwargs)
+
+
+def test_r_chosen_for_training_on_weights_at_chance_is_warned_about(tmp_path, caplog):
+    module = TemplateModule(make_tiny_vit())  # random weights: chance on random labels
+    callback = _search_callback(tmp_path, accuracy_data=image_loader(n=32), stages=("train", "test"))
+    trainer = cpu_trainer(callbacks=[callback], max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    with (
+        caplog.at_level(logging.INFO),
+        pytest.warns(UserWarning, match="chosen for training on weights at ch"),
+    ):
+        trainer.fit(module, image_loader(n=8))
+    r = callback.trained_r
+    text = caplog.text
+    assert (
+        f"R={r} was chosen for training on weights at chance" in text and "10 classes (1/10 = 0.100" in text
+    )
+    assert "fix the R: r=" in text and "choose R after some training" in text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer.test(module, image_loader(n=8, seed=2))
+    text = caplog.text
+    # the test says where R came from, and the accuracy it measured, not the pre-training estimate
+    assert f"r={r} on `net`" in text and "R from trained_r" in text and "selection estimate" not in text
+    assert f"test of pomt r={r} (R from trained_r) measured test/acc=" in text
+
+
+def test_a_searched_r_is_reported_with_the_estimate_named_and_the_measured_accuracy(tmp_path, caplog):
+    callback = _search_callback(tmp_path, accuracy_data=image_loader(n=32))
+    with caplog.at_level(logging.INFO):
+        cpu_trainer(callbacks=[callback]).test(TemplateModule(make_tiny_vit()), image_loader(n=8))
+    sel = callback.selection
+    assert f"selection estimate A({sel.n_star})=" in caplog.text and "random tokens" in caplog.text
+    assert "measured test/acc=" in caplog.text and "not this model's" in caplog.text
+
+
+def test_profiles_from_a_checkpoint_are_named_so(tmp_path, caplog):
+    module = TemplateModule(make_tiny_vit())
+    callback = _search_callback(tmp_path, accuracy_data=image_loader(n=32))
+    trainer = cpu_trainer(callbacks=[callback])
+    trainer.test(module, image_loader(n=8))
+    state = callback.state_dict()
+    fresh = _search_callback(tmp_path, accuracy_data=image_loader(n=32))
+    fresh.load_state_dict(state)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        cpu_trainer(callbacks=[fresh]).test(module, image_loader(n=8))
+    assert "reusing the accuracy profile loaded from the checkpoint" in caplog.text
+    assert "measured earlier" not in caplog.text

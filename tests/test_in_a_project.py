@@ -199,7 +199,7 @@ def test_a_checkpointed_selection_is_reused_only_for_the_same_weights(tmp_path):
     same = POMTCallback(layer=LAYER, search=search())
     same.load_state_dict(state)
     cpu_trainer(callbacks=[same]).test(module, image_loader())
-    assert "reusing the accuracy profile measured earlier" in same.result.notes
+    assert "reusing the accuracy profile loaded from the checkpoint" in same.result.notes
 
     with torch.no_grad():  # the weights change (e.g. trained further): A(n) must be estimated again
         module.model.head.weight.add_(1.0)
@@ -207,8 +207,10 @@ def test_a_checkpointed_selection_is_reused_only_for_the_same_weights(tmp_path):
     changed.load_state_dict(state)
     cpu_trainer(callbacks=[changed]).test(module, image_loader())
     notes = " | ".join(changed.result.notes)
-    assert "not reusing the accuracy profile measured earlier" in notes and "weights" in notes
-    assert "reusing the latency profile measured earlier" in notes  # latency does not depend on weights
+    assert "not reusing the accuracy profile loaded from the checkpoint" in notes and "weights" in notes
+    assert (
+        "reusing the latency profile loaded from the checkpoint" in notes
+    )  # latency does not depend on weights
     assert changed.accuracy_profile.weights != callback.accuracy_profile.weights
 
 

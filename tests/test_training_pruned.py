@@ -11,6 +11,7 @@ from torch import nn
 
 from pomt import SearchConfig, token_schedule
 from pomt.callbacks import POMTCallback
+from pomt.callbacks import stage_support as support
 from pomt.pruning import pruning_config
 
 N, LAYER = 17, 1
@@ -72,19 +73,21 @@ def test_training_steps_run_pruned_change_the_weights_and_the_model_is_put_back(
     assert callback.trained_r == r
 
 
-def test_r_is_chosen_once_on_the_starting_weights_and_held_through_fit_and_test(tmp_path):
+def test_r_is_chosen_once_on_the_starting_weights_and_held_through_fit_and_test(tmp_path, monkeypatch):
     searches = []
+    search = support.search
 
-    class Counting(POMTCallback):
-        def _search(self, *args, **kwargs):
-            searches.append(_weights(module)["blocks.0.attn.qkv.weight"])
-            return super()._search(*args, **kwargs)
+    def counting(*args, **kwargs):
+        searches.append(_weights(module)["blocks.0.attn.qkv.weight"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(support, "search", counting)
 
     module = tiny_classifier(latency_warmup_batches=0)
     start = _weights(module)["blocks.0.attn.qkv.weight"]
     probe = ModeProbe(module.model, LAYER)
     path = staircase_profile(module, tmp_path / "latency.json")  # a step below 12 tokens
-    callback = Counting(
+    callback = POMTCallback(
         latency_profile_path=str(path),
         layer=LAYER,
         search=FAST_SEARCH,
