@@ -86,8 +86,9 @@ class SearchConfig:
     ``accuracy_grid`` (default: 16 token counts), in batches of ``accuracy_batch_size``.
 
     Verification (``verify``, on by default; see ``pomt.verify``): the chosen R is timed
-    against the unpruned model, call by call, for at least ``verify_pairs`` pairs and
-    ``verify_time`` seconds, in ``verify_blocks`` blocks; R is kept only if it is
+    against the unpruned model, call by call, in ``verify_blocks`` blocks, for about
+    ``verify_time`` seconds per candidate (the pairs adapt to the model's latency), and never
+    fewer than ``verify_pairs`` pairs (at least one per block); R is kept only if it is
     significantly faster over the blocks (and, in utility mode, its measured utility beats
     R = 0), else the next of up to ``verify_candidates`` candidates is tried, down to R = 0.
 
@@ -110,7 +111,7 @@ class SearchConfig:
     accuracy_batch_size: int | None = None
     seed: int = 0
     verify: bool = True
-    verify_pairs: int = 20
+    verify_pairs: int = 6
     verify_time: float = 1.0
     verify_candidates: int = 3
     verify_blocks: int = 6

@@ -4,7 +4,10 @@ A latency profile times each n once, minutes apart from its neighbours; on a bus
 single fast measurement can make an n look like a step that is not there. So before R is
 used, the model pruned at R and the unpruned model are timed side by side, call by call,
 in ``blocks`` separate blocks spread over the verification's time (each block re-times both
-models, and the order within a pair alternates from block to block), and R is kept only when
+models, and the order within a pair alternates from block to block). The number of pairs
+adapts to the model's latency so that one candidate takes about its time budget
+(``SearchConfig.verify_time``) after a short warm-up, with a stated minimum of
+``verify_pairs`` pairs (one per block at least). R is kept only when
 
 - the speed-up is significantly above 1: the lower end of a 95 % confidence interval of the
   median over the *blocks'* speed-ups is above 1. Calls moments apart share the machine's
@@ -32,7 +35,7 @@ from pomt.models import image_size
 from pomt.profiling import on_device, random_batch
 from pomt.pruning import apply_pruning, remove_pruning
 from pomt.selection import Selection, utility
-from pomt.timing import cuda_graph_or_eager, median_interval, time_paired
+from pomt.timing import Stopwatch, cuda_graph_or_eager, median_interval, time_paired
 
 __all__ = ["verify", "speedup_samples"]
 
@@ -49,14 +52,19 @@ def speedup_samples(
     cuda_graphs: bool = False,
     warmup: int = 3,
     min_run_time: float = 1.0,
-    min_pairs: int = 20,
+    min_pairs: int = 6,
     blocks: int = 6,
 ) -> tuple[list[float], float]:
     """Per-block speed-ups ``t_unpruned / t_pruned`` of POMT at ``r`` and the unpruned median (ms).
 
-    ``min_run_time`` seconds and ``min_pairs`` pairs are split over ``blocks`` blocks; each
-    block times both models call by call (CUDA-graph replays when ``cuda_graphs``), the pruned
-    one first in even blocks and second in odd ones, and its speed-up is the median of its pairs.
+    The time budget: the pairs of one candidate take about ``min_run_time`` seconds. The
+    warm-up pairs (``warmup``, cut short once they pass a quarter of the budget; at least one)
+    are timed, and each of the ``blocks`` blocks gets as many pairs as fit in its share of
+    the budget at that pace, never fewer than ``ceil(min_pairs / blocks)`` (at least one):
+    the stated minimum, so a model slower than ``min_run_time / min_pairs`` per pair takes
+    ``min_pairs`` pairs whatever the budget. Each block times both models call by call
+    (CUDA-graph replays when ``cuda_graphs``), the pruned one first in even blocks and second
+    in odd ones, and its speed-up is the median of its pairs.
     """
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"blocks must be a positive int, got {blocks!r}")
@@ -84,6 +92,7 @@ def speedup_samples(
             sides = [(pruned, None), (unpruned, None)]
         else:
             sides = [(call, prune), (call, unprune)]
+        pairs = _pairs_per_block(sides, device, warmup, min_run_time, min_pairs, blocks)
         speedups: list[float] = []
         reference: list[float] = []
         for block in range(blocks):
@@ -92,9 +101,9 @@ def speedup_samples(
                 first[0],
                 second[0],
                 device=device,
-                warmup=warmup if block == 0 else 1,
-                min_run_time=min_run_time / blocks,
-                min_pairs=max(1, -(-min_pairs // blocks)),
+                warmup=0,
+                min_run_time=0.0,
+                min_pairs=pairs,
                 prepare=first[1],
                 prepare_reference=second[1],
             )
@@ -105,6 +114,22 @@ def speedup_samples(
                 speedups.append(statistics.median(ratios))
                 reference.extend(a * b for a, b in zip(ratios, other, strict=True))
     return speedups, median_interval(reference)[0]
+
+
+def _pairs_per_block(
+    sides: list, device: torch.device, warmup: int, budget: float, min_pairs: int, blocks: int
+) -> int:
+    """Warm both sides up (timed), and the pairs per block that fill ``budget`` seconds at that pace."""
+    spent: list[float] = []
+    while not spent or (len(spent) < warmup and sum(spent) < 0.25 * budget):
+        with Stopwatch(device) as watch:
+            for fn, prepare in sides:
+                if prepare is not None:
+                    prepare()
+                fn()
+        spent.append(watch.elapsed_ms / 1e3)
+    pace = max(spent[-1], 1e-9)  # the warmest pair
+    return max(1, -(-min_pairs // blocks), round(budget / blocks / pace))
 
 
 def _passes(selection: Selection, n: int, speedup: float, low: float, unpruned_ms: float) -> str | None:
