@@ -70,9 +70,10 @@ def plot_profiles(
     """A three-panel matplotlib Figure: latency, accuracy and utility against n.
 
     ``lat``/``acc`` are profiles or ``{n: value}`` dicts; ``sel`` defaults to
-    ``select_r(lat, acc, **select_kwargs)``. Measured medians are dots with their IQR,
-    the denoised staircase used for the choice is a step line, and n* is marked in all
-    panels (budget or floor as a dashed line in their panel). ``fig`` draws into an
+    ``select_r(lat, acc, **select_kwargs)``. Measured medians are dots with their IQR; the
+    denoised latency used for the choice is drawn only between measured token counts, by
+    straight segments (flat only where measured values tie within their noise: no riser is
+    drawn across a gap nobody measured), and n* is marked in all panels (budget or floor as a dashed line in their panel). ``fig`` draws into an
     existing Figure or SubFigure (returned) instead of a new one.
     """
     from matplotlib.figure import Figure
@@ -95,7 +96,14 @@ def plot_profiles(
         )
     else:
         ax_l.plot(grid, values, "o", ms=3, color=color, label="median")
-    ax_l.step(sel.curve_n, sel.curve_latency_ms, where="mid", color="#ff7f0e", lw=1.5, label="denoised")
+    ax_l.plot(
+        sel.curve_n,
+        sel.curve_latency_ms,
+        "-",
+        color="#ff7f0e",
+        lw=1.5,
+        label="denoised: ties within the IQR merged, straight between measured n",
+    )
     if sel.latency_budget_ms is not None:
         ax_l.axhline(sel.latency_budget_ms, color="gray", ls="--", lw=1, label="budget")
     ax_l.set_ylabel("latency L(n) [ms]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -328,3 +329,28 @@ def test_verification_fits_its_pairs_to_the_time_budget(monkeypatch, seconds, pa
     timed = 2 * pairs * seconds  # the seconds of the pairs: about the budget, or the minimum
     assert timed == pytest.approx(1.0, abs=2 * 6 * seconds) or pairs == 6
     # the warm-up stops once it passes a quarter of the budget (a slow model: one pair)
+
+
+# ----------------------------------------------------------------------------- the plot shows what was measured
+
+
+def test_the_latency_plot_joins_measured_points_and_draws_no_riser_across_a_gap(tmp_path):
+    from pomt.plots import plot_profiles, save_figure
+    from pomt.timing import TimingStats
+
+    grid = [5, 9, 11, 13, 17, 29, 41, 53, 65, 97, 129, 197]  # sparse above 65, as a fast search
+    lat = {n: TimingStats.from_samples([20 + 0.2 * n, 20.4 + 0.2 * n, 20.8 + 0.2 * n]) for n in grid}
+    acc = {n: 0.8 * (1 - math.exp(-n / 30)) for n in (5, 17, 41, 65, 129, 197)}
+    sel = pomt.select_r(lat, acc, alpha=0.5)
+    fig = plot_profiles(lat, acc, sel)
+    latency_axis = fig.axes[0]
+    curve = next(line for line in latency_axis.get_lines() if line.get_label().startswith("denoised"))
+    assert curve.get_drawstyle() == "default"  # straight segments, not steps
+    assert list(curve.get_xdata()) == list(sel.curve_n) == grid  # vertices only at measured n
+    assert "straight between measured n" in curve.get_label()
+    y = dict(zip(curve.get_xdata(), curve.get_ydata(), strict=True))
+    assert y[65] < y[97] < y[129]  # across the gap: a slope between two measurements, no riser
+    labels = [text.get_text() for text in latency_axis.get_legend().get_texts()]
+    assert "median (IQR)" in labels  # the measured points, with their spread
+    save_figure(fig, tmp_path / "profile.png")
+    assert (tmp_path / "profile.png").stat().st_size > 10_000
