@@ -129,15 +129,13 @@ def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
     announce_wandb_runs(trainer)
 
 
-def log_token_maps(trainer: Any, callback: Any, images: Any) -> None:
-    """The images with the token each patch ended in under the applied pruning, as a figure."""
+def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:
+    """``images`` with the token each patch ended in under ``vit``'s pruning (``label``), as a figure."""
     from pomt.models import token_layout
     from pomt.plots import plot_token_groups
     from pomt.pruning import token_groups
 
-    vit = callback._vit
     layout = token_layout(vit, tuple(images.shape[-2:]))
-    label = f"{callback.method} r={callback.applied_r}"
     figure = plot_token_groups(
         images, {label: token_groups(vit, images)}, prefix=layout.prefix, patch_grid=layout.patch_grid
     )

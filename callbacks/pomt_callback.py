@@ -1,14 +1,12 @@
 """``POMTCallback``: prune the ViT of a LightningModule at the R that is best for this device.
 
-``setup`` checks all that needs no timing (the ViT, ``layer``, ``r``, the accuracy data), so
-mistakes fail before training. Before each chosen stage, rank 0 calls :func:`pomt.find_r`
-on the Trainer's device and precision (every rank receives the result) and the ViT is pruned
-in place. With ``"train"`` in ``stages`` the ViT is pruned before the first training step and
-stays pruned through training and the validations inside ``fit``, at one R. The model is put
-back as it was after the stage (``restore``), always after an error in it (``on_exception``),
-and at the start of the next stage or of training if a stage died without either. Results
-stay on the callback and in checkpoints, and are reused only where still valid; the global
-RNG state is the same after the search as before it.
+``setup`` checks all that needs no timing (the ViT, ``layer``, ``r``, the accuracy data). Before
+each chosen stage, rank 0 calls :func:`pomt.find_r` on the Trainer's device and precision
+(every rank receives the result) and the ViT is pruned in place; with ``"train"``, before the
+first training step, at one R through training and fit's validations. The model is put back
+after the stage (``restore``), always after an error in it (``on_exception``), and at the next
+start if a stage died without either. Results stay on the callback and in checkpoints, and
+are reused only where still valid; the global RNG state is the same after the search.
 """
 
 from __future__ import annotations
@@ -48,20 +46,17 @@ class POMTCallback(Callback):
         batch_size: batch size of the latency profile; default: the stage dataloader's.
         accuracy_data: a Dataset/DataLoader of ``(image, label)`` for the accuracy estimate.
         accuracy_split: the datamodule's split for the estimate (``selection``, ``val``, ``train``,
-            ``test``). Default: ``accuracy_data``, else ``selection_dataloader()``, else the
-            stage's own data (with a warning: that is the split being reported).
+            ``test``) without ``accuracy_data``; default: ``selection_dataloader()``, else the stage's.
         latency_profile_path, accuracy_profile_path: JSON profiles, reused when they are valid
             for this model and setup, written after measuring otherwise.
         restore: put the model back after the stage; ``False`` keeps it pruned (not after an error).
         reuse: reuse results of an earlier stage or a checkpoint where they are still valid.
         vit_path: dotted path of the ViT in the LightningModule (default: the first ViT found).
-        stages: when to run: ``validate``, ``test``, ``predict``, ``fit`` (the validations inside
-            ``fit`` pruned, training not; A(n) measured again as the weights change), ``train``
-            (training and the validations inside ``fit`` pruned at one R: ``r``, or chosen on the
-            starting weights; later stages keep it).
+        stages: ``validate``, ``test``, ``predict``, ``fit`` (the validations inside ``fit`` pruned,
+            training not), ``train`` (training and fit's validations pruned at one R, ``r`` or
+            chosen on the starting weights; later stages keep it).
         log_plots: log the curves (table, line plots, PNG); scalars are always logged.
-        log_token_maps: log this many images of the stage's data with the token each patch
-            ended in (``pomt.plots.plot_token_groups``) to every logger that takes images.
+        log_token_maps: log this many images with the token each patch ended in (token maps).
     """
 
     def __init__(
@@ -112,18 +107,16 @@ class POMTCallback(Callback):
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
         self.restore, self.reuse, self.vit_path = restore, reuse, vit_path
         self.stages, self.log_plots, self.log_token_maps = frozenset(stages), log_plots, log_token_maps
-        # results (like BatchSizeFinder.optimal_batch_size): the search, and what was applied
-        self.result: Search | None = None
-        self.applied_r: int | None = None
-        self.applied_schedule: list[int] | None = None
+        self.result: Search | None = None  # results, as BatchSizeFinder.optimal_batch_size: the search,
+        self.applied_r: int | None = None  # and what was applied: R,
+        self.applied_schedule: list[int] | None = None  # the tokens leaving each block
         self.trained_r: int | None = None  # the R training ran at ("train"): later stages use it
         self.r_source: str | None = None  # where applied_r came from: "r", "search" or "trained_r"
         self._vit, self._found_path = None, None  # the ViT and its path, found at setup
         self._previous: Any = None  # the pruning found at the start of the stage
         self._left: Any = None  # the pruning this callback left on the model (restore=False)
-        self._applied = False
+        self._applied, self._warned_split = False, False
         self._training = False  # pruned for training: held through fit's validations
-        self._warned_split = False
         self._modes: dict[str, bool] | None = None  # each module's train/eval mode at setup
         self._result_origin = "measured earlier"  # or "loaded from the checkpoint"
 
@@ -144,9 +137,9 @@ class POMTCallback(Callback):
         except ValueError as err:
             raise ValueError(f"POMTCallback: {err}{support.vit_hint(pl_module, self.vit_path)}") from err
         if self.r is None:
-            data = support.accuracy_data(self, trainer, None)
+            data, _ = support.accuracy_data(trainer, None, vit=self._vit, **self._data())
             if data is not None:
-                support.check_data(self, data, stage)
+                support.check_data(self._vit, data, stage)
         if stage == "fit" and "fit" in self.stages:
             logs.warn_pruned_monitors(trainer)
 
@@ -154,7 +147,7 @@ class POMTCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "train" not in self.stages:
             self._recover()
-            support.report_pruning(self, "training")
+            support.report_pruning(self._vit, "training", left=self._left, where=self._found_path)
             return
         self._before_stage(trainer, pl_module, "train")  # R on the starting weights, held until the end
         self._training = True
@@ -200,8 +193,7 @@ class POMTCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """An error inside a pruned stage (or pruned training) leaves the model as it was before it:
-        its pruning, and each module's train/eval mode as the Trainer call found it."""
+        """After an error in a stage or training: the pruning and each module's train/eval mode as found."""
         self._training = False
         self._recover()
         if self._modes is not None:
@@ -225,12 +217,7 @@ class POMTCallback(Callback):
         """Plain values only, so checkpoints load with ``weights_only=True``."""
         state = {} if self.result is None else self.result.to_dict()
         trained = self.applied_r if self._training else self.trained_r
-        return state | {
-            "applied_r": self.applied_r,
-            "trained_r": trained,
-            "method": self.method,
-            "layer": self.layer,
-        }
+        return state | dict(applied_r=self.applied_r, trained_r=trained, method=self.method, layer=self.layer)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -250,13 +237,13 @@ class POMTCallback(Callback):
     def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._vit
         self._recover()  # a stage that died without on_exception
-        self._previous = support.report_pruning(self, stage)
+        self._previous = support.report_pruning(vit, stage, left=self._left, where=self._found_path)
         remove_pruning(vit)  # profile, and prune, the model as built
         try:
             r = self.r if self.r is not None or stage == "train" else self.trained_r
             source = "r" if self.r is not None else "trained_r" if r is not None else "search"
             if r is None:
-                self.result = support.search_all_ranks(self, trainer, pl_module, stage)
+                self.result = support.on_rank_zero(trainer, lambda: self._find_r(trainer, pl_module, stage))
                 self._result_origin = "measured earlier"
                 r = self.selection.r
                 if stage == "train":
@@ -272,7 +259,8 @@ class POMTCallback(Callback):
         logs.log_pomt(trainer, pl_module, self, stage)
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
             images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
-            logs.log_token_maps(trainer, self, images.to(pl_module.device))
+            label = f"{self.method} r={self.applied_r}"
+            logs.log_token_maps(trainer, vit, images.to(pl_module.device), label)
 
     def _after_stage(self, force_restore: bool = False, said: tuple[str, Any] | None = None) -> None:
         if not self._applied or self._vit is None:
@@ -294,6 +282,18 @@ class POMTCallback(Callback):
     def _put_back(self) -> None:
         """The ViT as it was before the stage: unpruned, or pruned as the user had it."""
         remove_pruning(self._vit)
-        if self._previous is not None:
-            prev = self._previous
+        if (prev := self._previous) is not None:
             apply_pruning(self._vit, prev.method, r=prev.r, layer=prev.layer)
+
+    def _data(self) -> dict[str, Any]:
+        return dict(data=self.accuracy_data, split=self.accuracy_split, warned=self._warned_split)
+
+    def _find_r(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
+        """The search on this rank, from the callback's settings and results (explicit arguments)."""
+        data, self._warned_split = support.accuracy_data(trainer, stage, vit=self._vit, **self._data())
+        return support.search(
+            trainer, pl_module, stage, vit=self._vit, data=data, layer=self.layer, batch_size=self.batch_size,
+            config=self.search_config, latency_path=self.latency_profile_path,
+            accuracy_path=self.accuracy_profile_path, previous=self.result if self.reuse else None,
+            previous_origin=self._result_origin,
+        )  # fmt: skip

@@ -1,6 +1,8 @@
-"""What ``POMTCallback`` needs besides its hooks: its log lines, the data it estimates A(n) on
-(for ``train``: the training data when nothing else is given), the search under the Trainer's
-precision, and the report of a model pruned by someone else.
+"""What ``POMTCallback`` needs besides its hooks: its log lines and warnings, the data it
+estimates A(n) on (for ``train``: the training data when nothing else is given), the search
+under the Trainer's precision, and the report of a model pruned by someone else. Like
+Lightning's tuner functions, these take explicit arguments and return values; the callback
+holds the state.
 
 The callback's lines go to the ``pomt.callbacks`` logger (rank 0 only), so an application that
 configures logging (Hydra's ``train.log``, ``logging.basicConfig``) receives them in its files;
@@ -11,22 +13,25 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
 
 import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
-from pomt.finder import Search, find_r
+from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile
-from pomt.pruning import pruning_config
+from pomt.pruning import PruningConfig, pruning_config
 
 __all__ = [
     "say",
@@ -38,10 +43,11 @@ __all__ = [
     "check_data",
     "search",
     "report_pruning",
-    "search_all_ranks",
+    "on_rank_zero",
     "warn_if_near_chance",
 ]
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
 
 LOADERS = {
@@ -59,9 +65,10 @@ FIXES = (
 # where our frames (and the libraries' that call us) are: a warning is attributed to the first
 # frame outside them, the user's line that started the stage
 _INTERNAL = tuple(
-    {str(Path(m.__file__).parent) for m in (pomt, pl, torch)}
-    | {str(Path(m.__file__).resolve().parent) for m in (pomt, pl, torch)}
-    | {str(Path(__file__).parent), str(Path(__file__).resolve().parent), str(Path(pl.__file__).parent.parent)}
+    {str(Path(m.__file__).parent) + os.sep for m in (pomt, pl, torch)}
+    | {str(Path(m.__file__).resolve().parent) + os.sep for m in (pomt, pl, torch)}
+    | {str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep}
+    | {str(Path(pl.__file__).parent.parent)}  # lightning/, lightning_utilities/, lightning_fabric/
 )
 
 
@@ -118,48 +125,65 @@ def vit_hint(pl_module: pl.LightningModule, vit_path: str | None) -> str:
     return f"; the module's ViT is at vit_path={found!r}" if found != vit_path else ""
 
 
-def check_data(callback: Any, data: Any, stage: str = "the search") -> None:
-    """Labelled images of the size the ViT takes (from the first example), or a clear error."""
-    dynamic = getattr(getattr(callback._vit, "patch_embed", None), "dynamic_img_size", False)
+def check_data(vit: nn.Module, data: Any, stage: str = "the search") -> None:
+    """Labelled images of the size ``vit`` takes (from the first example), or a clear error."""
+    dynamic = getattr(getattr(vit, "patch_embed", None), "dynamic_img_size", False)
     try:
-        check_accuracy_data(data, None if dynamic else image_size(callback._vit, None))
+        check_accuracy_data(data, None if dynamic else image_size(vit, None))
     except UnlabelledDataError as err:
         raise unlabelled(stage) from err
     except ValueError as err:
         raise ValueError(f"POMTCallback: {err}") from err
 
 
-def accuracy_data(callback: Any, trainer: pl.Trainer, stage: str | None) -> Any:
-    """The data of the accuracy estimate (None at setup when it is the stage's own data)."""
-    if callback.accuracy_data is not None:
-        return callback.accuracy_data
+def accuracy_data(
+    trainer: pl.Trainer, stage: str | None, *, vit: nn.Module, data: Any, split: str | None, warned: bool
+) -> tuple[Any, bool]:
+    """The data of the accuracy estimate (None at setup when it is the stage's own data): ``data``,
+    else the datamodule's ``split`` (or its selection split), else the stage's own data, which
+    is warned about unless ``warned`` already. Returns the data and whether that was warned."""
+    if data is not None:
+        return data, warned
     datamodule = getattr(trainer, "datamodule", None)
-    split = callback.accuracy_split or ("selection" if hasattr(datamodule, "selection_dataloader") else None)
+    split = split or ("selection" if hasattr(datamodule, "selection_dataloader") else None)
     if split is not None:
         method = getattr(datamodule, f"{split}_dataloader", None)
         if not callable(method):
             raise ValueError(
                 f"POMTCallback: accuracy_split={split!r} but the datamodule has no {split}_dataloader()"
             )
-        return method()
+        return method(), warned
     if stage is None:
-        return None
+        return None, warned
     loader = stage_loader(trainer, stage)
-    check_data(callback, loader, stage)  # unlabelled data is an error, said before any warning
-    if not callback._warned_split and stage != "train":  # the training data is not reported on
+    check_data(vit, loader, stage)  # unlabelled data is an error, said before any warning
+    if not warned and stage != "train":  # the training data is not reported on
         warn(
             f"POMTCallback chooses R on the {stage} data, the split this {stage} reports: the accuracy "
             f"it estimates is not held out. To choose R on other data, {FIXES}."
         )
-        callback._warned_split = True
-    return loader
+        warned = True
+    return loader, warned
 
 
-def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
-    """``find_r`` on the Trainer's device and precision (under its autocast), the RNG kept."""
-    device = pl_module.device
-    batch_size = callback.batch_size or getattr(stage_loader(trainer, stage), "batch_size", None) or 1
-    data = accuracy_data(callback, trainer, stage)
+def search(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    stage: str,
+    *,
+    vit: nn.Module,
+    data: Any,
+    layer: int,
+    batch_size: int | None,
+    config: SearchConfig,
+    latency_path: str | None,
+    accuracy_path: str | None,
+    previous: Search | None,
+    previous_origin: str,
+) -> Search:
+    """``find_r`` on the Trainer's device and precision (under its autocast), the RNG and each
+    module's train/eval mode kept; ``batch_size`` None: the stage dataloader's."""
+    batch_size = batch_size or getattr(stage_loader(trainer, stage), "batch_size", None) or 1
     modes = train_modes(pl_module)  # each module's, put back as found (not one flag for all)
     pl_module.eval()
     try:
@@ -167,15 +191,15 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
             return find_r(
                 pl_module,
                 data,
-                layer=callback.layer,
+                layer=layer,
                 batch_size=int(batch_size),
-                device=device,
-                config=callback.search_config,
-                vit=callback._vit,
-                latency_path=callback.latency_profile_path,
-                accuracy_path=callback.accuracy_profile_path,
-                previous=callback.result if callback.reuse else None,
-                previous_origin=callback._result_origin,
+                device=pl_module.device,
+                config=config,
+                vit=vit,
+                latency_path=latency_path,
+                accuracy_path=accuracy_path,
+                previous=previous,
+                previous_origin=previous_origin,
                 progress=False,  # under a Trainer, its progress bar is the only one; each step is logged
                 log=say,
                 precision=str(trainer.precision),
@@ -187,13 +211,15 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
         restore_train_modes(pl_module, modes)
 
 
-def report_pruning(callback: Any, what: str) -> Any:
-    """The pruning the callback's ViT has now (``pruning_config``); a warning naming it when the
-    callback did not leave it there (``what``: ``training`` or the stage about to run)."""
-    found = pruning_config(callback._vit)
-    if found is not None and found != callback._left:
+def report_pruning(
+    vit: nn.Module, what: str, *, left: PruningConfig | None, where: str | None
+) -> PruningConfig | None:
+    """The pruning ``vit`` (at ``where``) has now; a warning naming it when it is not the pruning
+    the callback ``left`` there (``what``: ``training`` or the stage about to run)."""
+    found = pruning_config(vit)
+    if found is not None and found != left:
         warn(
-            f"POMTCallback: the ViT at `{callback._found_path or '<module>'}` is already pruned before "
+            f"POMTCallback: the ViT at `{where or '<module>'}` is already pruned before "
             f"{what}, not by this callback: {found}. "
             + (
                 "Training runs on that pruned model; call pomt.remove_pruning(vit) to train the whole one."
@@ -206,12 +232,12 @@ def report_pruning(callback: Any, what: str) -> Any:
     return found
 
 
-def search_all_ranks(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
-    """Rank 0 searches (:func:`search`); every rank receives its result, or its error."""
+def on_rank_zero(trainer: pl.Trainer, compute: Callable[[], T]) -> T:
+    """``compute()`` on global rank 0; every rank receives its result, or its error."""
     result: Any = None
     if trainer.is_global_zero:
         try:
-            result = search(callback, trainer, pl_module, stage)
+            result = compute()
         except Exception as err:  # tell the other ranks instead of leaving them waiting
             result = err
     result = trainer.strategy.broadcast(result, src=0)
