@@ -304,11 +304,11 @@ def find_r(
     profile timed at another precision, or one that does not record it, is measured again.
 
     Profiles are reused where they are valid, from ``previous`` (an earlier search, e.g. from a
-    checkpoint; ``previous_origin`` names it in the notes, e.g. ``"loaded from the checkpoint"``) or from ``latency_path``/``accuracy_path`` (JSON files, written after
-    measuring): latency for the same architecture (depth, width, heads, patch size, N,
-    prefix), model, device, dtype, precision, batch size and layer (on a CPU, thread count),
-    whatever the weights; accuracy only
-    for the same weights (a fingerprint of the parameters) and token count. Anything else is
+    checkpoint; ``previous_origin`` names it in the notes, e.g. ``"loaded from the checkpoint"``)
+    or from ``latency_path``/``accuracy_path`` (JSON files, written after measuring): latency
+    for the same architecture (depth, width, heads, patch size, N, prefix), model, device,
+    dtype, precision, batch size and layer (on a CPU, thread count), whatever the weights;
+    accuracy only for the same weights (a fingerprint of the parameters) and token count. Anything else is
     measured again; ``log`` receives one line for each decision and its reason.
 
     ``torch.compile``'d modules are timed and evaluated as their eager originals (a compiled
@@ -364,7 +364,7 @@ def find_r(
         expect = dict(model=name, architecture=architecture(vit), **setup)
         if device.type == "cuda":
             expect["cuda_graphs"] = config.cuda_graphs
-        else:  # CPU latency scales with the threads it runs on: never reuse it at another count
+        elif device.type == "cpu":  # CPU latency scales with its threads: never reused at another count
             expect["threads"] = torch.get_num_threads()
         path = None if latency_path is None else Path(latency_path)
         latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes, previous_origin)

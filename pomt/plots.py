@@ -73,7 +73,8 @@ def plot_profiles(
     ``select_r(lat, acc, **select_kwargs)``. Measured medians are dots with their IQR; the
     denoised latency used for the choice is drawn only between measured token counts, by
     straight segments (flat only where measured values tie within their noise: no riser is
-    drawn across a gap nobody measured), and n* is marked in all panels (budget or floor as a dashed line in their panel). ``fig`` draws into an
+    drawn across a gap nobody measured), and n* is marked in all panels (budget or floor as
+    a dashed line in their panel). ``fig`` draws into an
     existing Figure or SubFigure (returned) instead of a new one.
     """
     from matplotlib.figure import Figure

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_KWARGS, cpu_trainer, image_loader, make_tiny_vit, tiny_classifier
+from conftest import TINY_KWARGS, cpu_trainer, image_loader, make_tiny_vit, staircase_profile, tiny_classifier
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -213,13 +213,17 @@ def test_every_callback_warning_reaches_a_log_file_and_points_at_the_users_line(
 
 
 def test_a_one_thread_cpu_profile_is_not_reused_at_two_threads(tmp_path):
-    from conftest import staircase_profile
-
     vit = make_tiny_vit()
     path = staircase_profile(vit, tmp_path / "latency.json")  # timed (as if) on this 1-thread process
     assert pomt.LatencyProfile.load(path).threads == 1
-    quick = SearchConfig(accuracy_samples=16, accuracy_grid=(17, 9, 5), grid=(17, 9, 5), min_run_time=0.0)
-    quick = SearchConfig(**(quick.to_dict() | {"warmup": 1, "verify": False}))
+    quick = SearchConfig(
+        accuracy_samples=16,
+        accuracy_grid=(17, 9, 5),
+        grid=(17, 9, 5),
+        min_run_time=0.0,
+        warmup=1,
+        verify=False,
+    )
     kwargs = dict(
         layer=LAYER, batch_size=8, config=quick, latency_path=path, progress=False, log=lambda _: None
     )
@@ -239,8 +243,6 @@ def test_a_one_thread_cpu_profile_is_not_reused_at_two_threads(tmp_path):
 
 
 def _search_callback(tmp_path, **kwargs) -> POMTCallback:
-    from conftest import staircase_profile
-
     path = staircase_profile(make_tiny_vit(), tmp_path / "latency.json")  # a step below 12 tokens
     quick = dict(accuracy_samples=32, accuracy_grid=(17, 13, 9, 5), grid=(17, 13, 9, 5), min_run_time=0.0)
     search = SearchConfig(**quick, warmup=1, verify=False)
@@ -331,7 +333,7 @@ def test_verification_fits_its_pairs_to_the_time_budget(monkeypatch, seconds, pa
     # the warm-up stops once it passes a quarter of the budget (a slow model: one pair)
 
 
-# ----------------------------------------------------------------------------- the plot shows what was measured
+# ----------------------------------------------------------------------------- the plot shows the measured
 
 
 def test_the_latency_plot_joins_measured_points_and_draws_no_riser_across_a_gap(tmp_path):
