@@ -9,7 +9,10 @@ here.
 
 import logging as _logging
 
-from pomt import plots  # (matplotlib itself is imported only when plotting)
+from pomt import (
+    _imports,  # noqa: F401 (finds pomt.callbacks/.datamodules in a source checkout)
+    plots,  # (matplotlib itself is imported only when plotting)
+)
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
