@@ -3,8 +3,7 @@
 Importing ``pomt`` imports torch only; what a function needs besides is imported when it is
 called: timm (building models, preprocessing), torchmetrics (``estimate_accuracy``), tqdm
 (progress bars), matplotlib (``pomt.plots``). The Lightning layer (``pomt.lightning``,
-``pomt.loggers``, ``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported
-here.
+``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported here.
 """
 
 import logging as _logging

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE_FOLDERS = {"pomt.callbacks": "callbacks", "pomt.datamodules": "datamodules"}
-MOVED: dict[str, str] = {}
+MOVED = {"pomt.loggers": "pomt.lightning.loggers"}
 
 
 def checkout_root(package_dir: Path) -> Path | None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pomt"
 SWEEP = "pomt.sweep"
-LIGHTNING_LAYER = ("pomt.lightning", "pomt.loggers", "pomt.callbacks", "pomt.datamodules", SWEEP)
+LIGHTNING_LAYER = ("pomt.lightning", "pomt.callbacks", "pomt.datamodules", SWEEP)
+LIGHTNING = ("lightning", "pytorch_lightning")
 
 
 def _module_name(path: Path) -> str:
@@ -67,6 +68,44 @@ def test_nothing_in_the_method_imports_the_lightning_layer_or_the_sweep():
             path = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
         for imported in _imported(path):
             assert not imported.startswith(LIGHTNING_LAYER), f"{name} imports {imported}"
+
+
+def test_no_core_module_imports_lightning_anywhere_in_its_code():
+    """Not at module level and not inside a function: Lightning glue lives in the layer."""
+    core = _core_modules()
+    assert {"pomt", "pomt.models", "pomt.profiling", "pomt.cli"} <= set(core)
+    for name in core:
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
+        for imported in _imported(path):
+            assert imported.split(".")[0] not in LIGHTNING, f"{name} imports {imported}"
+
+
+def test_the_old_name_of_the_loggers_module_still_imports_the_moved_module():
+    import importlib
+    import sys
+
+    import pytest
+
+    import pomt.lightning.loggers
+
+    sys.modules.pop("pomt.loggers", None)
+    with pytest.warns(DeprecationWarning, match="pomt.loggers moved to pomt.lightning.loggers"):
+        old = importlib.import_module("pomt.loggers")
+    assert old is pomt.lightning.loggers
+    assert old.OfflineWandbLogger is pomt.lightning.loggers.OfflineWandbLogger
+    from pomt.lightning import ViTClassifier
+    from pomt.lightning.classifier import ViTClassifier as defined
+
+    assert ViTClassifier is defined  # pomt.lightning.ViTClassifier, the configs' class path
+
+
+def test_importing_pomt_imports_no_lightning_module():
+    code = "import sys, pomt; print(sorted(m for m in sys.modules if m.split('.')[0] in {'lightning', 'pytorch_lightning'} or m.startswith('pomt.lightning')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_only_the_sweep_and_the_entry_points_import_the_sweep():

@@ -26,7 +26,7 @@ import pomt
 from pomt import METHODS
 from pomt.callbacks.pomt_callback import POMTCallback
 from pomt.finder import SearchConfig
-from pomt.loggers import wandb_logger
+from pomt.lightning.loggers import wandb_logger
 from pomt.models import find_vit, weights_fingerprint
 from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
