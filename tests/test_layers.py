@@ -115,3 +115,45 @@ def test_only_the_sweep_and_the_entry_points_import_the_sweep():
         if not _module_name(path).startswith(SWEEP):
             for imported in _imported(path):
                 assert not imported.startswith(SWEEP), f"{_module_name(path)} imports {imported}"
+
+
+def _sweep_graph() -> dict[str, set[str]]:
+    """Each module of ``pomt.sweep`` and the ``pomt.sweep`` modules it imports, under
+    ``TYPE_CHECKING`` or in a function included (``from pomt.sweep import x``: the submodule x
+    when there is one, else the package)."""
+    modules = {_module_name(path): path for path in (PACKAGE / "sweep").glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for imported in _imported(path):
+            if imported in modules:
+                edges.add(imported)
+            elif imported.rpartition(".")[0] in modules:  # from pomt.sweep.x import Name
+                edges.add(imported.rpartition(".")[0])
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_the_sweep_imports_form_a_dag():
+    graph = _sweep_graph()
+    assert {"pomt.sweep.evaluation", "pomt.sweep.plan", "pomt.sweep.settings"} <= set(graph)
+    assert "pomt.sweep.settings" in graph["pomt.sweep.plan"]  # the graph sees real edges
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path[path.index(name) :], name))}"
+        if name not in done:
+            for imported in sorted(graph[name]):
+                visit(imported, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+def test_no_sweep_step_imports_the_driver():
+    """The steps take the frozen settings (``pomt.sweep.settings``), not the driver."""
+    graph = _sweep_graph()
+    for name, edges in graph.items():
+        if name not in ("pomt.sweep", "pomt.sweep.evaluation"):
+            assert "pomt.sweep.evaluation" not in edges and "pomt.sweep" not in edges, name

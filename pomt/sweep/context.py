@@ -16,7 +16,7 @@ from pomt.finder import Search
 from pomt.sweep.report import ReportRow
 from pomt.sweep.rundir import RunDir
 
-__all__ = ["SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
+__all__ = ["RunState", "SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
 
 
 @dataclass
@@ -36,8 +36,20 @@ class TradeoffResult:
 
 
 @dataclass
+class RunState:
+    """What changes while one sweep runs (besides its :class:`TradeoffResult`): the progress
+    bar, the seconds spent healing, and whether W&B logs offline (it falls back to offline
+    when online logging has no credentials)."""
+
+    wandb_offline: bool
+    bar: Any = None
+    heal_s: float = 0.0  # seconds spent healing (and testing healed rows) in this run
+
+
+@dataclass(frozen=True)
 class SweepRun:
-    """What every step of one run of the sweep works with.
+    """What every step of one run of the sweep works with, fixed when the run starts; what
+    changes is in ``result`` (what the sweep returns) and ``state``.
 
     ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
     with it); ``conditions`` what every record of this run is valid for (see
@@ -57,9 +69,8 @@ class SweepRun:
     group: str
     per_batch_size: bool
     result: TradeoffResult
-    bar: Any = None
+    state: RunState
     heal_batch_size: int | None = None  # the batch size every configuration heals at
-    heal_s: float = 0.0  # seconds spent healing (and testing healed rows) in this run
 
     @property
     def zero(self) -> bool:
