@@ -16,7 +16,16 @@ from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, profile_latency
-from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_groups, token_schedule
+from pomt.pruning import (
+    METHODS,
+    apply_pruning,
+    pruned,
+    pruning_config,
+    pruning_restored,
+    remove_pruning,
+    token_groups,
+    token_schedule,
+)
 from pomt.selection import Selection, select_r
 
 __version__ = "0.1.0"
@@ -52,7 +61,9 @@ __all__ = [
     "load_weights",
     "plots",
     "profile_latency",
+    "pruned",
     "pruning_config",
+    "pruning_restored",
     "remove_pruning",
     "select_r",
     "token_groups",

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pomt.errors import is_int
 from pomt.models import (
     architecture,
     device_of,
@@ -65,7 +66,7 @@ def _plain(value: Any) -> Any:
 def _positive(name: str, value: object, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 

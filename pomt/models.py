@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pomt.errors import UnavailableError
+
 __all__ = [
     "TokenLayout",
     "token_layout",
@@ -409,7 +411,7 @@ def create_model(
         if weights is not None:
             raise ValueError(f"weights in {weights} do not match {name}: {err}") from err
         if pretrained:
-            raise RuntimeError(
+            raise UnavailableError(
                 f"could not fetch pretrained weights for {name!r} ({err}). Without network access, "
                 "download them elsewhere and pass `weights=PATH`, or set pretrained=False."
             ) from err

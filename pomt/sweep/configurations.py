@@ -159,23 +159,20 @@ def time_configurations(
     def prepare(key: str) -> None:
         pomt.apply_pruning(vit, by_key[key].method, r=by_key[key].r, layer=layer)
 
-    try:
-        with torch.inference_mode():
-            for key, config in by_key.items():
-                prepare(key)
-                calls[key], modes[key] = (lambda: model(images)), "eager"
-                if how.cuda_graphs and device.type == "cuda":
-                    calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
-            stats = time_interleaved(
-                calls,
-                device=device,
-                rounds=how.rounds,
-                warmup=how.warmup,
-                prepare=prepare,
-                progress=f"timing {len(by_key)} configurations",
-            )
-    finally:
-        pomt.remove_pruning(vit)
+    with pomt.pruning_restored(vit), torch.inference_mode():
+        for key, config in by_key.items():
+            prepare(key)
+            calls[key], modes[key] = (lambda: model(images)), "eager"
+            if how.cuda_graphs and device.type == "cuda":
+                calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
+        stats = time_interleaved(
+            calls,
+            device=device,
+            rounds=how.rounds,
+            warmup=how.warmup,
+            prepare=prepare,
+            progress=f"timing {len(by_key)} configurations",
+        )
     return {key: {**s.to_dict(), "mode": modes[key]} for key, s in stats.items()}
 
 
@@ -194,11 +191,8 @@ def token_maps_figure(
         if group:
             shown.append(min(group, key=lambda c: (abs(mean_n(vit, c, layer) - target), c.r)))
     columns = {}
-    try:
-        for config in shown:
-            pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
+    for config in shown:
+        with pomt.pruned(vit, config.method, r=config.r, layer=layer):
             columns[config.label] = pomt.token_groups(vit, images)
-    finally:
-        pomt.remove_pruning(vit)
     layout = pomt.token_layout(vit)
     return plot_token_groups(images, columns, prefix=layout.prefix, patch_grid=layout.patch_grid)

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from pomt.data import split_batch
+from pomt.errors import is_int
 from pomt.finder import Search
 from pomt.sweep.report import ReportRow
 from pomt.sweep.rundir import RunDir
@@ -95,7 +96,7 @@ def check_limit(limit: float | int | None) -> float | int | None:
     if limit is None:
         return None
     fraction = isinstance(limit, float) and 0 < limit <= 1
-    count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    count = is_int(limit) and limit >= 1
     if not (fraction or count):
         raise ValueError(
             f"limit_test_batches must be a fraction in (0, 1] or a number of batches >= 1, got {limit!r}"

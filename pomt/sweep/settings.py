@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pomt.errors import is_int
 from pomt.finder import SearchConfig
 from pomt.pruning import METHODS
 from pomt.sweep.configurations import SideBySide
@@ -16,9 +17,9 @@ __all__ = ["SweepSettings", "check_heal_epochs"]
 
 
 def check_heal_epochs(epochs: int, batches: int | None) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    if not is_int(epochs) or epochs < 0:
         raise ValueError(f"heal_epochs must be an int >= 0 (0: training-free), got {epochs!r}")
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+    if batches is not None and (not is_int(batches) or batches < 1):
         raise ValueError(f"heal_batches must be a number of batches >= 1 or None (all), got {batches!r}")
 
 
