@@ -97,27 +97,8 @@ class TradeoffEvaluation:
         heal_epochs: int = 0,
         heal_batches: int | None = None,
     ) -> None:
-        self.settings = SweepSettings(
-            methods=tuple(methods),
-            tome_r=tome_r,
-            topk_r=topk_r,
-            span=tuple(span),
-            layer=layer,
-            search_config=search or SearchConfig(),
-            out_dir=out_dir,
-            run_name=run_name,
-            wandb=wandb,
-            wandb_project=wandb_project,
-            wandb_group=wandb_group,
-            wandb_offline=wandb_offline,
-            latency_rounds=latency_rounds,
-            batch_sizes=batch_sizes,
-            token_maps=token_maps,
-            resume=resume,
-            limit_test_batches=limit_test_batches,
-            heal_epochs=heal_epochs,
-            heal_batches=heal_batches,
-        )
+        given = {name: value for name, value in locals().items() if name not in ("self", "search")}
+        self.settings = SweepSettings(**given, search_config=search or SearchConfig())  # validates
 
     # ------------------------------------------------------------------ the sweep
     def run(
