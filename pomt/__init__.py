@@ -13,7 +13,7 @@ from pomt import (
     plots,  # (matplotlib itself is imported only when plotting)
 )
 from pomt.finder import Search, SearchConfig, find_r
-from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
+from pomt.models import TokenLayout, find_vit, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, profile_latency
 from pomt.pruning import (
@@ -27,6 +27,7 @@ from pomt.pruning import (
     token_schedule,
 )
 from pomt.selection import Selection, select_r
+from pomt.weights import create_model, load_weights
 
 __version__ = "0.1.0"
 

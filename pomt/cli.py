@@ -54,7 +54,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_model(args: argparse.Namespace):
-    from pomt.models import create_model
+    from pomt.weights import create_model
 
     return create_model(
         args.model,

@@ -30,13 +30,13 @@ from pomt.models import (
     token_layout,
     uncompiled,
     unwrap_compiled,
-    weights_fingerprint,
 )
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.selection import Selection, check_objective, select_r
 from pomt.timing import MIN_RUN_TIME
 from pomt.verify import speedup_samples, verify
+from pomt.weights import weights_fingerprint
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
 

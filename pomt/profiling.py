@@ -28,7 +28,6 @@ from pomt.models import (
     find_vit,
     image_size,
     token_layout,
-    weights_fingerprint,
 )
 from pomt.ops import kernel_backend
 from pomt.profiles import (
@@ -40,6 +39,7 @@ from pomt.profiles import (
 )
 from pomt.pruning import apply_pruning, pruning_restored, random_token_subset, remove_pruning
 from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
+from pomt.weights import weights_fingerprint
 
 __all__ = [
     "profile_latency",

@@ -23,8 +23,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pomt.data import split_batch
-from pomt.models import create_model, load_weights
 from pomt.timing import Stopwatch, TimingStats
+from pomt.weights import create_model, load_weights
 
 __all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features"]
 

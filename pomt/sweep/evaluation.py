@@ -26,7 +26,7 @@ import pomt
 from pomt.callbacks.pomt_callback import POMTCallback
 from pomt.finder import SearchConfig
 from pomt.lightning.loggers import wandb_logger
-from pomt.models import find_vit, weights_fingerprint
+from pomt.models import find_vit
 from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
 from pomt.sweep.configurations import Configuration, token_maps_figure
@@ -38,6 +38,7 @@ from pomt.sweep.rundir import RunDir
 from pomt.sweep.settings import SweepSettings
 from pomt.sweep.summary import finish_run, log_summary_run
 from pomt.timing import device_name
+from pomt.weights import weights_fingerprint
 
 __all__ = ["TradeoffEvaluation", "TradeoffResult"]
 
