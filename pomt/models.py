@@ -284,3 +284,19 @@ def architecture(vit: nn.Module, img_size: int | tuple[int, int] | None = None) 
         f"{type(vit).__name__} depth={layout.depth} embed_dim={layout.embed_dim} heads={layout.num_heads} "
         f"patch={patch[0]}x{patch[1]} n_total={layout.n_total} prefix={layout.prefix}"
     )
+
+
+_MOVED_TO_WEIGHTS = ("create_model", "load_weights", "read_state_dict", "weights_fingerprint")
+
+
+def __getattr__(name: str) -> object:
+    """The weights functions' old home: ``pomt.models.create_model`` still works, with a
+    DeprecationWarning (they live in ``pomt.weights``)."""
+    if name in _MOVED_TO_WEIGHTS:
+        import warnings
+
+        from pomt import weights
+
+        warnings.warn(f"pomt.models.{name} moved to pomt.weights.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

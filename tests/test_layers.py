@@ -101,6 +101,19 @@ def test_the_old_name_of_the_loggers_module_still_imports_the_moved_module():
     assert ViTClassifier is defined  # pomt.lightning.ViTClassifier, the configs' class path
 
 
+def test_the_weights_functions_old_home_still_answers():
+    import pytest
+
+    import pomt.models
+    import pomt.weights
+
+    with pytest.warns(DeprecationWarning, match="pomt.models.load_weights moved to pomt.weights"):
+        from pomt.models import load_weights
+    assert load_weights is pomt.weights.load_weights
+    with pytest.raises(AttributeError):
+        pomt.models.no_such_function  # noqa: B018
+
+
 def test_importing_pomt_imports_no_lightning_module():
     code = "import sys, pomt; print(sorted(m for m in sys.modules if m.split('.')[0] in {'lightning', 'pytorch_lightning'} or m.startswith('pomt.lightning')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
