@@ -139,6 +139,7 @@ class SideBySide:
 
 def time_configurations(
     model: nn.Module,
+    vit: nn.Module,
     images: torch.Tensor,
     configs: Sequence[Configuration],
     *,
@@ -146,11 +147,11 @@ def time_configurations(
     device: torch.device,
     how: SideBySide,
 ) -> dict[str, dict[str, Any]]:
-    """Latency of every configuration on ``images``, interleaved round by round (call this
+    """Latency of every configuration of ``vit`` (the ViT in ``model``, found once by the
+    caller) on ``images``, interleaved round by round (call this
     under the precision the profile used). With ``how.cuda_graphs`` on CUDA each configuration
     is a captured graph replayed, as the profile timed; one that cannot be captured is timed
     eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``."""
-    vit = pomt.find_vit(model)[1]
     model.to(device).eval()
     images = images.to(device)
     by_key = {c.key: c for c in configs}

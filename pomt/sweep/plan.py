@@ -141,6 +141,7 @@ def _find_r(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: P
         return find_r(
             sweep.model,
             selection_loader(),
+            vit=sweep.vit,  # found once when the run started
             layer=settings.layer,
             batch_size=batch_size,
             device=sweep.device,
@@ -170,7 +171,7 @@ def _time(
         with sweep.trainer.precision_plugin.forward_context():
             images = test_images(sweep.datamodule)
             stored = time_configurations(
-                sweep.model, images, configs, layer=settings.layer, device=sweep.device, how=how
+                sweep.model, sweep.vit, images, configs, layer=settings.layer, device=sweep.device, how=how
             )
         sweep.run_dir.save(path, valid_for, stored)
     return {key: Timed.from_dict(value) for key, value in stored.items()}
