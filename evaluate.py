@@ -17,7 +17,9 @@ configuration at its r for K epochs and reports it as a healed row
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -50,13 +52,23 @@ class EvaluateCLI(LightningCLI):
                     f"model.weights {weights} does not exist: train first "
                     f"(python train.py --config configs/digits_train.yaml) or pass --train_config"
                 )
-            import train
-
             print(f"{weights} not found: training first with {train_config}")
-            train.main(["--config", train_config])
+            train_script().main(["--config", train_config])
             _finish_wandb()
             if not Path(weights).is_file():
                 raise FileNotFoundError(f"training with {train_config} did not write {weights}")
+
+
+def train_script() -> ModuleType:
+    """``train.py`` beside this file, loaded by its path: found from any working directory,
+    with no ``import train`` that needs the repository root on ``sys.path``."""
+    path = Path(__file__).resolve().with_name("train.py")
+    spec = importlib.util.spec_from_file_location("pomt_train_script", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise FileNotFoundError(f"{path} not found: evaluate.py trains first with the train.py beside it")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _finish_wandb() -> None:

@@ -49,8 +49,8 @@ import pruning_latency  # noqa: E402
 import selection_speed  # noqa: E402
 
 from pomt import ops  # noqa: E402
-from pomt.models import create_model  # noqa: E402
 from pomt.verify import speedup_samples  # noqa: E402
+from pomt.weights import create_model  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pomt.grid import coarse_grid, full_grid  # noqa: E402
-from pomt.models import create_model, token_layout  # noqa: E402
+from pomt.models import token_layout  # noqa: E402
 from pomt.profiling import profile_latency  # noqa: E402
 from pomt.selection import select_r  # noqa: E402
+from pomt.weights import create_model  # noqa: E402
 
 
 def synthetic_accuracy(n_total: int, prefix: int, top1: float = 0.798, points: int = 16) -> dict[int, float]:

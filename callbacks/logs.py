@@ -1,5 +1,5 @@
 """What ``POMTCallback`` logs: the line it prints, its scalars and summary values, its curves
-as a table, line plots and a figure, and its token maps (through ``pomt.loggers``, to
+as a table, line plots and a figure, and its token maps (through ``pomt.lightning.loggers``, to
 whatever loggers the Trainer has)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from pomt.callbacks.stage_support import warn
-from pomt.loggers import (
+from pomt.lightning.loggers import (
     announce_wandb_runs,
     log_config,
     log_figure,

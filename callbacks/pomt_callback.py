@@ -21,6 +21,7 @@ from typing_extensions import override
 from pomt.callbacks import logs
 from pomt.callbacks import stage_support as support
 from pomt.data import split_batch
+from pomt.errors import is_int
 from pomt.finder import Search, SearchConfig
 from pomt.models import find_vit, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile, LatencyProfile
@@ -83,7 +84,7 @@ class POMTCallback(Callback):
             raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
         if method != "pomt" and r is None:
             raise ValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+        if r is not None and (not is_int(r) or r < 0):
             raise ValueError(f"r must be a non-negative int or None, got {r!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

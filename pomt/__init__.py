@@ -3,19 +3,31 @@
 Importing ``pomt`` imports torch only; what a function needs besides is imported when it is
 called: timm (building models, preprocessing), torchmetrics (``estimate_accuracy``), tqdm
 (progress bars), matplotlib (``pomt.plots``). The Lightning layer (``pomt.lightning``,
-``pomt.loggers``, ``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported
-here.
+``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported here.
 """
 
 import logging as _logging
 
-from pomt import plots  # (matplotlib itself is imported only when plotting)
+from pomt import (
+    _imports,  # noqa: F401 (finds pomt.callbacks/.datamodules in a source checkout)
+    plots,  # (matplotlib itself is imported only when plotting)
+)
 from pomt.finder import Search, SearchConfig, find_r
-from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
+from pomt.models import TokenLayout, find_vit, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, profile_latency
-from pomt.pruning import METHODS, apply_pruning, pruning_config, remove_pruning, token_groups, token_schedule
+from pomt.pruning import (
+    METHODS,
+    apply_pruning,
+    pruned,
+    pruning_config,
+    pruning_restored,
+    remove_pruning,
+    token_groups,
+    token_schedule,
+)
 from pomt.selection import Selection, select_r
+from pomt.weights import create_model, load_weights
 
 __version__ = "0.1.0"
 
@@ -51,7 +63,9 @@ __all__ = [
     "load_weights",
     "plots",
     "profile_latency",
+    "pruned",
     "pruning_config",
+    "pruning_restored",
     "remove_pruning",
     "select_r",
     "token_groups",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pomt.errors import PomtError
 from pomt.timing import MIN_RUN_TIME
 
 __all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
@@ -53,7 +54,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_model(args: argparse.Namespace):
-    from pomt.models import create_model
+    from pomt.weights import create_model
 
     return create_model(
         args.model,
@@ -73,9 +74,9 @@ def select_device(device: str) -> None:
         parsed = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...): {err}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available here; use --device cpu")
     if parsed.type == "cuda" and parsed.index is not None:
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r}: CUDA is not available here; use --device cpu")
         if parsed.index >= torch.cuda.device_count():
             raise ValueError(
                 f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
@@ -109,7 +110,7 @@ def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int
         if getattr(args, "device", None):
             select_device(args.device)
         return fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, PomtError) as err:  # ours; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pomt.errors import is_int
 from pomt.timing import TimingStats
 
 __all__ = ["Curve", "as_curve", "check_n", "validate_curve", "step_fit", "isotonic_increasing", "interpolate"]
@@ -122,7 +123,7 @@ class Curve:
 
 
 def check_n(n: object, what: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
+    if not is_int(n):
         if isinstance(n, str) and n.strip().lstrip("-").isdigit():
             return int(n)
         raise ValueError(f"{what}: token counts must be ints, got {n!r}")

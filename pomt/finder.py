@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pomt.errors import is_int
 from pomt.models import (
     architecture,
     device_of,
@@ -29,13 +30,13 @@ from pomt.models import (
     token_layout,
     uncompiled,
     unwrap_compiled,
-    weights_fingerprint,
 )
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.selection import Selection, check_objective, select_r
 from pomt.timing import MIN_RUN_TIME
 from pomt.verify import speedup_samples, verify
+from pomt.weights import weights_fingerprint
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
 
@@ -65,7 +66,7 @@ def _plain(value: Any) -> Any:
 def _positive(name: str, value: object, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 

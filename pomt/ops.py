@@ -33,6 +33,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from pomt.errors import UnavailableError
+
 __all__ = [
     "KERNEL_MODES",
     "KernelChoice",
@@ -121,9 +123,9 @@ def _checked_mode() -> str:
 def _forced_triton(t: torch.Tensor) -> bool:
     """``POMT_KERNELS=triton``: whether it can run here (else a clear error)."""
     if _triton() is None:
-        raise RuntimeError("POMT_KERNELS=triton but triton is not installed")
+        raise UnavailableError("POMT_KERNELS=triton but triton is not installed")
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("POMT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
+        raise UnavailableError("POMT_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
     return True
 
 

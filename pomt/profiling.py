@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
+from pomt.errors import is_int
 from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
 from pomt.models import (
     architecture,
@@ -27,7 +28,6 @@ from pomt.models import (
     find_vit,
     image_size,
     token_layout,
-    weights_fingerprint,
 )
 from pomt.ops import kernel_backend
 from pomt.profiles import (
@@ -37,8 +37,9 @@ from pomt.profiles import (
     LatencyProfile,
     normalise,
 )
-from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
+from pomt.pruning import apply_pruning, pruning_restored, random_token_subset, remove_pruning
 from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
+from pomt.weights import weights_fingerprint
 
 __all__ = [
     "profile_latency",
@@ -96,19 +97,15 @@ def on_device(
 ) -> Iterator[None]:
     """While active, ``model`` is in eval mode on ``device`` (and in ``dtype`` when given);
     afterwards its pruning, train/eval flags, device and dtype are what they were."""
-    config = pruning_config(vit)
     training = {m: m.training for m in model.modules()}
     old_device, old_dtype = device_of(model), dtype_of(model)
     cast = dtype is not None and old_dtype is not None and dtype != old_dtype
     try:
-        model.eval()
-        model.to(device=device, dtype=dtype) if cast else model.to(device=device)
-        yield
+        with pruning_restored(vit):
+            model.eval()
+            model.to(device=device, dtype=dtype) if cast else model.to(device=device)
+            yield
     finally:
-        if config is None:
-            remove_pruning(vit)
-        else:
-            apply_pruning(vit, config.method, config.r, config.layer)
         model.to(device=old_device, dtype=old_dtype) if cast else model.to(device=old_device)
         for module, flag in training.items():
             module.training = flag
@@ -178,9 +175,9 @@ def profile_latency(
     size = image_size(vit, img_size)
     layout = token_layout(vit, size)
     n_total, prefix = layout.n_total, layout.prefix
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layout.depth:
+    if not is_int(layer) or not 0 <= layer < layout.depth:
         raise ValueError(
             f"layer must be an int in 0..{layout.depth - 1} for this {layout.depth}-block model, got {layer!r}"
         )
@@ -335,7 +332,7 @@ def estimate_accuracy(
     """
     from torchmetrics.classification import MulticlassAccuracy
 
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if not is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if vit is None:
         vit = find_vit(model)[1]

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from pomt.blocks import MIXINS, BlockSpec, ToMeState, patched_class
+from pomt.errors import PruningError, is_int
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
 from pomt.ops import Trace, gather_tokens, kernels
 
@@ -68,40 +69,36 @@ class PruningConfig:
 # --------------------------------------------------------------------------- validation
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _per_block_r(method: str, r: int | Sequence[int], depth: int) -> tuple[int, ...]:
-    if _is_int(r):
+    if is_int(r):
         values = (int(r),) * depth
-    elif isinstance(r, Sequence) and not isinstance(r, str) and all(_is_int(v) for v in r):
+    elif isinstance(r, Sequence) and not isinstance(r, str) and all(is_int(v) for v in r):
         values = tuple(int(v) for v in r)
         if len(values) != depth:
-            raise ValueError(
+            raise PruningError(
                 f"{method}: a per-block r needs {depth} values (one per block), got {len(values)}"
             )
     else:
-        raise ValueError(f"{method}: r must be an int or a list of {depth} ints, got {r!r}")
+        raise PruningError(f"{method}: r must be an int or a list of {depth} ints, got {r!r}")
     if any(v < 0 for v in values):
-        raise ValueError(f"{method}: r must be >= 0, got {r!r}")
+        raise PruningError(f"{method}: r must be >= 0, got {r!r}")
     return values
 
 
 def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayout) -> tuple[int, ...]:
     """Validate arguments and return the tokens leaving each block."""
     if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; valid: {', '.join(METHODS)}")
+        raise PruningError(f"unknown pruning method {method!r}; valid: {', '.join(METHODS)}")
     depth, n, p = layout.depth, layout.n_total, layout.prefix
-    if not _is_int(layer) or not 0 <= layer < depth:
-        raise ValueError(
+    if not is_int(layer) or not 0 <= layer < depth:
+        raise PruningError(
             f"layer must be an int in 0..{depth - 1} for this {depth}-block model, got {layer!r}"
         )
     if method == "none":
         return (n,) * depth
     if method == "pomt":
-        if not _is_int(r) or not 0 <= r <= n - p - 1:
-            raise ValueError(
+        if not is_int(r) or not 0 <= r <= n - p - 1:
+            raise PruningError(
                 f"{method}: r must be an int in 0..{n - p - 1} (N={n} tokens, {p} prefix; at least one "
                 f"ordinary token must remain), got {r!r}"
             )
@@ -109,7 +106,7 @@ def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayo
     per_block = _per_block_r(method, r, depth)
     # ToMe never over-prunes: each block merges at most half of its ordinary tokens (below).
     if method == "topk" and n - sum(per_block) < p + 1:
-        raise ValueError(
+        raise PruningError(
             f"{method}: r={r!r} removes {sum(per_block)} of {n} tokens ({p} prefix); at most "
             f"{n - p - 1} can be removed in total so that one ordinary token remains"
         )
@@ -188,13 +185,41 @@ def apply_pruning(
             for i, v in enumerate(per_block)
             if v > 0 or method == "tome"  # ToMe's proportional attention runs in every block
         }
-        stored_r = int(r) if _is_int(r) else per_block
+        stored_r = int(r) if is_int(r) else per_block
     for i, spec in targets.items():
         block = blocks[i]
         block.__class__ = patched_class(MIXINS[method], type(block))
         block._pomt_spec = spec
     vit._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, schedule=schedule)
     return model
+
+
+@contextlib.contextmanager
+def pruning_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """While active, the pruning of the ViT in ``model`` may change at will; afterwards it is
+    the pruning it had on entry (none, or the user's), also after an error. The one restore
+    rule of every temporary pruning (profiling, verification, the sweep's timing)."""
+    vit = find_vit(model)[1]
+    before = pruning_config(vit)
+    try:
+        yield model
+    finally:
+        if before is None:
+            remove_pruning(vit)
+        else:
+            apply_pruning(vit, before.method, r=before.r, layer=before.layer)
+
+
+@contextlib.contextmanager
+def pruned(
+    model: nn.Module, method: str = "pomt", r: int | Sequence[int] = 0, layer: int = 3
+) -> Iterator[nn.Module]:
+    """While active, the ViT in ``model`` is pruned by ``method`` at ``r`` (as
+    :func:`apply_pruning`, which validates first); afterwards its pruning is what it was
+    (:func:`pruning_restored`)."""
+    with pruning_restored(model):
+        apply_pruning(model, method, r=r, layer=layer)
+        yield model
 
 
 @contextlib.contextmanager
@@ -208,7 +233,7 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
     vit = find_vit(model)[1]
     layout = token_layout(vit)
     p = layout.prefix
-    if not _is_int(n) or not p + 1 <= n <= layout.n_total:
+    if not is_int(n) or not p + 1 <= n <= layout.n_total:
         raise ValueError(
             f"n must be an int in {p + 1}..{layout.n_total} (N={layout.n_total}, {p} prefix), got {n!r}"
         )

@@ -31,6 +31,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from pomt.errors import is_int
 from pomt.models import image_size
 from pomt.profiling import on_device, random_batch
 from pomt.pruning import apply_pruning, remove_pruning
@@ -66,7 +67,7 @@ def speedup_samples(
     (CUDA-graph replays when ``cuda_graphs``), the pruned one first in even blocks and second
     in odd ones, and its speed-up is the median of its pairs.
     """
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+    if not is_int(blocks) or blocks < 1:
         raise ValueError(f"blocks must be a positive int, got {blocks!r}")
     x = random_batch(vit, batch_size, image_size(vit, None), device, dtype)
 

@@ -277,7 +277,7 @@ def test_csv_logger_gets_curves_table_and_figure(tmp_path):
 
 def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch, caplog):
     wandb = pytest.importorskip("wandb")
-    from pomt.loggers import wandb_logger
+    from pomt.lightning.loggers import wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -317,7 +317,7 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
 
 
 def test_wandb_online_without_credentials_does_not_prompt(monkeypatch, tmp_path):
-    from pomt.loggers import wandb_logger
+    from pomt.lightning.loggers import wandb_logger
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

@@ -198,3 +198,21 @@ def test_report_marks_the_front_and_compares_pomt_with_tome_and_topk():
     lines = plot_tradeoff(rows).axes[0].get_lines()
     front = [line for line in lines if line.get_label() == "Pareto front"]
     assert len(front) == 1 and list(front[0].get_xdata()) == [5.0, 6.0, 10.0]  # the front, by latency
+
+
+def test_evaluate_trains_first_with_the_train_py_beside_it_from_any_directory(tmp_path, monkeypatch):
+    """Loaded from a copy elsewhere (the root on ``sys.path`` holds another train.py),
+    evaluate.py takes the train.py beside it, not an ``import train`` that depends on sys.path."""
+    import importlib.util
+    import shutil
+
+    root = Path(evaluate.__file__).resolve().parent
+    for name in ("evaluate.py", "train.py"):
+        shutil.copy(root / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path.parent)
+    spec = importlib.util.spec_from_file_location("evaluate_copy", tmp_path / "evaluate.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    train = copy.train_script()
+    assert Path(train.__file__) == tmp_path / "train.py"
+    assert callable(train.main)

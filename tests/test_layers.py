@@ -11,7 +11,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pomt"
 SWEEP = "pomt.sweep"
-LIGHTNING_LAYER = ("pomt.lightning", "pomt.loggers", "pomt.callbacks", "pomt.datamodules", SWEEP)
+LIGHTNING_LAYER = ("pomt.lightning", "pomt.callbacks", "pomt.datamodules", SWEEP)
+LIGHTNING = ("lightning", "pytorch_lightning")
 
 
 def _module_name(path: Path) -> str:
@@ -69,6 +70,57 @@ def test_nothing_in_the_method_imports_the_lightning_layer_or_the_sweep():
             assert not imported.startswith(LIGHTNING_LAYER), f"{name} imports {imported}"
 
 
+def test_no_core_module_imports_lightning_anywhere_in_its_code():
+    """Not at module level and not inside a function: Lightning glue lives in the layer."""
+    core = _core_modules()
+    assert {"pomt", "pomt.models", "pomt.profiling", "pomt.cli"} <= set(core)
+    for name in core:
+        path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
+        for imported in _imported(path):
+            assert imported.split(".")[0] not in LIGHTNING, f"{name} imports {imported}"
+
+
+def test_the_old_name_of_the_loggers_module_still_imports_the_moved_module():
+    import importlib
+    import sys
+
+    import pytest
+
+    import pomt.lightning.loggers
+
+    sys.modules.pop("pomt.loggers", None)
+    with pytest.warns(DeprecationWarning, match="pomt.loggers moved to pomt.lightning.loggers"):
+        old = importlib.import_module("pomt.loggers")
+    assert old is pomt.lightning.loggers
+    assert old.OfflineWandbLogger is pomt.lightning.loggers.OfflineWandbLogger
+    from pomt.lightning import ViTClassifier
+    from pomt.lightning.classifier import ViTClassifier as defined
+
+    assert ViTClassifier is defined  # pomt.lightning.ViTClassifier, the configs' class path
+
+
+def test_the_weights_functions_old_home_still_answers():
+    import pytest
+
+    import pomt.models
+    import pomt.weights
+
+    with pytest.warns(DeprecationWarning, match="pomt.models.load_weights moved to pomt.weights"):
+        from pomt.models import load_weights
+    assert load_weights is pomt.weights.load_weights
+    with pytest.raises(AttributeError):
+        pomt.models.no_such_function  # noqa: B018
+
+
+def test_importing_pomt_imports_no_lightning_module():
+    code = "import sys, pomt; print(sorted(m for m in sys.modules if m.split('.')[0] in {'lightning', 'pytorch_lightning'} or m.startswith('pomt.lightning')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_only_the_sweep_and_the_entry_points_import_the_sweep():
     sweep = [_module_name(path) for path in (PACKAGE / "sweep").glob("*.py")]
     assert {"pomt.sweep.evaluation", "pomt.sweep.report", "pomt.sweep.rundir"} <= set(sweep)
@@ -76,3 +128,45 @@ def test_only_the_sweep_and_the_entry_points_import_the_sweep():
         if not _module_name(path).startswith(SWEEP):
             for imported in _imported(path):
                 assert not imported.startswith(SWEEP), f"{_module_name(path)} imports {imported}"
+
+
+def _sweep_graph() -> dict[str, set[str]]:
+    """Each module of ``pomt.sweep`` and the ``pomt.sweep`` modules it imports, under
+    ``TYPE_CHECKING`` or in a function included (``from pomt.sweep import x``: the submodule x
+    when there is one, else the package)."""
+    modules = {_module_name(path): path for path in (PACKAGE / "sweep").glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for imported in _imported(path):
+            if imported in modules:
+                edges.add(imported)
+            elif imported.rpartition(".")[0] in modules:  # from pomt.sweep.x import Name
+                edges.add(imported.rpartition(".")[0])
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_the_sweep_imports_form_a_dag():
+    graph = _sweep_graph()
+    assert {"pomt.sweep.evaluation", "pomt.sweep.plan", "pomt.sweep.settings"} <= set(graph)
+    assert "pomt.sweep.settings" in graph["pomt.sweep.plan"]  # the graph sees real edges
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path[path.index(name) :], name))}"
+        if name not in done:
+            for imported in sorted(graph[name]):
+                visit(imported, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+def test_no_sweep_step_imports_the_driver():
+    """The steps take the frozen settings (``pomt.sweep.settings``), not the driver."""
+    graph = _sweep_graph()
+    for name, edges in graph.items():
+        if name not in ("pomt.sweep", "pomt.sweep.evaluation"):
+            assert "pomt.sweep.evaluation" not in edges and "pomt.sweep" not in edges, name

@@ -8,7 +8,7 @@ import torch
 from conftest import cpu_trainer, image_loader, tiny_classifier
 from torch.utils.data import DataLoader, TensorDataset
 
-from pomt.lightning import ViTClassifier, _warmup_cosine, dinov2_linear_features
+from pomt.lightning.classifier import ViTClassifier, _warmup_cosine, dinov2_linear_features
 
 
 def loader(n: int = 36, batch_size: int = 8, seed: int = 0):

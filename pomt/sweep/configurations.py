@@ -139,6 +139,7 @@ class SideBySide:
 
 def time_configurations(
     model: nn.Module,
+    vit: nn.Module,
     images: torch.Tensor,
     configs: Sequence[Configuration],
     *,
@@ -146,11 +147,11 @@ def time_configurations(
     device: torch.device,
     how: SideBySide,
 ) -> dict[str, dict[str, Any]]:
-    """Latency of every configuration on ``images``, interleaved round by round (call this
+    """Latency of every configuration of ``vit`` (the ViT in ``model``, found once by the
+    caller) on ``images``, interleaved round by round (call this
     under the precision the profile used). With ``how.cuda_graphs`` on CUDA each configuration
     is a captured graph replayed, as the profile timed; one that cannot be captured is timed
     eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``."""
-    vit = pomt.find_vit(model)[1]
     model.to(device).eval()
     images = images.to(device)
     by_key = {c.key: c for c in configs}
@@ -159,23 +160,20 @@ def time_configurations(
     def prepare(key: str) -> None:
         pomt.apply_pruning(vit, by_key[key].method, r=by_key[key].r, layer=layer)
 
-    try:
-        with torch.inference_mode():
-            for key, config in by_key.items():
-                prepare(key)
-                calls[key], modes[key] = (lambda: model(images)), "eager"
-                if how.cuda_graphs and device.type == "cuda":
-                    calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
-            stats = time_interleaved(
-                calls,
-                device=device,
-                rounds=how.rounds,
-                warmup=how.warmup,
-                prepare=prepare,
-                progress=f"timing {len(by_key)} configurations",
-            )
-    finally:
-        pomt.remove_pruning(vit)
+    with pomt.pruning_restored(vit), torch.inference_mode():
+        for key, config in by_key.items():
+            prepare(key)
+            calls[key], modes[key] = (lambda: model(images)), "eager"
+            if how.cuda_graphs and device.type == "cuda":
+                calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
+        stats = time_interleaved(
+            calls,
+            device=device,
+            rounds=how.rounds,
+            warmup=how.warmup,
+            prepare=prepare,
+            progress=f"timing {len(by_key)} configurations",
+        )
     return {key: {**s.to_dict(), "mode": modes[key]} for key, s in stats.items()}
 
 
@@ -194,11 +192,8 @@ def token_maps_figure(
         if group:
             shown.append(min(group, key=lambda c: (abs(mean_n(vit, c, layer) - target), c.r)))
     columns = {}
-    try:
-        for config in shown:
-            pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
+    for config in shown:
+        with pomt.pruned(vit, config.method, r=config.r, layer=layer):
             columns[config.label] = pomt.token_groups(vit, images)
-    finally:
-        pomt.remove_pruning(vit)
     layout = pomt.token_layout(vit)
     return plot_token_groups(images, columns, prefix=layout.prefix, patch_grid=layout.patch_grid)

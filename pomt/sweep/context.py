@@ -12,11 +12,12 @@ import lightning.pytorch as pl
 from torch import nn
 
 from pomt.data import split_batch
+from pomt.errors import is_int
 from pomt.finder import Search
 from pomt.sweep.report import ReportRow
 from pomt.sweep.rundir import RunDir
 
-__all__ = ["SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
+__all__ = ["RunState", "SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
 
 
 @dataclass
@@ -36,8 +37,20 @@ class TradeoffResult:
 
 
 @dataclass
+class RunState:
+    """What changes while one sweep runs (besides its :class:`TradeoffResult`): the progress
+    bar, the seconds spent healing, and whether W&B logs offline (it falls back to offline
+    when online logging has no credentials)."""
+
+    wandb_offline: bool
+    bar: Any = None
+    heal_s: float = 0.0  # seconds spent healing (and testing healed rows) in this run
+
+
+@dataclass(frozen=True)
 class SweepRun:
-    """What every step of one run of the sweep works with.
+    """What every step of one run of the sweep works with, fixed when the run starts; what
+    changes is in ``result`` (what the sweep returns) and ``state``.
 
     ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
     with it); ``conditions`` what every record of this run is valid for (see
@@ -57,9 +70,8 @@ class SweepRun:
     group: str
     per_batch_size: bool
     result: TradeoffResult
-    bar: Any = None
+    state: RunState
     heal_batch_size: int | None = None  # the batch size every configuration heals at
-    heal_s: float = 0.0  # seconds spent healing (and testing healed rows) in this run
 
     @property
     def zero(self) -> bool:
@@ -84,7 +96,7 @@ def check_limit(limit: float | int | None) -> float | int | None:
     if limit is None:
         return None
     fraction = isinstance(limit, float) and 0 < limit <= 1
-    count = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    count = is_int(limit) and limit >= 1
     if not (fraction or count):
         raise ValueError(
             f"limit_test_batches must be a fraction in (0, 1] or a number of batches >= 1, got {limit!r}"

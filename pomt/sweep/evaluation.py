@@ -23,21 +23,22 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import pomt
-from pomt import METHODS
 from pomt.callbacks.pomt_callback import POMTCallback
 from pomt.finder import SearchConfig
-from pomt.loggers import wandb_logger
-from pomt.models import find_vit, weights_fingerprint
+from pomt.lightning.loggers import wandb_logger
+from pomt.models import find_vit
 from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
-from pomt.sweep.configurations import Configuration, SideBySide, token_maps_figure
-from pomt.sweep.context import SweepRun, TradeoffResult, check_limit, no_trainer_limit, test_images
-from pomt.sweep.healing import check_heal_epochs, healed_weights
+from pomt.sweep.configurations import Configuration, token_maps_figure
+from pomt.sweep.context import RunState, SweepRun, TradeoffResult, no_trainer_limit, test_images
+from pomt.sweep.healing import healed_weights
 from pomt.sweep.plan import Plan, Tested, accuracy_record, make_plan
 from pomt.sweep.report import ReportRow, format_table, mark_pareto, write_report
 from pomt.sweep.rundir import RunDir
+from pomt.sweep.settings import SweepSettings
 from pomt.sweep.summary import finish_run, log_summary_run
 from pomt.timing import device_name
+from pomt.weights import weights_fingerprint
 
 __all__ = ["TradeoffEvaluation", "TradeoffResult"]
 
@@ -97,30 +98,8 @@ class TradeoffEvaluation:
         heal_epochs: int = 0,
         heal_batches: int | None = None,
     ) -> None:
-        check_heal_epochs(heal_epochs, heal_batches)
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {list(methods)}")
-        if any(s <= 0 for s in span):
-            raise ValueError(f"span values must be > 0, got {list(span)}")
-        if latency_rounds < 1:
-            raise ValueError(f"latency_rounds must be >= 1, got {latency_rounds}")
-        if batch_sizes is not None and (not batch_sizes or any(b < 1 for b in batch_sizes)):
-            raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes}")
-        self.methods = list(methods)
-        self.tome_r, self.topk_r, self.span = tome_r, topk_r, list(span)
-        self.layer, self.search_config = layer, search or SearchConfig()
-        self.out_dir, self.run_name = out_dir, run_name
-        self.wandb, self.wandb_project, self.wandb_group = wandb, wandb_project, wandb_group
-        self.wandb_offline = wandb_offline
-        self.latency_rounds = latency_rounds
-        self.side_by_side = SideBySide(
-            latency_rounds, self.search_config.warmup, self.search_config.cuda_graphs
-        )
-        self.batch_sizes = list(batch_sizes) if batch_sizes else None
-        self.token_maps, self.resume = token_maps, resume
-        self.limit_test_batches = check_limit(limit_test_batches)
-        self.heal_epochs, self.heal_batches = heal_epochs, heal_batches
+        given = {name: value for name, value in locals().items() if name not in ("self", "search")}
+        self.settings = SweepSettings(**given, search_config=search or SearchConfig())  # validates
 
     # ------------------------------------------------------------------ the sweep
     def run(
@@ -133,7 +112,7 @@ class TradeoffEvaluation:
         """Run every configuration; ``trainer_factory(logger=..., callbacks=[...], **trainer_kwargs)``
         makes a Trainer; ``on_start(run_dir)`` runs on rank 0 once the run directory exists."""
         sweep = self._open(model, datamodule, trainer_factory, on_start)
-        with self._progress(sweep.zero) as sweep.bar:
+        with self._progress(sweep.zero) as sweep.state.bar:
             try:
                 for index, batch_size in enumerate(self._batch_sizes(datamodule)):
                     datamodule.batch_size = batch_size
@@ -142,7 +121,7 @@ class TradeoffEvaluation:
                         self._announce(sweep, plan)
                         self._save_token_maps(sweep, plan)
                     rows = self._test_all(sweep, plan)
-                    if sweep.zero and self.batch_sizes:
+                    if sweep.zero and self.settings.batch_sizes:
                         self._write(sweep, mark_pareto(rows), sweep.folder(batch_size), batch_size)
             finally:  # also after Ctrl-C: every finished row is on disk
                 self._write_combined(sweep)
@@ -159,16 +138,21 @@ class TradeoffEvaluation:
         """The run directory, the Trainer that fixes device and precision, and what records need."""
         trainer = trainer_factory(logger=False, callbacks=[])
         no_trainer_limit(getattr(trainer, "limit_test_batches", None))
-        if self.heal_epochs and trainer.world_size > 1:
+        if self.settings.heal_epochs and trainer.world_size > 1:
             raise ValueError(
-                f"sweep.heal_epochs={self.heal_epochs} runs in one process only, but the Trainer has "
+                f"sweep.heal_epochs={self.settings.heal_epochs} runs in one process only, but the Trainer has "
                 f"{trainer.world_size} (devices x nodes): run the healing sweep with --trainer.devices 1"
             )
-        if self.batch_sizes and not hasattr(datamodule, "batch_size"):
+        if self.settings.batch_sizes and not hasattr(datamodule, "batch_size"):
             raise ValueError(f"{type(datamodule).__name__} has no batch_size: cannot sweep batch sizes")
-        name = self.run_name or time.strftime("%Y%m%d-%H%M%S")
+        name = self.settings.run_name or time.strftime("%Y%m%d-%H%M%S")
         zero = trainer.is_global_zero
-        run_dir = RunDir(Path(self.out_dir) / name, resume=self.resume, rank_zero=zero, log=rank_zero_info)
+        run_dir = RunDir(
+            Path(self.settings.out_dir) / name,
+            resume=self.settings.resume,
+            rank_zero=zero,
+            log=rank_zero_info,
+        )
         if on_start is not None and zero:
             on_start(run_dir.root)
         datamodule.setup("test")
@@ -180,15 +164,18 @@ class TradeoffEvaluation:
             trainer=trainer,
             run_dir=run_dir,
             conditions=self._conditions(model, datamodule, trainer),
-            how_timed=self.side_by_side.describe(trainer.strategy.root_device, str(trainer.precision)),
-            group=self.wandb_group or f"tradeoff-{name}",
-            per_batch_size=bool(self.batch_sizes),
+            how_timed=self.settings.side_by_side.describe(
+                trainer.strategy.root_device, str(trainer.precision)
+            ),
+            group=self.settings.wandb_group or f"tradeoff-{name}",
+            per_batch_size=bool(self.settings.batch_sizes),
             result=TradeoffResult([], run_dir.root),
             heal_batch_size=getattr(datamodule, "batch_size", None),
+            state=RunState(wandb_offline=self.settings.wandb_offline),
         )
 
     def _batch_sizes(self, datamodule: Any) -> list[int]:
-        return self.batch_sizes or [int(getattr(datamodule, "batch_size", 0) or 0)]
+        return self.settings.batch_sizes or [int(getattr(datamodule, "batch_size", 0) or 0)]
 
     def _share_plan(self, sweep: SweepRun, batch_size: int) -> Plan:
         """The DDP hand-over: global rank 0 plans this batch size and marks the plan ready (or
@@ -197,7 +184,7 @@ class TradeoffEvaluation:
         if not sweep.zero:
             return Plan.from_dict(sweep.run_dir.wait_ready(folder))
         try:
-            plan = make_plan(sweep, self, batch_size)
+            plan = make_plan(sweep, self.settings, batch_size)
         except BaseException as err:
             sweep.run_dir.mark_failed(folder, err)
             raise
@@ -222,8 +209,8 @@ class TradeoffEvaluation:
                     how_timed=sweep.how_timed,
                     run=self._run_info(sweep),
                 )
-            if sweep.bar is not None:
-                sweep.bar.update(1)
+            if sweep.state.bar is not None:
+                sweep.state.bar.update(1)
         if reused and sweep.zero:
             sweep.result.reused.extend(reused)
             where = sweep.run_dir.root / "results"
@@ -241,14 +228,20 @@ class TradeoffEvaluation:
     def _test(self, sweep: SweepRun, plan: Plan, config: Configuration) -> Tested:
         """``trainer.test`` of one configuration (pruned by a fixed-r POMTCallback), with its own
         W&B run; the accuracy record is written at once."""
-        logger = self._logger(config.label, sweep.group, sweep.folder(plan.batch_size))
+        logger = self._logger(sweep, config.label, sweep.folder(plan.batch_size))
         callbacks = (
-            [] if config.method == "none" else [POMTCallback(config.method, r=config.r, layer=self.layer)]
+            []
+            if config.method == "none"
+            else [POMTCallback(config.method, r=config.r, layer=self.settings.layer)]
         )
-        limit = {} if self.limit_test_batches is None else {"limit_test_batches": self.limit_test_batches}
+        limit = (
+            {}
+            if self.settings.limit_test_batches is None
+            else {"limit_test_batches": self.settings.limit_test_batches}
+        )
         try:
             start = time.perf_counter()
-            with self._healing_shown(sweep, config), healed_weights(sweep, self, config) as healing:
+            with self._healing_shown(sweep, config), healed_weights(sweep, self.settings, config) as healing:
                 rank_zero_info(f"evaluating {config.label}")
                 trainer = sweep.trainer_factory(logger=logger, callbacks=callbacks, **limit)
                 metrics = trainer.test(sweep.model, datamodule=sweep.datamodule, verbose=False)[0]
@@ -273,12 +266,12 @@ class TradeoffEvaluation:
                 )
         finally:
             finish_run(logger, sweep.result.wandb_dirs)
-        sweep.run_dir.save(*accuracy_record(sweep, self, config), tested.to_dict())
+        sweep.run_dir.save(*accuracy_record(sweep, self.settings, config), tested.to_dict())
         return tested
 
     def _row(self, sweep: SweepRun, plan: Plan, config: Configuration, tested: Tested) -> ReportRow:
         """The report row of one configuration at the plan's batch size."""
-        schedule = pomt.token_schedule(sweep.vit, config.method, config.r, self.layer)
+        schedule = pomt.token_schedule(sweep.vit, config.method, config.r, self.settings.layer)
         search = sweep.result.searches.get(plan.batch_size)
         chosen = search.selection if (search and config.selected) else None
         timed, metrics = plan.latency[config.base.key], tested.metrics
@@ -313,9 +306,9 @@ class TradeoffEvaluation:
 
     def _save_token_maps(self, sweep: SweepRun, plan: Plan) -> None:
         """``token_maps.png``: the first test images under each kind of configuration."""
-        if self.token_maps:
-            images = test_images(sweep.datamodule)[: self.token_maps].to(sweep.device)
-            figure = token_maps_figure(sweep.vit, images, plan.configs, self.layer)
+        if self.settings.token_maps:
+            images = test_images(sweep.datamodule)[: self.settings.token_maps].to(sweep.device)
+            figure = token_maps_figure(sweep.vit, images, plan.configs, self.settings.layer)
             figure.savefig(sweep.run_dir.root / "token_maps.png", dpi=100)
 
     def _write(
@@ -335,16 +328,16 @@ class TradeoffEvaluation:
         result = sweep.result
         if sweep.zero and result.rows:
             result.rows = mark_pareto(result.rows)
-            single = None if self.batch_sizes else self._batch_sizes(sweep.datamodule)[0]
+            single = None if self.settings.batch_sizes else self._batch_sizes(sweep.datamodule)[0]
             result.csv_path, result.json_path, result.plot_path = self._write(
                 sweep, result.rows, sweep.run_dir.root, single
             )
 
     def _log_summary(self, sweep: SweepRun) -> None:
         """The W&B summary run: table, scatter, figures, and how the run was made."""
-        if not self.wandb:
+        if not self.settings.wandb:
             return
-        logger = self._logger("summary", sweep.group, sweep.run_dir.root)
+        logger = self._logger(sweep, "summary", sweep.run_dir.root)
         figures = [sweep.result.plot_path, sweep.run_dir.root / "token_maps.png"]
         images = [p for p in figures if p is not None and p.is_file()]
         log_summary_run(
@@ -362,7 +355,7 @@ class TradeoffEvaluation:
             "data": f"{type(datamodule).__name__}: test split of {size} images",
             "device": device_name(trainer.strategy.root_device),
             "precision": str(trainer.precision),
-            "layer": self.layer,
+            "layer": self.settings.layer,
         }
 
     def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
@@ -370,7 +363,7 @@ class TradeoffEvaluation:
         implementation POMT's block ran while timed."""
         return {
             **sweep.conditions,
-            "limit_test_batches": self.limit_test_batches,
+            "limit_test_batches": self.settings.limit_test_batches,
             "kernels": self._kernels(sweep),
         }
 
@@ -378,21 +371,21 @@ class TradeoffEvaluation:
     def _kernels(sweep: SweepRun) -> str:
         return kernel_backend(sweep.device)
 
-    def _logger(self, name: str, group: str, run_dir: Path) -> Any:
-        if not self.wandb:
+    def _logger(self, sweep: SweepRun, name: str, run_dir: Path) -> Any:
+        if not self.settings.wandb:
             return False
-        kwargs = dict(project=self.wandb_project, group=group, name=name, job_type="evaluate")
+        kwargs = dict(project=self.settings.wandb_project, group=sweep.group, name=name, job_type="evaluate")
         try:
-            return wandb_logger(save_dir=run_dir, offline=self.wandb_offline, **kwargs)
+            return wandb_logger(save_dir=run_dir, offline=sweep.state.wandb_offline, **kwargs)
         except ValueError as err:  # online without credentials: keep the results, log offline
             rank_zero_warn(f"{err}; logging this evaluation offline instead")
-            self.wandb_offline = True
+            sweep.state.wandb_offline = True  # the later runs too, without a warning each
             return wandb_logger(save_dir=run_dir, offline=True, **kwargs)
 
     @contextlib.contextmanager
     def _healing_shown(self, sweep: SweepRun, config: Configuration) -> Iterator[None]:
         """While a configuration heals, the progress bar says so; then the healing time so far."""
-        bar = sweep.bar if config.heal_epochs else None
+        bar = sweep.state.bar if config.heal_epochs else None
         if bar is None:
             yield
             return
@@ -401,8 +394,8 @@ class TradeoffEvaluation:
         try:
             yield
         finally:
-            sweep.heal_s += time.perf_counter() - start
-            bar.set_postfix_str(f"healing and testing healed rows: {sweep.heal_s:.0f} s", refresh=True)
+            sweep.state.heal_s += time.perf_counter() - start
+            bar.set_postfix_str(f"healing and testing healed rows: {sweep.state.heal_s:.0f} s", refresh=True)
 
     @contextlib.contextmanager
     def _progress(self, enabled: bool) -> Iterator[Any]:
@@ -421,22 +414,26 @@ class TradeoffEvaluation:
         """The line before the sweep runs: what it compares, on what, and what is reused."""
         test = getattr(sweep.datamodule, "test_dataset", None)
         images = f"{len(test)} test images" if hasattr(test, "__len__") else "the test split"
-        limit = "" if self.limit_test_batches is None else f" (limit_test_batches={self.limit_test_batches})"
+        limit = (
+            ""
+            if self.settings.limit_test_batches is None
+            else f" (limit_test_batches={self.settings.limit_test_batches})"
+        )
         batch_sizes = self._batch_sizes(sweep.datamodule)
         configs, to_test = plan.configs, len(plan.to_test)
         healed = sum(1 for c in plan.to_test if c.heal_epochs)
-        heal = f" ({healed} healed for {self.heal_epochs} epochs each first)" if healed else ""
+        heal = f" ({healed} healed for {self.settings.heal_epochs} epochs each first)" if healed else ""
         print(
             f"sweep: {len(configs)} configurations x batch sizes {batch_sizes}: "
             f"{', '.join(c.label for c in configs)}; accuracy on {images}{limit}; "
             f"{to_test} to test{heal}, {len(configs) - to_test} reused"
         )
-        if sweep.bar is not None:
-            sweep.bar.total = len(configs) * len(batch_sizes)
-            sweep.bar.refresh()
+        if sweep.state.bar is not None:
+            sweep.state.bar.total = len(configs) * len(batch_sizes)
+            sweep.state.bar.refresh()
 
     def _print_where(self, sweep: SweepRun) -> None:
         result = sweep.result
         print(f"report: {result.csv_path} and {result.json_path}; plot: {result.plot_path}")
-        if result.wandb_dirs and self.wandb_offline:
+        if result.wandb_dirs and sweep.state.wandb_offline:
             print(f"W&B offline runs (upload with `wandb sync DIR`): {Path(result.wandb_dirs[0]).parent}")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch import seed_everything
@@ -29,12 +29,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.callbacks.pomt_callback import POMTCallback
-from pomt.models import restore_train_modes, train_modes, weights_fingerprint
+from pomt.models import restore_train_modes, train_modes
 from pomt.sweep.configurations import Configuration
 from pomt.sweep.context import SweepRun
-
-if TYPE_CHECKING:
-    from pomt.sweep.evaluation import TradeoffEvaluation
+from pomt.sweep.settings import SweepSettings, check_heal_epochs
+from pomt.weights import weights_fingerprint
 
 __all__ = ["Healing", "heal_conditions", "healed_weights", "check_heal_epochs"]
 
@@ -48,20 +47,13 @@ class Healing:
     reused: bool = False
 
 
-def check_heal_epochs(epochs: int, batches: int | None) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"heal_epochs must be an int >= 0 (0: training-free), got {epochs!r}")
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
-        raise ValueError(f"heal_batches must be a number of batches >= 1 or None (all), got {batches!r}")
-
-
 def _train_split(datamodule: Any) -> str:
     train = getattr(datamodule, "train_dataset", None)
     size = len(train) if hasattr(train, "__len__") else None
     return f"{type(datamodule).__name__}: train split of {size} images"
 
 
-def heal_conditions(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -> dict[str, Any]:
+def heal_conditions(sweep: SweepRun, settings: SweepSettings, config: Configuration) -> dict[str, Any]:
     """What a healed checkpoint (and the accuracy measured on it) is valid for, beyond the
     run's conditions (which hold the starting weights' fingerprint)."""
     hparams = json.loads(json.dumps(dict(getattr(sweep.model, "hparams", {})), default=str))
@@ -79,7 +71,7 @@ def heal_conditions(sweep: SweepRun, settings: TradeoffEvaluation, config: Confi
 
 
 @contextlib.contextmanager
-def healed_weights(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -> Iterator[Healing]:
+def healed_weights(sweep: SweepRun, settings: SweepSettings, config: Configuration) -> Iterator[Healing]:
     """While active, ``sweep.model`` holds ``config``'s healed weights (loaded when a valid
     checkpoint exists, trained and saved otherwise); the starting weights afterwards, also
     after an error. A training-free configuration is left alone."""
@@ -124,7 +116,7 @@ def _load(sweep: SweepRun, path: Path, fingerprint: str, config: Configuration) 
     return True
 
 
-def _fit(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -> float:
+def _fit(sweep: SweepRun, settings: SweepSettings, config: Configuration) -> float:
     """``trainer.fit`` of ``config`` pruned at its r for ``config.heal_epochs`` epochs; its seconds."""
     rank_zero_info(f"healing {config.label}: {config.heal_epochs} epochs at r={config.r}")  # r=0: unpruned
     pruned = config.method != "none"  # the unpruned control trains without the callback

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -19,10 +19,8 @@ from pomt.finder import Search, find_r
 from pomt.sweep.configurations import Configuration, configurations, time_configurations
 from pomt.sweep.context import SweepRun, test_images
 from pomt.sweep.healing import heal_conditions
+from pomt.sweep.settings import SweepSettings
 from pomt.timing import TimingStats
-
-if TYPE_CHECKING:
-    from pomt.sweep.evaluation import TradeoffEvaluation
 
 __all__ = ["Plan", "Tested", "Timed", "make_plan", "accuracy_record", "load_tested"]
 
@@ -101,7 +99,7 @@ class Plan:
 # --------------------------------------------------------------------------- rank 0 plans
 
 
-def make_plan(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int) -> Plan:
+def make_plan(sweep: SweepRun, settings: SweepSettings, batch_size: int) -> Plan:
     """Rank 0: this batch size's search, configurations and timing (reused or measured), and
     the accuracy records still valid."""
     folder = sweep.folder(batch_size)
@@ -118,7 +116,7 @@ def make_plan(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int) ->
     return Plan(batch_size, configs, latency, done)
 
 
-def _search(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, folder: Path) -> Search:
+def _search(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: Path) -> Search:
     """POMT's R at this batch size: the stored search when still valid, else :func:`find_r`."""
     valid_for = sweep.conditions | {"batch_size": batch_size, "search": settings.search_config.to_dict()}
     stored = sweep.run_dir.load(folder / "search.json", valid_for, "the search")
@@ -130,7 +128,7 @@ def _search(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, fold
     return search
 
 
-def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, folder: Path) -> Search:
+def _find_r(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: Path) -> Search:
     """:func:`pomt.find_r` on the datamodule's selection split, under the Trainer's device and
     precision, with the profiles kept in the run directory."""
     selection_loader = getattr(sweep.datamodule, "selection_dataloader", None)
@@ -143,6 +141,7 @@ def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, fold
         return find_r(
             sweep.model,
             selection_loader(),
+            vit=sweep.vit,  # found once when the run started
             layer=settings.layer,
             batch_size=batch_size,
             device=sweep.device,
@@ -156,7 +155,7 @@ def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, fold
 
 
 def _time(
-    sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, configs: list[Configuration]
+    sweep: SweepRun, settings: SweepSettings, batch_size: int, configs: list[Configuration]
 ) -> dict[str, Timed]:
     """The side-by-side latency of ``configs`` on one test batch (stored, or timed now)."""
     path = sweep.folder(batch_size) / "timing.json"
@@ -172,14 +171,14 @@ def _time(
         with sweep.trainer.precision_plugin.forward_context():
             images = test_images(sweep.datamodule)
             stored = time_configurations(
-                sweep.model, images, configs, layer=settings.layer, device=sweep.device, how=how
+                sweep.model, sweep.vit, images, configs, layer=settings.layer, device=sweep.device, how=how
             )
         sweep.run_dir.save(path, valid_for, stored)
     return {key: Timed.from_dict(value) for key, value in stored.items()}
 
 
 def accuracy_record(
-    sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration
+    sweep: SweepRun, settings: SweepSettings, config: Configuration
 ) -> tuple[Path, dict[str, Any]]:
     """Where one configuration's accuracy record lives, and what it is valid for: the run's
     conditions, the test limit, the method and r (accuracy does not depend on the batch size),
@@ -194,7 +193,7 @@ def accuracy_record(
     return sweep.run_dir.root / "results" / f"{config.key}.json", valid_for
 
 
-def load_tested(sweep: SweepRun, settings: TradeoffEvaluation, config: Configuration) -> Tested | None:
+def load_tested(sweep: SweepRun, settings: SweepSettings, config: Configuration) -> Tested | None:
     """The accuracy record of ``config`` when it is still valid (else None, with the reason said)."""
     stored = sweep.run_dir.load(*accuracy_record(sweep, settings, config), config.label)
     return None if stored is None else Tested.from_dict(stored)

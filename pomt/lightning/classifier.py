@@ -5,7 +5,7 @@ model the user passes, or puts a DINOv2 backbone under the linear head layout of
 DINOv2 authors. It logs top-1/top-5 accuracy and the per-batch forward latency, so a
 pruned and an unpruned run can be compared from their logged metrics alone.
 
-Part of the Lightning layer (with ``pomt.loggers``, ``pomt.sweep``, ``pomt.callbacks`` and
+Part of the Lightning layer (with ``pomt.lightning.loggers``, ``pomt.sweep``, ``pomt.callbacks`` and
 ``pomt.datamodules``), which the method core does not import; ``pomt/__init__`` does not
 import it either.
 """
@@ -23,8 +23,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pomt.data import split_batch
-from pomt.models import create_model, load_weights
 from pomt.timing import Stopwatch, TimingStats
+from pomt.weights import create_model, load_weights
 
 __all__ = ["ViTClassifier", "HEADS", "dinov2_linear_features"]
 

@@ -1,0 +1,31 @@
+"""The errors ``pomt`` raises on purpose, for callers who want to catch them, and the one int
+check its validation shares.
+
+Each is also the built-in error it refines (``PruningError`` is a ``ValueError``), so code
+that catches the built-in keeps working. Anything else that escapes (out of memory, a shape
+bug) is not ours and keeps its traceback: the command line turns only these, ``ValueError``
+and ``FileNotFoundError`` into exit status 2.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PomtError", "PruningError", "UnavailableError", "is_int"]
+
+
+class PomtError(Exception):
+    """Base of the errors ``pomt`` raises on purpose."""
+
+
+class PruningError(PomtError, ValueError):
+    """A pruning request this model cannot take: an unknown method, or an r or layer out of
+    its range (the message names the value, the valid range and the fix)."""
+
+
+class UnavailableError(PomtError, RuntimeError):
+    """What was asked needs something this machine lacks (Triton, network access for
+    pretrained weights); the message says what to install or pass instead."""
+
+
+def is_int(value: object) -> bool:
+    """An ``int`` and not a ``bool`` (``True`` is an int to Python, never a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
