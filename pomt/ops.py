@@ -11,31 +11,37 @@ and to the same token choice, ties aside):
   writing a (B, H, N, N) tensor, three rank and gather.
 
 ``POMT_KERNELS=auto|torch|triton`` (or the :func:`kernels` context manager) picks them.
-``auto`` trusts the kernels on a device only after measuring them there, as POMT itself
-measures latency: the first time a POMT block runs on a device, dtype and shape, the
-kernels are checked against the torch path computed in float32 on a few images of the real
-input (same scores, same tokens up to ties, same output) and timed against the torch path
-side by side; they run only if they are equal and faster. One line on the ``pomt`` logger
-says what was chosen and why (:func:`kernel_choices` keeps it). ``triton`` on CPU tensors
-needs ``TRITON_INTERPRET=1`` (the tests run the kernels so). Top-K and ToMe always use the
-torch path: a CLS row, a ``topk`` and one ``index_select`` leave nothing to fuse.
+``auto`` trusts the kernels on a device only after checking them there (``pomt.dispatch``):
+the first time a POMT block runs with a given device, dtypes, shapes and autocast state, the
+kernels must equal the torch path computed in float32 on a few images of the real input, at
+the extremes of r and at the call's, and be faster side by side; the choice then covers
+every r. One line on the ``pomt`` logger says what was chosen and why (:func:`kernel_choices`
+keeps it). ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (the tests run the kernels
+so). Top-K and ToMe always use the torch path: a CLS row, a ``topk`` and one
+``index_select`` leave nothing to fuse.
+
+Both paths treat a NaN alike: a NaN in an image's attention probabilities among its ordinary
+queries or in its values (NaN or inf in its q, k or v) makes every score of that image NaN,
+ranked as ``-inf``: the image keeps its first ``keep`` ordinary tokens, in order, and fuses
+the rest. Other images of the batch are not affected.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from pomt.dispatch import KernelChoice
+
 __all__ = [
     "KERNEL_MODES",
-    "KernelChoice",
     "Trace",
     "kernels",
     "kernel_choices",
@@ -53,7 +59,6 @@ __all__ = [
 KERNEL_MODES = ("auto", "torch", "triton")
 _mode = os.environ.get("POMT_KERNELS", "auto")
 _triton_module: ModuleType | None | bool = False  # False: not imported yet
-_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -81,19 +86,12 @@ def _triton() -> ModuleType | None:
     return _triton_module  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class KernelChoice:
-    """What ``auto`` chose for POMT's block on one device, dtype and shape, and why."""
-
-    backend: str  # "triton" or "torch"
-    reason: str
-
-
-_CHOICES: dict[tuple, KernelChoice] = {}
+_CHOICES: dict[tuple, KernelChoice] = {}  # filled by pomt.dispatch.choose
 
 
 def kernel_choices() -> dict[tuple, KernelChoice]:
-    """The choices ``auto`` made so far, keyed by (device, dtype, x shape, q shape, prefix)."""
+    """The choices ``auto`` made so far, keyed by (device, x dtype, x shape, q dtype, q shape,
+    prefix, autocast dtype or None); each covers every r."""
     return dict(_CHOICES)
 
 
@@ -236,6 +234,20 @@ def _rows(b: int, n: int, prefix: int, device: torch.device) -> tuple[torch.Tens
     return _ROWS[key]
 
 
+def _last(scores: torch.Tensor) -> torch.Tensor:
+    """Sort keys for scores that are -inf: below every finite score (>= 0), the lower index first."""
+    key = (scores.shape[1], scores.device)
+    if key not in _LAST:
+        if len(_LAST) > 64:
+            _LAST.clear()
+        with torch.inference_mode(False):
+            _LAST[key] = -1.0 - torch.arange(key[0], device=key[1], dtype=torch.float32) / key[0]
+    return _LAST[key]
+
+
+_LAST: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> torch.Tensor:
     """The ``prefix`` first tokens of each image followed by its tokens ``prefix + index[b, i]``,
     shape (B, prefix + K, C): one ``index_select`` of whole rows (on the CPU several times
@@ -254,7 +266,10 @@ def pomt_select(
     """``x`` with ``r`` tokens removed: the prefix, the ``N - prefix - r - 1`` best-scoring
     ordinary tokens (best first) and the mean of the other ``r + 1``."""
     keep = x.shape[1] - prefix - r - 1
-    order = scores.argsort(dim=1, descending=True)  # (a stable sort would not export to ONNX)
+    # finite scores are >= 0; those that are -inf rank after them, by index as in the kernels
+    # (an image whose statistics hold a NaN keeps its first tokens). A stable sort would not
+    # export to ONNX.
+    order = torch.where(scores == -torch.inf, _last(scores), scores).argsort(dim=1, descending=True)
     if _tracing(trace):
         b, no = order.shape
         target = (prefix + torch.arange(no, device=x.device)).clamp(max=prefix + keep).expand(b, no)
@@ -299,90 +314,6 @@ def _pomt_torch(
     return pomt_select(x, pomt_scores(q, k, v, prefix, scale), prefix, r)
 
 
-def _kernel_mismatch(
-    got: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    x: torch.Tensor,
-    reference: torch.Tensor,
-    prefix: int,
-    keep: int,
-) -> str | None:
-    """Why the kernels' (out, scores, positions) on ``x`` differ from the float32 torch path
-    (``reference``: its scores), or None. Tokens whose reference scores tie with the last kept
-    one, within the tolerance, may be swapped."""
-    out, scores, pos = got
-    out, no = out.float(), pos.shape[1]
-    tol = 1e-4 if x.dtype == torch.float32 else 2e-3
-    if not torch.allclose(scores, reference, atol=tol, rtol=tol):
-        worst = (scores - reference).abs().nan_to_num(nan=torch.inf).max().item()
-        return f"scores differ by up to {worst:.3g} (tolerance {tol:g})"
-    kept = pos >= 0
-    ranking = pos.masked_fill(~kept, no).long().sort(dim=1).values[:, :keep]
-    if not (kept.sum(dim=1) == keep).all() or not (ranking == torch.arange(keep, device=pos.device)).all():
-        return f"the kept tokens are not a ranking of {keep} tokens in each image"
-    edge = reference.topk(keep, dim=1).values[:, -1:]  # the last kept score, per image
-    if (kept & (reference < edge - tol)).any() or (~kept & (reference > edge + tol)).any():
-        return "a token kept by the kernels is not among the best by the float32 scores"
-    order = pos.masked_fill(~kept, no).long().argsort(dim=1)[:, :keep]
-    x32, dropped = x.float(), (~kept).unsqueeze(-1)
-    expected = torch.cat(
-        [
-            x32[:, :prefix],
-            x32[:, prefix:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1])),
-            (x32[:, prefix:] * dropped).sum(dim=1, keepdim=True) / dropped.sum(dim=1, keepdim=True),
-        ],
-        dim=1,
-    )
-    if not torch.allclose(out, expected, atol=tol, rtol=tol, equal_nan=True):
-        return "the new sequence is not the kept tokens and the mean of the others"
-    return None
-
-
-def _faster(
-    fn: Callable[[], object], reference: Callable[[], object], device: torch.device
-) -> tuple[bool, float]:
-    """Whether ``fn`` is faster than ``reference``, timed side by side (CUDA graphs where they
-    capture): (the 95 % interval of the median time ratio lies below 1, the median ratio)."""
-    from pomt.timing import cuda_graph, median_interval, time_paired
-
-    try:
-        fn, reference = cuda_graph(fn, device), cuda_graph(reference, device)
-    except Exception:  # noqa: BLE001 - not capturable here: time eager calls
-        pass
-    ratios, _ = time_paired(fn, reference, device=device, warmup=3, min_run_time=0.05, min_pairs=21)
-    median, _, high = median_interval(ratios)
-    return high < 1.0, median
-
-
-def _measure_kernels(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
-) -> KernelChoice:
-    """``auto``'s check of the kernels on this input: equal to the float32 torch path on a few
-    images, then faster side by side on the whole batch."""
-    keep = x.shape[1] - prefix - r - 1
-    few = slice(0, min(x.shape[0], 4))
-    xs, qs, ks, vs = x[few], q[few], k[few], v[few]
-    try:
-        got = _pomt_kernels(xs, qs, ks, vs, prefix, r, scale)
-    except Exception as err:  # noqa: BLE001 - a kernel that cannot build or run here is not used
-        return KernelChoice("torch", f"the kernels failed: {type(err).__name__}: {err}")
-    with torch.no_grad():
-        reference = pomt_scores(qs.float(), ks.float(), vs.float(), prefix, scale)
-    problem = _kernel_mismatch(got, xs, reference, prefix, keep)
-    if problem is not None:
-        return KernelChoice("torch", f"the kernels differ from the float32 torch path: {problem}")
-    with torch.no_grad():
-        faster, ratio = _faster(
-            lambda: _pomt_kernels(x, q, k, v, prefix, r, scale),
-            lambda: _pomt_torch(x, q, k, v, prefix, r, scale),
-            x.device,
-        )
-    if not faster:
-        return KernelChoice(
-            "torch", f"the kernels are equal but not faster (x{ratio:.2f} the torch path's time)"
-        )
-    return KernelChoice("triton", f"equal to the float32 torch path and faster (x{ratio:.2f} its time)")
-
-
 def _auto_device(t: torch.Tensor) -> bool:
     """Where ``auto`` considers the kernels at all: CUDA tensors."""
     return t.is_cuda
@@ -399,18 +330,21 @@ def _use_kernels(
         return _forced_triton(x)
     if not _auto_device(x) or _triton() is None:
         return False
-    key = (str(x.device), x.dtype, tuple(x.shape), tuple(q.shape), prefix)  # any r: measured at the first
-    choice = _CHOICES.get(key)
+    choice = _CHOICES.get(key := _choice_key(x, q, prefix))
     if choice is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # nothing can be measured inside a capture: the torch path, until measured
-        choice = _CHOICES[key] = _measure_kernels(x, q, k, v, prefix, r, scale)
-        b, n, _ = x.shape
-        _log.info(
-            "pomt: POMT block on %s, %s, batch %d, %d tokens, r=%d: %s path (%s)",
-            x.device, str(x.dtype).removeprefix("torch."), b, n, r, choice.backend, choice.reason,
-        )  # fmt: skip
+        from pomt import dispatch
+
+        choice = dispatch.choose(key, (x, q, k, v, prefix, r, scale), _CHOICES)
     return choice.backend == "triton"
+
+
+def _choice_key(x: torch.Tensor, q: torch.Tensor, prefix: int) -> tuple:
+    """What ``auto``'s choice depends on: device, dtypes, shapes, prefix and autocast (any r)."""
+    kind = x.device.type
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    return (str(x.device), x.dtype, tuple(x.shape), q.dtype, tuple(q.shape), prefix, autocast)
 
 
 def pomt_prune(
