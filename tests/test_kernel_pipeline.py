@@ -26,7 +26,7 @@ QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_time=0.0, v
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent")
 def test_the_pipeline_under_the_triton_interpreter():
-    run_interpreted(__file__, 5)
+    run_interpreted(__file__, 4)
 
 
 @pytest.fixture
