@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pruning_latency  # noqa: E402
 import selection_speed  # noqa: E402
 
-from pomt import dispatch, ops  # noqa: E402
+from pomt import dispatch, method, ops  # noqa: E402
 from pomt.models import create_model  # noqa: E402
 from pomt.verify import speedup_samples  # noqa: E402
 
@@ -150,7 +150,7 @@ def check_case(case: Case, device: torch.device) -> str | None:
     few = torch.tensor(images, device=device)
     xs, qs, ks, vs = (t.index_select(0, few) for t in (x, q, k, v))
     with torch.no_grad():
-        reference = ops.pomt_scores(qs.float(), ks.float(), vs.float(), case.prefix, scale)
+        reference = method.pomt_scores(qs.float(), ks.float(), vs.float(), case.prefix, scale)
     sub = tuple(t.index_select(0, few) for t in got)
     if not torch.isfinite(got[1]).logical_or(got[1] == -torch.inf).all():
         return "a score is NaN"

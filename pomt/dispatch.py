@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pomt import ops
+from pomt import method, ops
 
 __all__ = ["KernelChoice", "choose"]
 
@@ -125,15 +125,24 @@ def _faster(
 
 
 def measure(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    r: int,
+    scale: float,
+    *,
+    faster: Callable[..., tuple[bool, float]] | None = None,
 ) -> KernelChoice:
-    """The kernels against the torch path on this input (see the module docstring)."""
+    """The kernels against the torch path on this input (see the module docstring), timed by
+    ``faster`` (default :func:`_faster`: side by side, CUDA graphs where they capture)."""
     no = x.shape[1] - prefix
     typical = no - 1 - (no - 1) // 2  # keep = half the ordinary tokens (rounded down)
     few = slice(0, min(x.shape[0], _FEW))
     xs, qs, ks, vs = x[few], q[few], k[few], v[few]
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        reference = ops.pomt_scores(qs.float(), ks.float(), vs.float(), prefix, scale)
+        reference = method.pomt_scores(qs.float(), ks.float(), vs.float(), prefix, scale)
     checked = sorted({r, 0, no - 1, typical})
     for at in checked:
         try:
@@ -147,7 +156,7 @@ def measure(
             )
     equal = f"equal to the float32 torch path at r={', '.join(map(str, checked))} (keep=0 at r={no - 1})"
     with torch.no_grad():
-        faster, ratio = _faster(
+        faster, ratio = (faster or _faster)(
             lambda: ops._pomt_kernels(x, q, k, v, prefix, typical, scale),
             lambda: ops._pomt_torch(x, q, k, v, prefix, typical, scale),
             x.device,
@@ -157,13 +166,13 @@ def measure(
     return KernelChoice("triton", f"{equal} and faster at r={typical} (x{ratio:.2f} its time)")
 
 
-def _safe_measure(*inputs) -> KernelChoice:
+def _safe_measure(*inputs, faster: Callable[..., tuple[bool, float]] | None = None) -> KernelChoice:
     """:func:`measure` on the tensor's device; any error (out of memory included) chooses the
     torch path, with the reason."""
     x = inputs[0]
     try:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            return measure(*inputs)
+            return measure(*inputs, faster=faster)
     except Exception as err:  # noqa: BLE001 - the check must never break the user's forward
         if x.is_cuda:
             torch.cuda.empty_cache()
@@ -217,16 +226,19 @@ def choose(
     inputs: tuple,
     choices: dict[tuple, KernelChoice],
     *,
+    faster: Callable[..., tuple[bool, float]] | None = None,
     decide: Callable[..., KernelChoice] | None = None,
 ) -> KernelChoice:
-    """The backend for ``key`` (``inputs``: x, q, k, v, prefix, r, scale), from ``choices`` or
-    decided now (``decide``, default :func:`measure` made safe), shared across ranks, logged
-    once and stored in ``choices``."""
+    """The backend for ``key`` (``inputs``: x, q, k, v, prefix, r, scale), from the cache
+    ``choices`` or decided now (``decide``, default :func:`measure` made safe, timed by
+    ``faster``), shared across ranks, logged once and stored in ``choices``."""
     with _LOCK:
         choice = choices.get(key)
         if choice is None:
             try:
-                choice = _shared(key, lambda: (decide or _safe_measure)(*inputs))
+                choice = _shared(
+                    key, lambda: decide(*inputs) if decide else _safe_measure(*inputs, faster=faster)
+                )
             except Exception as err:  # noqa: BLE001 - the store failed: every rank falls back alike
                 choice = KernelChoice("torch", f"the choice could not be shared: {type(err).__name__}: {err}")
             choices[key] = choice

@@ -1,12 +1,15 @@
-"""What a pruning block computes besides timm's own block: token scores and the new sequence.
+"""Which implementation computes what a pruning block adds to timm's block, and the entry
+points the blocks call (:func:`pomt_prune`, :func:`topk_prune`).
 
-Two implementations of POMT's block, which must agree (tests hold them to 1e-5 in float32
-and to the same token choice, ties aside):
+The method itself, as tensor functions, is in ``pomt.method``. POMT's block has two
+implementations, which must agree (tests hold them to 1e-5 in float32 and to the same token
+choice, ties aside):
 
-- plain torch, used on the CPU, under autograd, inside ``torch.compile``/``torch.export``
-  and wherever Triton is missing. On the CPU, POMT's block computes its attention with an
-  explicit softmax (as fast as the fused kernel there) and scores from its probabilities;
-  on CUDA it scores with one aligned GEMM and one softmax beside fused attention;
+- the plain torch path (``pomt.method``), used on the CPU, under autograd, inside
+  ``torch.compile``/``torch.export`` and wherever Triton is missing. On the CPU, POMT's block
+  computes its attention with an explicit softmax (as fast as the fused kernel there) and
+  scores from its probabilities; on CUDA it scores with one aligned GEMM and one softmax
+  beside fused attention;
 - Triton kernels (``pomt._triton``): two kernels score POMT's tokens from q and k without
   writing a (B, H, N, N) tensor, three rank and gather.
 
@@ -35,7 +38,17 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
+
+from pomt.method import (  # the public ones are re-exported: they lived here before
+    Trace,
+    _tracing,
+    cls_attention,
+    gather_tokens,
+    pomt_scores,
+    pomt_scores_from_probabilities,
+    pomt_select,
+    topk_select,
+)
 
 if TYPE_CHECKING:
     from pomt.dispatch import KernelChoice
@@ -125,29 +138,6 @@ def _forced_triton(t: torch.Tensor) -> bool:
     return True
 
 
-class Trace:
-    """Where each patch of the input is: while ``where`` (B, patches) is set, by
-    :func:`pomt.token_groups`, the pruning blocks move it along with the tokens (-1: dropped).
-    Otherwise it is None and the blocks do nothing more than check that."""
-
-    def __init__(self) -> None:
-        self.where: torch.Tensor | None = None
-
-    def move(self, new_index: torch.Tensor) -> None:
-        """Tokens moved: token i of the old sequence is now at ``new_index[:, i]`` (-1: gone)."""
-        if self.where is not None:
-            kept = self.where >= 0
-            self.where = torch.where(kept, new_index.gather(1, self.where.clamp(min=0)), -1)
-
-
-def _prefix_index(b: int, prefix: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(prefix, device=device).expand(b, prefix)
-
-
-def _tracing(trace: Trace | None) -> bool:
-    return trace is not None and trace.where is not None
-
-
 def _grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -155,142 +145,6 @@ def _grad(*tensors: torch.Tensor) -> bool:
 def scores_from_probabilities(x: torch.Tensor) -> bool:
     """Whether POMT's block should take its scores from an explicit softmax (the CPU path)."""
     return not x.is_cuda and _mode != "triton"
-
-
-# --------------------------------------------------------------------------- scores (torch)
-
-
-def _normalised_sum(top: torch.Tensor, values: torch.Tensor, prefix: int) -> torch.Tensor:
-    """POMT's score from ``top`` (B, N - p rows, N - p cols: max over heads of the ordinary
-    block of the attention probabilities) and the values (B, H, N, D).
-
-    An image whose column sums are all 0 (its ordinary queries attend only to the prefix: an
-    attention sink) gets an attention term of 0, not 0/0; a score that is not a number
-    becomes ``-inf``, so that it ranks last."""
-    attn_term = top.sum(dim=1, dtype=torch.float32)
-    attn_term = attn_term / attn_term.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    value_term = values.amax(dim=1).sum(dim=-1, dtype=torch.float32).softmax(dim=-1)[:, prefix:]
-    return (attn_term + value_term).nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
-
-
-@torch.no_grad()
-def pomt_scores_from_probabilities(probs: torch.Tensor, values: torch.Tensor, prefix: int) -> torch.Tensor:
-    """POMT importance of each ordinary token, (B, N - prefix) float32, from the attention
-    probabilities (B, H, N, N) and the values (B, H, N, D).
-
-    Attention term: the probabilities among ordinary tokens (rows normalised over all keys),
-    max over heads, summed over the rows, divided by the image's maximum. Value term: V's max
-    over heads, summed over features, softmax over all tokens, prefix dropped.
-    """
-    return _normalised_sum(probs[:, :, prefix:, prefix:].amax(dim=1), values, prefix)
-
-
-@torch.no_grad()
-def pomt_scores(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float, align: bool | None = None
-) -> torch.Tensor:
-    """The same scores from q, k, v (B, H, N, D): the probabilities of the ordinary query rows
-    only, from one GEMM and one softmax. With ``align`` (default: on CUDA) the keys are padded
-    to a multiple of 8, so that the GEMM runs on aligned tensor-core kernels."""
-    n = k.shape[2]
-    if (q.is_cuda if align is None else align) and n % 8:
-        k = F.pad(k, (0, 0, 0, 8 - n % 8))
-    logits = torch.matmul(q[:, :, prefix:], k.transpose(-1, -2))
-    probs = (logits[..., :n] * scale).softmax(dim=-1)
-    return _normalised_sum(probs[..., prefix:].amax(dim=1), v, prefix)
-
-
-@torch.no_grad()
-def cls_attention(q: torch.Tensor, k: torch.Tensor, prefix: int, scale: float, has_cls: bool) -> torch.Tensor:
-    """Top-K importance, (B, N - prefix): the CLS row of attention averaged over heads; without
-    a CLS token, the attention each token receives, averaged over queries and heads. A score
-    that is not a number becomes ``-inf``."""
-    if has_cls:
-        probs = (torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * scale).softmax(dim=-1)
-        importance = probs[:, :, 0, prefix:].mean(dim=1, dtype=torch.float32)
-    else:
-        probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).softmax(dim=-1)
-        importance = probs[:, :, :, prefix:].mean(dim=(1, 2), dtype=torch.float32)
-    return importance.nan_to_num(nan=-torch.inf)  # a score that is not a number ranks last
-
-
-# --------------------------------------------------------------------------- selection
-
-
-_ROWS: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-
-def _rows(b: int, n: int, prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row offsets of each image's first ordinary token (B, 1) and the rows of its prefix
-    tokens (B, prefix) in a flattened (B * N, C) batch; cached (``arange`` costs ~10 us on a CPU)."""
-    key = (b, n, prefix, device)
-    if key not in _ROWS:
-        if len(_ROWS) > 64:
-            _ROWS.clear()
-        with torch.inference_mode(False):  # plain tensors: usable under autograd as well
-            first = torch.arange(prefix, b * n, n, device=device).unsqueeze(1)
-            prefix_rows = first - torch.arange(prefix, 0, -1, device=device) if prefix else None
-        _ROWS[key] = (first, prefix_rows)
-    return _ROWS[key]
-
-
-def _last(scores: torch.Tensor) -> torch.Tensor:
-    """Sort keys for scores that are -inf: below every finite score (>= 0), the lower index first."""
-    key = (scores.shape[1], scores.device)
-    if key not in _LAST:
-        if len(_LAST) > 64:
-            _LAST.clear()
-        with torch.inference_mode(False):
-            _LAST[key] = -1.0 - torch.arange(key[0], device=key[1], dtype=torch.float32) / key[0]
-    return _LAST[key]
-
-
-_LAST: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> torch.Tensor:
-    """The ``prefix`` first tokens of each image followed by its tokens ``prefix + index[b, i]``,
-    shape (B, prefix + K, C): one ``index_select`` of whole rows (on the CPU several times
-    faster than ``torch.gather``, which reads an index per element)."""
-    b, n, c = x.shape
-    first, prefix_rows = _rows(b, n, prefix, x.device)
-    rows = index + first
-    if prefix_rows is not None:
-        rows = torch.cat([prefix_rows, rows], dim=1)
-    return x.reshape(b * n, c).index_select(0, rows.flatten()).view(b, -1, c)
-
-
-def pomt_select(
-    x: torch.Tensor, scores: torch.Tensor, prefix: int, r: int, trace: Trace | None = None
-) -> torch.Tensor:
-    """``x`` with ``r`` tokens removed: the prefix, the ``N - prefix - r - 1`` best-scoring
-    ordinary tokens (best first) and the mean of the other ``r + 1``."""
-    keep = x.shape[1] - prefix - r - 1
-    # finite scores are >= 0; those that are -inf rank after them, by index as in the kernels
-    # (an image whose statistics hold a NaN keeps its first tokens). A stable sort would not
-    # export to ONNX.
-    order = torch.where(scores == -torch.inf, _last(scores), scores).argsort(dim=1, descending=True)
-    if _tracing(trace):
-        b, no = order.shape
-        target = (prefix + torch.arange(no, device=x.device)).clamp(max=prefix + keep).expand(b, no)
-        moved = torch.empty_like(order).scatter_(1, order, target)
-        trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
-    ranked = gather_tokens(x, order, prefix)
-    end = prefix + keep
-    ranked[:, end] = ranked[:, end:].mean(dim=1)  # the mean of the discarded tokens takes the first's place
-    return ranked[:, : end + 1]
-
-
-def _topk_select(
-    x: torch.Tensor, importance: torch.Tensor, prefix: int, keep: int, trace: Trace | None = None
-) -> torch.Tensor:
-    index = importance.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values  # original order
-    if _tracing(trace):
-        b, no = importance.shape
-        moved = torch.full((b, no), -1, dtype=torch.long, device=x.device)
-        moved.scatter_(1, index, prefix + torch.arange(keep, device=x.device).expand(b, keep))
-        trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
-    return gather_tokens(x, index, prefix)
 
 
 def _pomt_kernels(
@@ -377,4 +231,4 @@ def topk_prune(
     """``x`` with the ``r`` ordinary tokens of least CLS attention dropped (order kept)."""
     keep = x.shape[1] - prefix - r
     importance = cls_attention(q, k, prefix, scale, has_cls)
-    return _topk_select(x, importance, prefix, keep, trace)
+    return topk_select(x, importance, prefix, keep, trace)

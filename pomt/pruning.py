@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from pomt.blocks import MIXINS, BlockSpec, ToMeState
+from pomt.method import Trace, gather_tokens
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
-from pomt.ops import Trace, gather_tokens, kernels
+from pomt.ops import kernels
 
 __all__ = [
     "METHODS",

@@ -150,14 +150,14 @@ def test_under_autocast_the_reference_is_float32_and_the_key_says_so(auto_on_cpu
     pomt.apply_pruning(model, "pomt", r=20, layer=1)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     scored_under = []
-    scores = ops.pomt_scores
+    scores = pomt.method.pomt_scores
 
     def spy(q, k, v, *args, **kwargs):
         if q.dtype == torch.float32:
             scored_under.append(torch.is_autocast_enabled("cpu"))
         return scores(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(ops, "pomt_scores", spy)
+    monkeypatch.setattr(pomt.method, "pomt_scores", spy)
     with torch.no_grad():
         model(images)  # float32, no autocast
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -176,7 +176,7 @@ def test_bfloat16_at_residual_stream_magnitudes():
     # puts the fused mean far more than 2e-3 from the float32 mean
     x, q, k, v, prefix, r, scale = _inputs(b=3, n=90, d=64, c=96, dtype=torch.bfloat16, seed=2, scale_x=50.0)
     keep = x.shape[1] - prefix - r - 1
-    reference = ops.pomt_scores(q.float(), k.float(), v.float(), prefix, scale)
+    reference = pomt.method.pomt_scores(q.float(), k.float(), v.float(), prefix, scale)
     with torch.no_grad():
         got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
     assert dispatch.mismatch(got, x, reference, prefix, keep, q.dtype) is None  # a correct kernel passes
@@ -229,7 +229,7 @@ def test_auto_on_the_cpu_is_the_torch_path():
 
 
 def _slow_measure(calls: list, seconds: float = 0.3, backend: str = "triton"):
-    def measure(x, q, k, v, prefix, r, scale):
+    def measure(x, q, k, v, prefix, r, scale, **timer):
         calls.append(tuple(x.shape))
         time.sleep(seconds)
         return dispatch.KernelChoice(backend, "as measured")
@@ -293,3 +293,22 @@ def test_two_ranks_run_the_same_backend(tmp_path):
     assert (1, 40, 24) in [tuple(s) for s in ranks[1]["measured"]]  # the lone shape: by rank 1
     followers = [r["reasons"][b] for r in ranks for b in ("2", "3") if "decided by rank" in r["reasons"][b]]
     assert len(followers) == 2  # for each shared shape, one rank took the other's choice
+
+
+@parent_only
+def test_the_method_and_the_kernel_dispatch_do_not_import_the_timer():
+    import ast
+    from pathlib import Path
+
+    for name in ("method.py", "ops.py"):
+        tree = ast.parse((Path(pomt.__file__).parent / name).read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m and "timing" in m], (name, imported)
+    # auto's check takes its timer (and its cache) as arguments
+    cache: dict = {}
+    inputs = _inputs()
+    choice = dispatch.choose(
+        ("key",), inputs, cache, decide=lambda *args: dispatch.KernelChoice("torch", "given")
+    )
+    assert cache == {("key",): choice} and choice.reason == "given"

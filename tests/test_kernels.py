@@ -33,9 +33,9 @@ def test_the_torch_scoring_paths_agree(prefix):
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
     scale = 16**-0.5
     probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
-    expected = ops.pomt_scores_from_probabilities(probs, v, prefix)
+    expected = pomt.method.pomt_scores_from_probabilities(probs, v, prefix)
     for align in (False, True):  # True pads the 37 keys to 40, as on CUDA
-        torch.testing.assert_close(ops.pomt_scores(q, k, v, prefix, scale, align=align), expected)
+        torch.testing.assert_close(pomt.method.pomt_scores(q, k, v, prefix, scale, align=align), expected)
     assert expected.shape == (2, 37 - prefix) and (expected.amax(dim=1) > 1).all()
 
 
@@ -86,12 +86,12 @@ def _both_paths(x, q, k, v, prefix, r):
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
         got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
-        expected = ops.pomt_select(x, ops.pomt_scores(q, k, v, prefix, scale), prefix, r)
+        expected = pomt.method.pomt_select(x, pomt.method.pomt_scores(q, k, v, prefix, scale), prefix, r)
     return got, expected
 
 
 def _float32_scores(q, k, v, prefix):
-    return ops.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
+    return pomt.method.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
 
 
 @needs_interpreter
@@ -133,8 +133,10 @@ def test_triton_scores_equal_the_torch_scores(guarded, d):
     col, val = _triton.column_scores(q, k, v, lse, 2, scale)
     out, scores, pos = _triton.select_tokens(x, col, val, 2, 30)
     guarded()
-    torch.testing.assert_close(scores, ops.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out, ops.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(scores, pomt.method.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, pomt.method.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6
+    )
     assert sorted(pos[pos >= 0].tolist()) == sorted(list(range(30)) * 2)
 
 
@@ -231,14 +233,14 @@ def test_non_finite_scores_rank_last_with_ties_to_the_lower_index(guarded):
     assert pos[1].tolist() == list(range(keep)) + [-1] * (n - prefix - keep)
     torch.testing.assert_close(out[1, prefix : prefix + keep], x[1, prefix : prefix + keep], atol=0, rtol=0)
     torch.testing.assert_close(
-        out, ops.pomt_select(x, scores, prefix, n - prefix - keep - 1), atol=1e-6, rtol=0
+        out, pomt.method.pomt_select(x, scores, prefix, n - prefix - keep - 1), atol=1e-6, rtol=0
     )
     # the torch path: a NaN makes the image's scores -inf as well, and keeps its first tokens
     probs = torch.rand(2, 2, n, n, generator=g)
     probs[0, :, :, prefix + 5] = float("nan")
-    scores = ops.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
+    scores = pomt.method.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
     assert not scores.isnan().any() and (scores[0] == -torch.inf).all()
-    kept = ops.pomt_select(x, scores, prefix, n - prefix - keep - 1)
+    kept = pomt.method.pomt_select(x, scores, prefix, n - prefix - keep - 1)
     torch.testing.assert_close(kept[0, prefix : prefix + keep], x[0, prefix : prefix + keep], atol=0, rtol=0)
 
 
