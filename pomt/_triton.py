@@ -17,11 +17,14 @@ Five small kernels do what ten to twenty torch kernels would, and none of them w
 What makes them safe on any input a GPU will meet:
 
 - every offset that involves the image index is 64-bit (a batch of ViT-L/14 at 518 px
-  passes 2**31 elements from image 512 on);
+  passes 2**31 elements from image 512 on), and so is a head offset that could pass 2**31
+  (``WIDE``: a layout with a huge head stride; otherwise 32 bits hold it and save registers);
 - an image whose column sums are all zero (every ordinary query attends only to the
   prefix: an attention sink) gets an attention term of 0, not 0/0;
 - a score that is not a number ranks as ``-inf``, so the order is total: the ranks are a
-  permutation, every output row is written exactly once, and no store leaves its output.
+  permutation, every output row is written exactly once, and no store leaves its output;
+- NaN as in torch's ``amax``: a NaN in an image's probabilities or values makes all its
+  scores NaN (so ``-inf``: the image keeps its first tokens), as on the torch path.
 
 ``pomt.ops`` decides when these run and holds the plain torch path they must equal.
 """
@@ -104,7 +107,7 @@ def _column_scores(
     N, prefix, H, D, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """One (image, column block, row block): col[b, s, j] = sum over the ordinary rows i of
     row block s of max_h softmax_h[i, j]; row block 0 also writes val[b, j] = sum_d max_h v."""
@@ -122,19 +125,28 @@ def _column_scores(
     k_tile = k_ptr + b * sk_b + cols.to(tl.int64)[:, None] * sk_n + d[None, :]
     lse_row = lse_ptr + b * H * no + rows - prefix
     top = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # probabilities are >= 0
-    for h in range(H):
-        q = tl.load(q_tile + h * sq_h, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(k_tile + h * sk_h, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(lse_row + h * no, mask=row_ok, other=0.0)
-        top = tl.maximum(top, tl.exp(_dot(q, tl.trans(k), IEEE, UPCAST) * scale - lse[:, None]))
+    for h in range(H):  # the max over heads keeps NaN, as torch's amax does
+        if WIDE:  # a head offset past 2**31 elements: 64-bit (else 32 bits hold it, no spill)
+            hh = tl.cast(h, tl.int64)
+        else:
+            hh = h
+        q = tl.load(q_tile + hh * sq_h, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_tile + hh * sk_h, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_row + hh * no, mask=row_ok, other=0.0)
+        p = tl.exp(_dot(q, tl.trans(k), IEEE, UPCAST) * scale - lse[:, None])
+        top = tl.maximum(top, p, propagate_nan=tl.PropagateNan.ALL)
     partial = tl.sum(tl.where(row_ok[:, None], top, 0.0), 0)
     tl.store(col_ptr + (b * splits + pid_s) * N + cols, partial, mask=col_ok)
     if pid_s == 0:
         vmax = tl.full([BLOCK_N, BLOCK_D], float("-inf"), tl.float32)
         v_tile = v_ptr + b * sv_b + cols.to(tl.int64)[:, None] * sv_n + d[None, :]
         for h in range(H):
-            v = tl.load(v_tile + h * sv_h, mask=col_ok[:, None] & d_ok[None, :], other=float("-inf"))
-            vmax = tl.maximum(vmax, v.to(tl.float32))
+            if WIDE:
+                hh = tl.cast(h, tl.int64)
+            else:
+                hh = h
+            v = tl.load(v_tile + hh * sv_h, mask=col_ok[:, None] & d_ok[None, :], other=float("-inf"))
+            vmax = tl.maximum(vmax, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
         tl.store(val_ptr + b * N + cols, tl.sum(tl.where(d_ok[None, :], vmax, 0.0), 1), mask=col_ok)
 
 
@@ -158,8 +170,11 @@ def _scores(col_ptr, val_ptr, score_ptr, N, prefix, splits, TINY, BLOCK: tl.cons
     vmax = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(0, N, BLOCK):
         j = start + jj
-        top = tl.maximum(top, _column_sum(col_ptr, b, j, (j >= prefix) & (j < N), splits, N))
+        col = _column_sum(col_ptr, b, j, (j >= prefix) & (j < N), splits, N)
+        top = tl.maximum(top, col, propagate_nan=tl.PropagateNan.ALL)
         vmax = tl.maximum(vmax, tl.load(val_ptr + b * N + j, mask=j < N, other=float("-inf")))
+    # a column sum that is NaN makes every score of the image NaN, as torch's amax does
+    poisoned = tl.max((top != top).to(tl.int32), 0) > 0
     top_all = tl.maximum(tl.max(top, 0), TINY)  # an attention sink: every column sum is 0
     v_all = tl.max(vmax, 0)
     den = tl.zeros([BLOCK], tl.float32)
@@ -173,7 +188,8 @@ def _scores(col_ptr, val_ptr, score_ptr, N, prefix, splits, TINY, BLOCK: tl.cons
         col = _column_sum(col_ptr, b, prefix + j, ok, splits, N)
         val = tl.load(val_ptr + b * N + prefix + j, mask=ok, other=float("-inf"))
         score = col / top_all + tl.exp(val - v_all) / den_all
-        tl.store(score_ptr + b * no + j, tl.where(score == score, score, float("-inf")), mask=ok)
+        score = tl.where(poisoned | (score != score), float("-inf"), score)
+        tl.store(score_ptr + b * no + j, score, mask=ok)
 
 
 @triton.jit
@@ -317,11 +333,12 @@ def column_scores(
     splits = triton.cdiv(n - prefix, block_m)
     col = _empty((b, splits, n), q, torch.float32)
     val = _empty((b, n), q, torch.float32)
+    wide = (h - 1) * max(q.stride(1), k.stride(1), v.stride(1), n - prefix) >= 2**31
     _column_scores[(b, triton.cdiv(n, _COL_N), splits)](
         q, k, v, lse, col, val, n, prefix, h, d, float(scale),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        BLOCK_M=block_m, BLOCK_N=_COL_N, BLOCK_D=_block_d(d), **_flags(q), num_warps=_WARPS,
+        BLOCK_M=block_m, BLOCK_N=_COL_N, BLOCK_D=_block_d(d), **_flags(q), WIDE=wide, num_warps=_WARPS,
     )  # fmt: skip
     return col, val
 
@@ -336,8 +353,8 @@ def select_tokens(
     ``x`` must have unit stride along its channels."""
     b, n, c = x.shape
     no = n - prefix
-    if not 0 < keep < no:
-        raise ValueError(f"keep must be in 1..{no - 1} for {no} ordinary tokens, got {keep}")
+    if not 0 <= keep < no:
+        raise ValueError(f"keep must be in 0..{no - 1} for {no} ordinary tokens, got {keep}")
     score = _empty((b, no), x, torch.float32)
     pos = _empty((b, no), x, torch.int32)
     out = _empty((b, prefix + keep + 1, c), x, x.dtype)

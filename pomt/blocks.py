@@ -2,7 +2,8 @@
 block's class, so that its ``forward`` prunes while its parameters stay where they are.
 
 Blocks keep fused attention (``F.scaled_dot_product_attention``) for their output, and
-what a method needs beyond it is computed on the side by ``pomt.ops``: POMT's scores from
+what a method needs beyond it is computed on the side (``pomt.method``, the method as tensor
+functions; ``pomt.ops`` picks POMT's Triton kernels where they run): POMT's scores from
 the queries and keys (one block only), Top-K's CLS row, ToMe's key similarities. The one
 exception is POMT's block on the CPU, where an explicit softmax is as fast as the fused
 kernel and its probabilities are the scores' input.
@@ -10,19 +11,18 @@ kernel and its probabilities are the scores' input.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pomt import ops
+from pomt.method import Trace, pomt_scores_from_probabilities, pomt_select, tome_merge
 
 __all__ = [
     "BlockSpec",
     "ToMeState",
     "MIXINS",
-    "tome_merge",
     "qkv_heads",
     "attention_residual",
     "mlp_residual",
@@ -41,7 +41,7 @@ class BlockSpec:
     first: bool = False
     last: bool = False
     state: ToMeState | None = None
-    trace: ops.Trace | None = None
+    trace: Trace | None = None
 
 
 class ToMeState:
@@ -197,8 +197,8 @@ class _POMTBlock(_PrunedBlock):
         check_room(x.shape[1], spec.prefix, spec.r, "POMT")
         if ops.scores_from_probabilities(x):
             x, probs, v = _explicit_attention_residual(self, x)
-            scores = ops.pomt_scores_from_probabilities(probs, v, spec.prefix)
-            x = ops.pomt_select(x, scores, spec.prefix, spec.r, spec.trace)
+            scores = pomt_scores_from_probabilities(probs, v, spec.prefix)
+            x = pomt_select(x, scores, spec.prefix, spec.r, spec.trace)
         else:
             x, q, k, v = attention_residual(self, x)
             x = ops.pomt_prune(x, q, k, v, spec.prefix, spec.r, _scale(self.attn, q.shape[-1]), spec.trace)
@@ -218,74 +218,6 @@ class _TopKBlock(_PrunedBlock):
         scale = _scale(self.attn, q.shape[-1])
         x = ops.topk_prune(x, q, k, spec.prefix, spec.r, scale, spec.has_cls, spec.trace)
         return mlp_residual(self, x)
-
-
-# --------------------------------------------------------------------------- ToMe
-
-
-def tome_merge(
-    x: torch.Tensor,
-    keys: torch.Tensor,
-    size: torch.Tensor,
-    r: int,
-    prefix: int,
-    trace: ops.Trace | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite soft matching; merges the ``r`` most similar pairs of tokens.
-
-    All tokens alternate into sets A (even positions) and B (odd positions), as in the ToMe
-    paper's code. Each A token finds its most similar B token (cosine similarity of the
-    keys averaged over heads); the ``r`` best edges are merged into their B token by
-    size-weighted average. The prefix tokens are protected where they stand: as a source
-    they get no edge, as a destination they take none. The result holds the prefix tokens
-    first in their original order, then the unmerged A tokens in order, then the B tokens.
-    Returns the new tokens and sizes (B, N - r, 1).
-    """
-    with torch.no_grad():  # the matching is not differentiated (as in ToMe)
-        metric = keys.mean(dim=1)
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        protected_a, protected_b = (prefix + 1) // 2, prefix // 2
-        similarity[:, :protected_a, :] = -math.inf
-        similarity[:, :, :protected_b] = -math.inf
-        best, best_b = similarity.max(dim=-1)
-        edges = best.argsort(dim=-1, descending=True)
-        merged_a = edges[:, :r]
-        kept_a = edges[:, r:].sort(dim=-1).values[:, protected_a:]  # original order, protected ones out
-        target_b = best_b.gather(1, merged_a)
-
-    weighted = x * size
-    wa, wb = weighted[:, ::2], weighted[:, 1::2]
-    sa, sb = size[:, ::2], size[:, 1::2]
-    wb = wb.scatter_add(
-        1, target_b.unsqueeze(-1).expand(-1, -1, x.shape[-1]), ops.gather_tokens(wa, merged_a)
-    )
-    sb = sb.scatter_add(1, target_b.unsqueeze(-1), sa.gather(1, merged_a.unsqueeze(-1)))
-    kept_w, kept_s = ops.gather_tokens(wa, kept_a), sa.gather(1, kept_a.unsqueeze(-1))
-    wb, sb = wb[:, protected_b:], sb[:, protected_b:]
-    new_x = torch.cat([x[:, :prefix], kept_w / kept_s, wb / sb], dim=1)
-    new_size = torch.cat([size[:, :prefix], kept_s, sb], dim=1)
-    if trace is not None and trace.where is not None:
-        trace.move(_tome_moves(x.shape[1], prefix, kept_a, merged_a, target_b))
-    return new_x, new_size
-
-
-def _tome_moves(
-    n: int, prefix: int, kept_a: torch.Tensor, merged_a: torch.Tensor, target_b: torch.Tensor
-) -> torch.Tensor:
-    """Where each token of a ToMe block's input is in its output (merged ones: their B token)."""
-    b, device = kept_a.shape[0], kept_a.device
-    protected_a, protected_b = (prefix + 1) // 2, prefix // 2
-    new_a = torch.empty(b, (n + 1) // 2, dtype=torch.long, device=device)
-    new_a[:, :protected_a] = 2 * torch.arange(protected_a, device=device)  # prefix: where they stand
-    new_a.scatter_(1, kept_a, prefix + torch.arange(kept_a.shape[1], device=device).expand_as(kept_a))
-    new_b = torch.empty(b, n // 2, dtype=torch.long, device=device)
-    new_b[:, :protected_b] = 2 * torch.arange(protected_b, device=device) + 1
-    new_b[:, protected_b:] = prefix + kept_a.shape[1] + torch.arange(n // 2 - protected_b, device=device)
-    new_a.scatter_(1, merged_a, new_b.gather(1, target_b))
-    moves = torch.empty(b, n, dtype=torch.long, device=device)
-    moves[:, ::2], moves[:, 1::2] = new_a, new_b
-    return moves
 
 
 class _ToMeBlock(_PrunedBlock):

@@ -36,8 +36,9 @@ from torch import nn
 
 from pomt.blocks import MIXINS, BlockSpec, ToMeState, patched_class
 from pomt.errors import PruningError, is_int
+from pomt.method import Trace, gather_tokens
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
-from pomt.ops import Trace, gather_tokens, kernels
+from pomt.ops import kernels
 
 __all__ = [
     "METHODS",

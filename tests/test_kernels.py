@@ -8,14 +8,14 @@ import inspect
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
+from _interpreter import INTERPRETING, needs_interpreter, run_interpreted
 from conftest import make_tiny_vit
 
 import pomt
-from pomt import ops
+from pomt import dispatch, ops
 from pomt.models import vit_blocks
 
 triton = pytest.importorskip("triton")
@@ -33,33 +33,16 @@ def test_the_torch_scoring_paths_agree(prefix):
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
     scale = 16**-0.5
     probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
-    expected = ops.pomt_scores_from_probabilities(probs, v, prefix)
+    expected = pomt.method.pomt_scores_from_probabilities(probs, v, prefix)
     for align in (False, True):  # True pads the 37 keys to 40, as on CUDA
-        torch.testing.assert_close(ops.pomt_scores(q, k, v, prefix, scale, align=align), expected)
+        torch.testing.assert_close(pomt.method.pomt_scores(q, k, v, prefix, scale, align=align), expected)
     assert expected.shape == (2, 37 - prefix) and (expected.amax(dim=1) > 1).all()
-
-
-# Triton's interpreter must be on before triton is first imported, so the tests that run the
-# kernels on the CPU run in a child pytest with TRITON_INTERPRET=1 (the first test below).
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent")
 def test_kernels_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not sm90"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed[1]) >= 54, summary  # every interpreter test ran, none was skipped
+    run_interpreted(__file__, 55, "-k", "not sm90")  # every interpreter test ran, none was skipped
 
 
 @pytest.fixture
@@ -103,12 +86,12 @@ def _both_paths(x, q, k, v, prefix, r):
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
         got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
-        expected = ops.pomt_select(x, ops.pomt_scores(q, k, v, prefix, scale), prefix, r)
+        expected = pomt.method.pomt_select(x, pomt.method.pomt_scores(q, k, v, prefix, scale), prefix, r)
     return got, expected
 
 
 def _float32_scores(q, k, v, prefix):
-    return ops.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
+    return pomt.method.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
 
 
 @needs_interpreter
@@ -150,8 +133,10 @@ def test_triton_scores_equal_the_torch_scores(guarded, d):
     col, val = _triton.column_scores(q, k, v, lse, 2, scale)
     out, scores, pos = _triton.select_tokens(x, col, val, 2, 30)
     guarded()
-    torch.testing.assert_close(scores, ops.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out, ops.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(scores, pomt.method.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, pomt.method.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6
+    )
     assert sorted(pos[pos >= 0].tolist()) == sorted(list(range(30)) * 2)
 
 
@@ -189,24 +174,45 @@ def test_attention_sink_gives_finite_scores_on_both_paths(guarded, prefix):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_every_r_gives_the_same_output_on_both_paths(guarded, prefix):
+    # r = 0 (one token fused with itself) up to keep = 0 (the prefix and one mean token)
+    for n, seed in ((9, 0), (40, 1)):
+        q, k, v, x = _qkvx(b=2, n=n, seed=seed + prefix)
+        no = n - prefix
+        for r in range(no) if n == 9 else (0, 1, 17, no - 2, no - 1):
+            (out, scores, pos), expected = _both_paths(x, q, k, v, prefix, r)
+            guarded()
+            assert out.shape == (2, n - r, x.shape[-1])
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (pos == -1).all()  # keep = 0: every ordinary token is fused
+    torch.testing.assert_close(out[:, prefix], x[:, prefix:].mean(dim=1), atol=1e-6, rtol=1e-6)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_inputs_stay_in_their_image_and_in_bounds(guarded, where, bad):
+def test_non_finite_inputs_give_the_same_output_on_both_paths(guarded, where, bad):
     q, k, v, x = _qkvx(b=3, n=70, seed=1)
     clean, _ = _both_paths(x, q, k, v, 1, 20)
     guarded()
     tensors = {"q": q, "k": k, "v": v}
     tensors[where][1, 0, 7, 3] = bad  # image 1 only
     (out, scores, pos), expected = _both_paths(x, q, k, v, 1, 20)
-    guarded()  # every row of every image written, nothing outside (Top-K and POMT alike)
-    for got in (out, expected):
-        assert got.shape == (3, 70 - 20, 24) and torch.isfinite(got).all()  # x is finite
+    guarded()  # every row of every image written, nothing outside
+    assert out.shape == (3, 70 - 20, 24) and torch.isfinite(out).all()  # x is finite
     assert not scores.isnan().any()  # non-finite scores rank as -inf
+    # one NaN semantics: the same tokens on both paths, the image with NaN included
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for image in (0, 2):  # an image's result never depends on its batch-mates
         torch.testing.assert_close(out[image], clean[0][image], atol=0, rtol=0)
-        torch.testing.assert_close(expected[image], clean[0][image], atol=1e-5, rtol=1e-5)
-    kept = pos[1][pos[1] >= 0]
-    assert sorted(kept.tolist()) == list(range(70 - 1 - 20 - 1))  # still a ranking
+    keep = 70 - 1 - 20 - 1
+    if scores[1].isneginf().all():  # a NaN reached the image's statistics: its first tokens
+        assert pos[1].tolist() == list(range(keep)) + [-1] * (69 - keep)
+        torch.testing.assert_close(out[1, 1 : 1 + keep], x[1, 1 : 1 + keep], atol=0, rtol=0)
+    else:  # -inf in one head of v: the other heads' maximum, finite scores
+        assert where == "v" and bad == float("-inf") and torch.isfinite(scores[1]).all()
+    assert sorted(pos[1][pos[1] >= 0].tolist()) == list(range(keep))  # still a ranking
 
 
 @needs_interpreter
@@ -216,22 +222,26 @@ def test_non_finite_scores_rank_last_with_ties_to_the_lower_index(guarded):
     g = torch.Generator().manual_seed(3)
     prefix, n, keep = 1, 40, 12
     col, val, x = torch.rand(2, 2, n, generator=g), torch.randn(2, n, generator=g), torch.randn(2, n, 8)
-    col[0, 1, prefix + 5] = col[0, 0, prefix + 9] = float("nan")  # image 0: two scores are not numbers
-    col[0, 0, prefix + 20] = float("inf")
-    col[1] = float("nan")  # image 1: none is
+    col[0, 0, prefix + 20] = float("inf")  # image 0: inf / inf is not a number, that token only
+    col[1, 1, prefix + 5] = float("nan")  # image 1: a NaN column sum makes every score NaN
     out, scores, pos = _triton.select_tokens(x, col, val, prefix, keep)
     guarded()
     assert not scores.isnan().any()
-    assert scores[0, 5] == scores[0, 9] == scores[0, 20] == -torch.inf  # inf / inf, NaN: last
-    assert pos[0, 5] == pos[0, 9] == pos[0, 20] == -1 and (pos[0] >= 0).sum() == keep
+    assert scores[0, 20] == -torch.inf and torch.isfinite(scores[0, :20]).all()
+    assert pos[0, 20] == -1 and (pos[0] >= 0).sum() == keep
     assert (scores[1] == -torch.inf).all()  # every token ties: the first ones, in order
     assert pos[1].tolist() == list(range(keep)) + [-1] * (n - prefix - keep)
     torch.testing.assert_close(out[1, prefix : prefix + keep], x[1, prefix : prefix + keep], atol=0, rtol=0)
-    # the torch path: not-a-number scores rank last as well
+    torch.testing.assert_close(
+        out, pomt.method.pomt_select(x, scores, prefix, n - prefix - keep - 1), atol=1e-6, rtol=0
+    )
+    # the torch path: a NaN makes the image's scores -inf as well, and keeps its first tokens
     probs = torch.rand(2, 2, n, n, generator=g)
     probs[0, :, :, prefix + 5] = float("nan")
-    scores = ops.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
+    scores = pomt.method.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
     assert not scores.isnan().any() and (scores[0] == -torch.inf).all()
+    kept = pomt.method.pomt_select(x, scores, prefix, n - prefix - keep - 1)
+    torch.testing.assert_close(kept[0, prefix : prefix + keep], x[0, prefix : prefix + keep], atol=0, rtol=0)
 
 
 @needs_interpreter
@@ -274,7 +284,7 @@ def choice_is_equal(x, q, k, v, prefix, r) -> bool:
     """What ``auto``'s check says of the kernels on this input (speed aside)."""
     got = ops._pomt_kernels(x, q, k, v, prefix, r, q.shape[-1] ** -0.5)
     keep = x.shape[1] - prefix - r - 1
-    return ops._kernel_mismatch(got, x, _float32_scores(q, k, v, prefix), prefix, keep) is None
+    return dispatch.mismatch(got, x, _float32_scores(q, k, v, prefix), prefix, keep, q.dtype) is None
 
 
 @needs_interpreter
@@ -299,109 +309,32 @@ def test_offsets_past_two_to_the_31_elements(guarded):
 
 
 @needs_interpreter
+def test_head_offsets_past_two_to_the_31_elements(guarded):
+    # a head-major layout whose head stride (2**30 + 64 elements) fits in 32 bits, but head 2
+    # starts past 2**31 elements: h * stride must be computed in 64 bits
+    b, h, n, d, c, stride = 2, 3, 40, 16, 24, 2**30 + 64
+    storage = torch.empty(2 * stride + 3 * b * n * d, dtype=torch.float16)
+    q, k, v = (storage.as_strided((b, h, n, d), (n * d, stride, d, 1), i * b * n * d) for i in range(3))
+    g = torch.Generator().manual_seed(0)
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    x = torch.randn(b, n, c, generator=g).half()
+    assert q[:, 2].storage_offset() >= 2**31
+    got, _ = _both_paths(x, q, k, v, 1, 10)
+    guarded()
+    compact, _ = _both_paths(x, *(t.contiguous() for t in (q, k, v)), 1, 10)
+    guarded()
+    for a, e in zip(got, compact, strict=True):
+        assert torch.equal(a, e)
+
+
+@needs_interpreter
 def test_training_uses_the_differentiable_torch_path(interpreted):
     model = make_tiny_vit(patch_size=4, depth=2).train()
     pomt.apply_pruning(model, "pomt", r=10, layer=0)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in vit_blocks(model)[0].parameters())
     assert interpreted["select_tokens"] == 0
-
-
-# ----------------------------------------------------------------------------- auto
-
-
-@pytest.fixture
-def auto_on_cpu(monkeypatch):
-    """``auto`` as on a CUDA device, for CPU tensors run by the interpreter; records the lines."""
-    monkeypatch.setattr(ops, "_auto_device", lambda t: True)
-    monkeypatch.setattr(ops, "scores_from_probabilities", lambda x: False)  # the block's CUDA path
-    monkeypatch.setattr(ops, "_CHOICES", {})
-    lines = []
-    monkeypatch.setattr(ops._log, "info", lambda msg, *args: lines.append(msg % args))
-    with ops.kernels("auto"):
-        yield lines
-
-
-def _block_inputs(seed=0):
-    q, k, v, x = _qkvx(b=2, n=40, seed=seed)
-    return x, q, k, v, 1, 8, 16**-0.5
-
-
-@needs_interpreter
-def test_auto_uses_kernels_only_when_equal_and_faster(auto_on_cpu, monkeypatch):
-    monkeypatch.setattr(ops, "_faster", lambda fn, ref, device: (True, 0.61))
-    inputs = _block_inputs()
-    assert ops._use_kernels(*inputs)
-    assert (
-        len(auto_on_cpu) == 1
-        and "triton path (equal to the float32 torch path and faster (x0.61" in auto_on_cpu[0]
-    )
-    assert ops._use_kernels(*inputs) and len(auto_on_cpu) == 1  # measured once, then cached
-    assert ops.kernel_backend("cpu") == "auto: triton"
-
-    monkeypatch.setattr(ops, "_faster", lambda fn, ref, device: (False, 1.08))
-    x, q, k, v, prefix, r, scale = inputs
-    assert not ops._use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)  # another shape: measured again
-    assert "torch path (the kernels are equal but not faster (x1.08" in auto_on_cpu[1]
-    assert ops.kernel_backend("cpu") == "auto: torch+triton"
-
-
-@needs_interpreter
-def test_auto_rejects_kernels_that_differ(auto_on_cpu, monkeypatch):
-    from pomt import _triton
-
-    monkeypatch.setattr(ops, "_faster", lambda fn, ref, device: (True, 0.5))
-    select = _triton.select_tokens
-
-    def wrong(x, col, val, prefix, keep):
-        out, score, pos = select(x, col, val, prefix, keep)
-        return out, score, pos.flip(1)  # the wrong tokens
-
-    monkeypatch.setattr(_triton, "select_tokens", wrong)
-    assert not ops._use_kernels(*_block_inputs())
-    assert "torch path (the kernels differ from the float32 torch path" in auto_on_cpu[0]
-
-    def broken(*args):
-        raise RuntimeError("no kernel image for this device")
-
-    monkeypatch.setattr(_triton, "select_tokens", broken)
-    x, q, k, v, prefix, r, scale = _block_inputs(seed=1)
-    assert not ops._use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)  # a shape not measured yet
-    assert "the kernels failed: RuntimeError: no kernel image for this device" in auto_on_cpu[1]
-
-
-@needs_interpreter
-def test_auto_model_output_equals_the_torch_path(auto_on_cpu):
-    model = make_tiny_vit(patch_size=4, depth=3)
-    pomt.apply_pruning(model, "pomt", r=20, layer=1)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        got = model(x)
-    assert len(auto_on_cpu) == 1  # the block measured the kernels once and said what it chose
-    with ops.kernels("torch"), torch.no_grad():
-        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
-
-
-def test_faster_compares_side_by_side():
-    import time
-
-    def slow():
-        time.sleep(0.002)
-
-    def fast():
-        pass
-
-    assert ops._faster(fast, slow, torch.device("cpu"))[0]
-    assert not ops._faster(slow, fast, torch.device("cpu"))[0]
-
-
-def test_auto_on_the_cpu_is_the_torch_path():
-    with ops.kernels("auto"):
-        assert ops.kernel_backend("cpu") == "torch"
-        x, q, k, v, prefix, r, scale = _block_inputs()
-        assert not ops._use_kernels(x, q, k, v, prefix, r, scale)
-    with ops.kernels("torch"):
-        assert ops.kernel_backend("cuda") == "torch"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="needs the interpreter off")
@@ -421,9 +354,9 @@ def test_a_bad_pomt_kernels_value_is_a_clear_error(monkeypatch):
     pomt.apply_pruning(model, "pomt", r=3, layer=1)
     with pytest.raises(ValueError, match="POMT_KERNELS must be one of auto, torch, triton, got 'Triton'"):
         ops.kernel_backend("cpu")
-    x, q, k, v, prefix, r, scale = _block_inputs()
+    q, k, v, x = _qkvx(b=2, n=40)
     with pytest.raises(ValueError, match="POMT_KERNELS must be one of"):
-        ops._use_kernels(x, q, k, v, prefix, r, scale)
+        ops._use_kernels(x, q, k, v, 1, 8, 0.25)
 
 
 @pytest.mark.gpu
@@ -497,7 +430,7 @@ def test_kernels_build_for_sm90_without_spills(dtype, tmp_path):
         block_m = kernels._COL_M * (1 if dtype == torch.float32 else 2)
         builds[f"column_scores d={d}"] = (
             kernels._column_scores,
-            dict(BLOCK_M=block_m, BLOCK_N=kernels._COL_N, BLOCK_D=block_d, **flags),
+            dict(BLOCK_M=block_m, BLOCK_N=kernels._COL_N, BLOCK_D=block_d, WIDE=False, **flags),
         )
     small = {
         "scores": (kernels._scores, dict(BLOCK=kernels._SCORE_BLOCK)),

@@ -14,7 +14,7 @@ from conftest import make_tiny_vit
 from torch import nn
 
 import pomt
-from pomt.blocks import tome_merge
+from pomt.method import tome_merge
 from pomt.models import vit_blocks
 from pomt.pruning import random_token_subset
 

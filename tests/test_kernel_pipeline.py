@@ -1,0 +1,130 @@
+"""The whole pipeline through POMT's Triton kernels, as a GPU runs it: the latency profile over
+every token count (keep = 0 included), the search with its verification, the pruned model at
+every r, the callback's test stage and a digits-sized sweep of ``evaluate.py``.
+
+The kernels are forced (``POMT_KERNELS=triton``) on CPU tensors and run by Triton's
+interpreter, in a child pytest (``_interpreter.py``); every test checks that they ran."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from _interpreter import INTERPRETING, needs_interpreter, run_interpreted
+from conftest import cpu_trainer, image_loader, make_tiny_vit, staircase_profile, tiny_classifier
+
+import pomt
+from pomt import SearchConfig, ops
+
+pytest.importorskip("triton")
+
+N, PREFIX, LAYER = 17, 1, 1  # the tiny ViT: 16 patches + CLS
+QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_time=0.0, verify_pairs=6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETING, reason="this is the parent")
+def test_the_pipeline_under_the_triton_interpreter():
+    run_interpreted(__file__, 4)
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """The kernels forced on CPU tensors; counts how often they selected tokens and the r seen."""
+    module = ops._triton()
+    seen = []
+    select = module.select_tokens
+
+    def counted(x, col, val, prefix, keep):
+        seen.append(x.shape[1] - prefix - keep - 1)
+        return select(x, col, val, prefix, keep)
+
+    monkeypatch.setattr(module, "select_tokens", counted)
+    with ops.kernels("triton"):
+        yield seen
+
+
+@needs_interpreter
+def test_latency_profile_over_every_token_count(forced):
+    model = make_tiny_vit()
+    profile = pomt.profile_latency(
+        model, batch_size=2, layer=LAYER, grid=range(PREFIX + 1, N + 1), warmup=1, repeats=2,
+        min_run_time=0.0, progress=False,
+    )  # fmt: skip
+    assert profile.grid == list(range(PREFIX + 1, N + 1)) and all(ms > 0 for ms in profile.latency_ms)
+    assert profile.kernels == "triton"
+    assert set(forced) == set(range(1, N - PREFIX))  # every r that prunes, keep = 0 (r = 15) too
+
+
+@needs_interpreter
+def test_find_r_verifies_and_the_model_runs_at_every_r(forced):
+    model = make_tiny_vit()
+    data = image_loader(n=16, batch_size=8)
+    config = SearchConfig(grid=(17, 13, 9, 5, 2), accuracy_grid=(17, 13, 9, 5, 2), **QUICK)
+    search = pomt.find_r(
+        model, data, layer=LAYER, batch_size=2, config=config, progress=False, log=lambda s: None
+    )
+    assert search.selection.r == N - search.selection.n_star
+    assert search.selection.verification and N - PREFIX - 1 in forced  # verified; keep = 0 timed
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for r in range(N - PREFIX):
+        pomt.apply_pruning(model, "pomt", r=r, layer=LAYER)
+        with torch.no_grad():
+            got = model(images)
+            with ops.kernels("torch"):
+                torch.testing.assert_close(got, model(images), atol=1e-5, rtol=1e-5)
+    assert forced[-(N - PREFIX - 1) :] == list(range(1, N - PREFIX))  # r = 0 prunes nothing
+
+
+@needs_interpreter
+def test_the_callbacks_test_stage(forced, tmp_path):
+    from pomt.callbacks import POMTCallback
+
+    module = tiny_classifier(latency_warmup_batches=0)
+    search = SearchConfig(grid=(17, 9, 2), accuracy_grid=(17, 9, 2), verify=False, **QUICK)
+    callback = POMTCallback(layer=LAYER, search=search)
+    result = cpu_trainer(callbacks=[callback]).test(module, image_loader(n=16, batch_size=8))[0]
+    assert result["pomt/r"] == callback.selection.r and "test/acc1" in result
+    assert N - PREFIX - 1 in forced  # the profile timed keep = 0 through the kernels
+    # a profile whose staircase makes R = 6: the test loop runs the pruned model through them
+    path = staircase_profile(module, tmp_path / "latency.json", layer=LAYER)
+    callback = POMTCallback(layer=LAYER, latency_profile_path=str(path), search=replace(search, alpha=0.9))
+    forced.clear()
+    result = cpu_trainer(callbacks=[callback]).test(module, image_loader(n=16, batch_size=8))[0]
+    assert result["pomt/r"] == callback.selection.r == 6 and forced == [6, 6]  # 2 test batches
+
+
+@needs_interpreter
+def test_a_digits_sweep(forced, tmp_path, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = [
+        "--model.model_name=vit_tiny_patch16_224",
+        "--model.num_classes=10",
+        "--model.img_size=16",
+        '--model.model_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}',
+        "--data=pomt.datamodules.DigitsDataModule",
+        "--data.img_size=16",
+        "--data.batch_size=16",
+        "--data.selection_size=16",
+        "--data.augment=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        "--sweep.limit_test_batches=1",
+        "--sweep.layer=1",
+        "--sweep.methods=[none, pomt]",
+        "--sweep.wandb=false",
+        '--sweep.search={"grid": [17, 9, 2], "accuracy_grid": [17, 9, 2], "accuracy_samples": 16, '
+        '"min_run_time": 0.0, "warmup": 1, "verify_time": 0.0, "verify_pairs": 6}',
+        "--sweep.latency_rounds=2",
+        f"--sweep.out_dir={tmp_path}",
+        "--sweep.run_name=kernels",
+    ]
+    result = evaluate.main(args)
+    pomt_row = next(row for row in result.rows if row.method == "pomt")
+    assert pomt_row.selected and 0.0 <= pomt_row.acc1 <= 1.0
+    assert 15 in forced  # 17 tokens -> 2: keep = 0, through the kernels
+    assert '"kernels": "triton"' in (tmp_path / "kernels" / "report.json").read_text()
