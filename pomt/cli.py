@@ -5,7 +5,9 @@ Three commands, each with ``--help`` (installed as console scripts, or run as
 
 - ``pomt-profile-latency``: time L(n) of a timm ViT on this device and save a JSON profile;
 - ``pomt-estimate-accuracy``: estimate A(n) on an image folder and save a JSON profile;
-- ``pomt-select-r``: combine saved profiles (possibly from different machines), print R.
+- ``pomt-select-r``: combine saved profiles (possibly from different machines), print R;
+- ``pomt-export``: write a ViT pruned at a given method and r as ONNX (checked in ONNX Runtime),
+  optionally as OpenVINO IR.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from pomt.timing import MIN_RUN_TIME
 
-__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
+__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "export_main", "main"]
 
 
 def _token_list(text: str) -> list[int]:
@@ -109,7 +111,7 @@ def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int
         if getattr(args, "device", None):
             select_device(args.device)
         return fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -359,6 +361,47 @@ def _select_r(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "pomt-export",
+        "Write a ViT pruned with POMT (at --r, e.g. the R that pomt-select-r printed), Top-K or ToMe as "
+        "ONNX through torch's dynamo exporter, with static shapes at --batch-size; check it in ONNX "
+        "Runtime against PyTorch (fails beyond --tolerance); optionally also as OpenVINO IR. What it is "
+        "(method, r, layer, the check) goes into the ONNX metadata and a JSON file beside it.",
+    )
+    _model_args(parser)
+    parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    parser.add_argument("--method", choices=("none", "pomt", "topk", "tome"), default="pomt")
+    parser.add_argument("--r", type=int, default=0, help="tokens removed (POMT) or per block (Top-K, ToMe)")
+    parser.add_argument("--layer", type=int, default=3, help="block where POMT prunes (0-based)")
+    parser.add_argument("--batch-size", type=int, default=1, help="the static batch size of the graph")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX Runtime - PyTorch|")
+    parser.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (.xml/.bin)")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pomt.export import export_onnx
+    from pomt.pruning import apply_pruning
+
+    model = _build_model(args)
+    apply_pruning(model, args.method, r=args.r, layer=args.layer)
+    record = export_onnx(
+        model, args.output, batch_size=args.batch_size, tolerance=args.tolerance, openvino=args.openvino
+    )
+    print(
+        f"wrote {record.path} ({record.method} r={record.r} layer={record.layer}, batch {record.batch_size}, "
+        f"exported in {record.export_s:.1f} s); ONNX Runtime vs PyTorch: max |diff| {record.max_abs_diff:.3g} "
+        f"<= {record.tolerance:g}"
+    )
+    if record.openvino_path:
+        print(f"wrote OpenVINO IR {record.openvino_path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- python -m pomt.cli
 
 # each command: its parser and what it does with the parsed arguments
@@ -366,6 +409,7 @@ COMMANDS = {
     "profile-latency": (latency_parser, _profile_latency),
     "estimate-accuracy": (accuracy_parser, _estimate_accuracy),
     "select-r": (select_parser, _select_r),
+    "export": (export_parser, _export),
 }
 
 
@@ -382,10 +426,11 @@ def _entry_point(command: str) -> Callable[[Sequence[str] | None], int]:
 profile_latency_main = _entry_point("profile-latency")
 estimate_accuracy_main = _entry_point("estimate-accuracy")
 select_r_main = _entry_point("select-r")
+export_main = _entry_point("export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pomt.cli {profile-latency,estimate-accuracy,select-r} ...``"""
+    """``python -m pomt.cli {profile-latency,estimate-accuracy,select-r,export} ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ", ".join(COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):
