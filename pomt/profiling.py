@@ -38,6 +38,7 @@ from pomt.profiles import (
     normalise,
 )
 from pomt.pruning import apply_pruning, pruning_config, random_token_subset, remove_pruning
+from pomt.runtimes import RuntimeModel, check_runtime
 from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
 
 __all__ = [
@@ -154,6 +155,8 @@ def profile_latency(
     name: str | None = None,
     measure: Callable[[int], TimingStats] | None = None,
     precision: str | None = None,
+    runtime: str = "torch",
+    runtime_model: object | None = None,
 ) -> LatencyProfile:
     """Median latency of ``model(x)`` per token count n, as deployed with POMT at r = N - n.
 
@@ -172,6 +175,11 @@ def profile_latency(
     the same total timing, but a machine whose speed drifts between points (shared servers,
     thermal throttling) no longer draws fake steps into the curve. Eager calls only. The
     default (None) is relative on the CPU and not on CUDA.
+
+    ``runtime`` (``pomt.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino`` time
+    its exported graph compiled by that runtime at each n (``runtime_model``: a
+    :class:`pomt.runtimes.RuntimeModel` already exported, else one is made), and the profile
+    records the runtime, its version, threads, options and the precision it really ran in.
     """
     if vit is None:
         vit = find_vit(model)[1]
@@ -189,6 +197,18 @@ def profile_latency(
     precision = str(precision) if precision else precision_name(device, dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
+    runtime = check_runtime(runtime, device)
+    deployed = None
+    if runtime != "torch" and measure is None:
+        if dtype != torch.float32:
+            raise ValueError(
+                f"runtime {runtime!r} times the fp32 export in the precision the runtime chooses; got dtype "
+                f"{dtype}: use dtype=float32"
+            )
+        deployed = runtime_model or RuntimeModel(
+            model, runtime, layer=layer, batch_size=batch_size, vit=vit, img_size=size, device=device
+        )
+        precision = deployed.info.label
     grid = None if grid is None else as_grid(grid, prefix + 1, n_total)
     acc_total = getattr(accuracy, "n_total", None)
     if acc_total is not None and acc_total != n_total:
@@ -217,15 +237,15 @@ def profile_latency(
         return TimingStats.from_samples([ratio * level for ratio in ratios[n]])
 
     def timed_relative(n: int) -> TimingStats:
+        calls = (deployed.call(n), deployed.call(n_total)) if deployed else (lambda: model(x),) * 2
         pair_ratios, ref = time_paired(
-            lambda: model(x),
-            lambda: model(x),
+            *calls,
             device=device,
             warmup=warmup,
             min_run_time=min_run_time,
             min_pairs=repeats or 5,
-            prepare=lambda: prune_to(n),
-            prepare_reference=lambda: prune_to(n_total),
+            prepare=None if deployed else lambda: prune_to(n),
+            prepare_reference=None if deployed else lambda: prune_to(n_total),
         )
         reference_ms.extend(ref)
         ratios[n] = pair_ratios
@@ -233,6 +253,8 @@ def profile_latency(
 
     def timed(n: int) -> TimingStats:
         nonlocal graphs_ok
+        if deployed is not None:
+            return time_call(deployed.call(n), warmup=warmup, repeats=repeats, min_run_time=min_run_time)
         prune_to(n)
         call: Callable[[], object] = lambda: model(x)  # noqa: E731
         if graphs_ok:  # after a failed capture, the remaining points are timed eagerly
@@ -253,10 +275,12 @@ def profile_latency(
         bar.update(1)
         bar.set_postfix(n=n, ms=f"{stats.median_ms:.3g}")
 
-    placed = on_device(model, vit, device, dtype) if measure is None else contextlib.nullcontext()
+    placed = (
+        on_device(model, vit, device, dtype) if measure is None and not deployed else contextlib.nullcontext()
+    )
     try:
         with placed, torch.inference_mode():
-            if measure is None:
+            if measure is None and deployed is None:
                 x = random_batch(vit, batch_size, size, device, dtype)
             fn = measure if measure is not None else (timed_relative if relative else timed)
             if grid is not None:
@@ -282,6 +306,11 @@ def profile_latency(
                 search += ", relative to N"
     finally:
         bar.close()
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    described = {}
+    if deployed is not None:
+        threads, described = deployed.threads, dict(runtime_version=deployed.info.version)
+        described["runtime_options"] = deployed.describe_json()
     return LatencyProfile(
         model=name or model_name(vit),
         device=device_name(device),
@@ -292,13 +321,15 @@ def profile_latency(
         layer=layer,
         n_total=n_total,
         prefix=prefix,
-        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        threads=threads,
         cuda_graphs=graphs_ok,
         search=search,
         architecture=architecture(vit, size),
         precision=precision,
-        kernels=kernel_backend(device, dtype),
+        kernels=kernel_backend(device, dtype) if deployed is None else f"{runtime} graph",
         points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.n),
+        runtime=runtime,
+        **described,
     )
 
 
