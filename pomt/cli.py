@@ -145,6 +145,20 @@ def latency_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-points", type=int, help="point budget of the fast search (default 9%% of the grid)"
     )
+    parser.add_argument(
+        "--period",
+        default="auto",
+        type=lambda v: v if v == "auto" else (None if v == "none" else int(v)),
+        help="period in n of a sawtooth L(n) (16 for OpenVINO bf16): its multiples are all timed; "
+        "'auto' detects one (default), 'none' assumes a staircase",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime", "openvino"),
+        default="torch",
+        help="time the module in PyTorch (default), or its exported graph in ONNX Runtime / OpenVINO "
+        "(pomt[deploy]); the profile records the runtime, its version, threads and real precision",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
     parser.add_argument(
         "--min-run-time", type=float, default=MIN_RUN_TIME, help="seconds of timed calls per point"
@@ -197,6 +211,7 @@ def _profile_latency(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         progress=not args.no_progress,
         name=args.model,
+        runtime=args.runtime,
         **config.latency_kwargs(accuracy, args.device),
     )
     what = f"{len(lat.points)} points, {lat.device}, batch {lat.batch_size}, POMT block: {lat.kernels} path"

@@ -53,6 +53,7 @@ LATENCY_SETTINGS = (
     "relative",
     "coarse_points",
     "max_points",
+    "period",
 )
 
 
@@ -79,7 +80,8 @@ class SearchConfig:
     ``accuracy_floor`` (a fraction), the fastest n that reaches it.
 
     Latency: ``grid`` (token counts to time) or the adaptive search (``coarse_points``,
-    ``max_points``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
+    ``max_points``; ``period``: a sawtooth's period in n, ``"auto"`` to detect one, None for
+    none, see ``pomt.grid.adaptive_search``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
     ``cuda_graphs`` times graph replays on CUDA; ``relative`` pairs every call with the
     unpruned model, which cancels a drifting machine (default: on the CPU, not on CUDA).
 
@@ -102,6 +104,7 @@ class SearchConfig:
     grid: tuple[int, ...] | None = None
     coarse_points: int = 9
     max_points: int | None = None
+    period: int | str | None = "auto"
     min_run_time: float = MIN_RUN_TIME
     warmup: int = 3
     cuda_graphs: bool = False
@@ -146,6 +149,10 @@ class SearchConfig:
         if self.coarse_points < 2:
             raise ValueError(f"coarse_points must be >= 2, got {self.coarse_points!r}")
         _positive("max_points", self.max_points)
+        if self.period not in ("auto", None) and (
+            isinstance(self.period, bool) or not isinstance(self.period, int)
+        ):
+            raise ValueError(f"period must be 'auto', None or an int (16), got {self.period!r}")
         _positive("accuracy_samples", self.accuracy_samples, allow_none=False)
         _positive("accuracy_batch_size", self.accuracy_batch_size)
         _positive("verify_pairs", self.verify_pairs, allow_none=False)

@@ -151,6 +151,7 @@ def profile_latency(
     relative: bool | None = None,
     coarse_points: int = 9,
     max_points: int | None = None,
+    period: int | str | None = "auto",
     progress: bool = True,
     name: str | None = None,
     measure: Callable[[int], TimingStats] | None = None,
@@ -162,7 +163,8 @@ def profile_latency(
 
     ``grid`` gives the token counts to time (in the order given); by default the fast search of
     ``pomt.grid.adaptive_search`` picks the points (guided by ``accuracy`` and ``alpha``
-    when an accuracy profile is given). Every point is timed by ``pomt.timing.time_call``
+    when an accuracy profile is given; ``period``: a sawtooth's period, detected by default).
+    Every point is timed by ``pomt.timing.time_call``
     with ``warmup``, ``min_run_time``/``repeats``; on CUDA ``cuda_graphs`` replays a captured
     graph (falls back to eager with a warning if capture fails; ignored elsewhere). The
     model's pruning, train/eval flags, device and dtype are restored afterwards.
@@ -296,6 +298,7 @@ def profile_latency(
                     n_total,
                     coarse_points=coarse_points,
                     max_points=max_points,
+                    period=period,
                     accuracy=accuracy,
                     alpha=alpha,
                     on_point=on_point,
