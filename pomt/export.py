@@ -39,6 +39,9 @@ __all__ = [
     "export_onnx",
     "export_token_graph",
     "require",
+    "input_name",
+    "run_onnxruntime",
+    "to_openvino",
     "DEFAULT_TOLERANCE",
     "TOKENS_INPUT",
 ]
@@ -189,7 +192,7 @@ def export_onnx(
         export_s = time.perf_counter() - start
     diff = None
     if check:
-        got = run_onnxruntime(path, {_input_name(path): example.numpy()})
+        got = run_onnxruntime(path, {input_name(path): example.numpy()})
         diff = float(abs(got - expected).max()) if got.shape == expected.shape else float("inf")
     ort_version = getattr(require("onnxruntime"), "__version__", "?") if check else ""
     record = ExportRecord(
@@ -220,7 +223,8 @@ def export_onnx(
     return record
 
 
-def _input_name(path: Path) -> str:
+def input_name(path: str | os.PathLike[str]) -> str:
+    """The name of the first input of an ONNX file (the images)."""
     onnx = require("onnx")
     return onnx.load(str(path), load_external_data=False).graph.input[0].name
 

@@ -87,6 +87,16 @@ def runtime_precision(runtime: str, device: torch.device | str = "cpu") -> str:
     raise ValueError(f"runtime_precision is for exported runtimes, not {runtime!r}")
 
 
+def runtime_conditions(runtime: str, device: torch.device | str = "cpu") -> dict[str, str]:
+    """What a record timed in ``runtime`` is valid for: ``precision`` (``openvino:bf16``) and
+    ``runtime`` (name and version)."""
+    check_runtime(runtime, device)
+    return {
+        "precision": f"{runtime}:{runtime_precision(runtime, device)}",
+        "runtime": f"{runtime} {runtime_version(runtime)}",
+    }
+
+
 def _type_name(value: Any) -> str:
     """OpenVINO's ``<Type: 'bfloat16'>`` as ``bf16`` (``f32``, ``f16``)."""
     return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)

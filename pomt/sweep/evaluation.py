@@ -4,11 +4,10 @@ Per batch size, global rank 0 alone measures (no other process shares the device
 chooses R with :func:`pomt.find_r`, fixes the configurations (unpruned, POMT at R, ToMe and
 Top-K at r values that span the same token reduction), and times them side by side on one
 real test batch, the way the latency profile was timed. Then every rank tests each
-configuration (``trainer.test``, one logger each; exact under DDP with unrepeated
-sampling). With ``heal_epochs`` > 0, every pruned configuration is also fine-tuned at its r
-for that many epochs and tested again, as a healed row (``pomt.sweep.healing``). Every
-finished piece is written to the run directory at once and reused by a rerun where still
-valid (``pomt.sweep.rundir``); the report, plot and token maps land there too.
+configuration (``trainer.test``, one logger each; exact under DDP). With ``heal_epochs`` > 0,
+every pruned configuration is also fine-tuned at its r for that many epochs and tested
+again, as a healed row (``pomt.sweep.healing``). Every finished piece is written to the run
+directory at once and reused by a rerun where still valid (``pomt.sweep.rundir``).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from pomt.loggers import wandb_logger
 from pomt.models import find_vit, weights_fingerprint
 from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
+from pomt.runtimes import check_runtime, runtime_conditions
 from pomt.sweep.configurations import Configuration, SideBySide, token_maps_figure
 from pomt.sweep.context import SweepRun, TradeoffResult, check_limit, no_trainer_limit, test_images
 from pomt.sweep.healing import check_heal_epochs, healed_weights
@@ -72,6 +72,8 @@ class TradeoffEvaluation:
             weights, with the model's own optimiser settings and the same seed, then tested:
             the report adds these as healed rows (single process only).
         heal_batches: at most this many training batches per healing epoch (default: all).
+        runtime: ``torch`` (default), ``onnxruntime``, ``openvino``: R chosen, every configuration
+            exported, checked and timed in it; accuracy is PyTorch's after the equality check.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class TradeoffEvaluation:
         limit_test_batches: float | int | None = None,
         heal_epochs: int = 0,
         heal_batches: int | None = None,
+        runtime: str = "torch",
     ) -> None:
         check_heal_epochs(heal_epochs, heal_batches)
         unknown = [m for m in methods if m not in METHODS]
@@ -114,8 +117,9 @@ class TradeoffEvaluation:
         self.wandb, self.wandb_project, self.wandb_group = wandb, wandb_project, wandb_group
         self.wandb_offline = wandb_offline
         self.latency_rounds = latency_rounds
+        self.runtime = check_runtime(runtime)
         self.side_by_side = SideBySide(
-            latency_rounds, self.search_config.warmup, self.search_config.cuda_graphs
+            latency_rounds, self.search_config.warmup, self.search_config.cuda_graphs, self.runtime
         )
         self.batch_sizes = list(batch_sizes) if batch_sizes else None
         self.token_maps, self.resume = token_maps, resume
@@ -179,8 +183,8 @@ class TradeoffEvaluation:
             trainer_factory=trainer_factory,
             trainer=trainer,
             run_dir=run_dir,
-            conditions=self._conditions(model, datamodule, trainer),
-            how_timed=self.side_by_side.describe(trainer.strategy.root_device, str(trainer.precision)),
+            conditions=(conditions := self._conditions(model, datamodule, trainer)),
+            how_timed=self.side_by_side.describe(trainer.strategy.root_device, conditions["precision"]),
             group=self.wandb_group or f"tradeoff-{name}",
             per_batch_size=bool(self.batch_sizes),
             result=TradeoffResult([], run_dir.root),
@@ -357,13 +361,16 @@ class TradeoffEvaluation:
         """What every record of this run is valid for (see ``pomt.sweep.rundir``)."""
         test = getattr(datamodule, "test_dataset", None)
         size = len(test) if hasattr(test, "__len__") else None
-        return {
+        conditions = {
             "weights": weights_fingerprint(model),
             "data": f"{type(datamodule).__name__}: test split of {size} images",
             "device": device_name(trainer.strategy.root_device),
             "precision": str(trainer.precision),
             "layer": self.layer,
         }
+        if self.runtime != "torch":  # the precision the runtime really computes in names the run
+            conditions |= runtime_conditions(self.runtime, trainer.strategy.root_device)
+        return conditions
 
     def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
         """What the report says the run was made under: the conditions, the test limit, and the

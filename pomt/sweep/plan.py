@@ -152,6 +152,7 @@ def _find_r(sweep: SweepRun, settings: TradeoffEvaluation, batch_size: int, fold
             accuracy_path=sweep.run_dir.root / "accuracy_profile.json",
             progress=sweep.trainer.progress_bar_callback is not None,
             log=rank_zero_info,
+            runtime=settings.runtime,
         )
 
 
