@@ -142,6 +142,7 @@ def search(callback: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, st
                 log=say,
                 precision=str(trainer.precision),
                 warn=lambda text: rank_zero_warn(f"POMTCallback: {text}"),
+                runtime=getattr(callback, "runtime", "torch"),
             )
     except UnlabelledDataError as err:
         raise unlabelled(stage) from err

@@ -184,7 +184,7 @@ def export_onnx(
         raise ValueError(f"example must be an image batch (B, C, H, W), got {shape}")
     example = example.detach().to("cpu", torch.float32)
     config = pruning_config(vit)
-    with on_device(model, vit, torch.device("cpu"), torch.float32):
+    with on_device(model, vit, torch.device("cpu"), torch.float32), torch.autocast("cpu", enabled=False):
         with torch.inference_mode():
             expected = model(example).float().numpy()
         start = time.perf_counter()
@@ -273,7 +273,7 @@ def export_token_graph(
         raise ValueError(f"a token graph needs at least 3 ordinary tokens, this model has {n_total - prefix}")
     x = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
     n0 = (prefix + 1 + n_total - 1) // 2
-    with on_device(model, vit, torch.device("cpu"), torch.float32):
+    with on_device(model, vit, torch.device("cpu"), torch.float32), torch.autocast("cpu", enabled=False):
         apply_pruning(vit, "pomt", r=n_total - n0, layer=layer)
         block = vit.blocks[layer]
         wrapper = _TokenGraph(model, block, n_total).eval()

@@ -261,7 +261,11 @@ class RuntimeModel:
         from pomt.pruning import apply_pruning
 
         n = (self.prefix + 1 + self.n_total - 1) // 2
-        with on_device(model, vit, torch.device("cpu"), torch.float32), torch.inference_mode():
+        with (
+            on_device(model, vit, torch.device("cpu"), torch.float32),
+            torch.inference_mode(),
+            torch.autocast("cpu", enabled=False),
+        ):
             apply_pruning(vit, "pomt", r=self.n_total - n, layer=self.layer)
             expected = model(x).float().numpy()
         got = run_onnxruntime(self.token_graph, self._feeds_for(x.numpy(), n), threads=self.threads)

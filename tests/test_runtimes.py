@@ -101,3 +101,17 @@ def test_onnxruntime_gpu_providers_are_used_where_installed_else_the_test_says_w
             _providers(torch.device("cuda"))
         pytest.skip("no CUDA device or CUDA/TensorRT provider here: the GPU path of onnxruntime is untested")
     assert _providers(torch.device("cuda"))[-1] == "CPUExecutionProvider"
+
+
+def test_the_callback_chooses_r_in_a_runtime(tmp_path):
+    from conftest import cpu_trainer, tiny_classifier
+
+    from pomt.callbacks import POMTCallback
+
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        POMTCallback(runtime="tensorrt")
+    search = {k: v for k, v in FAST.items()} | {"accuracy_grid": (17, 9, 5)}
+    callback = POMTCallback(layer=1, search=search, runtime="onnxruntime", accuracy_data=image_loader())
+    cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())
+    assert callback.result.latency.runtime == "onnxruntime"
+    assert callback.result.latency.precision == "onnxruntime:f32"
