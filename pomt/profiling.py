@@ -96,11 +96,14 @@ def on_device(
     model: nn.Module, vit: nn.Module, device: torch.device, dtype: torch.dtype | None = None
 ) -> Iterator[None]:
     """While active, ``model`` is in eval mode on ``device`` (and in ``dtype`` when given);
-    afterwards its pruning, train/eval flags, device and dtype are what they were."""
+    afterwards its pruning, train/eval flags, device, dtype and weights (bit for bit, also
+    after a cast to a narrower dtype) are what they were."""
     config = pruning_config(vit)
     training = {m: m.training for m in model.modules()}
     old_device, old_dtype = device_of(model), dtype_of(model)
     cast = dtype is not None and old_dtype is not None and dtype != old_dtype
+    # casting to a narrower dtype and back rounds the weights: keep the originals to put back
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if cast else None
     try:
         model.eval()
         model.to(device=device, dtype=dtype) if cast else model.to(device=device)
@@ -111,6 +114,8 @@ def on_device(
         else:
             apply_pruning(vit, config.method, config.r, config.layer)
         model.to(device=old_device, dtype=old_dtype) if cast else model.to(device=old_device)
+        if saved is not None:
+            model.load_state_dict(saved)
         for module, flag in training.items():
             module.training = flag
 
