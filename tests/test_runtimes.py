@@ -115,3 +115,23 @@ def test_the_callback_chooses_r_in_a_runtime(tmp_path):
     cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())
     assert callback.result.latency.runtime == "onnxruntime"
     assert callback.result.latency.precision == "onnxruntime:f32"
+
+
+def test_profile_latency_command_takes_a_runtime(tmp_path, capsys):
+    from pomt.cli import main
+    from pomt.profiles import LatencyProfile
+
+    out = tmp_path / "lat.json"
+    args = [
+        "profile-latency",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--runtime",
+        "onnxruntime",
+    ]
+    args += ["--grid", "2,3,5", "--min-run-time", "0", "--batch-size", "1", "--layer", "1", "-o", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    lat = LatencyProfile.load(out)
+    assert (lat.runtime, lat.precision, lat.grid) == ("onnxruntime", "onnxruntime:f32", [2, 3, 5])
