@@ -231,7 +231,7 @@ def test_period_detection_finds_other_periods_and_none_on_staircases_or_smooth_c
     assert len(taken) <= 8
     for curve in (_staircase([40, 90, 150], seed=2)[0], lambda n: _stats([5 + n / 20] * 5)):
         taken = {}
-        assert detect_period(lambda n, c=curve: taken.__setitem__(n, c(n)), taken, 2, 197) == 0
+        assert detect_period(lambda n, c=curve, t=taken: t.__setitem__(n, c(n)), taken, 2, 197) == 0
 
 
 def test_the_selection_never_keeps_a_dominated_token_count():
