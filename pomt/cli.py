@@ -6,8 +6,7 @@ Three commands, each with ``--help`` (installed as console scripts, or run as
 - ``pomt-profile-latency``: time L(n) of a timm ViT on this device and save a JSON profile;
 - ``pomt-estimate-accuracy``: estimate A(n) on an image folder and save a JSON profile;
 - ``pomt-select-r``: combine saved profiles (possibly from different machines), print R;
-- ``pomt-export``: write a ViT pruned at a given method and r as ONNX (checked in ONNX Runtime),
-  optionally as OpenVINO IR.
+- ``pomt-export``: write a pruned ViT as ONNX (checked in ONNX Runtime) and OpenVINO IR.
 """
 
 from __future__ import annotations
@@ -145,20 +144,10 @@ def latency_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-points", type=int, help="point budget of the fast search (default 9%% of the grid)"
     )
-    parser.add_argument(
-        "--period",
-        default="auto",
-        type=lambda v: v if v == "auto" else (None if v == "none" else int(v)),
-        help="period in n of a sawtooth L(n) (16 for OpenVINO bf16): its multiples are all timed; "
-        "'auto' detects one (default), 'none' assumes a staircase",
-    )
-    parser.add_argument(
-        "--runtime",
-        choices=("torch", "onnxruntime", "openvino"),
-        default="torch",
-        help="time the module in PyTorch (default), or its exported graph in ONNX Runtime / OpenVINO "
-        "(pomt[deploy]); the profile records the runtime, its version, threads and real precision",
-    )
+    period = lambda v: v if v == "auto" else (None if v == "none" else int(v))  # noqa: E731
+    parser.add_argument("--period", default="auto", type=period, help="sawtooth period: 16, auto, none")
+    runtimes = ("torch", "onnxruntime", "openvino")
+    parser.add_argument("--runtime", choices=runtimes, default="torch", help="docs/deploy.md (pomt[deploy])")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
     parser.add_argument(
         "--min-run-time", type=float, default=MIN_RUN_TIME, help="seconds of timed calls per point"
@@ -382,10 +371,8 @@ def _select_r(args: argparse.Namespace) -> int:
 def export_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "pomt-export",
-        "Write a ViT pruned with POMT (at --r, e.g. the R that pomt-select-r printed), Top-K or ToMe as "
-        "ONNX through torch's dynamo exporter, with static shapes at --batch-size; check it in ONNX "
-        "Runtime against PyTorch (fails beyond --tolerance); optionally also as OpenVINO IR. What it is "
-        "(method, r, layer, the check) goes into the ONNX metadata and a JSON file beside it.",
+        "Write a ViT pruned with POMT at --r (or Top-K, ToMe) as ONNX (dynamo exporter, static shapes), "
+        "checked in ONNX Runtime against PyTorch, optionally also as OpenVINO IR (docs/deploy.md).",
     )
     _model_args(parser)
     parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
@@ -407,13 +394,11 @@ def _export(args: argparse.Namespace) -> int:
     record = export_onnx(
         model, args.output, batch_size=args.batch_size, tolerance=args.tolerance, openvino=args.openvino
     )
+    ir = f"; OpenVINO IR {record.openvino_path}" if record.openvino_path else ""
     print(
-        f"wrote {record.path} ({record.method} r={record.r} layer={record.layer}, batch {record.batch_size}, "
-        f"exported in {record.export_s:.1f} s); ONNX Runtime vs PyTorch: max |diff| {record.max_abs_diff:.3g} "
-        f"<= {record.tolerance:g}"
+        f"wrote {record.path} ({record.method} r={record.r}, batch {record.batch_size}, {record.export_s:.1f} s{ir})"
     )
-    if record.openvino_path:
-        print(f"wrote OpenVINO IR {record.openvino_path}")
+    print(f"ONNX Runtime vs PyTorch: max |diff| {record.max_abs_diff:.3g} <= {record.tolerance:g}")
     return 0
 
 

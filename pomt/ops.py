@@ -222,16 +222,10 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, prefix: int, scale: float, h
 _ROWS: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
-def _rows(
-    b: int, n: int, prefix: int, device: torch.device, cache: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rows(b: int, n: int, prefix: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row offsets of each image's first ordinary token (B, 1) and the rows of its prefix
-    tokens (B, prefix) in a flattened (B * N, C) batch; cached (``arange`` costs ~10 us on a CPU),
-    except with ``cache=False`` (while tracing: a traced tensor must not outlive its trace)."""
+    tokens (B, prefix) in a flattened (B * N, C) batch; cached (``arange`` costs ~10 us on a CPU)."""
     key = (b, n, prefix, device)
-    if not cache:
-        first = torch.arange(prefix, b * n, n, device=device).unsqueeze(1)
-        return first, (first - torch.arange(prefix, 0, -1, device=device) if prefix else None)
     if key not in _ROWS:
         if len(_ROWS) > 64:
             _ROWS.clear()
@@ -247,8 +241,9 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> torc
     shape (B, prefix + K, C): one ``index_select`` of whole rows (on the CPU several times
     faster than ``torch.gather``, which reads an index per element)."""
     b, n, c = x.shape
-    # only plain tensors are cached: export/compile trace through subclasses (fake tensors)
-    first, prefix_rows = _rows(b, n, prefix, x.device, cache=type(x) is torch.Tensor)
+    first, prefix_rows = _rows(b, n, prefix, x.device)
+    if type(x) is not torch.Tensor:  # traced (export, compile): no traced tensor may stay cached
+        _ROWS.pop((b, n, prefix, x.device), None)
     rows = index + first
     if prefix_rows is not None:
         rows = torch.cat([prefix_rows, rows], dim=1)
@@ -269,9 +264,8 @@ def pomt_select(
         trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
     ranked = gather_tokens(x, order, prefix)
     end = prefix + keep
-    # the mean of the discarded tokens takes the first's place (narrow: a symbolic ``end`` exports)
     ranked.narrow(1, end, 1).copy_(ranked.narrow(1, end, ranked.shape[1] - end).mean(dim=1, keepdim=True))
-    return ranked.narrow(1, 0, end + 1)
+    return ranked.narrow(1, 0, end + 1)  # (narrow, not indexing: a symbolic ``end`` exports)
 
 
 def _topk_select(
