@@ -10,6 +10,7 @@ here.
 import logging as _logging
 
 from pomt import plots  # (matplotlib itself is imported only when plotting)
+from pomt.export import export_onnx
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import TokenLayout, create_model, find_vit, load_weights, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
@@ -45,6 +46,7 @@ __all__ = [
     "apply_pruning",
     "create_model",
     "estimate_accuracy",
+    "export_onnx",
     "find_r",
     "find_vit",
     "load_weights",

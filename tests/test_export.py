@@ -23,7 +23,7 @@ def test_export_of_each_method_is_checked_in_onnxruntime_and_records_what_it_is(
     pomt.apply_pruning(model, method, r=r, layer=1)
     x = torch.randn(3, 3, 32, 32)
     path = tmp_path / f"{method}.onnx"
-    record = export_onnx(model, path, x)
+    record = pomt.export_onnx(model, path, x)
     assert record.max_abs_diff is not None and record.max_abs_diff <= record.tolerance
     assert (record.method, record.r, record.batch_size, record.export_s > 0) == (method, r, 3, True)
     # the file really computes the pruned model (not the unpruned one), at the static batch size
