@@ -266,12 +266,6 @@ def select_r(
         mode, feasible = "utility", list(idx)
         key = lambda i: (rnd(util[i]), ns[i])  # noqa: E731
     ranked = sorted(feasible, key=key, reverse=True)  # best first: the first is n*, the rest fallbacks
-    # never a dominated count (one where a count with more tokens is no slower): the objective
-    # never prefers one, and as a fallback of the verification it is not worth timing either
-    fastest_above = [float("inf")] * len(ns)
-    for i in range(len(ns) - 2, -1, -1):
-        fastest_above[i] = min(fastest_above[i + 1], lat_used[i + 1])
-    ranked = [i for i in ranked if rnd(fastest_above[i]) > rnd(lat_used[i])] or ranked
     best = ranked[0]
     n_star = ns[best]
     return Selection(

@@ -135,3 +135,24 @@ def test_profile_latency_command_takes_a_runtime(tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     lat = LatencyProfile.load(out)
     assert (lat.runtime, lat.precision, lat.grid) == ("onnxruntime", "onnxruntime:f32", [2, 3, 5])
+
+
+def test_a_configuration_the_runtime_cannot_compile_is_left_out_with_a_warning(monkeypatch):
+    import pomt.runtimes as runtimes
+    from pomt.sweep.configurations import Configuration, SideBySide, time_exported
+
+    real = runtimes.compile_onnx
+
+    def refuses_tome(path, runtime, **kwargs):
+        if "tome" in str(path):
+            raise RuntimeError("Exception from core.cpp\n-- Conversion is failed for: ScatterND-20")
+        return real(path, runtime, **kwargs)
+
+    monkeypatch.setattr(runtimes, "compile_onnx", refuses_tome)
+    configs = [Configuration("none", 0), Configuration("tome", 2)]
+    how = SideBySide(rounds=2, warmup=1, cuda_graphs=False, runtime="onnxruntime")
+    with pytest.warns(
+        UserWarning, match=r"tome r=2: onnxruntime cannot compile its export \(-- Conversion is failed"
+    ):
+        timed = time_exported(make_tiny_vit(), torch.randn(2, 3, 32, 32), configs, layer=1, how=how)
+    assert list(timed) == ["unpruned"] and timed["unpruned"]["mode"].startswith("onnxruntime:f32 export")
