@@ -26,6 +26,7 @@ from pomt.finder import Search, SearchConfig
 from pomt.models import find_vit, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
+from pomt.runtimes import check_runtime
 from pomt.selection import Selection
 
 __all__ = ["POMTCallback", "STAGES", "SPLITS"]
@@ -42,6 +43,9 @@ class POMTCallback(Callback):
         r: tokens to remove; given, the search is skipped (``pomt``: removed once at ``layer``;
             ``topk``/``tome``: removed at every block).
         layer: block where POMT prunes (the authors use 3, the fourth block).
+        runtime: where latency is measured and R verified: ``torch`` (this module, default), or
+            ``onnxruntime``/``openvino`` (its export, for an exported deployment; ``pomt[deploy]``).
+            A saved or earlier profile is reused only for the same runtime, version and precision.
         search: how R is chosen, measured and verified: a :class:`pomt.SearchConfig` or a mapping
             of its fields (a dict, or Hydra's ``DictConfig``); an unknown key is a ValueError.
         batch_size: batch size of the latency profile; default: the stage dataloader's.
@@ -78,8 +82,10 @@ class POMTCallback(Callback):
         stages: tuple[str, ...] = ("validate", "test", "predict"),
         log_plots: bool = True,
         log_token_maps: int = 0,
+        runtime: str = "torch",
     ) -> None:
         super().__init__()
+        self.runtime = check_runtime(runtime)
         if method not in ("pomt", "topk", "tome"):
             raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
         if method != "pomt" and r is None:
@@ -296,5 +302,5 @@ class POMTCallback(Callback):
             trainer, pl_module, stage, vit=self._vit, data=data, layer=self.layer, batch_size=self.batch_size,
             config=self.search_config, latency_path=self.latency_profile_path,
             accuracy_path=self.accuracy_profile_path, previous=self.result if self.reuse else None,
-            previous_origin=self._result_origin,
+            previous_origin=self._result_origin, runtime=self.runtime,
         )  # fmt: skip

@@ -180,6 +180,7 @@ def search(
     accuracy_path: str | None,
     previous: Search | None,
     previous_origin: str,
+    runtime: str = "torch",
 ) -> Search:
     """``find_r`` on the Trainer's device and precision (under its autocast), the RNG and each
     module's train/eval mode kept; ``batch_size`` None: the stage dataloader's."""
@@ -204,6 +205,7 @@ def search(
                 log=say,
                 precision=str(trainer.precision),
                 warn=warn,
+                runtime=runtime,
             )
     except UnlabelledDataError as err:
         raise unlabelled(stage) from err

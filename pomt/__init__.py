@@ -12,6 +12,7 @@ from pomt import (
     _imports,  # noqa: F401 (finds pomt.callbacks/.datamodules in a source checkout)
     plots,  # (matplotlib itself is imported only when plotting)
 )
+from pomt.export import export_onnx
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import TokenLayout, find_vit, token_layout
 from pomt.profiles import AccuracyProfile, LatencyProfile
@@ -58,6 +59,7 @@ __all__ = [
     "apply_pruning",
     "create_model",
     "estimate_accuracy",
+    "export_onnx",
     "find_r",
     "find_vit",
     "load_weights",

@@ -5,7 +5,8 @@ Three commands, each with ``--help`` (installed as console scripts, or run as
 
 - ``pomt-profile-latency``: time L(n) of a timm ViT on this device and save a JSON profile;
 - ``pomt-estimate-accuracy``: estimate A(n) on an image folder and save a JSON profile;
-- ``pomt-select-r``: combine saved profiles (possibly from different machines), print R.
+- ``pomt-select-r``: combine saved profiles (possibly from different machines), print R;
+- ``pomt-export``: write a pruned ViT as ONNX (checked in ONNX Runtime) and OpenVINO IR.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from pomt.errors import PomtError
 from pomt.timing import MIN_RUN_TIME
 
-__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "main"]
+__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "export_main", "main"]
 
 
 def _token_list(text: str) -> list[int]:
@@ -144,6 +145,10 @@ def latency_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-points", type=int, help="point budget of the fast search (default 9%% of the grid)"
     )
+    period = lambda v: v if v == "auto" else (None if v == "none" else int(v))  # noqa: E731
+    parser.add_argument("--period", default="auto", type=period, help="sawtooth period: 16, auto, none")
+    runtimes = ("torch", "onnxruntime", "openvino")
+    parser.add_argument("--runtime", choices=runtimes, default="torch", help="docs/deploy.md (pomt[deploy])")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
     parser.add_argument(
         "--min-run-time", type=float, default=MIN_RUN_TIME, help="seconds of timed calls per point"
@@ -196,6 +201,7 @@ def _profile_latency(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         progress=not args.no_progress,
         name=args.model,
+        runtime=args.runtime,
         **config.latency_kwargs(accuracy, args.device),
     )
     what = f"{len(lat.points)} points, {lat.device}, batch {lat.batch_size}, POMT block: {lat.kernels} path"
@@ -360,6 +366,43 @@ def _select_r(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "pomt-export",
+        "Write a ViT pruned with POMT at --r (or Top-K, ToMe) as ONNX (dynamo exporter, static shapes), "
+        "checked in ONNX Runtime against PyTorch, optionally also as OpenVINO IR (docs/deploy.md).",
+    )
+    _model_args(parser)
+    parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    parser.add_argument("--method", choices=("none", "pomt", "topk", "tome"), default="pomt")
+    parser.add_argument("--r", type=int, default=0, help="tokens removed (POMT) or per block (Top-K, ToMe)")
+    parser.add_argument("--layer", type=int, default=3, help="block where POMT prunes (0-based)")
+    parser.add_argument("--batch-size", type=int, default=1, help="the static batch size of the graph")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX Runtime - PyTorch|")
+    parser.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (.xml/.bin)")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pomt.export import export_onnx
+    from pomt.pruning import apply_pruning
+
+    model = _build_model(args)
+    apply_pruning(model, args.method, r=args.r, layer=args.layer)
+    record = export_onnx(
+        model, args.output, batch_size=args.batch_size, tolerance=args.tolerance, openvino=args.openvino
+    )
+    ir = f"; OpenVINO IR {record.openvino_path}" if record.openvino_path else ""
+    print(
+        f"wrote {record.path} ({record.method} r={record.r}, batch {record.batch_size}, {record.export_s:.1f} s{ir})"
+    )
+    print(f"ONNX Runtime vs PyTorch: max |diff| {record.max_abs_diff:.3g} <= {record.tolerance:g}")
+    return 0
+
+
 # --------------------------------------------------------------------------- python -m pomt.cli
 
 # each command: its parser and what it does with the parsed arguments
@@ -367,6 +410,7 @@ COMMANDS = {
     "profile-latency": (latency_parser, _profile_latency),
     "estimate-accuracy": (accuracy_parser, _estimate_accuracy),
     "select-r": (select_parser, _select_r),
+    "export": (export_parser, _export),
 }
 
 
@@ -383,10 +427,11 @@ def _entry_point(command: str) -> Callable[[Sequence[str] | None], int]:
 profile_latency_main = _entry_point("profile-latency")
 estimate_accuracy_main = _entry_point("estimate-accuracy")
 select_r_main = _entry_point("select-r")
+export_main = _entry_point("export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pomt.cli {profile-latency,estimate-accuracy,select-r} ...``"""
+    """``python -m pomt.cli {profile-latency,estimate-accuracy,select-r,export} ...``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = ", ".join(COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):

@@ -9,7 +9,7 @@ and ``FileNotFoundError`` into exit status 2.
 
 from __future__ import annotations
 
-__all__ = ["PomtError", "PruningError", "UnavailableError", "is_int"]
+__all__ = ["PomtError", "PruningError", "UnavailableError", "MissingExtraError", "is_int"]
 
 
 class PomtError(Exception):
@@ -24,6 +24,11 @@ class PruningError(PomtError, ValueError):
 class UnavailableError(PomtError, RuntimeError):
     """What was asked needs something this machine lacks (Triton, network access for
     pretrained weights); the message says what to install or pass instead."""
+
+
+class MissingExtraError(PomtError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install 'pomt[deploy]'``)."""
 
 
 def is_int(value: object) -> bool:

@@ -33,9 +33,10 @@ from pomt.models import (
 )
 from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
+from pomt.runtimes import RuntimeModel, check_runtime, runtime_precision, runtime_version
 from pomt.selection import Selection, check_objective, select_r
 from pomt.timing import MIN_RUN_TIME
-from pomt.verify import speedup_samples, verify
+from pomt.verify import paired_speedups, speedup_samples, verify
 from pomt.weights import weights_fingerprint
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
@@ -53,6 +54,7 @@ LATENCY_SETTINGS = (
     "relative",
     "coarse_points",
     "max_points",
+    "period",
 )
 
 
@@ -79,7 +81,8 @@ class SearchConfig:
     ``accuracy_floor`` (a fraction), the fastest n that reaches it.
 
     Latency: ``grid`` (token counts to time) or the adaptive search (``coarse_points``,
-    ``max_points``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
+    ``max_points``; ``period``: a sawtooth's period in n, ``"auto"`` to detect one, None for
+    none, see ``pomt.grid.adaptive_search``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
     ``cuda_graphs`` times graph replays on CUDA; ``relative`` pairs every call with the
     unpruned model, which cancels a drifting machine (default: on the CPU, not on CUDA).
 
@@ -103,6 +106,7 @@ class SearchConfig:
     grid: tuple[int, ...] | None = None
     coarse_points: int = 9
     max_points: int | None = None
+    period: int | str | None = "auto"
     min_run_time: float = MIN_RUN_TIME
     warmup: int = 3
     cuda_graphs: bool = False
@@ -147,6 +151,10 @@ class SearchConfig:
         if self.coarse_points < 2:
             raise ValueError(f"coarse_points must be >= 2, got {self.coarse_points!r}")
         _positive("max_points", self.max_points)
+        if self.period not in ("auto", None) and (
+            isinstance(self.period, bool) or not isinstance(self.period, int)
+        ):
+            raise ValueError(f"period must be 'auto', None or an int (16), got {self.period!r}")
         _positive("accuracy_samples", self.accuracy_samples, allow_none=False)
         _positive("accuracy_batch_size", self.accuracy_batch_size)
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
@@ -294,6 +302,7 @@ def find_r(
     precision: str | None = None,
     warn: Callable[[str], object] | None = None,
     previous_origin: str = "measured earlier",
+    runtime: str = "torch",
 ) -> Search:
     """Choose R for ``model`` (or the ViT inside it) on ``device`` at ``batch_size``.
 
@@ -317,10 +326,18 @@ def find_r(
     Unless ``config.verify`` is off, the choice is then checked against the unpruned model
     (``pomt.verify``). ``warn`` receives a warning when the chosen R keeps less than
     ``LOW_ACCURACY_FRACTION`` of the unpruned accuracy (default: ``warnings.warn``).
+
+    ``runtime`` (``pomt.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino``
+    export it (fp32) and time and verify the compiled graphs in that runtime, at the precision it
+    really runs in (``precision`` is then ``<runtime>:<precision>``, e.g. ``openvino:bf16``). A
+    profile is reused only for the same runtime, runtime version, precision and thread count.
+    A(n) is estimated in PyTorch: ``pomt.export`` checks each export equal to it.
     """
     config = SearchConfig.coerce(config)
     warn = warn or (lambda text: warnings.warn(text, stacklevel=3))
     device = torch.device(device) if device is not None else device_of(model)
+    runtime = check_runtime(runtime, device)
+    deployed: list[RuntimeModel] = []  # exported once, when first needed
     notes: list[str] = []
     logged = 0
 
@@ -335,6 +352,8 @@ def find_r(
             notes.append(f"timing the eager module: {', '.join(compiled)} torch.compile'd, left as they are")
         vit = find_vit(eager)[1] if vit is None else unwrap_compiled(vit)
         dtype = (dtype_of(vit) or torch.float32) if dtype is None else dtype
+        if runtime != "torch":
+            precision = f"{runtime}:{runtime_precision(runtime, device)}"
         precision = str(precision) if precision else precision_name(device, dtype)
         name = model_name(vit)
 
@@ -362,18 +381,35 @@ def find_r(
 
         # how the latency is timed: what profile_latency takes, and what a reused profile must match
         setup = dict(device=device, batch_size=batch_size, dtype=dtype, precision=precision, layer=layer)
-        expect = dict(model=name, architecture=architecture(vit), **setup)
+        expect = dict(model=name, architecture=architecture(vit), runtime=runtime, **setup)
         if device.type == "cuda":
             expect["cuda_graphs"] = config.cuda_graphs
         elif device.type == "cpu":  # CPU latency scales with its threads: never reused at another count
             expect["threads"] = torch.get_num_threads()
+        if runtime != "torch":
+            expect["runtime_version"] = runtime_version(runtime)
+
+        def exported() -> RuntimeModel | None:
+            if runtime != "torch" and not deployed:
+                log(f"exporting {name} for {runtime} (unpruned, and POMT at block {layer} per token count)")
+                deployed.append(
+                    RuntimeModel(eager, runtime, layer=layer, batch_size=batch_size, vit=vit, device=device)
+                )
+            return deployed[0] if deployed else None
+
         path = None if latency_path is None else Path(latency_path)
         latency = _reuse(LatencyProfile, path, previous and previous.latency, expect, notes, previous_origin)
         if latency is None:
             flush()
             log(f"measuring L(n) on {device} at {precision}, batch {batch_size}")
             latency = profile_latency(
-                eager, vit=vit, progress=progress, **setup, **config.latency_kwargs(accuracy, device)
+                eager,
+                vit=vit,
+                progress=progress,
+                runtime=runtime,
+                runtime_model=exported(),
+                **setup,
+                **config.latency_kwargs(accuracy, device),
             )
             notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.search})")
             if path is not None:
@@ -383,6 +419,17 @@ def find_r(
         if config.verify:
 
             def speedups_at(r: int) -> tuple[list[float], float]:
+                graphs = exported()
+                if graphs is not None:  # the compiled graphs, side by side in the runtime
+                    n = graphs.n_total - r
+                    return paired_speedups(
+                        (graphs.call(n), None),
+                        (graphs.call(graphs.n_total), None),
+                        warmup=config.warmup,
+                        min_run_time=config.verify_time,
+                        min_pairs=config.verify_pairs,
+                        blocks=config.verify_blocks,
+                    )
                 return speedup_samples(
                     eager,
                     vit,

@@ -16,7 +16,7 @@ from pomt.curves import as_curve, check_n, interpolate, isotonic_increasing, ste
 from pomt.selection import TIE_DECIMALS, check_objective, utility
 from pomt.timing import TimingStats
 
-__all__ = ["coarse_grid", "default_max_points", "adaptive_search", "full_grid", "as_grid"]
+__all__ = ["coarse_grid", "default_max_points", "adaptive_search", "detect_period", "full_grid", "as_grid"]
 
 
 def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
@@ -45,6 +45,7 @@ def adaptive_search(
     accuracy: object | None = None,
     alpha: float = 0.5,
     on_point: Callable[[int, TimingStats], None] | None = None,
+    period: int | str | None = None,
 ) -> dict[int, TimingStats]:
     """Measure L(n) where it matters: a coarse grid over [lo, hi], then refinement.
 
@@ -62,6 +63,14 @@ def adaptive_search(
       best measured utility are bisected, best bound first, until none is left or the
       budget is spent. The result is the full
       grid's n* at that alpha whenever the assumptions hold and the budget suffices.
+
+    ``period``: a sawtooth L(n), where counts at multiples of a period P are faster than
+    their neighbours below (OpenVINO bf16 on AMX: P = 16, steps of 15-28 %), breaks the
+    assumption above. With ``period=P`` every multiple of P is measured before the
+    refinement (then no unmeasured n between two measured ones is faster than both ends);
+    ``"auto"`` detects P in {8, 16, 32} first from drops L(m) < L(m - 1) at multiples m of 32,
+    16 and 8 (:func:`detect_period`; at most 8 points). Either way those points come on top of
+    ``max_points``. None (or 0): no periodic phase.
 
     Ranges no larger than the budget are measured in full.
     """
@@ -85,9 +94,22 @@ def adaptive_search(
         for n in range(hi, lo - 1, -1):
             take(n)
         return measured
-    for n in reversed(coarse_grid(lo, hi, min(coarse_points, max_points))):
-        take(n)
-    while len(measured) < max_points:
+    if period == "auto":
+        period = detect_period(take, measured, lo, hi)
+    elif period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 0):
+        raise ValueError(f"period must be None, 'auto' or a non-negative int, got {period!r}")
+    extra = len(measured)
+    if period and period > 1:
+        lattice = [n for n in range(hi - hi % period, lo - 1, -period) if n not in measured]
+        extra += len(lattice)
+        for n in [hi, *lattice, lo]:
+            if n not in measured:
+                take(n)
+    else:
+        for n in reversed(coarse_grid(lo, hi, min(coarse_points, max_points))):
+            if n not in measured:
+                take(n)
+    while len(measured) < max_points + extra:
         ns = sorted(measured)
         levels = step_fit([measured[n].median_ms for n in ns], [measured[n].iqr_ms for n in ns])
         if acc_at is None:
@@ -98,6 +120,34 @@ def adaptive_search(
             break
         take(target)
     return measured
+
+
+def detect_period(
+    take: Callable[[int], None], measured: dict[int, TimingStats], lo: int, hi: int, drop: float = 0.03
+) -> int:
+    """The period P in {8, 16, 32} of a sawtooth L(n), or 0: ``take(n)`` measures n into ``measured``.
+
+    A multiple m of P is faster than m - 1 by more than ``drop`` (and more than either IQR) on a
+    sawtooth, never on a staircase or a smooth rising curve. It must hold at two multiples of
+    32 (one when the range has one), then at an odd multiple of 16 (else P = 32), then at an odd
+    multiple of 8 (P = 8, else 16)."""
+
+    def faster(m: int) -> bool:
+        for n in (m, m - 1):
+            if n not in measured:
+                take(n)
+        a, b = measured[m], measured[m - 1]
+        return b.median_ms - a.median_ms > max(drop * b.median_ms, a.iqr_ms, b.iqr_ms)
+
+    tops = [m for m in range(hi - hi % 32, lo, -32) if m - 1 >= lo]
+    if not tops:
+        return 0
+    confirm = tops[len(tops) // 2] if len(tops) > 1 else None
+    if not faster(tops[0]) or (confirm is not None and not faster(confirm)):
+        return 0
+    if tops[0] - 16 - 1 < lo or not faster(tops[0] - 16):
+        return 32
+    return 8 if tops[0] - 8 - 1 >= lo and faster(tops[0] - 8) else 16
 
 
 def _largest_jump(ns: list[int], levels: list[float]) -> int | None:

@@ -108,8 +108,10 @@ def pomt_select(
         trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
     ranked = gather_tokens(x, order, prefix)
     end = prefix + keep
-    ranked[:, end] = ranked[:, end:].mean(dim=1)  # the mean of the discarded tokens takes the first's place
-    return ranked[:, : end + 1]
+    # the mean of the discarded tokens takes the first's place (narrow, not indexing: a symbolic
+    # ``end`` exports)
+    ranked.narrow(1, end, 1).copy_(ranked.narrow(1, end, ranked.shape[1] - end).mean(dim=1, keepdim=True))
+    return ranked.narrow(1, 0, end + 1)
 
 
 def _last(scores: torch.Tensor) -> torch.Tensor:
@@ -233,6 +235,8 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, prefix: int = 0) -> torc
     faster than ``torch.gather``, which reads an index per element)."""
     b, n, c = x.shape
     first, prefix_rows = _rows(b, n, prefix, x.device)
+    if type(x) is not torch.Tensor:  # traced (export, compile): no traced tensor may stay cached
+        _ROWS.pop((b, n, prefix, x.device), None)
     rows = index + first
     if prefix_rows is not None:
         rows = torch.cat([prefix_rows, rows], dim=1)

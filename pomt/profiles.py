@@ -272,6 +272,11 @@ class LatencyProfile(_Profile):
     architecture: str = ""
     precision: str = ""
     kernels: str = ""  # the implementation POMT's block ran while timed (pomt.ops.kernel_backend)
+    # what ran the model (pomt.runtimes): torch, or the exported graph in onnxruntime/openvino,
+    # its version and session options; ``precision`` is then ``<runtime>:<the precision it ran in>``
+    runtime: str = "torch"
+    runtime_version: str = ""
+    runtime_options: str = ""
 
     @property
     def latency_ms(self) -> dict[int, float]:

@@ -38,6 +38,7 @@ from pomt.profiles import (
     normalise,
 )
 from pomt.pruning import apply_pruning, pruning_restored, random_token_subset, remove_pruning
+from pomt.runtimes import RuntimeModel, check_runtime
 from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
 from pomt.weights import weights_fingerprint
 
@@ -96,10 +97,13 @@ def on_device(
     model: nn.Module, vit: nn.Module, device: torch.device, dtype: torch.dtype | None = None
 ) -> Iterator[None]:
     """While active, ``model`` is in eval mode on ``device`` (and in ``dtype`` when given);
-    afterwards its pruning, train/eval flags, device and dtype are what they were."""
+    afterwards its pruning, train/eval flags, device, dtype and weights (bit for bit, also
+    after a cast to a narrower dtype) are what they were."""
     training = {m: m.training for m in model.modules()}
     old_device, old_dtype = device_of(model), dtype_of(model)
     cast = dtype is not None and old_dtype is not None and dtype != old_dtype
+    # casting to a narrower dtype and back rounds the weights: keep the originals to put back
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if cast else None
     try:
         with pruning_restored(vit):
             model.eval()
@@ -107,6 +111,8 @@ def on_device(
             yield
     finally:
         model.to(device=old_device, dtype=old_dtype) if cast else model.to(device=old_device)
+        if saved is not None:
+            model.load_state_dict(saved)
         for module, flag in training.items():
             module.training = flag
 
@@ -147,16 +153,20 @@ def profile_latency(
     relative: bool | None = None,
     coarse_points: int = 9,
     max_points: int | None = None,
+    period: int | str | None = "auto",
     progress: bool = True,
     name: str | None = None,
     measure: Callable[[int], TimingStats] | None = None,
     precision: str | None = None,
+    runtime: str = "torch",
+    runtime_model: object | None = None,
 ) -> LatencyProfile:
     """Median latency of ``model(x)`` per token count n, as deployed with POMT at r = N - n.
 
     ``grid`` gives the token counts to time (in the order given); by default the fast search of
     ``pomt.grid.adaptive_search`` picks the points (guided by ``accuracy`` and ``alpha``
-    when an accuracy profile is given). Every point is timed by ``pomt.timing.time_call``
+    when an accuracy profile is given; ``period``: a sawtooth's period, detected by default).
+    Every point is timed by ``pomt.timing.time_call``
     with ``warmup``, ``min_run_time``/``repeats``; on CUDA ``cuda_graphs`` replays a captured
     graph (falls back to eager with a warning if capture fails; ignored elsewhere). The
     model's pruning, train/eval flags, device and dtype are restored afterwards.
@@ -169,6 +179,11 @@ def profile_latency(
     the same total timing, but a machine whose speed drifts between points (shared servers,
     thermal throttling) no longer draws fake steps into the curve. Eager calls only. The
     default (None) is relative on the CPU and not on CUDA.
+
+    ``runtime`` (``pomt.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino`` time
+    its exported graph compiled by that runtime at each n (``runtime_model``: a
+    :class:`pomt.runtimes.RuntimeModel` already exported, else one is made), and the profile
+    records the runtime, its version, threads, options and the precision it really ran in.
     """
     if vit is None:
         vit = find_vit(model)[1]
@@ -186,6 +201,18 @@ def profile_latency(
     precision = str(precision) if precision else precision_name(device, dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available; use device='cpu'")
+    runtime = check_runtime(runtime, device)
+    deployed = None
+    if runtime != "torch" and measure is None:
+        if dtype != torch.float32:
+            raise ValueError(
+                f"runtime {runtime!r} times the fp32 export in the precision the runtime chooses; got dtype "
+                f"{dtype}: use dtype=float32"
+            )
+        deployed = runtime_model or RuntimeModel(
+            model, runtime, layer=layer, batch_size=batch_size, vit=vit, img_size=size, device=device
+        )
+        precision = deployed.info.label
     grid = None if grid is None else as_grid(grid, prefix + 1, n_total)
     acc_total = getattr(accuracy, "n_total", None)
     if acc_total is not None and acc_total != n_total:
@@ -214,15 +241,15 @@ def profile_latency(
         return TimingStats.from_samples([ratio * level for ratio in ratios[n]])
 
     def timed_relative(n: int) -> TimingStats:
+        calls = (deployed.call(n), deployed.call(n_total)) if deployed else (lambda: model(x),) * 2
         pair_ratios, ref = time_paired(
-            lambda: model(x),
-            lambda: model(x),
+            *calls,
             device=device,
             warmup=warmup,
             min_run_time=min_run_time,
             min_pairs=repeats or 5,
-            prepare=lambda: prune_to(n),
-            prepare_reference=lambda: prune_to(n_total),
+            prepare=None if deployed else lambda: prune_to(n),
+            prepare_reference=None if deployed else lambda: prune_to(n_total),
         )
         reference_ms.extend(ref)
         ratios[n] = pair_ratios
@@ -230,6 +257,8 @@ def profile_latency(
 
     def timed(n: int) -> TimingStats:
         nonlocal graphs_ok
+        if deployed is not None:
+            return time_call(deployed.call(n), warmup=warmup, repeats=repeats, min_run_time=min_run_time)
         prune_to(n)
         call: Callable[[], object] = lambda: model(x)  # noqa: E731
         if graphs_ok:  # after a failed capture, the remaining points are timed eagerly
@@ -250,10 +279,12 @@ def profile_latency(
         bar.update(1)
         bar.set_postfix(n=n, ms=f"{stats.median_ms:.3g}")
 
-    placed = on_device(model, vit, device, dtype) if measure is None else contextlib.nullcontext()
+    placed = (
+        on_device(model, vit, device, dtype) if measure is None and not deployed else contextlib.nullcontext()
+    )
     try:
         with placed, torch.inference_mode():
-            if measure is None:
+            if measure is None and deployed is None:
                 x = random_batch(vit, batch_size, size, device, dtype)
             fn = measure if measure is not None else (timed_relative if relative else timed)
             if grid is not None:
@@ -269,6 +300,7 @@ def profile_latency(
                     n_total,
                     coarse_points=coarse_points,
                     max_points=max_points,
+                    period=period,
                     accuracy=accuracy,
                     alpha=alpha,
                     on_point=on_point,
@@ -279,6 +311,11 @@ def profile_latency(
                 search += ", relative to N"
     finally:
         bar.close()
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    described = {}
+    if deployed is not None:
+        threads, described = deployed.threads, dict(runtime_version=deployed.info.version)
+        described["runtime_options"] = deployed.describe_json()
     return LatencyProfile(
         model=name or model_name(vit),
         device=device_name(device),
@@ -289,13 +326,15 @@ def profile_latency(
         layer=layer,
         n_total=n_total,
         prefix=prefix,
-        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        threads=threads,
         cuda_graphs=graphs_ok,
         search=search,
         architecture=architecture(vit, size),
         precision=precision,
-        kernels=kernel_backend(device, dtype),
+        kernels=kernel_backend(device, dtype) if deployed is None else f"{runtime} graph",
         points=sorted((LatencyPoint.from_stats(n, s) for n, s in points.items()), key=lambda p: p.n),
+        runtime=runtime,
+        **described,
     )
 
 

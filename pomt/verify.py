@@ -38,7 +38,7 @@ from pomt.pruning import apply_pruning, remove_pruning
 from pomt.selection import Selection, utility
 from pomt.timing import Stopwatch, cuda_graph_or_eager, median_interval, time_paired
 
-__all__ = ["verify", "speedup_samples"]
+__all__ = ["verify", "speedup_samples", "paired_speedups"]
 
 
 def speedup_samples(
@@ -93,27 +93,46 @@ def speedup_samples(
             sides = [(pruned, None), (unpruned, None)]
         else:
             sides = [(call, prune), (call, unprune)]
-        pairs = _pairs_per_block(sides, device, warmup, min_run_time, min_pairs, blocks)
-        speedups: list[float] = []
-        reference: list[float] = []
-        for block in range(blocks):
-            first, second = sides if block % 2 == 0 else sides[::-1]
-            ratios, other = time_paired(
-                first[0],
-                second[0],
-                device=device,
-                warmup=0,
-                min_run_time=0.0,
-                min_pairs=pairs,
-                prepare=first[1],
-                prepare_reference=second[1],
-            )
-            if block % 2 == 0:  # ratios are t_pruned / t_unpruned
-                speedups.append(1.0 / max(statistics.median(ratios), 1e-12))
-                reference.extend(other)
-            else:  # ratios are t_unpruned / t_pruned
-                speedups.append(statistics.median(ratios))
-                reference.extend(a * b for a, b in zip(ratios, other, strict=True))
+        timing = dict(warmup=warmup, min_run_time=min_run_time, min_pairs=min_pairs, blocks=blocks)
+        return paired_speedups(sides[0], sides[1], device=device, **timing)
+
+
+def paired_speedups(
+    pruned: tuple[Callable[[], object], Callable[[], object] | None],
+    unpruned: tuple[Callable[[], object], Callable[[], object] | None],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 3,
+    min_run_time: float = 1.0,
+    min_pairs: int = 6,
+    blocks: int = 6,
+) -> tuple[list[float], float]:
+    """Per-block speed-ups of ``pruned`` over ``unpruned`` (each a call and an untimed setup or
+    None) and the unpruned median (ms), within the time budget of :func:`speedup_samples`, for
+    any calls (eager modules, graph replays, a runtime's compiled graphs)."""
+    sides = [pruned, unpruned]
+    device = torch.device(device)
+    pairs = _pairs_per_block(sides, device, warmup, min_run_time, min_pairs, blocks)
+    speedups: list[float] = []
+    reference: list[float] = []
+    for block in range(blocks):
+        first, second = sides if block % 2 == 0 else sides[::-1]
+        ratios, other = time_paired(
+            first[0],
+            second[0],
+            device=device,
+            warmup=0,
+            min_run_time=0.0,
+            min_pairs=pairs,
+            prepare=first[1],
+            prepare_reference=second[1],
+        )
+        if block % 2 == 0:  # ratios are t_pruned / t_unpruned
+            speedups.append(1.0 / max(statistics.median(ratios), 1e-12))
+            reference.extend(other)
+        else:  # ratios are t_unpruned / t_pruned
+            speedups.append(statistics.median(ratios))
+            reference.extend(a * b for a, b in zip(ratios, other, strict=True))
     return speedups, median_interval(reference)[0]
 
 

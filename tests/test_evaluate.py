@@ -216,3 +216,21 @@ def test_evaluate_trains_first_with_the_train_py_beside_it_from_any_directory(tm
     train = copy.train_script()
     assert Path(train.__file__) == tmp_path / "train.py"
     assert callable(train.main)
+
+
+def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = tiny_args(
+        tmp_path, "--sweep.runtime=onnxruntime", "--sweep.wandb=false", "--sweep.methods=[none, pomt, tome]"
+    )
+    result = evaluate.main(args)
+    search = result.searches[32]
+    assert search.latency.runtime == "onnxruntime" and search.latency.precision == "onnxruntime:f32"
+    for row in result.rows:  # named by the runtime, timed as checked exports
+        assert row.precision == "onnxruntime:f32"
+        assert row.timer_mode.startswith("onnxruntime:f32 export") and "top-1 = PyTorch's" in row.timer_mode
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    assert report["timing"].startswith("onnxruntime (onnxruntime:f32)")
+    assert "accuracy from PyTorch after the equality check" in report["timing"]

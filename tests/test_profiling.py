@@ -468,3 +468,17 @@ def test_the_latency_profile_records_the_kernels_it_timed(tmp_path):
     assert lat.kernels == "torch"  # the CPU: POMT's block runs the torch path
     lat.save(tmp_path / "lat.json")
     assert LatencyProfile.load(tmp_path / "lat.json").kernels == "torch"
+
+
+def test_timing_in_a_narrower_dtype_leaves_the_weights_bit_for_bit():
+    """Casting to bf16 and back rounds every weight; the profiler puts the originals back."""
+    from pomt.models import weights_fingerprint
+
+    model = make_tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fingerprint = weights_fingerprint(model)
+    pomt.profile_latency(
+        model, batch_size=1, layer=1, dtype="bfloat16", grid=[17, 9], min_run_time=0.0, progress=False
+    )
+    assert weights_fingerprint(model) == fingerprint
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

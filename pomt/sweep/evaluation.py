@@ -4,11 +4,10 @@ Per batch size, global rank 0 alone measures (no other process shares the device
 chooses R with :func:`pomt.find_r`, fixes the configurations (unpruned, POMT at R, ToMe and
 Top-K at r values that span the same token reduction), and times them side by side on one
 real test batch, the way the latency profile was timed. Then every rank tests each
-configuration (``trainer.test``, one logger each; exact under DDP with unrepeated
-sampling). With ``heal_epochs`` > 0, every pruned configuration is also fine-tuned at its r
-for that many epochs and tested again, as a healed row (``pomt.sweep.healing``). Every
-finished piece is written to the run directory at once and reused by a rerun where still
-valid (``pomt.sweep.rundir``); the report, plot and token maps land there too.
+configuration (``trainer.test``, one logger each; exact under DDP). With ``heal_epochs`` > 0,
+every pruned configuration is also fine-tuned at its r for that many epochs and tested
+again, as a healed row (``pomt.sweep.healing``). Every finished piece is written to the run
+directory at once and reused by a rerun where still valid (``pomt.sweep.rundir``).
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from pomt.lightning.loggers import wandb_logger
 from pomt.models import find_vit
 from pomt.ops import kernel_backend
 from pomt.plots import plot_tradeoff
+from pomt.runtimes import runtime_conditions
 from pomt.sweep.configurations import Configuration, token_maps_figure
 from pomt.sweep.context import RunState, SweepRun, TradeoffResult, no_trainer_limit, test_images
 from pomt.sweep.healing import healed_weights
@@ -73,6 +73,8 @@ class TradeoffEvaluation:
             weights, with the model's own optimiser settings and the same seed, then tested:
             the report adds these as healed rows (single process only).
         heal_batches: at most this many training batches per healing epoch (default: all).
+        runtime: ``torch`` (default), ``onnxruntime``, ``openvino``: R chosen, every configuration
+            exported, checked and timed in it; accuracy is PyTorch's after the equality check.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class TradeoffEvaluation:
         limit_test_batches: float | int | None = None,
         heal_epochs: int = 0,
         heal_batches: int | None = None,
+        runtime: str = "torch",
     ) -> None:
         given = {name: value for name, value in locals().items() if name not in ("self", "search")}
         self.settings = SweepSettings(**given, search_config=search or SearchConfig())  # validates
@@ -163,10 +166,8 @@ class TradeoffEvaluation:
             trainer_factory=trainer_factory,
             trainer=trainer,
             run_dir=run_dir,
-            conditions=self._conditions(model, datamodule, trainer),
-            how_timed=self.settings.side_by_side.describe(
-                trainer.strategy.root_device, str(trainer.precision)
-            ),
+            conditions=(conditions := self._conditions(model, datamodule, trainer)),
+            how_timed=self.settings.side_by_side.describe(trainer.strategy.root_device, conditions["precision"]),
             group=self.settings.wandb_group or f"tradeoff-{name}",
             per_batch_size=bool(self.settings.batch_sizes),
             result=TradeoffResult([], run_dir.root),
@@ -350,13 +351,16 @@ class TradeoffEvaluation:
         """What every record of this run is valid for (see ``pomt.sweep.rundir``)."""
         test = getattr(datamodule, "test_dataset", None)
         size = len(test) if hasattr(test, "__len__") else None
-        return {
+        conditions = {
             "weights": weights_fingerprint(model),
             "data": f"{type(datamodule).__name__}: test split of {size} images",
             "device": device_name(trainer.strategy.root_device),
             "precision": str(trainer.precision),
             "layer": self.settings.layer,
         }
+        if self.settings.runtime != "torch":  # the precision the runtime really computes in names the run
+            conditions |= runtime_conditions(self.settings.runtime, trainer.strategy.root_device)
+        return conditions
 
     def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
         """What the report says the run was made under: the conditions, the test limit, and the

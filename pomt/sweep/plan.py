@@ -112,6 +112,7 @@ def make_plan(sweep: SweepRun, settings: SweepSettings, batch_size: int) -> Plan
         sweep.vit, settings.methods, r, settings.layer, settings.span, explicit, settings.heal_epochs
     )
     latency = _time(sweep, settings, batch_size, [c for c in configs if not c.heal_epochs])
+    configs = [c for c in configs if c.base.key in latency]  # (one a runtime cannot compile: left out)
     done = {c.key: tested for c in configs if (tested := load_tested(sweep, settings, c)) is not None}
     return Plan(batch_size, configs, latency, done)
 
@@ -151,6 +152,7 @@ def _find_r(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: P
             accuracy_path=sweep.run_dir.root / "accuracy_profile.json",
             progress=sweep.trainer.progress_bar_callback is not None,
             log=rank_zero_info,
+            runtime=settings.runtime,
         )
 
 

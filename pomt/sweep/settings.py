@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pomt.errors import is_int
 from pomt.finder import SearchConfig
 from pomt.pruning import METHODS
+from pomt.runtimes import check_runtime
 from pomt.sweep.configurations import SideBySide
 from pomt.sweep.context import check_limit
 
@@ -50,6 +51,7 @@ class SweepSettings:
     limit_test_batches: float | int | None = None
     heal_epochs: int = 0
     heal_batches: int | None = None
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         check_heal_epochs(self.heal_epochs, self.heal_batches)
@@ -71,9 +73,11 @@ class SweepSettings:
         set_(self, "span", tuple(self.span))
         set_(self, "batch_sizes", _ints(sizes) or None)
         set_(self, "limit_test_batches", check_limit(self.limit_test_batches))
+        set_(self, "runtime", check_runtime(self.runtime))
 
     @property
     def side_by_side(self) -> SideBySide:
         """How the configurations are timed against each other (the search's warm-up and
-        CUDA-graph setting, ``latency_rounds`` rounds)."""
-        return SideBySide(self.latency_rounds, self.search_config.warmup, self.search_config.cuda_graphs)
+        CUDA-graph setting, ``latency_rounds`` rounds, in ``runtime``)."""
+        config = self.search_config
+        return SideBySide(self.latency_rounds, config.warmup, config.cuda_graphs, self.runtime)

@@ -1,0 +1,117 @@
+"""Export of pruned ViTs to ONNX (checked in ONNX Runtime) and OpenVINO IR: ``pomt.export``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_vit
+
+import pomt
+from pomt.export import ExportMismatch, export_onnx, export_token_graph, require, run_onnxruntime
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.mark.parametrize("method,r", [("none", 0), ("pomt", 5), ("topk", 2), ("tome", 2)])
+def test_export_of_each_method_is_checked_in_onnxruntime_and_records_what_it_is(tmp_path, method, r):
+    model = make_tiny_vit()
+    pomt.apply_pruning(model, method, r=r, layer=1)
+    x = torch.randn(3, 3, 32, 32)
+    path = tmp_path / f"{method}.onnx"
+    record = pomt.export_onnx(model, path, x)
+    assert record.max_abs_diff is not None and record.max_abs_diff <= record.tolerance
+    assert (record.method, record.r, record.batch_size, record.export_s > 0) == (method, r, 3, True)
+    # the file really computes the pruned model (not the unpruned one), at the static batch size
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    got = run_onnxruntime(path, {"x": x.numpy()})
+    assert np.abs(got - expected).max() <= 1e-4
+    proto = onnx.load(str(path))
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert (meta["pomt.method"], meta["pomt.r"], meta["pomt.layer"]) == (
+        method,
+        r,
+        1 if method != "none" else -1,
+    )
+    assert meta["pomt.max_abs_diff"] == record.max_abs_diff
+    assert json.loads((tmp_path / f"{method}.onnx.json").read_text())["method"] == method
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3  # static batch
+    # the model is left as it was: pruned, in eval mode, and still runs eagerly
+    assert pomt.pruning_config(model).method == method if method != "none" else True
+    assert torch.allclose(model(x), torch.from_numpy(expected), atol=1e-6)
+
+
+def test_export_fails_loudly_when_the_file_differs_from_pytorch(tmp_path, monkeypatch):
+    model = make_tiny_vit()
+    pomt.apply_pruning(model, "pomt", r=4, layer=1)
+    import pomt.export as export
+
+    monkeypatch.setattr(export, "run_onnxruntime", lambda path, feeds: np.zeros((2, 10), np.float32) + 5)
+    with pytest.raises(ExportMismatch, match="differs from PyTorch"):
+        export_onnx(model, tmp_path / "m.onnx", batch_size=2)
+
+
+def test_export_rejects_bad_arguments_naming_them(tmp_path):
+    model = make_tiny_vit()
+    with pytest.raises(ValueError, match=r"\.onnx"):
+        export_onnx(model, tmp_path / "m.bin")
+    with pytest.raises(ValueError, match="batch_size"):
+        export_onnx(model, tmp_path / "m.onnx", batch_size=0)
+    with pytest.raises(ValueError, match="example must be an image batch"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(3, 32, 32))
+
+
+def test_a_missing_runtime_names_the_deploy_extra():
+    with pytest.raises(ImportError, match=r"pomt\[deploy\]"):
+        require("pomt_no_such_runtime")
+
+
+def test_openvino_ir_of_a_pomt_export_computes_the_same(tmp_path):
+    ov = pytest.importorskip("openvino")
+    model = make_tiny_vit()
+    pomt.apply_pruning(model, "pomt", r=6, layer=1)
+    x = torch.randn(2, 3, 32, 32)
+    record = export_onnx(model, tmp_path / "m.onnx", x, openvino=True)
+    core = ov.Core()
+    compiled = core.compile_model(
+        core.read_model(record.openvino_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    got = compiled({0: x.numpy()})[0]
+    with torch.inference_mode():
+        assert np.abs(got - model(x).numpy()).max() <= 1e-4
+
+
+def test_token_graph_is_pomt_at_every_n_it_is_run_at(tmp_path):
+    """One export with the kept token count as an input axis equals POMT at r = N - n for each n."""
+    model = make_tiny_vit()
+    path = export_token_graph(model, tmp_path / "tokens.onnx", layer=1, batch_size=2)
+    assert pomt.pruning_config(model) is None  # left unpruned, as it was
+    x = torch.randn(2, 3, 32, 32)
+    for n in (2, 9, 16):
+        pomt.apply_pruning(model, "pomt", r=17 - n, layer=1)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = run_onnxruntime(path, {"x": x.numpy(), "kept_tokens": np.zeros(n, np.float32)})
+        assert np.abs(got - expected).max() <= 1e-4, n
+
+
+def test_pomt_export_command_writes_a_checked_file(tmp_path, capsys):
+    from pomt.cli import main
+
+    out = tmp_path / "cli.onnx"
+    args = ["export", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10"]
+    args += ["--method", "pomt", "--r", "2", "--layer", "1", "-o", str(out), "--batch-size", "2"]
+    code = main(args)
+    assert code == 0, capsys.readouterr().err
+    assert "max |diff|" in capsys.readouterr().out
+    record = json.loads((tmp_path / "cli.onnx.json").read_text())
+    assert (record["method"], record["r"], record["batch_size"]) == ("pomt", 2, 2)
+    assert (
+        main(["export", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--r", "999", "-o", str(out)])
+        == 2
+    )
