@@ -167,7 +167,9 @@ class TradeoffEvaluation:
             trainer=trainer,
             run_dir=run_dir,
             conditions=(conditions := self._conditions(model, datamodule, trainer)),
-            how_timed=self.settings.side_by_side.describe(trainer.strategy.root_device, conditions["precision"]),
+            how_timed=self.settings.side_by_side.describe(
+                trainer.strategy.root_device, conditions["precision"]
+            ),
             group=self.settings.wandb_group or f"tradeoff-{name}",
             per_batch_size=bool(self.settings.batch_sizes),
             result=TradeoffResult([], run_dir.root),
