@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +28,16 @@ from torch import nn
 
 import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
+from pomt.errors import is_int
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile
 from pomt.pruning import PruningConfig, pruning_config
 
 __all__ = [
+    "STAGES",
+    "SPLITS",
+    "check_options",
     "say",
     "warn",
     "unlabelled",
@@ -60,6 +64,42 @@ FIXES = (
     "give the datamodule a selection_dataloader() (a held-out split), set accuracy_split='val' (or "
     "'train'), or pass accuracy_data="
 )
+
+
+STAGES = ("validate", "test", "predict", "fit", "train")
+SPLITS = ("selection", "val", "train", "test")
+
+
+def check_options(
+    method: str,
+    r: int | None,
+    batch_size: int | None,
+    accuracy_split: str | None,
+    stages: Any,
+    search: SearchConfig | Mapping[str, Any] | None,
+) -> SearchConfig:
+    """The callback's options checked before anything runs; the search settings as a
+    :class:`SearchConfig` (a mapping or Hydra's ``DictConfig`` converted)."""
+    if method not in ("pomt", "topk", "tome"):
+        raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
+    if method != "pomt" and r is None:
+        raise ValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
+    if r is not None and (not is_int(r) or r < 0):
+        raise ValueError(f"r must be a non-negative int or None, got {r!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if accuracy_split is not None and accuracy_split not in SPLITS:
+        raise ValueError(f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {accuracy_split!r}")
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
+    if {"fit", "train"} <= set(stages):
+        raise ValueError("stages has 'fit' and 'train': 'train' already prunes the validations inside fit")
+    try:
+        search = SearchConfig.coerce(search)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"POMTCallback: {err}") from err
+    return search
 
 
 # where our frames (and the libraries' that call us) are: a warning is attributed to the first
