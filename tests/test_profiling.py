@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -388,6 +389,36 @@ def test_every_command_has_help(command, capsys):
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"pomt-{command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_pomt_subcommand_has_the_options_of_its_console_script(command):
+    def options(parser):
+        return sorted(s for action in parser._actions for s in action.option_strings)
+
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert options(sub.choices[command]) == options(cli.COMMANDS[command][0]())
+
+
+def test_pomt_without_a_known_command_is_a_usage_error(capsys):
+    for argv in ([], ["pomt-frobnicate"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    assert "profile-latency" in capsys.readouterr().err
+
+
+def test_class_labels_one_rule_for_wnids_and_other_names():
+    from pomt.preprocessing import class_labels
+
+    assert class_labels(["n01443537", "n01440764"]) == ({"n01443537": 1, "n01440764": 0}, True)
+    assert class_labels(["n01443537", "n01440764"], imagenet=False) == (
+        {"n01440764": 0, "n01443537": 1},
+        False,
+    )
+    assert class_labels(["dog", "cat"]) == ({"cat": 0, "dog": 1}, False)
+    with pytest.raises(ValueError, match=r"not wnids: \['cat'\]"):
+        class_labels(["cat", "n01440764"], imagenet=True)
 
 
 def test_commands_profile_estimate_and_select_from_saved_files(tmp_path, capsys):
