@@ -208,7 +208,7 @@ def time_exported(
     images = images.detach().to("cpu", torch.float32)
     calls, modes = {}, {}
     with tempfile.TemporaryDirectory(prefix="pomt-sweep-") as tmp:
-        try:
+        with pomt.pruning_restored(vit):
             for config in configs:
                 pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
                 record = export_onnx(model, f"{tmp}/{config.key}.onnx", images, vit=vit)
@@ -233,8 +233,6 @@ def time_exported(
                     f"{info.label} export (ONNX Runtime f32 |diff| {record.max_abs_diff:.1e}; in {info.precision} "
                     f"top-1 = PyTorch's on {agree:.0%} of the batch, max |diff| {float((got - expected).abs().max()):.2g})"
                 )
-        finally:
-            pomt.remove_pruning(vit)
         stats = time_interleaved(
             calls, rounds=how.rounds, warmup=how.warmup, progress=f"timing {len(calls)} {how.runtime} exports"
         )
