@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +28,19 @@ from torch import nn
 
 import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
+from pomt.errors import is_int
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile
 from pomt.pruning import PruningConfig, pruning_config
 
+STAGES = ("validate", "test", "predict", "fit", "train")
+SPLITS = ("selection", "val", "train", "test")
+
 __all__ = [
+    "STAGES",
+    "SPLITS",
+    "check_options",
     "say",
     "warn",
     "unlabelled",
@@ -41,7 +48,7 @@ __all__ = [
     "stage_loader",
     "accuracy_data",
     "check_data",
-    "search",
+    "choose_r",
     "report_pruning",
     "on_rank_zero",
     "warn_if_near_chance",
@@ -70,6 +77,27 @@ _INTERNAL = tuple(
     | {str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep}
     | {str(Path(pl.__file__).parent.parent)}  # lightning/, lightning_utilities/, lightning_fabric/
 )
+
+
+def check_options(
+    method: str, r: int | None, *, batch_size: int | None, accuracy_split: str | None, stages: Sequence[str]
+) -> None:
+    """The callback's options that need no model: a ValueError naming the value and the valid range."""
+    if method not in ("pomt", "topk", "tome"):
+        raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
+    if method != "pomt" and r is None:
+        raise ValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
+    if r is not None and (not is_int(r) or r < 0):
+        raise ValueError(f"r must be a non-negative int or None, got {r!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if accuracy_split is not None and accuracy_split not in SPLITS:
+        raise ValueError(f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {accuracy_split!r}")
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
+    if {"fit", "train"} <= set(stages):
+        raise ValueError("stages has 'fit' and 'train': 'train' already prunes the validations inside fit")
 
 
 @rank_zero_only
@@ -166,7 +194,7 @@ def accuracy_data(
     return loader, warned
 
 
-def search(
+def choose_r(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
     stage: str,
