@@ -153,11 +153,11 @@ def searches(model, work, out, layer, n_total):
         sel = search.selection
         out["find_r"][label] = {
             "wall_s": wall, "r": sel.r, "n_star": sel.n_star, "points": len(search.latency.points),
-            "search": search.latency.search, "precision": search.latency.precision,
+            "sampling": search.latency.sampling, "precision": search.latency.precision,
             "verified_speedup": sel.measured_speedup, "interval": sel.measured_speedup_interval,
             "unpruned_ms": search.latency.latency_ms[n_total],
         }  # fmt: skip
-        print(f"3. find_r {label}: {wall:.1f} s, {len(search.latency.points)} points ({search.latency.search}), "
+        print(f"3. find_r {label}: {wall:.1f} s, {len(search.latency.points)} points ({search.latency.sampling}), "
               f"R={sel.r} (n*={sel.n_star}), verified x{sel.measured_speedup}, precision {search.latency.precision}, "
               f"L(N)={search.latency.latency_ms[n_total]:.2f} ms")  # fmt: skip
         if label == "openvino":
