@@ -162,7 +162,7 @@ def time_configurations(
     eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``.
     With ``how.runtime`` other than torch, see :func:`time_exported`."""
     if how.runtime != "torch":
-        return time_exported(model, images, configs, layer=layer, how=how)
+        return time_exported(model, images, configs, layer=layer, how=how, vit=vit)
     model.to(device).eval()
     images = images.to(device)
     by_key = {c.key: c for c in configs}
@@ -189,7 +189,13 @@ def time_configurations(
 
 
 def time_exported(
-    model: nn.Module, images: torch.Tensor, configs: Sequence[Configuration], *, layer: int, how: SideBySide
+    model: nn.Module,
+    images: torch.Tensor,
+    configs: Sequence[Configuration],
+    *,
+    layer: int,
+    how: SideBySide,
+    vit: nn.Module | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every configuration exported (``pomt.export_onnx``: checked against PyTorch in ONNX
     Runtime), compiled by ``how.runtime`` at the batch's shape and timed side by side there. Each
@@ -203,7 +209,7 @@ def time_exported(
     from pomt.export import export_onnx, input_name
     from pomt.runtimes import compile_onnx
 
-    vit = pomt.find_vit(model)[1]
+    vit = pomt.find_vit(model)[1] if vit is None else vit  # the sweep passes the one it found
     model.to("cpu").eval()
     images = images.detach().to("cpu", torch.float32)
     calls, modes = {}, {}
