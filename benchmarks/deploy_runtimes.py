@@ -100,13 +100,12 @@ def main() -> None:
 
 
 def export_one(model, work, out, layer) -> None:
-    pomt.apply_pruning(model, "pomt", r=56, layer=layer)
     start = time.perf_counter()
-    record = export_onnx(model, work / "pomt_r56.onnx", batch_size=1, openvino=True)
+    with pomt.pruned(model, "pomt", r=56, layer=layer):
+        record = export_onnx(model, work / "pomt_r56.onnx", batch_size=1, openvino=True)
     out["export_check_ir_s"] = time.perf_counter() - start
     out["export_only_s"] = record.export_s
     out["export_max_abs_diff"] = record.max_abs_diff
-    pomt.remove_pruning(model)
     print(f"1. DeiT-S POMT R=56: export {record.export_s:.1f} s, export+check+IR {out['export_check_ir_s']:.1f} s, "
           f"|ORT - torch| {record.max_abs_diff:.2g}")  # fmt: skip
 
@@ -116,9 +115,9 @@ def token_graph_vs_static(model, work, out, graphs, layer, n_total) -> None:
     out["token_graph_vs_static"] = {}
     x = graphs["openvino"]._x
     for n in (112, 111, 141):
-        pomt.apply_pruning(model, "pomt", r=n_total - n, layer=layer)
         start = time.perf_counter()
-        static = export_onnx(model, work / f"static_{n}.onnx", torch.from_numpy(x))
+        with pomt.pruned(model, "pomt", r=n_total - n, layer=layer):
+            static = export_onnx(model, work / f"static_{n}.onnx", torch.from_numpy(x))
         export_s = time.perf_counter() - start
         for rt, graph in graphs.items():
             run_static, _ = compile_onnx(static.path, rt, threads=1)
@@ -133,7 +132,6 @@ def token_graph_vs_static(model, work, out, graphs, layer, n_total) -> None:
             out["token_graph_vs_static"][f"{rt} n={n}"] = {"ratio": ratio, "static_export_s": export_s}
             print(f"2. {rt} n={n}: token graph / static export time ratio {ratio:.3f} (static export {export_s:.1f} s, "
                   f"static {np.median(samples['static']):.2f} ms)")  # fmt: skip
-    pomt.remove_pruning(model)
 
 
 def searches(model, work, out, layer, n_total):
@@ -155,11 +153,11 @@ def searches(model, work, out, layer, n_total):
         sel = search.selection
         out["find_r"][label] = {
             "wall_s": wall, "r": sel.r, "n_star": sel.n_star, "points": len(search.latency.points),
-            "search": search.latency.search, "precision": search.latency.precision,
+            "sampling": search.latency.sampling, "precision": search.latency.precision,
             "verified_speedup": sel.measured_speedup, "interval": sel.measured_speedup_interval,
             "unpruned_ms": search.latency.latency_ms[n_total],
         }  # fmt: skip
-        print(f"3. find_r {label}: {wall:.1f} s, {len(search.latency.points)} points ({search.latency.search}), "
+        print(f"3. find_r {label}: {wall:.1f} s, {len(search.latency.points)} points ({search.latency.sampling}), "
               f"R={sel.r} (n*={sel.n_star}), verified x{sel.measured_speedup}, precision {search.latency.precision}, "
               f"L(N)={search.latency.latency_ms[n_total]:.2f} ms")  # fmt: skip
         if label == "openvino":

@@ -83,7 +83,11 @@ class POMTCallback(Callback):
     ) -> None:
         super().__init__()
         self.runtime = check_runtime(runtime)
-        search = support.check_options(method, r, batch_size, accuracy_split, stages, search)
+        support.check_options(method, r, batch_size=batch_size, accuracy_split=accuracy_split, stages=stages)
+        try:
+            search = SearchConfig.coerce(search)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"POMTCallback: {err}") from err
         self.method, self.r, self.layer, self.search_config = method, r, layer, search
         self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
@@ -273,7 +277,7 @@ class POMTCallback(Callback):
     def _find_r(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
         """The search on this rank, from the callback's settings and results (explicit arguments)."""
         data, self._warned_split = support.accuracy_data(trainer, stage, vit=self._vit, **self._data())
-        return support.search(
+        return support.choose_r(
             trainer, pl_module, stage, vit=self._vit, data=data, layer=self.layer, batch_size=self.batch_size,
             config=self.search_config, latency_path=self.latency_profile_path,
             accuracy_path=self.accuracy_profile_path, previous=self.result if self.reuse else None,

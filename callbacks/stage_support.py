@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,9 @@ from pomt.models import find_vit, image_size, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile
 from pomt.pruning import PruningConfig, pruning_config
 
+STAGES = ("validate", "test", "predict", "fit", "train")
+SPLITS = ("selection", "val", "train", "test")
+
 __all__ = [
     "STAGES",
     "SPLITS",
@@ -45,7 +48,7 @@ __all__ = [
     "stage_loader",
     "accuracy_data",
     "check_data",
-    "search",
+    "choose_r",
     "report_pruning",
     "on_rank_zero",
     "warn_if_near_chance",
@@ -66,20 +69,20 @@ FIXES = (
 )
 
 
-STAGES = ("validate", "test", "predict", "fit", "train")
-SPLITS = ("selection", "val", "train", "test")
+# where our frames (and the libraries' that call us) are: a warning is attributed to the first
+# frame outside them, the user's line that started the stage
+_INTERNAL = tuple(
+    {str(Path(m.__file__).parent) + os.sep for m in (pomt, pl, torch)}
+    | {str(Path(m.__file__).resolve().parent) + os.sep for m in (pomt, pl, torch)}
+    | {str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep}
+    | {str(Path(pl.__file__).parent.parent)}  # lightning/, lightning_utilities/, lightning_fabric/
+)
 
 
 def check_options(
-    method: str,
-    r: int | None,
-    batch_size: int | None,
-    accuracy_split: str | None,
-    stages: Any,
-    search: SearchConfig | Mapping[str, Any] | None,
-) -> SearchConfig:
-    """The callback's options checked before anything runs; the search settings as a
-    :class:`SearchConfig` (a mapping or Hydra's ``DictConfig`` converted)."""
+    method: str, r: int | None, *, batch_size: int | None, accuracy_split: str | None, stages: Sequence[str]
+) -> None:
+    """The callback's options that need no model: a ValueError naming the value and the valid range."""
     if method not in ("pomt", "topk", "tome"):
         raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
     if method != "pomt" and r is None:
@@ -95,21 +98,6 @@ def check_options(
         raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
     if {"fit", "train"} <= set(stages):
         raise ValueError("stages has 'fit' and 'train': 'train' already prunes the validations inside fit")
-    try:
-        search = SearchConfig.coerce(search)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"POMTCallback: {err}") from err
-    return search
-
-
-# where our frames (and the libraries' that call us) are: a warning is attributed to the first
-# frame outside them, the user's line that started the stage
-_INTERNAL = tuple(
-    {str(Path(m.__file__).parent) + os.sep for m in (pomt, pl, torch)}
-    | {str(Path(m.__file__).resolve().parent) + os.sep for m in (pomt, pl, torch)}
-    | {str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep}
-    | {str(Path(pl.__file__).parent.parent)}  # lightning/, lightning_utilities/, lightning_fabric/
-)
 
 
 @rank_zero_only
@@ -206,7 +194,7 @@ def accuracy_data(
     return loader, warned
 
 
-def search(
+def choose_r(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
     stage: str,

@@ -44,6 +44,7 @@ from pomt.datamodules.sources import (
     split_samples,
 )
 from pomt.preprocessing import (
+    class_labels,
     create_transforms,
     imagenet_class_names,
     imagenet_labels,
@@ -190,15 +191,10 @@ class ImageNetDataModule(ClassificationDataModule):
         return chosen, [i for i in range(len(labels)) if i not in taken]
 
     def _class_index(self, names: set[str]) -> dict[str, int]:
-        index = imagenet_labels(names)
-        if index is not None:
-            self.wnids = imagenet_wnids()
-            self._class_names = imagenet_class_names()
-            return index
-        ordered = sorted(names)
-        self.wnids = None
-        self._class_names = ordered
-        return {n: i for i, n in enumerate(ordered)}
+        index, is_imagenet = class_labels(names)
+        self.wnids = imagenet_wnids() if is_imagenet else None
+        self._class_names = imagenet_class_names() if is_imagenet else sorted(index)
+        return index
 
     def _build_local(self, train_tf: Callable, eval_tf: Callable) -> None:
         tree = self.tree = find_local_tree(self.root)

@@ -1,7 +1,7 @@
 """Command-line tools for the offline step of POMT.
 
-Three commands, each with ``--help`` (installed as console scripts, or run as
-``python -m pomt.cli <command> ...``):
+Four commands, each with ``--help``: ``pomt <command> ...`` (also ``python -m pomt.cli
+<command> ...``), each installed as its own console script too:
 
 - ``pomt-profile-latency``: time L(n) of a timm ViT on this device and save a JSON profile;
 - ``pomt-estimate-accuracy``: estimate A(n) on an image folder and save a JSON profile;
@@ -20,7 +20,7 @@ from typing import Any
 from pomt.errors import PomtError
 from pomt.timing import MIN_RUN_TIME
 
-__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "export_main", "main"]
+__all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "export_main", "main", "parser"]
 
 
 def _token_list(text: str) -> list[int]:
@@ -86,8 +86,12 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(parsed)
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description)
+def _parser(prog: str, description: str, parser: argparse.ArgumentParser | None) -> argparse.ArgumentParser:
+    """A command's parser: stand-alone as ``prog`` (its console script), or ``parser`` (``pomt``'s)."""
+    if parser is None:
+        return argparse.ArgumentParser(prog=prog, description=description)
+    parser.description, parser.epilog = description, f"Also installed as {prog}."
+    return parser
 
 
 def _plot(figure: Any, path: str) -> None:
@@ -105,8 +109,7 @@ def _save(profile, output: str, what: str, point_line: Callable[[Any], str]) -> 
         print(f"  n={point.n:5d}  {point_line(point)}")
 
 
-def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
-    args = parser.parse_args(argv)
+def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         if getattr(args, "device", None):
             select_device(args.device)
@@ -119,12 +122,13 @@ def _run(fn, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int
 # --------------------------------------------------------------------------- latency
 
 
-def latency_parser() -> argparse.ArgumentParser:
+def latency_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = _parser(
         "pomt-profile-latency",
         "Measure the latency profile L(n) of a ViT pruned with POMT on this device and save it as JSON. "
         "Run it on the deployment device (e.g. the Jetson) with the deployment batch size and dtype; "
         "weights do not matter for latency, so random weights are fine.",
+        parser,
     )
     _model_args(parser)
     parser.add_argument("--output", "-o", required=True, help="where to write the JSON profile")
@@ -216,12 +220,13 @@ def _profile_latency(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- accuracy
 
 
-def accuracy_parser() -> argparse.ArgumentParser:
+def accuracy_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = _parser(
         "pomt-estimate-accuracy",
         "Estimate the accuracy profile A(n) (top-1 with n random tokens kept after the embedding) on a "
         "seeded, class-balanced sample of an image folder, and save it as JSON. Accuracy does not depend "
         "on the device, so run it wherever it is fast (a server), with the real weights.",
+        parser,
     )
     _model_args(parser)
     parser.add_argument(
@@ -255,7 +260,7 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
     data config), labelled per ``class_map`` (see ``pomt-estimate-accuracy --help``)."""
     from torchvision.datasets import ImageFolder
 
-    from pomt.preprocessing import create_transforms, imagenet_labels, model_data_config
+    from pomt.preprocessing import class_labels, create_transforms, model_data_config
 
     root = Path(root)
     if not root.is_dir():
@@ -265,20 +270,14 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
         dataset = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
         raise ValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
-    if class_map != "folder":
-        index = imagenet_labels(dataset.classes)
-        outputs = getattr(model, "num_classes", None)
-        if class_map == "imagenet" and index is None:
-            from pomt.preprocessing import imagenet_wnids
-
-            wnids = set(imagenet_wnids())
-            bad = [c for c in dataset.classes if c not in wnids][:5]
-            raise ValueError(f"--class-map imagenet needs ImageNet wnid folder names; not wnids: {bad}")
-        if index is not None and (class_map == "imagenet" or outputs == 1000):
-            label = [index[c] for c in dataset.classes]
-            dataset.targets = [label[t] for t in dataset.targets]
-            dataset.samples = [(path, label[t]) for path, t in dataset.samples]
-            dataset.imgs = dataset.samples
+    outputs = getattr(model, "num_classes", None)
+    imagenet = {"folder": False, "imagenet": True, "auto": None if outputs == 1000 else False}[class_map]
+    index, is_imagenet = class_labels(dataset.classes, imagenet=imagenet)  # ValueError names the fix
+    if is_imagenet:  # ImageFolder labels by sorted position already
+        label = [index[c] for c in dataset.classes]
+        dataset.targets = [label[t] for t in dataset.targets]
+        dataset.samples = [(path, label[t]) for path, t in dataset.samples]
+        dataset.imgs = dataset.samples
     return dataset
 
 
@@ -314,13 +313,14 @@ def _estimate_accuracy(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- selection
 
 
-def select_parser() -> argparse.ArgumentParser:
+def select_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = _parser(
         "pomt-select-r",
         "Choose R (tokens POMT removes) from a saved latency profile and a saved accuracy profile, "
         "which may come from different machines, and print it. Default: maximise the utility "
         "U(n) = alpha (1 - L/max L) + (1 - alpha) A/max A; or the most accurate n under a latency "
         "budget; or the fastest n above an accuracy floor.",
+        parser,
     )
     parser.add_argument("--latency", required=True, help="latency profile JSON (pomt-profile-latency)")
     parser.add_argument("--accuracy", required=True, help="accuracy profile JSON (pomt-estimate-accuracy)")
@@ -369,11 +369,12 @@ def _select_r(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export
 
 
-def export_parser() -> argparse.ArgumentParser:
+def export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = _parser(
         "pomt-export",
         "Write a ViT pruned with POMT at --r (or Top-K, ToMe) as ONNX (dynamo exporter, static shapes), "
         "checked in ONNX Runtime against PyTorch, optionally also as OpenVINO IR (docs/deploy.md).",
+        parser,
     )
     _model_args(parser)
     parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
@@ -403,8 +404,6 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- python -m pomt.cli
-
 # each command: its parser and what it does with the parsed arguments
 COMMANDS = {
     "profile-latency": (latency_parser, _profile_latency),
@@ -415,10 +414,10 @@ COMMANDS = {
 
 
 def _entry_point(command: str) -> Callable[[Sequence[str] | None], int]:
-    parser, fn = COMMANDS[command]
+    make, fn = COMMANDS[command]
 
     def entry_point(argv: Sequence[str] | None = None) -> int:
-        return _run(fn, argv, parser())
+        return _run(fn, make().parse_args(argv))
 
     entry_point.__doc__ = f"Entry point of ``pomt-{command}``: exit status 0, or 2 after a clear error."
     return entry_point
@@ -430,18 +429,20 @@ select_r_main = _entry_point("select-r")
 export_main = _entry_point("export")
 
 
+def parser() -> argparse.ArgumentParser:
+    """``pomt`` with one subcommand per tool (the same options as its ``pomt-*`` script)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    top = argparse.ArgumentParser(prog="pomt", description=__doc__, formatter_class=raw)
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (make, fn) in COMMANDS.items():
+        make(commands.add_parser(name, prog=f"pomt {name}")).set_defaults(run=fn)
+    return top
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pomt.cli {profile-latency,estimate-accuracy,select-r,export} ...``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    names = ", ".join(COMMANDS)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m pomt.cli {{{names}}} [--help | options]\n\n{__doc__}")
-        return 0 if argv else 2
-    command = argv[0].removeprefix("pomt-")
-    if command not in COMMANDS:
-        print(f"error: unknown command {argv[0]!r}; valid: {names}", file=sys.stderr)
-        return 2
-    return _entry_point(command)(argv[1:])
+    """Entry point of ``pomt <command>``: exit status 0, or 2 after a clear error or bad usage."""
+    args = parser().parse_args(argv)
+    return _run(args.run, args)
 
 
 if __name__ == "__main__":

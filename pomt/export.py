@@ -32,7 +32,7 @@ from torch import nn
 
 from pomt.errors import MissingExtraError, PomtError
 from pomt.models import find_vit, image_size, token_layout
-from pomt.pruning import apply_pruning, pruning_config, remove_pruning
+from pomt.pruning import pruned, pruning_config
 
 __all__ = [
     "ExportMismatch",
@@ -274,19 +274,19 @@ def export_token_graph(
         raise ValueError(f"a token graph needs at least 3 ordinary tokens, this model has {n_total - prefix}")
     x = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
     n0 = (prefix + 1 + n_total - 1) // 2
-    with on_device(model, vit, torch.device("cpu"), torch.float32), torch.autocast("cpu", enabled=False):
-        apply_pruning(vit, "pomt", r=n_total - n0, layer=layer)
+    with (
+        on_device(model, vit, torch.device("cpu"), torch.float32),
+        torch.autocast("cpu", enabled=False),
+        pruned(vit, "pomt", r=n_total - n0, layer=layer),
+    ):
         block = vit.blocks[layer]
         wrapper = _TokenGraph(model, block, n_total).eval()
         dim = torch.export.Dim("tokens", min=prefix + 1, max=n_total - 1)
-        try:
-            _dynamo_export(
-                wrapper,
-                (x, torch.zeros(n0)),
-                Path(path),
-                input_names=["x", TOKENS_INPUT],
-                dynamic_shapes={"x": None, "kept": {0: dim}},
-            )
-        finally:
-            remove_pruning(vit)  # (on_device then puts back what the model had)
+        _dynamo_export(
+            wrapper,
+            (x, torch.zeros(n0)),
+            Path(path),
+            input_names=["x", TOKENS_INPUT],
+            dynamic_shapes={"x": None, "kept": {0: dim}},
+        )
     return Path(path)

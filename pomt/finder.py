@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,8 @@ __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY
 LOW_ACCURACY_FRACTION = 0.8
 
 # The SearchConfig fields that pomt.profile_latency takes under the same names.
-LATENCY_SETTINGS = (
-    "grid",
-    "alpha",
-    "warmup",
-    "min_run_time",
-    "cuda_graphs",
-    "relative",
-    "coarse_points",
-    "max_points",
-    "period",
+LATENCY_SETTINGS = tuple(
+    "grid alpha warmup min_run_time cuda_graphs relative coarse_points max_points period".split()
 )
 
 
@@ -90,10 +82,10 @@ class SearchConfig:
     ``accuracy_grid`` (default: 16 token counts), in batches of ``accuracy_batch_size``.
 
     Verification (``verify``, on by default; see ``pomt.verify``): the chosen R is timed
-    against the unpruned model, call by call, in ``verify_blocks`` blocks, for about
+    against the unpruned model, call by call, in ``verify_groups`` groups, for about
     ``verify_time`` seconds per candidate (the pairs adapt to the model's latency), and never
-    fewer than ``verify_pairs`` pairs (at least one per block); R is kept only if it is
-    significantly faster over the blocks (and, in utility mode, its measured utility beats
+    fewer than ``verify_pairs`` pairs (at least one per group); R is kept only if it is
+    significantly faster over the groups (and, in utility mode, its measured utility beats
     R = 0), else the next of up to ``verify_candidates`` candidates is tried, down to R = 0.
 
     :meth:`coerce` makes one from a mapping (a dict, or a Hydra/OmegaConf ``DictConfig``),
@@ -119,7 +111,8 @@ class SearchConfig:
     verify_pairs: int = 6
     verify_time: float = 1.0
     verify_candidates: int = 3
-    verify_blocks: int = 6
+    verify_groups: int = 6
+    verify_blocks: InitVar[int | None] = None  # deprecated name of verify_groups
 
     @classmethod
     def coerce(cls, value: SearchConfig | Mapping[str, Any] | None) -> SearchConfig:
@@ -139,12 +132,15 @@ class SearchConfig:
         if target is not None and str(target).rsplit(".", 1)[-1] != cls.__name__:
             raise ValueError(f"search: _target_ {target!r} is not pomt.SearchConfig")
         valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(valid))
+        unknown = sorted(set(data) - set(valid) - {"verify_blocks"})
         if unknown:
             raise ValueError(f"search: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
         return cls(**data)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, verify_blocks: int | None) -> None:
+        if verify_blocks is not None:  # "blocks" are the transformer's: these are timing groups
+            warnings.warn("verify_blocks is now verify_groups", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "verify_groups", verify_blocks)
         check_objective(self.alpha, self.latency_budget_ms, self.accuracy_floor)
         if not self.min_run_time >= 0:
             raise ValueError(f"min_run_time must be >= 0, got {self.min_run_time!r}")
@@ -159,7 +155,7 @@ class SearchConfig:
         _positive("accuracy_batch_size", self.accuracy_batch_size)
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
         _positive("verify_candidates", self.verify_candidates, allow_none=False)
-        _positive("verify_blocks", self.verify_blocks, allow_none=False)
+        _positive("verify_groups", self.verify_groups, allow_none=False)
         if not self.verify_time >= 0:
             raise ValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples
@@ -411,7 +407,7 @@ def find_r(
                 **setup,
                 **config.latency_kwargs(accuracy, device),
             )
-            notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.search})")
+            notes.append(f"measured L(n) at {len(latency.points)} token counts ({latency.sampling})")
             if path is not None:
                 latency.save(path)
         flush()
@@ -428,7 +424,7 @@ def find_r(
                         warmup=config.warmup,
                         min_run_time=config.verify_time,
                         min_pairs=config.verify_pairs,
-                        blocks=config.verify_blocks,
+                        groups=config.verify_groups,
                     )
                 return speedup_samples(
                     eager,
@@ -442,7 +438,7 @@ def find_r(
                     warmup=config.warmup,
                     min_run_time=config.verify_time,
                     min_pairs=config.verify_pairs,
-                    blocks=config.verify_blocks,
+                    groups=config.verify_groups,
                 )
 
             selection = verify(selection, speedups_at, candidates=config.verify_candidates, log=log)

@@ -21,6 +21,7 @@ __all__ = [
     "imagenet_wnids",
     "imagenet_class_names",
     "imagenet_labels",
+    "class_labels",
 ]
 
 
@@ -113,3 +114,25 @@ def imagenet_labels(names: Iterable[str]) -> dict[str, int] | None:
     index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
     names = list(names)
     return {name: index[name] for name in names} if all(name in index for name in names) else None
+
+
+def class_labels(names: Iterable[str], *, imagenet: bool | None = None) -> tuple[dict[str, int], bool]:
+    """Each class name's label, and whether the labels are ImageNet-1k's.
+
+    The one labelling rule of the datamodules and ``pomt-estimate-accuracy``: wnid names get their
+    standard ImageNet-1k index (the order pretrained heads read), other names their sorted
+    position. ``imagenet``: None uses ImageNet's labels when every name is a wnid, True requires
+    it (ValueError naming the names that are not wnids), False never uses them.
+    """
+    names = sorted(set(names))
+    index = imagenet_labels(names) if imagenet is not False else None
+    if imagenet and index is None:
+        wnids = set(imagenet_wnids())
+        bad = [name for name in names if name not in wnids][:5]
+        raise ValueError(
+            f"ImageNet labels need wnid class names (e.g. n01440764); not wnids: {bad}: "
+            "rename the folders or label them by their sorted position"
+        )
+    if index is not None:
+        return index, True
+    return {name: i for i, name in enumerate(names)}, False

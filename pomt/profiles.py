@@ -15,6 +15,7 @@ import datetime as _dt
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -92,6 +93,7 @@ class _Profile:
 
     kind: ClassVar[str]
     _point_type: ClassVar[type]
+    _old_keys: ClassVar[dict[str, str]] = {}  # JSON key of an earlier version -> its field now
 
     model: str
     device: str
@@ -141,6 +143,7 @@ class _Profile:
                 f"{source}: schema_version {version} predates the first release (this pomt reads "
                 f"{SCHEMA_VERSION}); measure the profile again"
             )
+        data = {cls._old_keys.get(k, k): v for k, v in data.items() if cls._old_keys.get(k) not in data}
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
         required = [
             f.name
@@ -260,6 +263,7 @@ class LatencyProfile(_Profile):
 
     kind: ClassVar[str] = "latency"
     _point_type: ClassVar[type] = LatencyPoint
+    _old_keys: ClassVar[dict[str, str]] = {"search": "sampling"}
 
     device_type: str
     batch_size: int
@@ -267,7 +271,9 @@ class LatencyProfile(_Profile):
     layer: int
     threads: int | None
     cuda_graphs: bool
-    search: str
+    sampling: (
+        str  # how the token counts were chosen: "grid", "fast", "fast-guided(...)", "..., relative to N"
+    )
     points: list[LatencyPoint]
     architecture: str = ""
     precision: str = ""
@@ -277,6 +283,14 @@ class LatencyProfile(_Profile):
     runtime: str = "torch"
     runtime_version: str = ""
     runtime_options: str = ""
+
+    @property
+    def search(self) -> str:
+        """Deprecated name of :attr:`sampling` ("search" means :func:`pomt.find_r`'s)."""
+        warnings.warn(
+            "LatencyProfile.search is now LatencyProfile.sampling", DeprecationWarning, stacklevel=2
+        )
+        return self.sampling
 
     @property
     def latency_ms(self) -> dict[int, float]:

@@ -292,7 +292,7 @@ def profile_latency(
                 for n in grid:
                     points[n] = fn(n)
                     on_point(n, points[n])
-                search = "grid"
+                sampling = "grid"
             else:
                 points = adaptive_search(
                     fn,
@@ -305,10 +305,10 @@ def profile_latency(
                     alpha=alpha,
                     on_point=on_point,
                 )
-                search = "fast" if accuracy is None else f"fast-guided(alpha={alpha:g})"
+                sampling = "fast" if accuracy is None else f"fast-guided(alpha={alpha:g})"
             if relative and measure is None:  # final scale: the pooled median of all reference samples
                 points = {n: scaled(n) for n in points}
-                search += ", relative to N"
+                sampling += ", relative to N"
     finally:
         bar.close()
     threads = torch.get_num_threads() if device.type == "cpu" else None
@@ -328,7 +328,7 @@ def profile_latency(
         prefix=prefix,
         threads=threads,
         cuda_graphs=graphs_ok,
-        search=search,
+        sampling=sampling,
         architecture=architecture(vit, size),
         precision=precision,
         kernels=kernel_backend(device, dtype) if deployed is None else f"{runtime} graph",

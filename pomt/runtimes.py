@@ -231,17 +231,11 @@ class RuntimeModel:
         folder = Path(workdir if workdir is not None else self._tmp.name)
         start = time.perf_counter()
         x = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
-        from pomt.pruning import pruning_config, remove_pruning
+        from pomt.pruning import pruning_restored, remove_pruning
 
-        before = pruning_config(vit)
-        try:
+        with pruning_restored(vit):
             remove_pruning(vit)
             self.unpruned_record = export_onnx(model, folder / "unpruned.onnx", x, vit=vit)
-        finally:
-            if before is not None:
-                from pomt.pruning import apply_pruning
-
-                apply_pruning(vit, before.method, before.r, before.layer)
         self.token_graph = export_token_graph(
             model, folder / "pomt_tokens.onnx", layer=layer, batch_size=batch_size, vit=vit, img_size=size
         )
@@ -258,15 +252,15 @@ class RuntimeModel:
         """|ONNX Runtime - PyTorch| of the token graph at one n (fp32 on both sides)."""
         from pomt.export import ExportMismatch, run_onnxruntime
         from pomt.profiling import on_device
-        from pomt.pruning import apply_pruning
+        from pomt.pruning import pruned
 
         n = (self.prefix + 1 + self.n_total - 1) // 2
         with (
             on_device(model, vit, torch.device("cpu"), torch.float32),
             torch.inference_mode(),
             torch.autocast("cpu", enabled=False),
+            pruned(vit, "pomt", r=self.n_total - n, layer=self.layer),
         ):
-            apply_pruning(vit, "pomt", r=self.n_total - n, layer=self.layer)
             expected = model(x).float().numpy()
         got = run_onnxruntime(self.token_graph, self._feeds_for(x.numpy(), n), threads=self.threads)
         diff = float(np.abs(got - expected).max())

@@ -3,17 +3,17 @@
 A latency profile times each n once, minutes apart from its neighbours; on a busy machine a
 single fast measurement can make an n look like a step that is not there. So before R is
 used, the model pruned at R and the unpruned model are timed side by side, call by call,
-in ``blocks`` separate blocks spread over the verification's time (each block re-times both
-models, and the order within a pair alternates from block to block). The number of pairs
+in ``groups`` separate groups spread over the verification's time (each group re-times both
+models, and the order within a pair alternates from group to group). The number of pairs
 adapts to the model's latency so that one candidate takes about its time budget
 (``SearchConfig.verify_time``) after a short warm-up, with a stated minimum of
-``verify_pairs`` pairs (one per block at least). R is kept only when
+``verify_pairs`` pairs (one per group at least). R is kept only when
 
 - the speed-up is significantly above 1: the lower end of a 95 % confidence interval of the
-  median over the *blocks'* speed-ups is above 1. Calls moments apart share the machine's
-  state, so they are not independent samples; blocks are the unit, and a burst of noise
-  that covers some blocks widens the interval instead of confirming a speed-up. (With six
-  blocks the interval spans all of them: one block without a gain rejects R.)
+  median over the *groups'* speed-ups is above 1. Calls moments apart share the machine's
+  state, so they are not independent samples; groups are the unit, and a burst of noise
+  that covers some groups widens the interval instead of confirming a speed-up. (With six
+  groups the interval spans all of them: one group without a gain rejects R.)
 - in utility mode, the utility with the *measured* speed-up beats R = 0; with a latency
   budget, the measured latency meets the budget.
 
@@ -25,6 +25,7 @@ the selection (``Selection.measurements``), also when R = 0 is.
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -54,21 +55,23 @@ def speedup_samples(
     warmup: int = 3,
     min_run_time: float = 1.0,
     min_pairs: int = 6,
-    blocks: int = 6,
+    groups: int = 6,
+    blocks: int | None = None,
 ) -> tuple[list[float], float]:
-    """Per-block speed-ups ``t_unpruned / t_pruned`` of POMT at ``r`` and the unpruned median (ms).
+    """Per-group speed-ups ``t_unpruned / t_pruned`` of POMT at ``r`` and the unpruned median (ms).
 
     The time budget: the pairs of one candidate take about ``min_run_time`` seconds. The
     warm-up pairs (``warmup``, cut short once they pass a quarter of the budget; at least one)
-    are timed, and each of the ``blocks`` blocks gets as many pairs as fit in its share of
-    the budget at that pace, never fewer than ``ceil(min_pairs / blocks)`` (at least one):
+    are timed, and each of the ``groups`` groups gets as many pairs as fit in its share of
+    the budget at that pace, never fewer than ``ceil(min_pairs / groups)`` (at least one):
     the stated minimum, so a model slower than ``min_run_time / min_pairs`` per pair takes
-    ``min_pairs`` pairs whatever the budget. Each block times both models call by call
-    (CUDA-graph replays when ``cuda_graphs``), the pruned one first in even blocks and second
+    ``min_pairs`` pairs whatever the budget. Each group times both models call by call
+    (CUDA-graph replays when ``cuda_graphs``), the pruned one first in even groups and second
     in odd ones, and its speed-up is the median of its pairs.
     """
-    if not is_int(blocks) or blocks < 1:
-        raise ValueError(f"blocks must be a positive int, got {blocks!r}")
+    groups = _renamed_groups(groups, blocks)
+    if not is_int(groups) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
     x = random_batch(vit, batch_size, image_size(vit, None), device, dtype)
 
     def call() -> object:
@@ -93,7 +96,7 @@ def speedup_samples(
             sides = [(pruned, None), (unpruned, None)]
         else:
             sides = [(call, prune), (call, unprune)]
-        timing = dict(warmup=warmup, min_run_time=min_run_time, min_pairs=min_pairs, blocks=blocks)
+        timing = dict(warmup=warmup, min_run_time=min_run_time, min_pairs=min_pairs, groups=groups)
         return paired_speedups(sides[0], sides[1], device=device, **timing)
 
 
@@ -105,18 +108,20 @@ def paired_speedups(
     warmup: int = 3,
     min_run_time: float = 1.0,
     min_pairs: int = 6,
-    blocks: int = 6,
+    groups: int = 6,
+    blocks: int | None = None,
 ) -> tuple[list[float], float]:
-    """Per-block speed-ups of ``pruned`` over ``unpruned`` (each a call and an untimed setup or
+    """Per-group speed-ups of ``pruned`` over ``unpruned`` (each a call and an untimed setup or
     None) and the unpruned median (ms), within the time budget of :func:`speedup_samples`, for
     any calls (eager modules, graph replays, a runtime's compiled graphs)."""
+    groups = _renamed_groups(groups, blocks)
     sides = [pruned, unpruned]
     device = torch.device(device)
-    pairs = _pairs_per_block(sides, device, warmup, min_run_time, min_pairs, blocks)
+    pairs = _pairs_per_group(sides, device, warmup, min_run_time, min_pairs, groups)
     speedups: list[float] = []
     reference: list[float] = []
-    for block in range(blocks):
-        first, second = sides if block % 2 == 0 else sides[::-1]
+    for group in range(groups):
+        first, second = sides if group % 2 == 0 else sides[::-1]
         ratios, other = time_paired(
             first[0],
             second[0],
@@ -127,7 +132,7 @@ def paired_speedups(
             prepare=first[1],
             prepare_reference=second[1],
         )
-        if block % 2 == 0:  # ratios are t_pruned / t_unpruned
+        if group % 2 == 0:  # ratios are t_pruned / t_unpruned
             speedups.append(1.0 / max(statistics.median(ratios), 1e-12))
             reference.extend(other)
         else:  # ratios are t_unpruned / t_pruned
@@ -136,10 +141,18 @@ def paired_speedups(
     return speedups, median_interval(reference)[0]
 
 
-def _pairs_per_block(
-    sides: list, device: torch.device, warmup: int, budget: float, min_pairs: int, blocks: int
+def _renamed_groups(groups: int, blocks: int | None) -> int:
+    """``groups``, or the deprecated ``blocks=`` it replaced ("blocks" are the transformer's)."""
+    if blocks is None:
+        return groups
+    warnings.warn("blocks= is now groups= (timing groups)", DeprecationWarning, stacklevel=3)
+    return blocks
+
+
+def _pairs_per_group(
+    sides: list, device: torch.device, warmup: int, budget: float, min_pairs: int, groups: int
 ) -> int:
-    """Warm both sides up (timed), and the pairs per block that fill ``budget`` seconds at that pace."""
+    """Warm both sides up (timed), and the pairs per group that fill ``budget`` seconds at that pace."""
     spent: list[float] = []
     while not spent or (len(spent) < warmup and sum(spent) < 0.25 * budget):
         with Stopwatch(device) as watch:
@@ -149,7 +162,7 @@ def _pairs_per_block(
                 fn()
         spent.append(watch.elapsed_ms / 1e3)
     pace = max(spent[-1], 1e-9)  # the warmest pair
-    return max(1, -(-min_pairs // blocks), round(budget / blocks / pace))
+    return max(1, -(-min_pairs // groups), round(budget / groups / pace))
 
 
 def _passes(selection: Selection, n: int, speedup: float, low: float, unpruned_ms: float) -> str | None:
@@ -179,7 +192,7 @@ def verify(
     """The first of the selection's candidates (at most ``candidates`` of them) whose measured
     speed-up passes (see the module docstring), with the measurement recorded; else R = 0.
 
-    ``measure(r)`` returns the per-block speed-ups of POMT at ``r`` and the unpruned model's
+    ``measure(r)`` returns the per-group speed-ups of POMT at ``r`` and the unpruned model's
     median latency (:func:`speedup_samples`, or a fake in tests).
     """
     if selection.n_star == selection.n_total:
@@ -196,7 +209,7 @@ def verify(
         measured.append((r, speedup, low, high))
         predicted = selection.at(n).speedup
         line = f"R={r}: " + (f"predicted x{predicted:.3f}, " if predicted else "")
-        line += f"measured x{speedup:.3f} [{low:.3f}, {high:.3f}] (95% CI over {len(samples)} blocks)"
+        line += f"measured x{speedup:.3f} [{low:.3f}, {high:.3f}] (95% CI over {len(samples)} groups)"
         why = _passes(selection, n, speedup, low, unpruned_ms)
         if why is None:
             note = f"{line}: verified" + (f" (rejected before: {'; '.join(reasons)})" if reasons else "")

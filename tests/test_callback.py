@@ -190,16 +190,16 @@ def test_missing_vit_is_a_clear_error_at_setup():
 
 
 def count_searches(monkeypatch) -> list[int]:
-    """A list that grows by one at each search of any POMTCallback (``stage_support.search``)."""
+    """A list that grows by one at each search of any POMTCallback (``stage_support.choose_r``)."""
     from pomt.callbacks import stage_support
 
-    searches, search = [], stage_support.search
+    searches, search = [], stage_support.choose_r
 
     def counting(*args, **kwargs):
         searches.append(1)
         return search(*args, **kwargs)
 
-    monkeypatch.setattr(stage_support, "search", counting)
+    monkeypatch.setattr(stage_support, "choose_r", counting)
     return searches
 
 
@@ -336,13 +336,13 @@ from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
 
 from pomt.callbacks import stage_support
-searches, search = [], stage_support.search
+searches, search = [], stage_support.choose_r
 
 def counting(*args, **kwargs):
     searches.append(1)
     return search(*args, **kwargs)
 
-stage_support.search = counting
+stage_support.choose_r = counting
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -286,7 +286,7 @@ def test_verification_does_not_confirm_a_burst_that_made_one_profile_point_fast(
     model = Bursty(clock, burst_r=N - 5, burst=1.2)
     config = SearchConfig(
         alpha=1.0, grid=(17, 13, 9, 5), min_run_time=0.2, warmup=1, accuracy_samples=16,
-        accuracy_grid=(17, 9, 5), verify_time=1.2, verify_pairs=12, verify_blocks=6,
+        accuracy_grid=(17, 9, 5), verify_time=1.2, verify_pairs=12, verify_groups=6,
     )  # fmt: skip
     lines: list[str] = []
     result = find_r(model, image_loader(), layer=LAYER, batch_size=2, config=config, progress=False,

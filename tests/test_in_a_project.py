@@ -298,7 +298,7 @@ def test_timing_relative_to_the_unpruned_model_is_the_cpu_default():
     assert not SearchConfig(relative=False).relative_on("cpu")
     result = pomt.find_r(Project(), image_loader(), layer=LAYER, batch_size=4,
                          config=SearchConfig(**(QUICK | {"verify": False})), progress=False, log=lambda line: None)  # fmt: skip
-    assert result.latency.search.endswith("relative to N")
+    assert result.latency.sampling.endswith("relative to N")
 
 
 def test_a_real_verification_on_this_machine_measures_both_models():
@@ -307,7 +307,7 @@ def test_a_real_verification_on_this_machine_measures_both_models():
     vit = make_tiny_vit()
     samples, unpruned_ms = speedup_samples(
         vit, vit, 15, layer=0, batch_size=8, device=torch.device("cpu"), dtype=torch.float32,
-        warmup=1, min_run_time=0.0, min_pairs=8, blocks=4,
+        warmup=1, min_run_time=0.0, min_pairs=8, groups=4,
     )  # fmt: skip
     assert len(samples) == 4 and unpruned_ms > 0 and all(s > 0 for s in samples)  # one speed-up per block
     assert pomt.pruning_config(vit) is None  # put back as it was

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -80,7 +81,7 @@ def test_relative_profile_pairs_every_point_with_the_unpruned_model():
         progress=False,
     )
     hook.remove()
-    assert lat.grid == [3, 9, 17] and lat.search.endswith("relative to N")
+    assert lat.grid == [3, 9, 17] and lat.sampling.endswith("relative to N")
     assert calls[:8] == [17] * 8  # n = N first: both calls of each pair are the unpruned model
     assert calls[8:16] == [9, 17] * 4  # then n = 9 alternating with the reference, call by call
     assert lat.points[-1].samples == 3 * 4  # N pools the reference samples of every pair
@@ -153,7 +154,7 @@ def test_injected_timer_drives_the_default_search():
         return TimingStats.from_samples([10.0 + 5 * (n > 40), 10.0 + 5 * (n > 40)])
 
     lat = profile_latency(model, measure=fake, progress=False)
-    assert lat.grid == sorted(calls) and len(calls) < 64 and lat.search == "fast"
+    assert lat.grid == sorted(calls) and len(calls) < 64 and lat.sampling == "fast"
     assert {40, 41} <= set(lat.grid)  # the one step was located exactly
     assert pomt.select_r(lat, {n: n / 65 for n in range(2, 66)}, alpha=0.5).n_star in (40, 65)
 
@@ -164,7 +165,7 @@ def test_guided_search_through_profile_latency_and_a_foreign_accuracy_profile():
     fake = lambda n: TimingStats.from_samples([10.0 + 4 * sum(n > s for s in steps)] * 3)  # noqa: E731
     acc = {n: 0.8 * (1 - math.exp(-n / 12)) for n in (2, 10, 20, 30, 40, 50, 65)}
     lat = profile_latency(model, measure=fake, accuracy=acc, alpha=0.5, progress=False)
-    assert lat.search.startswith("fast-guided")
+    assert lat.sampling.startswith("fast-guided")
     full = {n: fake(n) for n in range(2, 66)}
     assert pomt.select_r(lat, acc).n_star == pomt.select_r(full, acc).n_star
     foreign = estimate_accuracy(
@@ -235,6 +236,18 @@ def test_estimate_accuracy_errors():
 
 
 # --------------------------------------------------------------------------- profiles as files
+
+
+def test_latency_profile_sampling_reads_its_old_key_search(tmp_path):
+    lat = profile_latency(make_tiny_vit(), batch_size=2, grid=[2, 17], **FAST)
+    data = lat.to_dict()
+    assert data["sampling"] == "grid" and "search" not in data
+    data["search"] = data.pop("sampling")  # as a profile saved before the rename
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = LatencyProfile.load(tmp_path / "old.json")
+    assert old == lat
+    with pytest.warns(DeprecationWarning, match="sampling"):
+        assert old.search == "grid"
 
 
 def test_profiles_round_trip_through_json(tmp_path):
@@ -388,6 +401,36 @@ def test_every_command_has_help(command, capsys):
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"pomt-{command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_pomt_subcommand_has_the_options_of_its_console_script(command):
+    def options(parser):
+        return sorted(s for action in parser._actions for s in action.option_strings)
+
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert options(sub.choices[command]) == options(cli.COMMANDS[command][0]())
+
+
+def test_pomt_without_a_known_command_is_a_usage_error(capsys):
+    for argv in ([], ["pomt-frobnicate"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+    assert "profile-latency" in capsys.readouterr().err
+
+
+def test_class_labels_one_rule_for_wnids_and_other_names():
+    from pomt.preprocessing import class_labels
+
+    assert class_labels(["n01443537", "n01440764"]) == ({"n01443537": 1, "n01440764": 0}, True)
+    assert class_labels(["n01443537", "n01440764"], imagenet=False) == (
+        {"n01440764": 0, "n01443537": 1},
+        False,
+    )
+    assert class_labels(["dog", "cat"]) == ({"cat": 0, "dog": 1}, False)
+    with pytest.raises(ValueError, match=r"not wnids: \['cat'\]"):
+        class_labels(["cat", "n01440764"], imagenet=True)
 
 
 def test_commands_profile_estimate_and_select_from_saved_files(tmp_path, capsys):

@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 FAST = dict(min_run_time=0.02, warmup=1, accuracy_samples=16, verify_time=0.05, verify_pairs=6,
-            verify_blocks=2, grid=(17, 13, 9, 5))  # fmt: skip
+            verify_groups=2, grid=(17, 13, 9, 5))  # fmt: skip
 
 
 def _find(model, runtime, path, lines):

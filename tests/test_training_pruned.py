@@ -75,13 +75,13 @@ def test_training_steps_run_pruned_change_the_weights_and_the_model_is_put_back(
 
 def test_r_is_chosen_once_on_the_starting_weights_and_held_through_fit_and_test(tmp_path, monkeypatch):
     searches = []
-    search = support.search
+    search = support.choose_r
 
     def counting(*args, **kwargs):
         searches.append(_weights(module)["blocks.0.attn.qkv.weight"])
         return search(*args, **kwargs)
 
-    monkeypatch.setattr(support, "search", counting)
+    monkeypatch.setattr(support, "choose_r", counting)
 
     module = tiny_classifier(latency_warmup_batches=0)
     start = _weights(module)["blocks.0.attn.qkv.weight"]

@@ -162,7 +162,7 @@ def time_configurations(
     eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``.
     With ``how.runtime`` other than torch, see :func:`time_exported`."""
     if how.runtime != "torch":
-        return time_exported(model, images, configs, layer=layer, how=how)
+        return time_exported(model, images, configs, layer=layer, how=how, vit=vit)
     model.to(device).eval()
     images = images.to(device)
     by_key = {c.key: c for c in configs}
@@ -189,7 +189,13 @@ def time_configurations(
 
 
 def time_exported(
-    model: nn.Module, images: torch.Tensor, configs: Sequence[Configuration], *, layer: int, how: SideBySide
+    model: nn.Module,
+    images: torch.Tensor,
+    configs: Sequence[Configuration],
+    *,
+    layer: int,
+    how: SideBySide,
+    vit: nn.Module | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every configuration exported (``pomt.export_onnx``: checked against PyTorch in ONNX
     Runtime), compiled by ``how.runtime`` at the batch's shape and timed side by side there. Each
@@ -203,12 +209,12 @@ def time_exported(
     from pomt.export import export_onnx, input_name
     from pomt.runtimes import compile_onnx
 
-    vit = pomt.find_vit(model)[1]
+    vit = pomt.find_vit(model)[1] if vit is None else vit  # the sweep passes the one it found
     model.to("cpu").eval()
     images = images.detach().to("cpu", torch.float32)
     calls, modes = {}, {}
     with tempfile.TemporaryDirectory(prefix="pomt-sweep-") as tmp:
-        try:
+        with pomt.pruning_restored(vit):
             for config in configs:
                 pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
                 record = export_onnx(model, f"{tmp}/{config.key}.onnx", images, vit=vit)
@@ -233,8 +239,6 @@ def time_exported(
                     f"{info.label} export (ONNX Runtime f32 |diff| {record.max_abs_diff:.1e}; in {info.precision} "
                     f"top-1 = PyTorch's on {agree:.0%} of the batch, max |diff| {float((got - expected).abs().max()):.2g})"
                 )
-        finally:
-            pomt.remove_pruning(vit)
         stats = time_interleaved(
             calls, rounds=how.rounds, warmup=how.warmup, progress=f"timing {len(calls)} {how.runtime} exports"
         )
