@@ -20,8 +20,8 @@ from typing_extensions import override
 
 from pomt.callbacks import logs
 from pomt.callbacks import stage_support as support
+from pomt.callbacks.stage_support import SPLITS, STAGES
 from pomt.data import split_batch
-from pomt.errors import is_int
 from pomt.finder import Search, SearchConfig
 from pomt.models import find_vit, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile, LatencyProfile
@@ -30,9 +30,6 @@ from pomt.runtimes import check_runtime
 from pomt.selection import Selection
 
 __all__ = ["POMTCallback", "STAGES", "SPLITS"]
-
-STAGES = ("validate", "test", "predict", "fit", "train")
-SPLITS = ("selection", "val", "train", "test")
 
 
 class POMTCallback(Callback):
@@ -86,29 +83,9 @@ class POMTCallback(Callback):
     ) -> None:
         super().__init__()
         self.runtime = check_runtime(runtime)
-        if method not in ("pomt", "topk", "tome"):
-            raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
-        if method != "pomt" and r is None:
-            raise ValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
-        if r is not None and (not is_int(r) or r < 0):
-            raise ValueError(f"r must be a non-negative int or None, got {r!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if accuracy_split is not None and accuracy_split not in SPLITS:
-            raise ValueError(
-                f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {accuracy_split!r}"
-            )
-        unknown = sorted(set(stages) - set(STAGES))
-        if unknown:
-            raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
-        if {"fit", "train"} <= set(stages):
-            raise ValueError(
-                "stages has 'fit' and 'train': 'train' already prunes the validations inside fit"
-            )
-        try:
-            search = SearchConfig.coerce(search)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"POMTCallback: {err}") from err
+        search = support.check_options(
+            method, r, batch_size=batch_size, split=accuracy_split, stages=stages, search=search
+        )
         self.method, self.r, self.layer, self.search_config = method, r, layer, search
         self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +28,16 @@ from torch import nn
 
 import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
+from pomt.errors import is_int
 from pomt.finder import Search, SearchConfig, find_r
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
 from pomt.profiles import AccuracyProfile
 from pomt.pruning import PruningConfig, pruning_config
 
 __all__ = [
+    "STAGES",
+    "SPLITS",
+    "check_options",
     "say",
     "warn",
     "unlabelled",
@@ -50,6 +54,8 @@ __all__ = [
 T = TypeVar("T")
 logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
 
+STAGES = ("validate", "test", "predict", "fit", "train")
+SPLITS = ("selection", "val", "train", "test")
 LOADERS = {
     "train": "train_dataloader",
     "validate": "val_dataloaders",
@@ -70,6 +76,38 @@ _INTERNAL = tuple(
     | {str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep}
     | {str(Path(pl.__file__).parent.parent)}  # lightning/, lightning_utilities/, lightning_fabric/
 )
+
+
+def check_options(
+    method: str,
+    r: int | None,
+    *,
+    batch_size: int | None,
+    split: str | None,
+    stages: tuple[str, ...],
+    search: SearchConfig | Mapping[str, Any] | None,
+) -> SearchConfig:
+    """The callback's options checked at construction (each error names the value, the valid
+    range and the fix); returns ``search`` as a :class:`pomt.SearchConfig`."""
+    if method not in ("pomt", "topk", "tome"):
+        raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
+    if method != "pomt" and r is None:
+        raise ValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
+    if r is not None and (not is_int(r) or r < 0):
+        raise ValueError(f"r must be a non-negative int or None, got {r!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {split!r}")
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
+    if {"fit", "train"} <= set(stages):
+        raise ValueError("stages has 'fit' and 'train': 'train' already prunes the validations inside fit")
+    try:
+        return SearchConfig.coerce(search)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"POMTCallback: {err}") from err
 
 
 @rank_zero_only
