@@ -19,24 +19,25 @@ from pomt.lightning.loggers import (
 )
 from pomt.plots import plot_profiles
 
-__all__ = ["describe", "measured", "warn_pruned_monitors", "log_pomt", "log_token_maps"]
+__all__ = ["describe", "measured", "warn_pruned_monitors", "pomt_scalars", "log_pomt", "log_token_maps"]
 
 
-def describe(callback: Any, where: str | None) -> str:
+def describe(
+    method: str, r: int, schedule: list[int], *, where: str | None, r_source: str | None, selection: Any
+) -> str:
     """The line the callback prints when it has pruned the model: R and where it came from, and
-    for a search the selection's estimates and the measured (verified) speed-up."""
-    text = (
-        f"POMTCallback: {callback.method} r={callback.applied_r} on `{where or '<module>'}`, "
-        f"tokens per block {callback.applied_schedule}"
-    )
-    if callback.r_source == "trained_r":
+    for a search (``r_source="search"``) the selection's estimates and measured speed-up."""
+    text = f"POMTCallback: {method} r={r} on `{where or '<module>'}`, tokens per block {schedule}"
+    if r_source == "trained_r":
         text += "; R from trained_r, the R these weights were trained at (no new search)"
-    elif callback.r_source == "search" and callback.selection is not None:
-        text += f"; {callback.selection.summary()}"
+    elif r_source == "search" and selection is not None:
+        text += f"; {selection.summary()}"
     return text
 
 
-def measured(callback: Any, stage: str, metrics: Any) -> str:
+def measured(
+    stage: str, metrics: Any, *, method: str, r: int | None, r_source: str | None, selection: Any
+) -> str:
     """The accuracy the stage measured on the pruned model (its logged metrics whose names hold
     "acc"), beside the selection's random-token estimate where R was searched."""
     values = {
@@ -45,20 +46,16 @@ def measured(callback: Any, stage: str, metrics: Any) -> str:
         if "acc" in k.lower() and not k.startswith("pomt/") and getattr(v, "numel", lambda: 1)() == 1
     }
     found = ", ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())) or "no accuracy metric logged"
-    text = f"{stage} of {callback.method} r={callback.applied_r} ({_origin(callback)}) measured {found}"
-    sel = callback.selection
-    if callback.r_source == "search" and sel is not None:
+    origin = {"r": "fixed r", "trained_r": "R from trained_r", "search": "R from the search"}.get(
+        r_source, "R"
+    )
+    text = f"{stage} of {method} r={r} ({origin}) measured {found}"
+    if r_source == "search" and selection is not None:
         text += (
-            f"; the selection's estimate A({sel.n_star})={sel.predicted_accuracy:.4f} was the accuracy with "
-            f"{sel.n_star} random tokens, not this model's"
+            f"; the selection's estimate A({selection.n_star})={selection.predicted_accuracy:.4f} was the "
+            f"accuracy with {selection.n_star} random tokens, not this model's"
         )
     return text
-
-
-def _origin(callback: Any) -> str:
-    return {"r": "fixed r", "trained_r": "R from trained_r", "search": "R from the search"}.get(
-        callback.r_source, "R"
-    )
 
 
 def warn_pruned_monitors(trainer: Any) -> None:
@@ -72,12 +69,14 @@ def warn_pruned_monitors(trainer: Any) -> None:
         )
 
 
-def _pomt_scalars(callback: Any) -> dict[str, float]:
-    out: dict[str, float] = {"pomt/r": float(callback.applied_r or 0)}
-    if callback.applied_schedule:
-        out["pomt/n_last"] = float(callback.applied_schedule[-1])
-    sel = callback.selection
-    if sel is not None and callback.r_source == "search":  # not for a fixed r, nor trained_r
+def pomt_scalars(r: int | None, schedule: list[int] | None, selection: Any) -> dict[str, float]:
+    """The scalars of a pruned stage: R, the tokens leaving the last block and, where R was
+    searched (``selection`` given; None for a fixed r or trained_r), the selection's values."""
+    out: dict[str, float] = {"pomt/r": float(r or 0)}
+    if schedule:
+        out["pomt/n_last"] = float(schedule[-1])
+    sel = selection
+    if sel is not None:
         out.update(
             {
                 "pomt/n_star": float(sel.n_star),
@@ -92,41 +91,56 @@ def _pomt_scalars(callback: Any) -> dict[str, float]:
             out["pomt/predicted_speedup"] = float(sel.speedup)
         if sel.measurements:  # the applied R's, else (R = 0 kept) the best-ranked candidate's
             chosen = [m for m in sel.measurements if m[0] == sel.r] or sel.measurements[:1]
-            r, speedup, low, high = chosen[0]
-            out["pomt/measured_r"] = float(r)
+            measured_r, speedup, low, high = chosen[0]
+            out["pomt/measured_r"] = float(measured_r)
             out["pomt/measured_speedup"] = float(speedup)
             out["pomt/measured_speedup_low"] = float(low)
             out["pomt/measured_speedup_high"] = float(high)
     return out
 
 
-def log_pomt(trainer: Any, pl_module: Any, callback: Any, stage: str) -> None:
-    """Everything the callback found, to the Trainer's loggers: scalars (through
-    ``pl_module.log`` where Lightning allows it, so ``trainer.test`` returns them), run
-    summary values, and, when it searched, the curves as a table, line plots and a figure."""
-    scalars = _pomt_scalars(callback)
+def log_pomt(
+    trainer: Any,
+    pl_module: Any,
+    stage: str,
+    *,
+    method: str,
+    layer: int,
+    r: int | None,
+    schedule: list[int] | None,
+    result: Any,
+    r_source: str | None,
+    log_plots: bool,
+) -> dict[str, float]:
+    """Everything found for a pruned stage, to the Trainer's loggers: scalars (through
+    ``pl_module.log`` where Lightning allows it, so ``trainer.test`` returns them), run summary
+    values, and, where R was searched (``r_source="search"``), the curves of ``result`` (a
+    :class:`pomt.Search` or None) as a table, line plots and a figure. Returns the scalars."""
+    latency = None if result is None else result.latency
+    sel = result.selection if result is not None and r_source == "search" else None
+    scalars = pomt_scalars(r, schedule, sel)
     if stage in ("validate", "test"):  # epoch-level values, returned by trainer.validate/test
         for key, value in scalars.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
     elif trainer.loggers:
         log_scalars(trainer, scalars, step=trainer.global_step)
     if not trainer.loggers:
-        return
+        return scalars
     summary: dict[str, Any] = dict(scalars)
-    summary.update({"pomt/method": callback.method, "pomt/layer": callback.layer, "pomt/stage": stage})
-    if callback.latency_profile is not None:
-        summary["pomt/device"] = callback.latency_profile.device
-        summary["pomt/profile_batch_size"] = callback.latency_profile.batch_size
-        summary["pomt/precision"] = callback.latency_profile.precision
-    if callback.selection is not None and callback.r_source == "search" and callback.selection.verification:
-        summary["pomt/verification"] = callback.selection.verification
+    summary.update({"pomt/method": method, "pomt/layer": layer, "pomt/stage": stage})
+    if latency is not None:
+        summary["pomt/device"] = latency.device
+        summary["pomt/profile_batch_size"] = latency.batch_size
+        summary["pomt/precision"] = latency.precision
+    if sel is not None and sel.verification:
+        summary["pomt/verification"] = sel.verification
     log_summary(trainer, summary)
-    if callback.latency_profile is not None:  # how it was timed, in the W&B run's config too
+    if latency is not None:  # how it was timed, in the W&B run's config too
         log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
-    sel = callback.selection
-    if callback.log_plots and sel is not None and callback.r_source == "search":
-        _log_curves(trainer, sel, plot_profiles(callback.latency_profile, callback.accuracy_profile, sel))
+    if log_plots and sel is not None:
+        _log_curves(trainer, sel, plot_profiles(latency, result.accuracy, sel))
     announce_wandb_runs(trainer)
+    return scalars
 
 
 def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:

@@ -98,7 +98,8 @@ class POMTCallback(Callback):
         self.applied_schedule: list[int] | None = None  # the tokens leaving each block
         self.trained_r: int | None = None  # the R training ran at ("train"): later stages use it
         self.r_source: str | None = None  # where applied_r came from: "r", "search" or "trained_r"
-        self._vit, self._found_path = None, None  # the ViT and its path, found at setup
+        self.found_vit_path: str | None = None  # where setup found the ViT ("" for the module itself)
+        self._vit: Any = None  # that ViT
         self._previous: Any = None  # the pruning found at the start of the stage
         self._left: Any = None  # the pruning this callback left on the model (restore=False)
         self._applied, self._warned_split = False, False
@@ -118,7 +119,7 @@ class POMTCallback(Callback):
         """Every check that needs no timing, before any training or evaluation starts."""
         self._modes = train_modes(pl_module)  # what on_exception puts back
         try:
-            self._found_path, self._vit = find_vit(pl_module, self.vit_path)
+            self.found_vit_path, self._vit = find_vit(pl_module, self.vit_path)
             token_schedule(self._vit, self.method, 0 if self.r is None else self.r, self.layer)
         except ValueError as err:
             raise ValueError(f"POMTCallback: {err}{support.vit_hint(pl_module, self.vit_path)}") from err
@@ -133,7 +134,7 @@ class POMTCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "train" not in self.stages:
             self._recover()
-            support.report_pruning(self._vit, "training", left=self._left, where=self._found_path)
+            support.report_pruning(self._vit, "training", left=self._left, where=self.found_vit_path)
             return
         self._before_stage(trainer, pl_module, "train")  # R on the starting weights, held until the end
         self._training = True
@@ -223,7 +224,7 @@ class POMTCallback(Callback):
     def _before_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._vit
         self._recover()  # a stage that died without on_exception
-        self._previous = support.report_pruning(vit, stage, left=self._left, where=self._found_path)
+        self._previous = support.report_pruning(vit, stage, left=self._left, where=self.found_vit_path)
         remove_pruning(vit)  # profile, and prune, the model as built
         try:
             r = self.r if self.r is not None or stage == "train" else self.trained_r
@@ -240,9 +241,14 @@ class POMTCallback(Callback):
             self._put_back()  # an error leaves the model as it was
             raise
         self._applied = True
-        self.applied_r, self.applied_schedule, self.r_source = int(r), list(schedule), source
-        support.say(logs.describe(self, self._found_path))
-        logs.log_pomt(trainer, pl_module, self, stage)
+        r, schedule = int(r), list(schedule)
+        self.applied_r, self.applied_schedule, self.r_source = r, schedule, source
+        found = dict(r_source=source, selection=self.selection)
+        support.say(logs.describe(self.method, r, schedule, where=self.found_vit_path, **found))
+        logs.log_pomt(
+            trainer, pl_module, stage, method=self.method, layer=self.layer, r=r, schedule=schedule,
+            result=self.result, r_source=source, log_plots=self.log_plots,
+        )  # fmt: skip
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
             images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
             label = f"{self.method} r={self.applied_r}"
@@ -252,7 +258,9 @@ class POMTCallback(Callback):
         if not self._applied or self._vit is None:
             return
         if said is not None:
-            support.say(logs.measured(self, *said))
+            stage, metrics = said
+            sel = dict(r_source=self.r_source, selection=self.selection)
+            support.say(logs.measured(stage, metrics, method=self.method, r=self.applied_r, **sel))
         if self.restore or force_restore:
             self._put_back()
         else:

@@ -57,6 +57,8 @@ __all__ = [
 T = TypeVar("T")
 logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
 
+STAGES = ("validate", "test", "predict", "fit", "train")
+SPLITS = ("selection", "val", "train", "test")
 LOADERS = {
     "train": "train_dataloader",
     "validate": "val_dataloaders",

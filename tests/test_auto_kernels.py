@@ -255,6 +255,30 @@ def test_two_threads_measure_a_key_once(auto_on_cpu, monkeypatch):
     assert calls == [(2, 40, 24)] and results == [True, True] and len(auto_on_cpu) == 1
 
 
+@parent_only
+def test_a_model_run_under_auto_copies_pickles_and_reuses_the_choice(auto_on_cpu, monkeypatch):
+    """The choice is the process's, not the model's: a deepcopy or a torch.save/load round trip
+    of a model that ``auto`` has measured runs equal, and the same input is not measured again."""
+    import copy
+    import io
+
+    calls: list = []
+    monkeypatch.setattr(dispatch, "measure", _slow_measure(calls, 0.0, "torch"))
+    model = pomt.apply_pruning(make_tiny_vit(patch_size=4, depth=2), "pomt", r=20, layer=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert len(calls) == 1 and len(ops.kernel_choices()) == 1
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert pomt.pruning_config(other) == pomt.pruning_config(model)
+        with torch.no_grad():
+            assert torch.equal(other(x), expected)
+    assert len(calls) == 1  # the copies ran on the choice already made
+
+
 def _rank(rank: int, init: str, out: str) -> None:
     """One rank of a two-rank gloo group: its own timing would pick another backend than
     rank 0's; the choice it runs must be the shared one."""

@@ -63,6 +63,23 @@ def test_a_pruned_model_saves_loads_and_copies_pruned_and_equal(method, r):
             assert torch.equal(other(x), pomt.remove_pruning(copy.deepcopy(vit))(x))
 
 
+@pytest.mark.parametrize(("method", "r"), METHODS)
+def test_a_pruned_model_loaded_from_torch_save_exports_to_onnx(tmp_path, method, r):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    vit = _pruned(method, r)
+    buffer = io.BytesIO()
+    torch.save(vit, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    record = pomt.export_onnx(loaded, tmp_path / f"{method}.onnx", x)  # checked against PyTorch
+    assert (record.method, record.r) == (method, r)
+    assert record.max_abs_diff is not None and record.max_abs_diff <= record.tolerance
+    with torch.no_grad():  # the file computes the saved model, pruned
+        assert torch.equal(loaded(x), vit(x))
+
+
 # ----------------------------------------------------------------------------- the template's module
 
 
@@ -154,6 +171,27 @@ def test_the_sweep_heals_in_train_mode_with_drop_path_on_and_puts_the_modes_back
     assert not [w for w in caught if "eval mode at the start of training" in str(w.message)]
     assert seen and all(seen)  # every training step ran drop-path (train mode)
     assert not any(m.training for m in module.modules())  # and the modes are put back
+
+
+def test_the_callbacks_train_stage_trains_in_train_mode_after_its_search(tmp_path):
+    """Lightning checks the modes before the callback's search (on_train_start), so its warning
+    cannot tell: every training step must see the modules in train mode, drop-path on."""
+
+    class Recording(TemplateModule):
+        def training_step(self, batch, batch_idx):
+            steps.append(all(m.training for m in self.net.modules()))
+            return super().training_step(batch, batch_idx)
+
+    steps: list[bool] = []
+    module = Recording(make_tiny_vit(drop_path_rate=0.1).train())
+    callback = _search_callback(tmp_path, accuracy_data=image_loader(n=32), stages=("train",))
+    trainer = cpu_trainer(callbacks=[callback], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the chance warning: random weights)
+        trainer.fit(module, image_loader(n=8, batch_size=4))
+    assert callback.r_source == "search" and callback.trained_r is not None
+    assert steps == [True, True]
+    assert all(m.training for m in module.modules())  # and left as found
 
 
 def test_an_error_in_an_evaluation_stage_puts_each_module_mode_back_as_found():
@@ -250,7 +288,7 @@ def _search_callback(tmp_path, **kwargs) -> POMTCallback:
 
 
 def test_r_chosen_for_training_on_weights_at_chance_is_warned_about(tmp_path, caplog):
-    module = TemplateModule(make_tiny_vit())  # random weights: chance on random labels
+    module = TemplateModule(make_tiny_vit().train())  # random weights: chance on random labels
     callback = _search_callback(tmp_path, accuracy_data=image_loader(n=32), stages=("train", "test"))
     trainer = cpu_trainer(callbacks=[callback], max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     with (

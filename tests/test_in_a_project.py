@@ -136,7 +136,7 @@ def test_a_compiled_network_is_searched_eagerly_and_stays_compiled():
     assert type(module.net).__name__ == "OptimizedModule"  # the user's wrapper is back
     callback = POMTCallback(r=4, layer=LAYER)
     cpu_trainer(callbacks=[callback]).test(module, image_loader())
-    assert callback._found_path == "net._orig_mod.backbone"
+    assert callback.found_vit_path == "net._orig_mod.backbone"
 
 
 # ----------------------------------------------------------------------------- fail fast
