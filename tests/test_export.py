@@ -71,19 +71,24 @@ def test_a_missing_runtime_names_the_deploy_extra():
         require("pomt_no_such_runtime")
 
 
-def test_openvino_ir_of_a_pomt_export_computes_the_same(tmp_path):
+@pytest.mark.parametrize("method,r", [("none", 0), ("pomt", 6), ("topk", 2), ("tome", 2)])
+def test_openvino_compiles_each_export_and_computes_the_same(tmp_path, method, r):
+    """All four kinds compile in OpenVINO, from the IR and from the ONNX file, and equal PyTorch
+    and ONNX Runtime (ToMe's protected rows once exported as a ScatterND OpenVINO rejected)."""
     ov = pytest.importorskip("openvino")
     model = make_tiny_vit()
-    pomt.apply_pruning(model, "pomt", r=6, layer=1)
+    pomt.apply_pruning(model, method, r=r, layer=1)
     x = torch.randn(2, 3, 32, 32)
     record = export_onnx(model, tmp_path / "m.onnx", x, openvino=True)
     core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(record.openvino_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )
-    got = compiled({0: x.numpy()})[0]
     with torch.inference_mode():
-        assert np.abs(got - model(x).numpy()).max() <= 1e-4
+        expected = model(x).numpy()
+    onnxruntime = run_onnxruntime(record.path, {"x": x.numpy()})
+    for source in (record.openvino_path, record.path):
+        compiled = core.compile_model(core.read_model(source), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = compiled({0: x.numpy()})[0]
+        assert np.abs(got - expected).max() <= 1e-4, source
+        assert np.abs(got - onnxruntime).max() <= 1e-4, source
 
 
 def test_token_graph_is_pomt_at_every_n_it_is_run_at(tmp_path):
