@@ -117,6 +117,9 @@ def pomt_select(
 def _last(scores: torch.Tensor) -> torch.Tensor:
     """Sort keys for scores that are -inf: below every finite score (>= 0), the lower index first."""
     key = (scores.shape[1], scores.device)
+    if type(scores) is not torch.Tensor:  # traced (export, compile): no traced tensor may stay cached
+        _LAST.pop(key, None)
+        return -1.0 - torch.arange(key[0], device=key[1], dtype=torch.float32) / key[0]
     if key not in _LAST:
         if len(_LAST) > 64:
             _LAST.clear()

@@ -91,6 +91,25 @@ def test_openvino_compiles_each_export_and_computes_the_same(tmp_path, method, r
         assert np.abs(got - onnxruntime).max() <= 1e-4, source
 
 
+@pytest.mark.parametrize("method", ["pomt", "tome", "token graph"])
+def test_an_export_leaves_no_traced_tensor_in_the_caches(tmp_path, method):
+    """A model exported before it ever ran eagerly still runs eagerly afterwards (a cache once
+    kept the exporter's FakeTensor, and the next forward returned one)."""
+    import pomt.method
+
+    for cache in (pomt.method._LAST, pomt.method._ROWS, pomt.method._PROTECTED):
+        cache.clear()
+    model = make_tiny_vit()
+    if method == "token graph":
+        export_token_graph(model, tmp_path / "m.onnx", layer=1, batch_size=2)
+    else:
+        pomt.apply_pruning(model, method, r=2, layer=1)
+        export_onnx(model, tmp_path / "m.onnx", batch_size=2, check=False)
+    pomt.apply_pruning(model, method if method != "token graph" else "pomt", r=2, layer=1)
+    with torch.inference_mode():
+        assert type(model(torch.randn(2, 3, 32, 32))) is torch.Tensor
+
+
 def test_token_graph_is_pomt_at_every_n_it_is_run_at(tmp_path):
     """One export with the kept token count as an input axis equals POMT at r = N - n for each n."""
     model = make_tiny_vit()
