@@ -117,6 +117,9 @@ def pomt_select(
 def _last(scores: torch.Tensor) -> torch.Tensor:
     """Sort keys for scores that are -inf: below every finite score (>= 0), the lower index first."""
     key = (scores.shape[1], scores.device)
+    if type(scores) is not torch.Tensor:  # traced (export, compile): no traced tensor may stay cached
+        _LAST.pop(key, None)
+        return -1.0 - torch.arange(key[0], device=key[1], dtype=torch.float32) / key[0]
     if key not in _LAST:
         if len(_LAST) > 64:
             _LAST.clear()
@@ -185,8 +188,8 @@ def tome_merge(
         metric = metric / metric.norm(dim=-1, keepdim=True)
         similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
         protected_a, protected_b = (prefix + 1) // 2, prefix // 2
-        similarity[:, :protected_a, :] = -math.inf
-        similarity[:, :, :protected_b] = -math.inf
+        if prefix:  # a mask, not slice writes: those export as a ScatterND that OpenVINO rejects
+            similarity.masked_fill_(_protected(similarity, prefix), -math.inf)
         best, best_b = similarity.max(dim=-1)
         edges = best.argsort(dim=-1, descending=True)
         merged_a = edges[:, :r]
@@ -205,6 +208,27 @@ def tome_merge(
     if trace is not None and trace.where is not None:
         trace.move(_tome_moves(x.shape[1], prefix, kept_a, merged_a, target_b))
     return new_x, new_size
+
+
+def _protected(similarity: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The (A, B) pairs ToMe may not match, (1, A, B): a protected source row or destination
+    column; cached (building it costs several small ops), never while traced."""
+    key = (similarity.shape[1], similarity.shape[2], prefix, similarity.device)
+    if type(similarity) is not torch.Tensor:  # traced (export, compile): nothing traced is cached
+        _PROTECTED.pop(key, None)
+    if key not in _PROTECTED:
+        if len(_PROTECTED) > 64:
+            _PROTECTED.clear()
+        with torch.inference_mode(False):
+            rows = torch.arange(key[0], device=key[3]).unsqueeze(1) < (prefix + 1) // 2
+            mask = (rows | (torch.arange(key[1], device=key[3]) < prefix // 2)).unsqueeze(0)
+        if type(similarity) is not torch.Tensor:
+            return mask
+        _PROTECTED[key] = mask
+    return _PROTECTED[key]
+
+
+_PROTECTED: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
 
 def _tome_moves(

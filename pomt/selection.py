@@ -174,6 +174,12 @@ def check_objective(alpha: object, latency_budget_ms: object, accuracy_floor: ob
         raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
 
 
+def _dominated(i: int, latency: list[float], accuracy: list[float]) -> bool:
+    """Whether a count with more tokens than count ``i`` (counts in increasing order, values
+    rounded) is no slower and no less accurate."""
+    return any(latency[j] <= latency[i] and accuracy[j] >= accuracy[i] for j in range(i + 1, len(latency)))
+
+
 def select_r(
     lat: object,
     acc: object,
@@ -267,7 +273,12 @@ def select_r(
         mode, feasible = "utility", list(idx)
         key = lambda i: (rnd(util[i]), ns[i])  # noqa: E731
     ranked = sorted(feasible, key=key, reverse=True)  # best first: the first is n*, the rest fallbacks
+    # no dominated fallback (a count with more tokens is no slower and no less accurate: with the
+    # denoised, non-decreasing accuracy, any count with more tokens that is no slower): the
+    # objective never prefers one, so n* is never one, and the verification does not time them
     best = ranked[0]
+    rounded = [rnd(v) for v in lat_used], [rnd(v) for v in acc_used]
+    ranked = [best] + [i for i in ranked[1:] if not _dominated(i, *rounded)]
     n_star = ns[best]
     return Selection(
         r=n_total - n_star,

@@ -218,7 +218,7 @@ def test_evaluate_trains_first_with_the_train_py_beside_it_from_any_directory(tm
     assert callable(train.main)
 
 
-def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tmp_path, monkeypatch):
+def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -226,6 +226,9 @@ def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tm
         tmp_path, "--sweep.runtime=onnxruntime", "--sweep.wandb=false", "--sweep.methods=[none, pomt, tome]"
     )
     result = evaluate.main(args)
+    # the table's header says what ran: the runtime and its precision (no POMT block path)
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("latency: "))
+    assert header.startswith("latency: onnxruntime (onnxruntime:f32)") and "POMT block" not in header
     search = result.searches[32]
     assert search.latency.runtime == "onnxruntime" and search.latency.precision == "onnxruntime:f32"
     for row in result.rows:  # named by the runtime, timed as checked exports

@@ -71,19 +71,43 @@ def test_a_missing_runtime_names_the_deploy_extra():
         require("pomt_no_such_runtime")
 
 
-def test_openvino_ir_of_a_pomt_export_computes_the_same(tmp_path):
+@pytest.mark.parametrize("method,r", [("none", 0), ("pomt", 6), ("topk", 2), ("tome", 2)])
+def test_openvino_compiles_each_export_and_computes_the_same(tmp_path, method, r):
+    """All four kinds compile in OpenVINO, from the IR and from the ONNX file, and equal PyTorch
+    and ONNX Runtime (ToMe's protected rows once exported as a ScatterND OpenVINO rejected)."""
     ov = pytest.importorskip("openvino")
     model = make_tiny_vit()
-    pomt.apply_pruning(model, "pomt", r=6, layer=1)
+    pomt.apply_pruning(model, method, r=r, layer=1)
     x = torch.randn(2, 3, 32, 32)
     record = export_onnx(model, tmp_path / "m.onnx", x, openvino=True)
     core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(record.openvino_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    )
-    got = compiled({0: x.numpy()})[0]
     with torch.inference_mode():
-        assert np.abs(got - model(x).numpy()).max() <= 1e-4
+        expected = model(x).numpy()
+    onnxruntime = run_onnxruntime(record.path, {"x": x.numpy()})
+    for source in (record.openvino_path, record.path):
+        compiled = core.compile_model(core.read_model(source), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = compiled({0: x.numpy()})[0]
+        assert np.abs(got - expected).max() <= 1e-4, source
+        assert np.abs(got - onnxruntime).max() <= 1e-4, source
+
+
+@pytest.mark.parametrize("method", ["pomt", "tome", "token graph"])
+def test_an_export_leaves_no_traced_tensor_in_the_caches(tmp_path, method):
+    """A model exported before it ever ran eagerly still runs eagerly afterwards (a cache once
+    kept the exporter's FakeTensor, and the next forward returned one)."""
+    import pomt.method
+
+    for cache in (pomt.method._LAST, pomt.method._ROWS, pomt.method._PROTECTED):
+        cache.clear()
+    model = make_tiny_vit()
+    if method == "token graph":
+        export_token_graph(model, tmp_path / "m.onnx", layer=1, batch_size=2)
+    else:
+        pomt.apply_pruning(model, method, r=2, layer=1)
+        export_onnx(model, tmp_path / "m.onnx", batch_size=2, check=False)
+    pomt.apply_pruning(model, method if method != "token graph" else "pomt", r=2, layer=1)
+    with torch.inference_mode():
+        assert type(model(torch.randn(2, 3, 32, 32))) is torch.Tensor
 
 
 def test_token_graph_is_pomt_at_every_n_it_is_run_at(tmp_path):

@@ -231,7 +231,9 @@ def test_a_latency_profile_is_reused_only_for_the_same_architecture(tmp_path):
 # ----------------------------------------------------------------------------- verified speed-ups
 
 
-STAIRCASE = {17: 10.0, 13: 10.0, 9: 5.0, 5: 5.0}
+# three levels: n = 5 is faster than n = 9 on the profile, so it is a fallback worth timing
+# (with 5 as fast as 9 it would be dominated, and the verification would not try it)
+STAIRCASE = {17: 10.0, 13: 10.0, 9: 5.0, 5: 4.0}
 ACCURACY = {17: 0.9, 13: 0.9, 9: 0.88, 5: 0.5}
 
 
@@ -257,9 +259,14 @@ def test_verification_keeps_a_real_speedup_and_falls_back_otherwise():
     assert "not significantly faster" in lines[0] and "keeping the unpruned model" in lines[-1]
     second = verify(selection, _fake({12: 3.0}), log=lambda line: None)  # the next candidate pays
     assert (second.r, second.rejected, second.measured_speedup) == (12, (9,), pytest.approx(3.0))
+    # a dominated count is no fallback: with n = 5 as slow as n = 9 on the profile, a failed
+    # n* = 9 goes straight to R = 0 (n = 13 is dominated by 17 as well)
+    flat = select_r(STAIRCASE | {5: 5.0}, ACCURACY, alpha=0.5)
+    assert (flat.n_star, flat.candidates) == (9, (9, 17))
+    assert verify(flat, _fake({12: 3.0}), log=lambda line: None).rejected == (9,)
 
     # significantly faster, but by too little for the accuracy it costs: not worth it either
-    costly = select_r(STAIRCASE, {17: 0.9, 13: 0.9, 9: 0.3, 5: 0.2}, alpha=0.9)
+    costly = select_r(STAIRCASE | {5: 5.0}, {17: 0.9, 13: 0.9, 9: 0.3, 5: 0.2}, alpha=0.9)
     assert costly.n_star == 9
     rejected = verify(costly, _fake({8: 1.05}), log=lambda line: None)
     assert rejected.r == 0 and "does not beat R = 0" in rejected.verification

@@ -129,9 +129,7 @@ class TradeoffEvaluation:
             finally:  # also after Ctrl-C: every finished row is on disk
                 self._write_combined(sweep)
         if sweep.zero:
-            print(
-                format_table(sweep.result.rows, f"{sweep.how_timed}; POMT block: {self._kernels(sweep)} path")
-            )
+            print(format_table(sweep.result.rows, self._header(sweep)))
             self._log_summary(sweep)
             self._print_where(sweep)
         return sweep.result
@@ -376,6 +374,12 @@ class TradeoffEvaluation:
     @staticmethod
     def _kernels(sweep: SweepRun) -> str:
         return kernel_backend(sweep.device)
+
+    def _header(self, sweep: SweepRun) -> str:
+        """How the table was timed (a runtime and its precision, or PyTorch and POMT's path)."""
+        if self.settings.runtime != "torch":
+            return sweep.how_timed
+        return f"{sweep.how_timed}; POMT block: {self._kernels(sweep)} path"
 
     def _logger(self, sweep: SweepRun, name: str, run_dir: Path) -> Any:
         if not self.settings.wandb:
