@@ -26,7 +26,7 @@ QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_time=0.0, v
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETING, reason="this is the parent")
 def test_the_pipeline_under_the_triton_interpreter():
-    run_interpreted(__file__, 4)
+    run_interpreted(__file__, 5)
 
 
 @pytest.fixture
@@ -43,6 +43,50 @@ def forced(monkeypatch):
     monkeypatch.setattr(module, "select_tokens", counted)
     with ops.kernels("triton"):
         yield seen
+
+
+@pytest.fixture
+def auto_picks_kernels(monkeypatch):
+    """``auto`` as on a CUDA device where the kernels measure faster: it checks them for
+    equality for real and is told they win; counts the kernels' selections by r."""
+    from pomt import dispatch
+
+    module = ops._triton()
+    seen = []
+    select = module.select_tokens
+
+    def counted(x, col, val, prefix, keep):
+        seen.append(x.shape[1] - prefix - keep - 1)
+        return select(x, col, val, prefix, keep)
+
+    monkeypatch.setattr(module, "select_tokens", counted)
+    monkeypatch.setattr(ops, "_auto_device", lambda t: True)
+    monkeypatch.setattr(ops, "scores_from_probabilities", lambda x: False)  # the block's CUDA path
+    monkeypatch.setattr(ops, "_CHOICES", {})
+    monkeypatch.setattr(dispatch, "_faster", lambda fn, reference, device: (True, 0.6))
+    with ops.kernels("auto"):
+        yield seen
+
+
+@needs_interpreter
+def test_auto_picks_the_kernels_then_the_search_runs_every_r_through_them(auto_picks_kernels):
+    # the first GPU run's crash: auto chose the kernels at one r, then the profile reached
+    # keep = 0 (n = prefix + 1) and the search died there
+    model = make_tiny_vit()
+    profile = pomt.profile_latency(
+        model, batch_size=2, layer=LAYER, grid=range(PREFIX + 1, N + 1), warmup=1, repeats=2,
+        min_run_time=0.0, progress=False,
+    )  # fmt: skip
+    assert profile.grid == list(range(PREFIX + 1, N + 1))
+    choices = ops.kernel_choices()
+    assert choices and all(c.backend == "triton" for c in choices.values()), choices
+    assert N - PREFIX - 1 in auto_picks_kernels  # keep = 0 ran through the kernels
+    config = SearchConfig(grid=(17, 13, 9, 5, 2), accuracy_grid=(17, 13, 9, 5, 2), **QUICK)
+    search = pomt.find_r(
+        model, image_loader(n=16, batch_size=8), layer=LAYER, batch_size=2, config=config,
+        progress=False, log=lambda s: None,
+    )  # fmt: skip
+    assert search.selection.verification and search.selection.r == N - search.selection.n_star
 
 
 @needs_interpreter
