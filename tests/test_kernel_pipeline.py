@@ -29,11 +29,10 @@ def test_the_pipeline_under_the_triton_interpreter():
     run_interpreted(__file__, 5)
 
 
-@pytest.fixture
-def forced(monkeypatch):
-    """The kernels forced on CPU tensors; counts how often they selected tokens and the r seen."""
+def _count_selections(monkeypatch) -> list[int]:
+    """The r of every token selection the kernels make, in order (keep = 0: r = N - prefix - 1)."""
     module = ops._triton()
-    seen = []
+    seen: list[int] = []
     select = module.select_tokens
 
     def counted(x, col, val, prefix, keep):
@@ -41,6 +40,13 @@ def forced(monkeypatch):
         return select(x, col, val, prefix, keep)
 
     monkeypatch.setattr(module, "select_tokens", counted)
+    return seen
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """The kernels forced on CPU tensors; the r of each selection they made."""
+    seen = _count_selections(monkeypatch)
     with ops.kernels("triton"):
         yield seen
 
@@ -48,18 +54,10 @@ def forced(monkeypatch):
 @pytest.fixture
 def auto_picks_kernels(monkeypatch):
     """``auto`` as on a CUDA device where the kernels measure faster: it checks them for
-    equality for real and is told they win; counts the kernels' selections by r."""
+    equality for real and is told they win; the r of each selection the kernels made."""
     from pomt import dispatch
 
-    module = ops._triton()
-    seen = []
-    select = module.select_tokens
-
-    def counted(x, col, val, prefix, keep):
-        seen.append(x.shape[1] - prefix - keep - 1)
-        return select(x, col, val, prefix, keep)
-
-    monkeypatch.setattr(module, "select_tokens", counted)
+    seen = _count_selections(monkeypatch)
     monkeypatch.setattr(ops, "_auto_device", lambda t: True)
     monkeypatch.setattr(ops, "scores_from_probabilities", lambda x: False)  # the block's CUDA path
     monkeypatch.setattr(ops, "_CHOICES", {})
