@@ -239,7 +239,7 @@ def select_r(
             noise = [float(latency_tolerance_ms)] * len(ns)
         else:
             noise = [lcurve.noise[n] for n in ns]
-        lat_used = step_fit(raw, noise)
+        lat_used = step_fit(raw, noise, ns)
     else:
         lat_used = list(raw)
     acc_used = [interpolate(acc_ns, acc_vals, n) for n in ns]
