@@ -96,6 +96,7 @@ def pomt_scalars(r: int | None, schedule: list[int] | None, selection: Any) -> d
             out["pomt/measured_speedup"] = float(speedup)
             out["pomt/measured_speedup_low"] = float(low)
             out["pomt/measured_speedup_high"] = float(high)
+            out["pomt/prediction_off"] = float(sel.prediction_check is not None)
     return out
 
 
@@ -134,6 +135,8 @@ def log_pomt(
         summary["pomt/precision"] = latency.precision
     if sel is not None and sel.verification:
         summary["pomt/verification"] = sel.verification
+    if sel is not None and sel.prediction_check:
+        summary["pomt/prediction_check"] = sel.prediction_check
     log_summary(trainer, summary)
     if latency is not None:  # how it was timed, in the W&B run's config too
         log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})

@@ -442,5 +442,7 @@ def find_r(
                 )
 
             selection = verify(selection, speedups_at, candidates=config.verify_candidates, log=log)
+            if selection.prediction_check:  # said once, as a line of its own
+                log(selection.prediction_check)
         _check_accuracy_kept(selection, warn)
     return Search(selection, latency, accuracy, tuple(notes))

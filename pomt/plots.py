@@ -61,6 +61,8 @@ def _title(lat: Any, sel: Selection) -> str:
     head = " | ".join(parts)
     speed = f", x{sel.speedup:.2f} faster" if sel.speedup else ""
     choice = f"R = {sel.r}: keep n* = {sel.n_star} of N = {sel.n_total} tokens ({sel.mode}, alpha={sel.alpha:g}{speed})"
+    if sel.prediction_check:  # the prediction did not hold: said on the figure too
+        choice += f"\n{sel.prediction_check}"
     return f"{head}\n{choice}" if head else choice
 
 

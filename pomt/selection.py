@@ -90,6 +90,24 @@ class Selection:
         """Whether the speed-up was measured against the unpruned model (see ``pomt.verify``)."""
         return self.measured_speedup is not None
 
+    @property
+    def prediction_check(self) -> str | None:
+        """One line when the profile's predicted speed-up lies outside the 95 % interval that the
+        verification measured (for the kept R; when R = 0 was kept, for the first candidate
+        measured), else None: the measured speed-up is then the one to believe."""
+        if not self.measurements:
+            return None
+        kept = [m for m in self.measurements if m[0] == self.r] if self.verified else []
+        r, speedup, low, high = (kept or list(self.measurements))[0]
+        n = self.n_total - r
+        predicted = self.at(n).speedup if n in self.curve_n else None
+        if predicted is None or low <= predicted <= high:
+            return None
+        return (
+            f"prediction off at R={r}: the latency profile predicted x{predicted:.3f}, verification measured "
+            f"x{speedup:.3f} [{low:.3f}, {high:.3f}] ({predicted / speedup - 1:+.1%}); trust the measured one"
+        )
+
     def at(self, n: int) -> Selection:
         """The same curves with ``n`` chosen instead of n* (``n`` must be on the curve)."""
         if n not in self.curve_n:
@@ -108,6 +126,7 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["speedup"] = self.speedup
+        out["prediction_check"] = self.prediction_check
         return out
 
     @classmethod
@@ -134,6 +153,7 @@ class Selection:
             f"selection estimate A({self.n_star})={self.predicted_accuracy:.4f} ({self.n_star} random tokens, "
             f"not the pruned model's accuracy){speed}"
             + (f" (timed at {self.precision})" if self.precision else "")
+            + (f"; {self.prediction_check}" if self.prediction_check else "")
         )
 
 
