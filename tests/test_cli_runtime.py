@@ -13,6 +13,7 @@ from pomt.cli import main
 from pomt.profiles import LatencyProfile
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow  # two exports and an ONNX Runtime profile: minutes on a loaded 2-core CPU
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "3"]  # N = 17
 
