@@ -112,7 +112,7 @@ def main() -> None:
                     "verified": sel.measured_speedup, "interval": sel.measured_speedup_interval,
                     "first_choice_r": sel.n_total - sel.candidates[0] if sel.candidates else None,
                     "wall_s": round(time.perf_counter() - start, 1), "load": load(),
-                    "prediction_note": getattr(sel, "prediction_note", None),
+                    "prediction_check": sel.prediction_check,
                 }  # fmt: skip
                 rows.append(row)
                 print(format_row(row), flush=True)
