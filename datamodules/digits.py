@@ -50,7 +50,8 @@ class DigitsDataset(Dataset):
         scale = float(torch.empty(()).uniform_(0.9, 1.1))
         shift = torch.empty(2).uniform_(-0.12, 0.12)
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-        theta = torch.tensor([[cos, -sin, float(shift[0])], [sin, cos, float(shift[1])]]).unsqueeze(0)
+        theta = torch.tensor([[cos, -sin, float(shift[0])], [sin, cos, float(shift[1])]], dtype=image.dtype)
+        theta = theta.unsqueeze(0)
         grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
         background = -MEAN[0] / STD[0]  # the value of a blank (0) pixel after normalisation
         out = F.grid_sample(image[None] - background, grid, align_corners=False, padding_mode="zeros")

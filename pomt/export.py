@@ -284,7 +284,7 @@ def export_token_graph(
         dim = torch.export.Dim("tokens", min=prefix + 1, max=n_total - 1)
         _dynamo_export(
             wrapper,
-            (x, torch.zeros(n0)),
+            (x, torch.zeros(n0, dtype=torch.float32)),
             Path(path),
             input_names=["x", TOKENS_INPUT],
             dynamic_shapes={"x": None, "kept": {0: dim}},
