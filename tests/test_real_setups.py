@@ -26,3 +26,53 @@ def test_the_callback_searches_under_lightnings_true_precision(precision):
     assert sel.n_star in (17, 13, 9, 5) and sel.r == N - sel.n_star
     assert pruning_config(module.model) is None
     assert torch.get_default_dtype() == torch.float32
+
+
+def _reference_precisions(monkeypatch):
+    """Run ``dispatch.measure`` with kernels that fail after the reference; return the float32
+    matmul precision the reference was computed at."""
+    from pomt import dispatch, method, ops
+
+    seen = []
+    scores = method.pomt_scores
+
+    def recording(*args):
+        seen.append(torch.get_float32_matmul_precision())
+        return scores(*args)
+
+    def no_kernels(*args):
+        raise RuntimeError("no kernels in this test")
+
+    monkeypatch.setattr(method, "pomt_scores", recording)
+    monkeypatch.setattr(ops, "_pomt_kernels", no_kernels)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 16, generator=g)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
+    choice = dispatch.measure(x, q, k, v, 1, 2, 8**-0.5)
+    assert choice.backend == "torch" and "no kernels in this test" in choice.reason
+    return seen
+
+
+@pytest.mark.parametrize("setting", ["high", "medium"])
+def test_autos_float32_reference_runs_at_highest_and_the_users_setting_comes_back(monkeypatch, setting):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        assert _reference_precisions(monkeypatch) == ["highest"]
+        assert torch.get_float32_matmul_precision() == setting  # restored
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_per_backend_fp32_setting_is_honoured_and_restored(monkeypatch):
+    from pomt.dispatch import full_float32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"  # torch's newer API: the legacy getter raises from now on
+    try:
+        with full_float32():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
