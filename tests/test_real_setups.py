@@ -76,3 +76,39 @@ def test_a_per_backend_fp32_setting_is_honoured_and_restored(monkeypatch):
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_kernels_is_context_local_a_thread_started_inside_keeps_the_default():
+    import threading
+
+    from pomt import ops
+
+    default = ops.kernel_backend("cpu")
+    seen = {}
+
+    def look(name):
+        seen[name] = ops.kernel_backend("cpu")
+
+    with ops.kernels("triton"):
+        assert ops.kernel_backend("cpu") == "triton"
+        inside = threading.Thread(target=look, args=("inside",))
+        inside.start()
+        inside.join()
+    assert seen["inside"] == default != "triton"
+    assert ops.kernel_backend("cpu") == default
+
+    # and the other way round: a thread's choice does not leak into this one
+    def choose_in_thread():
+        with ops.kernels("triton"):
+            ready.set()
+            release.wait(5)
+
+    ready, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=choose_in_thread)
+    other.start()
+    ready.wait(5)
+    try:
+        assert ops.kernel_backend("cpu") == default
+    finally:
+        release.set()
+        other.join()
