@@ -4,6 +4,8 @@ whatever loggers the Trainer has)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 from typing import Any
 
@@ -18,6 +20,8 @@ from pomt.lightning.loggers import (
     log_table,
 )
 from pomt.plots import plot_profiles
+
+_log = logging.getLogger("pomt.callbacks")
 
 __all__ = ["describe", "measured", "warn_pruned_monitors", "pomt_scalars", "log_pomt", "log_token_maps"]
 
@@ -138,7 +142,7 @@ def log_pomt(
     if latency is not None:  # how it was timed, in the W&B run's config too
         log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
     if log_plots and sel is not None:
-        _log_curves(trainer, sel, plot_profiles(latency, result.accuracy, sel))
+        _log_curves(trainer, sel, _figure(latency, result.accuracy, sel))
     announce_wandb_runs(trainer)
     return scalars
 
@@ -154,6 +158,17 @@ def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:
         images, {label: token_groups(vit, images)}, prefix=layout.prefix, patch_grid=layout.patch_grid
     )
     log_figure(trainer, "pomt/token_maps", figure)
+
+
+def _figure(latency: Any, accuracy: Any, sel: Any) -> Any:
+    """The profiles' figure, or None (said once) where matplotlib is not installed: the table
+    and line plots are logged all the same."""
+    if importlib.util.find_spec("matplotlib") is None:
+        _log.info(
+            "pomt: matplotlib is not installed, so the profiles' figure is not logged (pip install 'pomt[plots]')"
+        )
+        return None
+    return plot_profiles(latency, accuracy, sel)
 
 
 def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
@@ -173,4 +188,5 @@ def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
     log_table(trainer, "pomt/curves", columns, rows)
     ys = ["latency_ms", "accuracy", "utility"]
     log_line_plots(trainer, "pomt/plot", "n", columns, rows, ys, mark_x=sel.n_star, title="POMT")
-    log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object
+    if figure is not None:
+        log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object
