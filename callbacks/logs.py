@@ -4,12 +4,12 @@ whatever loggers the Trainer has)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from typing import Any
 
 from pomt.callbacks.stage_support import warn
+from pomt.errors import MissingExtraError
 from pomt.lightning.loggers import (
     announce_wandb_runs,
     log_config,
@@ -161,14 +161,13 @@ def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:
 
 
 def _figure(latency: Any, accuracy: Any, sel: Any) -> Any:
-    """The profiles' figure, or None (said once) where matplotlib is not installed: the table
+    """The profiles' figure, or None (said in one line) where matplotlib is not installed: the table
     and line plots are logged all the same."""
-    if importlib.util.find_spec("matplotlib") is None:
-        _log.info(
-            "pomt: matplotlib is not installed, so the profiles' figure is not logged (pip install 'pomt[plots]')"
-        )
+    try:
+        return plot_profiles(latency, accuracy, sel)
+    except MissingExtraError as err:
+        _log.info("pomt: the profiles' figure is not logged: %s", err)
         return None
-    return plot_profiles(latency, accuracy, sel)
 
 
 def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:

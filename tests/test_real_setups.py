@@ -112,3 +112,102 @@ def test_kernels_is_context_local_a_thread_started_inside_keeps_the_default():
     finally:
         release.set()
         other.join()
+
+
+LIGHT_INSTALL = r"""
+import importlib.abc, sys
+from importlib.machinery import PathFinder
+
+BLOCKED = ("wandb", "datasets", "matplotlib", "sklearn", "jsonargparse")
+
+class Hiding(importlib.abc.MetaPathFinder):
+    # sys.path's finder, blind to the blocked packages: they look not installed (find_spec
+    # returns None, import raises ModuleNotFoundError), also to other packages' checks
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return PathFinder.find_spec(name, path, target)
+
+sys.meta_path[:] = [Hiding() if f is PathFinder else f for f in sys.meta_path]
+for name in list(sys.modules):
+    if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+
+import csv, glob, os
+import torch
+from conftest import cpu_trainer, image_loader, tiny_classifier
+from lightning.pytorch.loggers import CSVLogger
+from pomt import SearchConfig
+from pomt.callbacks import POMTCallback
+from pomt.errors import MissingExtraError
+
+torch.set_num_threads(1)
+out = sys.argv[1]
+search = SearchConfig(grid=(17, 13, 9, 5), accuracy_samples=32, accuracy_grid=(17, 13, 9, 5),
+                      min_run_time=0.0, warmup=1, verify=False)
+callback = POMTCallback(layer=1, search=search)
+trainer = cpu_trainer(callbacks=[callback], logger=CSVLogger(out, name="light"))
+trainer.test(tiny_classifier(latency_warmup_batches=0), image_loader())
+(metrics,) = glob.glob(os.path.join(out, "light", "*", "metrics.csv"))
+row = next(csv.DictReader(open(metrics)))
+print("LOGGED r", int(float(row["pomt/r"])), callback.selection.r)
+assert not any(name.split(".")[0] in BLOCKED for name in sys.modules)
+
+def extra_of(call):
+    try:
+        call()
+    except MissingExtraError as err:
+        return str(err)
+    raise AssertionError("no MissingExtraError")
+
+from pomt.plots import plot_latency
+print("EXTRA plots", extra_of(lambda: plot_latency(callback.latency_profile)))
+from pomt.lightning.loggers import wandb_logger
+print("EXTRA wandb", extra_of(lambda: wandb_logger(save_dir=out)))
+from pomt.datamodules.digits import load_digit_images
+print("EXTRA digits", extra_of(lambda: load_digit_images(8)))
+from pomt.datamodules.sources import load_hub_split
+print("EXTRA imagenet", extra_of(lambda: load_hub_split("some/dataset", "train", False, {})))
+import evaluate, train
+print("EXTRA cli", extra_of(lambda: evaluate.main(["--help"])), "|", extra_of(lambda: train.main(["--help"])))
+"""
+
+
+def test_the_callback_runs_on_the_core_install_and_a_missing_extra_names_itself(tmp_path):
+    """wandb, datasets, matplotlib, scikit-learn and jsonargparse unimportable: the callback
+    searches and logs through the project's CSVLogger; each optional feature says its extra."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT_INSTALL, str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = dict(
+        line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("LOGGED", "EXTRA"))
+    )
+    logged, chosen = lines["LOGGED"].split()[1:]
+    assert logged == chosen
+    for extra, module in [
+        ("plots", "matplotlib"),
+        ("wandb", "wandb"),
+        ("digits", "sklearn"),
+        ("imagenet", "datasets"),
+    ]:
+        text = [
+            v
+            for k, v in (
+                line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("EXTRA")
+            )
+            if k == extra
+        ][0]
+        assert f"pip install 'pomt[{extra}]'" in text and module in text, text
+    assert done.stdout.count("pip install 'pomt[cli]'") == 2
