@@ -119,12 +119,15 @@ def _outside() -> int:
 
 @rank_zero_only
 def warn(text: str) -> None:
-    """A warning of the callback, on global rank 0: to the ``pomt.callbacks`` logger at WARNING
-    (so the application's log files get it), and as a ``UserWarning`` (filterable) attributed
-    to the user's line that started the stage, so no source line of ours is printed."""
+    """A warning of the callback, on global rank 0, through one channel: the ``pomt.callbacks``
+    logger at WARNING where the application configured logging (the root logger has handlers,
+    as under Hydra: its console and its log file get it once each); else a ``UserWarning``
+    (filterable), attributed to the user's line that started the stage, which Python prints once."""
     text = text if text.startswith("POMTCallback") else f"POMTCallback: {text}"
-    logger.warning(text, extra={"pomt_python_warning": True})
-    warnings.warn(text, UserWarning, stacklevel=_outside())
+    if logging.getLogger().hasHandlers():
+        logger.warning(text)
+    else:
+        warnings.warn(text, UserWarning, stacklevel=_outside())
 
 
 def unlabelled(stage: str) -> UnlabelledDataError:

@@ -211,3 +211,92 @@ def test_the_callback_runs_on_the_core_install_and_a_missing_extra_names_itself(
         ][0]
         assert f"pip install 'pomt[{extra}]'" in text and module in text, text
     assert done.stdout.count("pip install 'pomt[cli]'") == 2
+
+
+CONSOLE = r"""
+import logging, sys, warnings
+hydra_like = sys.argv[2] == "hydra"
+if hydra_like:  # as Hydra configures the root logger: a console handler and the job's log file
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    for handler in (logging.StreamHandler(), logging.FileHandler(sys.argv[1])):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+warnings.simplefilter("default")
+
+import torch
+from conftest import cpu_trainer, image_loader, tiny_classifier
+from lightning.pytorch.callbacks import EarlyStopping
+from pomt import apply_pruning
+from pomt.callbacks import POMTCallback
+
+torch.set_num_threads(1)
+module = tiny_classifier(latency_warmup_batches=0)
+apply_pruning(module.model, "tome", r=1, layer=1)  # pruned by someone else
+stopping = EarlyStopping(monitor="val/acc1", mode="max", strict=False)
+trainer = cpu_trainer(callbacks=[POMTCallback(r=2, layer=1, stages=("fit",)), stopping], max_epochs=1,
+                      limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
+trainer.fit(module, image_loader(n=8), image_loader(n=8, seed=1))  # THE USER'S LINE
+"""
+SAID = [
+    "val/acc1 will be the pruned model's",
+    "already pruned before training",
+    "already pruned before validate",
+]
+
+
+def _console(tmp_path, mode):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "job.py"
+    script.write_text(CONSOLE)
+    log_file = tmp_path / "train.log"
+    env = {**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(log_file), mode],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout + done.stderr, log_file.read_text() if log_file.exists() else "", script
+
+
+def test_under_a_hydra_like_logging_setup_each_warning_is_said_once_on_the_console_and_once_in_the_file(
+    tmp_path,
+):
+    console, log, _ = _console(tmp_path, "hydra")
+    for words in SAID:
+        assert console.count(words) == 1, console
+        assert log.count(words) == 1, log
+    assert "UserWarning: POMTCallback" not in console
+
+
+def test_without_logging_configured_each_warning_is_one_userwarning_at_the_users_line(tmp_path):
+    console, _, script = _console(tmp_path, "plain")
+    for words in SAID:
+        assert console.count(words) == 1, console
+    warned = [line for line in console.splitlines() if "UserWarning: POMTCallback" in line]
+    assert len(warned) == len(SAID) and all(line.startswith(f"{script}:") for line in warned), console
+
+
+def test_r0_leaves_no_mark_a_later_callback_does_not_call_the_net_pruned(caplog):
+    import pickle
+
+    module = tiny_classifier(latency_warmup_batches=0)
+    fit = dict(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    callback = POMTCallback(r=0, layer=1, stages=("train",), restore=False)  # healed at R = 0
+    cpu_trainer(callbacks=[callback], **fit).fit(module, image_loader(n=8))
+    assert callback.trained_r == 0 and pruning_config(module.model) is None
+    again = pickle.loads(pickle.dumps(module))
+    assert pruning_config(again.model) is None
+    caplog.set_level("WARNING", logger="pomt.callbacks")
+    cpu_trainer(callbacks=[POMTCallback(r=4, layer=1)]).test(again, image_loader(n=8))
+    assert "already pruned" not in caplog.text
