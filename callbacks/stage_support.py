@@ -292,10 +292,11 @@ def warn_if_near_chance(accuracy: AccuracyProfile, r: int) -> None:
     margin = max(chance, 3 * math.sqrt(chance * (1 - chance) / max(accuracy.num_samples, 1)))
     if unpruned >= chance + margin:
         return
+    example = f"e.g. r={r // 2}" if r >= 2 else "e.g. the R a search chooses on trained weights"
     warn(
         f"R={r} was chosen for training on weights at chance: the unpruned model's accuracy estimate is "
         f"{unpruned:.3f} on {accuracy.num_samples} images, near chance for {classes} classes (1/{classes} = "
         f"{chance:.3f}; near: below {chance + margin:.3f}). On such weights every R looks alike, and "
-        f"training runs at R={r} throughout. To train from scratch, fix the R: r= (e.g. r={r // 2}); or "
+        f"training runs at R={r} throughout. To train from scratch, fix the R: r= ({example}); or "
         "choose R after some training (fit without 'train' first, then fit again with stages=('train', ...))."
     )

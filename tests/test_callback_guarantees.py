@@ -150,7 +150,7 @@ def test_the_callback_never_reuses_a_profile_timed_at_another_precision(tmp_path
     second = POMTCallback(layer=LAYER, latency_profile_path=str(path), search=search)
     with caplog.at_level(logging.INFO):
         cpu_trainer(callbacks=[second], precision="bf16-mixed").test(tiny_classifier(), image_loader())
-    assert "it was measured with precision='32-true', the current precision is 'bf16-mixed'" in _lines(caplog)
+    assert "it was measured with precision='32-true', now precision='bf16-mixed'" in _lines(caplog)
     assert second.latency_profile.precision == "bf16-mixed"
     assert json.loads(path.read_text())["precision"] == "bf16-mixed"  # measured again and saved
 
@@ -181,7 +181,7 @@ def test_find_r_keys_the_latency_profile_to_the_precision(tmp_path):
         LatencyProfile.load(path)  # a 32-true profile...
         result, lines = run(precision=precision)
         assert result.latency.precision == precision  # ...is never reused at another precision
-        assert any(f"precision='32-true', the current precision is '{precision}'" in x for x in lines)
+        assert any(f"precision='32-true', now precision='{precision}'" in x for x in lines)
         run(precision="32-true")  # back to a 32-true file
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # find_r's own autocast is the precision

@@ -21,7 +21,10 @@ def test_the_callback_searches_under_lightnings_true_precision(precision):
     module = tiny_classifier(latency_warmup_batches=0)
     callback = POMTCallback(layer=1, search=SearchConfig(grid=(17, 13, 9, 5), verify_time=0.05, **FAST))
     trainer = cpu_trainer(callbacks=[callback], precision=precision)
-    trainer.test(module, image_loader())
+    result = trainer.test(module, image_loader())[0]
+    # one name for one number: the console's "selection estimate A(n*)"
+    assert result["pomt/selection_estimate"] == pytest.approx(callback.selection.predicted_accuracy)
+    assert "pomt/predicted_accuracy" not in result
     sel = callback.selection
     assert sel.n_star in (17, 13, 9, 5) and sel.r == N - sel.n_star
     assert pruning_config(module.model) is None
@@ -300,3 +303,22 @@ def test_r0_leaves_no_mark_a_later_callback_does_not_call_the_net_pruned(caplog)
     caplog.set_level("WARNING", logger="pomt.callbacks")
     cpu_trainer(callbacks=[POMTCallback(r=4, layer=1)]).test(again, image_loader(n=8))
     assert "already pruned" not in caplog.text
+
+
+def test_the_near_chance_warning_never_suggests_r0(caplog):
+    from types import SimpleNamespace
+
+    from pomt.callbacks.stage_support import warn_if_near_chance
+
+    chance = SimpleNamespace(accuracy={17: 0.1, 9: 0.1}, n_total=17, num_classes=10, num_samples=64)
+    caplog.set_level("WARNING", logger="pomt.callbacks")
+    for r, suggestion in [
+        (0, "the R a search chooses on trained weights"),
+        (1, "on trained weights"),
+        (8, "r=4"),
+    ]:
+        caplog.clear()
+        warn_if_near_chance(chance, r)
+        assert f"R={r} was chosen for training on weights at chance" in caplog.text
+        assert f"(e.g. {suggestion}" in caplog.text or suggestion in caplog.text
+        assert "e.g. r=0" not in caplog.text
