@@ -322,3 +322,18 @@ def test_the_near_chance_warning_never_suggests_r0(caplog):
         assert f"R={r} was chosen for training on weights at chance" in caplog.text
         assert f"(e.g. {suggestion}" in caplog.text or suggestion in caplog.text
         assert "e.g. r=0" not in caplog.text
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_runtime_runs_record_does_not_name_torchs_kernels(runtime):
+    from types import SimpleNamespace
+
+    from pomt.sweep.evaluation import TradeoffEvaluation
+
+    evaluation = SimpleNamespace(settings=SimpleNamespace(runtime=runtime, limit_test_batches=1.0))
+    evaluation._kernels = lambda sweep: TradeoffEvaluation._kernels(evaluation, sweep)
+    sweep = SimpleNamespace(device=torch.device("cpu"), conditions={"runtime": runtime})
+    info = TradeoffEvaluation._run_info(evaluation, sweep)
+    assert "torch" not in info["kernels"] and runtime in info["kernels"]
+    plain = SimpleNamespace(settings=SimpleNamespace(runtime="torch"))
+    assert TradeoffEvaluation._kernels(plain, sweep) == "torch"  # PyTorch on the CPU: the torch path
