@@ -337,3 +337,30 @@ def test_a_runtime_runs_record_does_not_name_torchs_kernels(runtime):
     assert "torch" not in info["kernels"] and runtime in info["kernels"]
     plain = SimpleNamespace(settings=SimpleNamespace(runtime="torch"))
     assert TradeoffEvaluation._kernels(plain, sweep) == "torch"  # PyTorch on the CPU: the torch path
+
+
+def test_a_flat_profile_is_said_in_one_line_and_a_staircase_is_not():
+    from types import SimpleNamespace
+
+    from pomt.finder import flat_profile
+
+    flat = flat_profile(SimpleNamespace(latency_ms={17: 10.0, 13: 10.02, 9: 9.95, 5: 9.98}))
+    assert flat.startswith("L(n) is flat on this device") and "n=9" in flat and "\n" not in flat
+    assert flat_profile(SimpleNamespace(latency_ms={17: 10.0, 13: 10.0, 9: 5.0, 5: 5.0})) is None
+
+
+def test_one_not_reusing_line_per_decision(tmp_path):
+    from conftest import make_tiny_vit, staircase_profile
+
+    from pomt.finder import _reuse
+    from pomt.profiles import LatencyProfile
+
+    path = staircase_profile(make_tiny_vit(), tmp_path / "latency.json")
+    earlier = LatencyProfile.load(path)
+    notes: list[str] = []
+    assert (
+        _reuse(LatencyProfile, path, earlier, {"precision": "bf16-mixed"}, notes, "measured earlier") is None
+    )
+    lines = [line for line in notes if line.startswith("not reusing")]
+    assert len(lines) == 1, notes
+    assert "measured earlier or the latency profile" in lines[0] and "now precision='bf16-mixed'" in lines[0]
