@@ -236,7 +236,8 @@ class POMTCallback(Callback):
                 if stage == "train":
                     support.warn_if_near_chance(self.result.accuracy, r)
             schedule = token_schedule(vit, self.method, r, self.layer)  # validates r before patching
-            apply_pruning(vit, self.method, r=r, layer=self.layer)
+            if r:  # R = 0 is the model as built: no mark left in it (nor in a checkpoint of it)
+                apply_pruning(vit, self.method, r=r, layer=self.layer)
         except BaseException:
             self._put_back()  # an error leaves the model as it was
             raise

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pomt.errors import MissingExtraError, PomtError
+from pomt.errors import PomtError
+from pomt.errors import require as require_extra
 from pomt.models import find_vit, image_size, token_layout
 from pomt.pruning import pruned, pruning_config
 
@@ -59,15 +60,7 @@ class ExportMismatch(PomtError, RuntimeError):
 
 def require(module: str) -> ModuleType:
     """Import ``module`` (onnx, onnxscript, onnxruntime, openvino), or say which extra has it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise MissingExtraError(
-            f"{module} is not installed: it is part of the deploy extra, `pip install 'pomt[deploy]'` "
-            f"(or `pip install {module}`)"
-        ) from err
+    return require_extra(module, "deploy")
 
 
 @dataclass(frozen=True)
@@ -284,7 +277,7 @@ def export_token_graph(
         dim = torch.export.Dim("tokens", min=prefix + 1, max=n_total - 1)
         _dynamo_export(
             wrapper,
-            (x, torch.zeros(n0)),
+            (x, torch.zeros(n0, dtype=torch.float32)),
             Path(path),
             input_names=["x", TOKENS_INPUT],
             dynamic_shapes={"x": None, "kept": {0: dim}},

@@ -240,6 +240,21 @@ class Search:
         )
 
 
+def flat_profile(latency: LatencyProfile, margin: float = 0.01) -> str | None:
+    """One line when the measured L(n) gains nothing anywhere: no token count below the largest
+    is ``margin`` (1 %) faster than it; else None."""
+    ms = latency.latency_ms
+    top = max(ms)
+    others = {n: v for n, v in ms.items() if n < top}
+    if not others or min(others.values()) < (1 - margin) * ms[top]:
+        return None
+    best = min(others, key=others.get)
+    return (
+        f"L(n) is flat on this device: no token count measured is faster than the unpruned model's "
+        f"{ms[top]:.3f} ms by {margin:.0%} (best: n={best}, {others[best]:.3f} ms), so pruning gains nothing here"
+    )
+
+
 def _reuse(
     kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str], origin: str
 ) -> Any:
@@ -251,12 +266,15 @@ def _reuse(
             sources.append((kind.load(path), f"the {kind.kind} profile {path}"))
         except ValueError as err:  # corrupt or foreign: measured again, and overwritten
             notes.append(f"not reusing {path} ({err}); measuring the {kind.kind} profile again")
+    passed: dict[str, list[str]] = {}  # reason -> the sources it rules out: one line per decision
     for profile, where in sources:
         why = profile.mismatch(expect)
         if why is None:
+            notes.extend(f"not reusing {' or '.join(wheres)}: {reason}" for reason, wheres in passed.items())
             notes.append(f"reusing {where}")
             return profile
-        notes.append(f"not reusing {where}: {why}")
+        passed.setdefault(why, []).append(where)
+    notes.extend(f"not reusing {' or '.join(wheres)}: {reason}" for reason, wheres in passed.items())
     if not sources:
         notes.append(f"no {kind.kind} profile to reuse (none saved, none measured earlier)")
     return None
@@ -411,6 +429,8 @@ def find_r(
             if path is not None:
                 latency.save(path)
         flush()
+        if (flat := flat_profile(latency)) is not None:
+            log(flat)
         selection = config.select(latency, accuracy)
         if config.verify:
 

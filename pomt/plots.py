@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pomt.curves import as_curve
+from pomt.errors import require
 from pomt.selection import Selection, select_r
 
 __all__ = [
@@ -79,7 +80,7 @@ def plot_profiles(
     a dashed line in their panel). ``fig`` draws into an
     existing Figure or SubFigure (returned) instead of a new one.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure
 
     if sel is None:
         sel = select_r(lat, acc, **select_kwargs)
@@ -146,7 +147,7 @@ def plot_profiles(
 
 def plot_latency(lat: Any) -> Any:
     """L(n) alone (medians with their IQR), for a latency profile without an accuracy profile."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure
 
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.subplots()
@@ -252,7 +253,7 @@ def plot_tradeoff(
     With the latency/accuracy profiles given, a second panel shows the profile's curves
     (``pomt.plots.plot_profiles`` on its own axes) beside the trade-off.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure
 
     with_profile = latency is not None and accuracy is not None
     batch_sizes = list(dict.fromkeys(row.batch_size for row in rows)) or [0]
@@ -296,8 +297,9 @@ def plot_token_groups(
     tokens among the patches, plus ``prefix``). ``patch_grid`` defaults to a square grid.
     """
     import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+
+    Figure = require("matplotlib.figure", "plots").Figure
+    Rectangle = require("matplotlib.patches", "plots").Rectangle
 
     columns = dict(groups) if isinstance(groups, Mapping) else {"pruned": groups}
     fused = [label for label in columns if label.startswith("pomt")] if fused is None else list(fused)

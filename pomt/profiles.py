@@ -227,7 +227,7 @@ class _Profile:
                         f"it was timed on {have} CPU thread(s), this process runs {normalise(wanted)} "
                         "(torch.get_num_threads())"
                     )
-                return f"it was measured with {key}={have!r}, the current {key} is {normalise(wanted)!r}"
+                return f"it was measured with {key}={have!r}, now {key}={normalise(wanted)!r}"
         return None
 
     def check(self, expect: Mapping[str, Any], source: str = "profile") -> None:

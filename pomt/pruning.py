@@ -245,7 +245,7 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
         keep = n - p
         if keep >= n_ordinary:
             return None
-        noise = torch.rand(x.shape[0], n_ordinary, generator=generator)
+        noise = torch.rand(x.shape[0], n_ordinary, generator=generator, dtype=torch.float32)
         index = noise.argsort(dim=1)[:, :keep].sort(dim=1).values.to(x.device)
         return (gather_tokens(x, index, p), *rest)
 

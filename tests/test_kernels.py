@@ -349,7 +349,7 @@ def test_triton_without_interpreter_on_cpu_is_a_clear_error():
 
 
 def test_a_bad_pomt_kernels_value_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(ops, "_mode", "Triton")
+    monkeypatch.setattr(ops, "_DEFAULT_MODE", "Triton")  # as if POMT_KERNELS=Triton
     model = make_tiny_vit()
     pomt.apply_pruning(model, "pomt", r=3, layer=1)
     with pytest.raises(ValueError, match="POMT_KERNELS must be one of auto, torch, triton, got 'Triton'"):

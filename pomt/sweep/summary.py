@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pomt.errors import require
 from pomt.sweep.report import ReportRow
 
 __all__ = ["finish_run", "log_summary_run"]
@@ -28,7 +29,7 @@ def log_summary_run(
     (``images``: the trade-off plot, the token maps), the run's ``config`` (how it was timed,
     what it ran on), and summary values for POMT's row (``pomt/``, healed: ``pomt_healed/``) and
     the unpruned model."""
-    import wandb
+    wandb = require("wandb", "wandb")
 
     run = logger.experiment
     logger.log_hyperparams(config)
