@@ -104,7 +104,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
     blocks = vit_blocks(model)
     if not blocks:
         return f"{name}.blocks is empty"
+    from pomt import rope  # Eva blocks (rotary positions) have their own contract
+
+    eva = rope.is_eva(model)
     for i, block in enumerate(blocks):
+        if eva:
+            why = rope.block_unsupported_reason(f"{name}.blocks[{i}]", block, _prefix_tokens(model))
+            if why is not None:
+                return why
+            continue
         missing = [a for a in BLOCK_ATTRIBUTES if not hasattr(block, a)]
         if missing:
             return f"{name}.blocks[{i}] ({type(block).__name__}) lacks {', '.join(missing)}"
