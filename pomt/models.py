@@ -95,6 +95,13 @@ def _prefix_tokens(model: nn.Module) -> int | None:
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot be pruned, or None when it can."""
     name = type(model).__name__
+    if name == "NaFlexVit":
+        return (
+            "NaFlexVit (variable resolution and aspect ratio) is not supported yet: its tokens come from "
+            "`embeds` with a per-image padding mask (`patch_valid`) that every block's attention takes as "
+            "`attn_mask`, and pruning would have to keep real patches over padded ones and leave padded "
+            "ones out of POMT's fused token; use a fixed-size ViT (e.g. vit_base_patch16_siglip_224)"
+        )
     if not isinstance(getattr(model, "blocks", None), nn.Module):
         return f"{name} has no `blocks` attribute"
     if not isinstance(getattr(model, "patch_embed", None), nn.Module):
