@@ -10,7 +10,7 @@ for Eva's attention and layer scale) record each token's original patch, and eve
 then rotates each token by its own row, a table gathered per image, (B, 1 or heads, n, dim).
 
 - POMT: a kept token keeps its own row; the fused token (mean of the dropped ones) has no
-  grid position and gets no rotation, like a prefix token (``docs/method.md``, section 6).
+  grid position and gets no rotation, like a prefix token (``docs/method.md``, section 4).
 - Top-K: kept tokens keep their own rows.
 - ToMe: a merged token keeps its destination (B) token's row.
 
