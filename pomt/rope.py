@@ -33,6 +33,7 @@ from pomt import ops
 from pomt.blocks import BlockSpec, ToMeState, _no_mask, _PrunedBlock, check_room, patched_class
 from pomt.errors import PruningError
 from pomt.method import (
+    _tracing,
     cls_attention,
     pomt_fuse,
     pomt_order,
@@ -139,6 +140,16 @@ def _leave(block: nn.Module, positions: torch.Tensor | None) -> None:
     state.positions = None if spec.last else positions
     if spec.last:
         state.cache = None
+
+
+def _kept_from_moves(moved: torch.Tensor, keep: int) -> torch.Tensor:
+    """The kept ordinary tokens in their new order, (B, keep), from the kernels' record of each
+    token's new place (B, N - prefix; -1: fused)."""
+    b, no = moved.shape
+    slot = torch.where(moved < 0, keep, moved).long()  # the fused ones all land in a spare slot
+    index = torch.zeros(b, keep + 1, dtype=torch.long, device=moved.device)
+    index.scatter_(1, slot, torch.arange(no, device=moved.device).expand(b, no))
+    return index[:, :keep]
 
 
 def _kept_positions(positions: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
@@ -252,11 +263,20 @@ class _EvaPOMTBlock(_PrunedBlock):
             scores = pomt_scores_from_probabilities(probs, v, p)
         else:
             x, _, q, k, v = attention_residual(self, x, rows)
-            scores = pomt_scores(q, k, v, p, self.attn.scale)
+            scale = self.attn.scale
+            if not _tracing(spec.trace) and ops._use_kernels(x, q, k, v, p, r, scale):
+                x, _, moved = ops._pomt_kernels(x, q, k, v, p, r, scale)  # Triton (pomt.ops)
+                return self._finish(x, _kept_from_moves(moved, x.shape[1] - p - 1), positions)
+            scores = pomt_scores(q, k, v, p, scale)
         order = pomt_order(scores)
         keep = x.shape[1] - p - r - 1
         x = pomt_fuse(x, order, p, r, spec.trace)
-        kept = _kept_positions(positions, order[:, :keep])
+        return self._finish(x, order[:, :keep], positions)
+
+    def _finish(
+        self, x: torch.Tensor, kept_index: torch.Tensor, positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        kept = _kept_positions(positions, kept_index)
         positions = torch.cat([kept, kept.new_zeros(kept.shape[0], 1)], dim=1)  # fused: no rotation
         x = mlp_residual(self, x)
         _leave(self, positions)
