@@ -5,7 +5,8 @@ Supported: timm ``VisionTransformer`` models (``vit_*``, ``deit_*`` including di
 ``vit_*_patch14_dinov2*`` with and without registers) and any model that looks like one:
 a ``blocks`` sequence whose blocks have timm's attribute names (``norm1``, ``attn`` with
 ``qkv``/``num_heads``/``proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
-``drop_path2``) and a ``patch_embed``, such as the DINOv2 authors' hub models.
+``drop_path2``) and a ``patch_embed``, such as the DINOv2 authors' hub models; and timm ``Eva``
+models with rotary positions (DINOv3, EVA02, RoPE-ViT, Perception Encoder: ``pomt.rope``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def _prefix_tokens(model: nn.Module) -> int | None:
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot be pruned, or None when it can."""
     name = type(model).__name__
+    if name == "NaFlexVit":
+        return (
+            "NaFlexVit (variable resolution and aspect ratio) is not supported yet: its tokens come from "
+            "`embeds` with a per-image padding mask (`patch_valid`) that every block's attention takes as "
+            "`attn_mask`, and pruning would have to keep real patches over padded ones and leave padded "
+            "ones out of POMT's fused token; use a fixed-size ViT (e.g. vit_base_patch16_siglip_224)"
+        )
     if not isinstance(getattr(model, "blocks", None), nn.Module):
         return f"{name} has no `blocks` attribute"
     if not isinstance(getattr(model, "patch_embed", None), nn.Module):
@@ -104,7 +112,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
     blocks = vit_blocks(model)
     if not blocks:
         return f"{name}.blocks is empty"
+    from pomt import rope  # Eva blocks (rotary positions) have their own contract
+
+    eva = rope.is_eva(model)
     for i, block in enumerate(blocks):
+        if eva:
+            why = rope.block_unsupported_reason(f"{name}.blocks[{i}]", block, _prefix_tokens(model))
+            if why is not None:
+                return why
+            continue
         missing = [a for a in BLOCK_ATTRIBUTES if not hasattr(block, a)]
         if missing:
             return f"{name}.blocks[{i}] ({type(block).__name__}) lacks {', '.join(missing)}"
@@ -123,7 +139,8 @@ def _require_supported(model: nn.Module) -> None:
     if reason is not None:
         raise ValueError(
             f"unsupported model {type(model).__name__}: {reason}. Supported are timm VisionTransformer "
-            "models (vit_*, deit_*, vit_*_dinov2*) and models whose blocks use timm's attribute names "
+            "models (vit_*, deit_*, vit_*_dinov2*), timm Eva models (vit_*_dinov3*, eva02_*, vit_*_rope_*, "
+            "vit_pe_*) and models whose blocks use timm's attribute names "
             f"({', '.join(BLOCK_ATTRIBUTES)}; attn with {', '.join(ATTENTION_ATTRIBUTES)})."
         )
 
@@ -250,7 +267,8 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
     raise ValueError(
         f"no supported ViT found inside {type(root).__name__}: {unsupported_reason(root)}; searched all "
         f"submodules for one with `patch_embed` and `blocks` of timm-style blocks{detail}. Supported are "
-        "timm VisionTransformer models (vit_*, deit_*, vit_*_dinov2*) and models whose blocks use timm's "
+        "timm VisionTransformer models (vit_*, deit_*, vit_*_dinov2*), timm Eva models (vit_*_dinov3*, "
+        "eva02_*, vit_*_rope_*, vit_pe_*) and models whose blocks use timm's "
         f"attribute names ({', '.join(BLOCK_ATTRIBUTES)}); pass the ViT's attribute path explicitly."
     )
 
