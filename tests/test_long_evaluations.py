@@ -116,7 +116,7 @@ def test_a_quick_estimate_on_part_of_the_split_says_so(tmp_path):
     assert {row.images for row in result.rows} == {32}  # one batch of 32 of the 359 test images
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert report["run"]["limit_test_batches"] == 1
-    assert "eager calls, precision 32-true, warm-up 1" in report["timing"]
+    assert "eager calls, precision 32-true, warm-up 1" in report["timing"]["torch"]
     assert (tmp_path / "tiny" / "token_maps.png").stat().st_size > 5_000
 
 
