@@ -221,7 +221,10 @@ def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tm
     pytest.importorskip("onnxscript")
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = tiny_args(
-        tmp_path, "--sweep.runtimes=[onnxruntime]", "--sweep.wandb=false", "--sweep.methods=[none, pomt, tome]"
+        tmp_path,
+        "--sweep.runtimes=[onnxruntime]",
+        "--sweep.wandb=false",
+        "--sweep.methods=[none, pomt, tome]",
     )
     result = evaluate.main(args)
     # the table's header says what ran: the runtime and its precision (no POMT block path)

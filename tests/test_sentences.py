@@ -17,14 +17,29 @@ IMAGES = 400  # s.e. of 89 %: 100 * sqrt(0.89 * 0.11 / 400) = 1.56 points
 
 def row(method, r, acc1, ms, runtime="torch", **kw):
     return ReportRow(
-        method, r, 10, 10.0, acc1, 1.0, ms, ms, None, 8, "cpu", "float32", images=IMAGES, runtime=runtime, **kw
+        method,
+        r,
+        10,
+        10.0,
+        acc1,
+        1.0,
+        ms,
+        ms,
+        None,
+        8,
+        "cpu",
+        "float32",
+        images=IMAGES,
+        runtime=runtime,
+        **kw,
     )
 
 
 NAMES = {"ToMe": "tome", "Top-K": "topk"}
+
+
 def numbers(side: str) -> str:
     return rf"r=(?P<{side}_r>\d+) \((?P<{side}_acc>[\d.]+) %, (?P<{side}_ms>[\d.]+) ms\)"
-
 
 
 SENTENCE = re.compile(
@@ -47,7 +62,9 @@ def check(sentence: str, rows: list[ReportRow]) -> str:
         for side in ("theirs", "ours")
     )
     ours = next(r for r in rows if r.selected and r.runtime == runtime and r.r == ours_r)
-    group = [r for r in rows if r.method == method and r.runtime == runtime and r.batch_size == ours.batch_size]
+    group = [
+        r for r in rows if r.method == method and r.runtime == runtime and r.batch_size == ours.batch_size
+    ]
     theirs = next(r for r in group if r.r == theirs_r)
     for got, row_ in ((theirs_acc, theirs), (ours_acc, ours)):  # the numbers shown are the rows'
         assert got == round(100 * row_.acc1, 2)
@@ -98,9 +115,15 @@ def test_the_standard_error_is_the_binomial_one_of_the_test_set():
     "case, others",
     [
         # POMT faster but less accurate: ToMe's as-accurate setting is slower, its as-fast one less accurate
-        ("pomt faster, less accurate", [("tome", 2, 0.93, 9.0), ("tome", 4, 0.84, 5.0), ("topk", 2, 0.95, 12.0)]),
+        (
+            "pomt faster, less accurate",
+            [("tome", 2, 0.93, 9.0), ("tome", 4, 0.84, 5.0), ("topk", 2, 0.95, 12.0)],
+        ),
         # the reverse: POMT slower but more accurate than everything as fast
-        ("pomt slower, more accurate", [("tome", 2, 0.80, 4.0), ("tome", 4, 0.70, 3.0), ("topk", 2, 0.82, 5.5)]),
+        (
+            "pomt slower, more accurate",
+            [("tome", 2, 0.80, 4.0), ("tome", 4, 0.70, 3.0), ("topk", 2, 0.82, 5.5)],
+        ),
         # ties: within the s.e. (1.56 points at 89 % on 400 images), both ways
         ("ties", [("tome", 2, 0.895, 7.0), ("tome", 4, 0.88, 5.0), ("topk", 2, 0.89, 6.0)]),
     ],
@@ -117,17 +140,32 @@ def test_every_comparison_sentence_is_true_of_its_numbers(case, others):
     text = " | ".join(sentences)
     if case == "pomt faster, less accurate":
         assert kinds == ["accurate", "fast", "accurate", "none fast"]
-        assert "r=2 (93.00 %, 9.00 ms), is x1.50 slower than POMT r=8 (89.00 %, 6.00 ms), and 4.00 points more" in text
-        assert "r=4 (84.00 %, 5.00 ms), is x1.20 faster than POMT r=8 (89.00 %, 6.00 ms), and 5.00 points less" in text
+        assert (
+            "r=2 (93.00 %, 9.00 ms), is x1.50 slower than POMT r=8 (89.00 %, 6.00 ms), and 4.00 points more"
+            in text
+        )
+        assert (
+            "r=4 (84.00 %, 5.00 ms), is x1.20 faster than POMT r=8 (89.00 %, 6.00 ms), and 5.00 points less"
+            in text
+        )
     elif case == "pomt slower, more accurate":
         assert kinds == ["none accurate", "fast", "none accurate", "fast"]
-        assert "no ToMe setting is at least as accurate as POMT; its most accurate, r=2 (80.00 %, 4.00 ms)" in text
+        assert (
+            "no ToMe setting is at least as accurate as POMT; its most accurate, r=2 (80.00 %, 4.00 ms)"
+            in text
+        )
         assert "is x1.50 faster than POMT r=8 (89.00 %, 6.00 ms), and 9.00 points less accurate" in text
     else:
         assert kinds == ["accurate", "fast", "accurate", "fast"]
-        assert "and tied in accuracy (0.50 points apart, less than the s.e. of 1.56 points on 400 test images)" in text
+        assert (
+            "and tied in accuracy (0.50 points apart, less than the s.e. of 1.56 points on 400 test images)"
+            in text
+        )
         assert "and tied in accuracy (1.00 points apart" in text  # ToMe r=4, 88 % at 5 ms: a tie
-        assert "Top-K's fastest setting at least as accurate as POMT, r=2 (89.00 %, 6.00 ms), is as fast as" in text
+        assert (
+            "Top-K's fastest setting at least as accurate as POMT, r=2 (89.00 %, 6.00 ms), is as fast as"
+            in text
+        )
         assert text.endswith("and equally accurate")
 
 
