@@ -36,6 +36,7 @@ from pomt.sweep.plan import Plan, Tested, accuracy_record, make_plan
 from pomt.sweep.report import ReportRow, format_table, mark_pareto, write_report
 from pomt.sweep.rundir import RunDir
 from pomt.sweep.runtimes import runtime_runs
+from pomt.sweep.sentences import recommendation
 from pomt.sweep.settings import SweepSettings
 from pomt.sweep.summary import finish_run, log_summary_run
 from pomt.timing import device_name
@@ -377,9 +378,9 @@ class TradeoffEvaluation:
         logger = self._logger(sweep, "summary", sweep.run_dir.root)
         figures = [sweep.result.plot_path, sweep.run_dir.root / "token_maps.png"]
         images = [p for p in figures if p is not None and p.is_file()]
-        log_summary_run(
-            logger, sweep.result.rows, images, {"timing": sweep.how_timed, **self._run_info(sweep)}
-        )
+        advice = recommendation(sweep.result.rows, self.settings.max_accuracy_drop)
+        config = {"timing": sweep.how_timed, **self._run_info(sweep), "recommendation": advice}
+        log_summary_run(logger, sweep.result.rows, images, config)
         finish_run(logger, sweep.result.wandb_dirs)
 
     # ------------------------------------------------------------------ helpers
