@@ -188,20 +188,36 @@ def _healed_front(rows: Sequence[Any]) -> list[Any]:
     return sorted(out, key=lambda row: row.latency_ms) if healed else []
 
 
+_RUNTIME_MARKERS = {"torch": "o", "onnxruntime": "D", "openvino": "P"}
+
+
 def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
-    kinds = dict.fromkeys((row.method, bool(getattr(row, "healed", False))) for row in rows)
-    for method, healed in kinds:
+    runtimes = list(dict.fromkeys(getattr(row, "runtime", "torch") for row in rows))
+    several = len(runtimes) > 1  # then one marker style per runtime, the colour per method
+    kinds = dict.fromkeys(
+        (row.method, bool(getattr(row, "healed", False)), getattr(row, "runtime", "torch")) for row in rows
+    )
+    for method, healed, runtime in kinds:
         group = sorted(
-            (row for row in rows if row.method == method and bool(getattr(row, "healed", False)) == healed),
+            (
+                row
+                for row in rows
+                if row.method == method
+                and bool(getattr(row, "healed", False)) == healed
+                and getattr(row, "runtime", "torch") == runtime
+            ),
             key=lambda row: row.latency_ms,
         )
         color, marker, label = _STYLES.get(method, ("tab:gray", "x", method))
+        if several:
+            marker = _RUNTIME_MARKERS.get(runtime, "x")
+            label = f"{label}, {runtime}"
         xs = [row.latency_ms for row in group]
         ys = [100 * row.acc1 for row in group]
         ax.scatter(  # healed rows: hollow markers in the method's colour
             xs,
             ys,
-            s=260 if method == "pomt" else 60,
+            s=(260 if not several else 150) if method == "pomt" else 60,
             c="none" if healed else color,
             marker=marker,
             label=f"{label}, healed" if healed else label,
@@ -231,16 +247,13 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
             xs, ys = [row.latency_ms for row in line], [100 * row.acc1 for row in line]
             ax.step(xs, ys, where="post", color="0.35", ls=style, lw=1, zorder=1, label=label)
     first = rows[0] if rows else None
-    where = (
-        f"\n{first.model}, batch {first.batch_size}, {precision_label(first)}, {first.device}"
-        if first
-        else ""
-    )
+    precisions = ", ".join(dict.fromkeys(precision_label(row) for row in rows))
+    where = f"\n{first.model}, batch {first.batch_size}, {precisions}, {first.device}" if first else ""
     ax.set_title(f"Top-1 accuracy vs latency{where}", fontsize=10)
     ax.set_xlabel("median latency per batch (ms)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8 if several else None)
 
 
 def plot_tradeoff(
@@ -248,7 +261,9 @@ def plot_tradeoff(
 ) -> Any:
     """Accuracy against latency, one marker per ``pomt.sweep.report.ReportRow``, POMT highlighted, and
     the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase; healed
-    rows (``healed``) as hollow markers, with their own front (dash-dotted).
+    rows (``healed``) as hollow markers, with their own front (dash-dotted). Rows of several
+    runtimes (``runtime``): one marker style per runtime, the method's colour; the front is
+    over runtime x method.
 
     With the latency/accuracy profiles given, a second panel shows the profile's curves
     (``pomt.plots.plot_profiles`` on its own axes) beside the trade-off.

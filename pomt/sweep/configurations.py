@@ -20,6 +20,7 @@ __all__ = [
     "configurations",
     "matching_r_values",
     "time_configurations",
+    "runtime_accuracy",
     "SideBySide",
     "token_maps_figure",
 ]
@@ -154,15 +155,17 @@ def time_configurations(
     layer: int,
     device: torch.device,
     how: SideBySide,
+    accuracy_on: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Latency of every configuration of ``vit`` (the ViT in ``model``, found once by the
     caller) on ``images``, interleaved round by round (call this
     under the precision the profile used). With ``how.cuda_graphs`` on CUDA each configuration
     is a captured graph replayed, as the profile timed; one that cannot be captured is timed
     eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``.
-    With ``how.runtime`` other than torch, see :func:`time_exported`."""
+    With ``how.runtime`` other than torch, see :func:`time_exported` (``accuracy_on``: the test
+    batches its accuracy is measured on, in a runtime that computes in another precision)."""
     if how.runtime != "torch":
-        return time_exported(model, images, configs, layer=layer, how=how, vit=vit)
+        return time_exported(model, images, configs, layer=layer, how=how, vit=vit, accuracy_on=accuracy_on)
     model.to(device).eval()
     images = images.to(device)
     by_key = {c.key: c for c in configs}
@@ -196,6 +199,7 @@ def time_exported(
     layer: int,
     how: SideBySide,
     vit: nn.Module | None = None,
+    accuracy_on: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every configuration exported (``pomt.export_onnx``: checked against PyTorch in ONNX
     Runtime), compiled by ``how.runtime`` at the batch's shape and timed side by side there. Each
@@ -212,7 +216,7 @@ def time_exported(
     vit = pomt.find_vit(model)[1] if vit is None else vit  # the sweep passes the one it found
     model.to("cpu").eval()
     images = images.detach().to("cpu", torch.float32)
-    calls, modes = {}, {}
+    calls, modes, accuracy = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="pomt-sweep-") as tmp:
         with pomt.pruning_restored(vit):
             for config in configs:
@@ -234,6 +238,10 @@ def time_exported(
                     expected = model(images).float()
                 got = torch.from_numpy(np.array(run(feeds)))
                 agree = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
+                if accuracy_on is not None:
+                    accuracy[config.key] = runtime_accuracy(
+                        run, input_name(record.path), accuracy_on, len(images)
+                    )
                 calls[config.key] = lambda run=run, feeds=feeds: run(feeds)
                 modes[config.key] = (
                     f"{info.label} export (ONNX Runtime f32 |diff| {record.max_abs_diff:.1e}; in {info.precision} "
@@ -242,7 +250,31 @@ def time_exported(
         stats = time_interleaved(
             calls, rounds=how.rounds, warmup=how.warmup, progress=f"timing {len(calls)} {how.runtime} exports"
         )
-    return {key: {**s.to_dict(), "mode": modes[key]} for key, s in stats.items()}
+    extra = {key: {"accuracy": value} for key, value in accuracy.items()}
+    return {key: {**s.to_dict(), "mode": modes[key], **extra.get(key, {})} for key, s in stats.items()}
+
+
+def runtime_accuracy(
+    run: Any, name: str, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy of a compiled export ``run`` (input ``name``, compiled at batch
+    ``size``) on ``batches``; a smaller last batch is padded with its last image to the
+    compiled shape and the padding's outputs dropped."""
+    import numpy as np
+
+    top1 = top5 = images = 0
+    for x, y in batches:
+        x = x.detach().to("cpu", torch.float32)
+        count = len(x)
+        if count < size:
+            x = torch.cat([x, x[-1:].expand(size - count, *x.shape[1:])])
+        logits = torch.from_numpy(np.array(run({name: x.numpy()})))[:count].float()
+        y = y.to("cpu")
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1 += int((top[:, 0] == y).sum())
+        top5 += int((top == y[:, None]).any(-1).sum())
+        images += count
+    return {"acc1": top1 / max(images, 1), "acc5": top5 / max(images, 1), "images": images}
 
 
 def token_maps_figure(

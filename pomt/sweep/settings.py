@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pomt.errors import is_int
 from pomt.finder import SearchConfig
 from pomt.pruning import METHODS
-from pomt.runtimes import check_runtime
 from pomt.sweep.configurations import SideBySide
 from pomt.sweep.context import check_limit
+from pomt.sweep.runtimes import check_runtimes
 
 __all__ = ["SweepSettings", "check_heal_epochs"]
 
@@ -51,7 +51,8 @@ class SweepSettings:
     limit_test_batches: float | int | None = None
     heal_epochs: int = 0
     heal_batches: int | None = None
-    runtime: str = "torch"
+    runtimes: tuple[str, ...] = ("torch",)
+    max_accuracy_drop: float = 0.5
 
     def __post_init__(self) -> None:
         check_heal_epochs(self.heal_epochs, self.heal_batches)
@@ -73,11 +74,15 @@ class SweepSettings:
         set_(self, "span", tuple(self.span))
         set_(self, "batch_sizes", _ints(sizes) or None)
         set_(self, "limit_test_batches", check_limit(self.limit_test_batches))
-        set_(self, "runtime", check_runtime(self.runtime))
+        set_(self, "runtimes", check_runtimes(self.runtimes))
+        drop = self.max_accuracy_drop
+        if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 100:
+            raise ValueError(f"max_accuracy_drop must be points of top-1 in [0, 100), got {drop!r}")
 
     @property
     def side_by_side(self) -> SideBySide:
         """How the configurations are timed against each other (the search's warm-up and
-        CUDA-graph setting, ``latency_rounds`` rounds, in ``runtime``)."""
+        CUDA-graph setting, ``latency_rounds`` rounds; each runtime of ``runtimes`` its own,
+        see ``pomt.sweep.runtimes``)."""
         config = self.search_config
-        return SideBySide(self.latency_rounds, config.warmup, config.cuda_graphs, self.runtime)
+        return SideBySide(self.latency_rounds, config.warmup, config.cuda_graphs)
