@@ -103,8 +103,9 @@ def stability(
 
 
 def rated(selection: Any, latency: Any, choose: Callable[[Any], Any], resamples: int, seed: int = 0) -> Any:
-    """``selection`` with its stability (see :func:`stability`; unchanged when ``resamples`` is 0)."""
-    if not resamples:
+    """``selection`` with its stability (see :func:`stability`; unchanged when ``resamples`` is 0
+    or when no point kept its samples, as in a profile saved by an earlier pomt)."""
+    if not resamples or not any(len(p.values_ms) > 1 for p in latency.points):
         return selection
     found = stability(latency, choose, selection, resamples=resamples, seed=seed)
     return replace(

@@ -149,3 +149,33 @@ def test_a_noiseless_choice_is_chosen_in_every_resample_and_its_runner_up_is_the
     assert "(never chosen)" in got.text()
     with pytest.raises(ValueError, match="resamples"):
         stability(lat, choose, sel, resamples=0)
+
+
+def test_find_r_retimes_n_star_and_prints_logs_and_plots_the_stability(tmp_path):
+    from pomt.finder import SearchConfig, find_r
+    from pomt.plots import plot_profiles
+    from tests.conftest import image_loader
+
+    model = make_tiny_vit()
+    config = SearchConfig(
+        grid=(3, 5, 9, 13, 17), min_run_time=0.01, warmup=1, verify=False, accuracy_samples=16
+    )
+    lines: list[str] = []
+    found = find_r(
+        model, image_loader(), layer=1, batch_size=2, config=config, progress=False, log=lines.append
+    )
+    sel = found.selection
+    assert sel.stability is not None and 0 < sel.stability <= 1 and sel.stability_resamples == 100
+    assert any(line == f"stability: {sel.stability_line}" for line in lines)
+    assert sel.stability_line in sel.summary()
+    if sel.n_star != sel.n_total:  # L(n*) was timed again after the choice
+        assert sel.retimed_latency_ms > 0 and sel.retimed_speedup > 0
+    again = pomt.Selection.from_dict(sel.to_dict())
+    assert again.stability_line == sel.stability_line
+    fig = plot_profiles(found.latency, found.accuracy, sel)
+    assert sel.stability_line in [ax.get_title() for ax in fig.axes]
+    off = find_r(model, image_loader(), layer=1, batch_size=2, progress=False, log=lines.append,
+                 config=SearchConfig(**(config.to_dict() | {"stability_resamples": 0})), previous=found)  # fmt: skip
+    assert off.selection.stability is None and "resamples" not in off.selection.summary()
+    with pytest.raises(ValueError, match="stability_resamples"):
+        SearchConfig(stability_resamples=-1)
