@@ -26,7 +26,7 @@ from pomt.weights import create_model  # noqa: E402
 
 
 def load() -> str:
-    return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    return "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
 def main() -> None:
