@@ -179,3 +179,15 @@ def test_find_r_retimes_n_star_and_prints_logs_and_plots_the_stability(tmp_path)
     assert off.selection.stability is None and "resamples" not in off.selection.summary()
     with pytest.raises(ValueError, match="stability_resamples"):
         SearchConfig(stability_resamples=-1)
+
+
+def test_the_replay_rebuilds_five_samples_exactly_from_their_stored_percentiles():
+    from benchmarks.selection_replay import five_rounds
+
+    values = [9.7, 10.1, 10.2, 10.4, 13.0]
+    point = LatencyPoint.from_stats(50, TimingStats.from_samples(values[::-1]))
+    stored = {k: v for k, v in point.to_dict().items()} | {"n": 50}  # what an older file kept
+    assert five_rounds(stored) == pytest.approx(values)
+    stored["mean_ms"] += 0.5
+    with pytest.raises(ValueError, match="n=50"):
+        five_rounds(stored)
