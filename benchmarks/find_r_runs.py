@@ -78,6 +78,9 @@ def main() -> int:
             found = find_r(model, None, batch_size=batch, config=config, accuracy_path=acc_path, runtime=runtime,
                            progress=False, log=lambda _line: None)  # fmt: skip
             runs.append((found, before, load(), time.time() - t0))
+            sel = found.selection
+            print(f"  {setup} run {len(runs)}: R={sel.r} n*={sel.n_star} {sel.stability_line} "
+                  f"({runs[-1][3]:.0f} s, load {before} -> {runs[-1][2]})", flush=True)  # fmt: skip
         chosen = sorted({f.selection.n_star for f, *_ in runs} | {layout.n_total}, reverse=True)
         order = random.Random(0).sample(chosen, len(chosen))
         judge = profile_latency(model, batch_size=batch, grid=order, runtime=runtime, min_run_time=1.0,
