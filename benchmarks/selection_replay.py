@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--resamples", type=int, default=100)
-    parser.add_argument("--retime", type=int, default=16, help="re-timing budget (points) of the fast search")
+    parser.add_argument("--retime", type=int, default=32, help="re-timing budget (points) of the fast search")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--prepare-sawtooth", action="store_true")
     parser.add_argument(

@@ -117,7 +117,7 @@ class SearchConfig:
     verify_candidates: int = 3
     verify_groups: int = 6
     verify_blocks: InitVar[int | None] = None  # deprecated name of verify_groups
-    retime_points: int = 16  # timings spent after the fast search where they decide n* (0: none)
+    retime_points: int = 32  # timings spent after the fast search where they decide n* (0: none)
     stability_resamples: int = 100  # bootstrap resamples of the profile for the stability figure (0: none)
 
     @classmethod

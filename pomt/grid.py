@@ -214,7 +214,7 @@ def retime(
     accuracy: object,
     *,
     alpha: float = 0.5,
-    budget: int = 16,
+    budget: int = 32,
     period: int = 0,
     lo: int | None = None,
     hi: int | None = None,

@@ -163,7 +163,7 @@ def profile_latency(
     coarse_points: int = 9,
     max_points: int | None = None,
     period: int | str | None = "auto",
-    retime_points: int = 16,
+    retime_points: int = 32,
     progress: bool = True,
     name: str | None = None,
     measure: Callable[[int], TimingStats] | None = None,
