@@ -141,6 +141,11 @@ def log_pomt(
         summary["pomt/verification"] = sel.verification
     if sel is not None and sel.prediction_check:
         summary["pomt/prediction_check"] = sel.prediction_check
+    if sel is not None and getattr(sel, "stability_line", ""):  # how often resampled profiles choose n*
+        summary["pomt/stability"] = sel.stability_line
+        summary["pomt/stability_share"] = float(sel.stability)
+        if sel.runner_up is not None:
+            summary["pomt/runner_up_n"] = float(sel.runner_up)
     log_summary(trainer, summary)
     if latency is not None:  # how it was timed, in the W&B run's config too
         log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})

@@ -35,11 +35,15 @@ from pomt.profiles import AccuracyProfile, LatencyProfile
 from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
 from pomt.runtimes import RuntimeModel, check_runtime, runtime_precision, runtime_version
 from pomt.selection import Selection, check_objective, select_r
+from pomt.stability import rated, retimed_at_star
 from pomt.timing import MIN_RUN_TIME
 from pomt.verify import paired_speedups, speedup_samples, verify
 from pomt.weights import weights_fingerprint
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
+
+# The timer settings a fresh measurement at n* takes from the config (pomt.stability.retimed_at_star).
+RETIME_TIMER = ("warmup", "min_run_time", "cuda_graphs", "relative")
 
 # Below this fraction of the unpruned model's estimated accuracy, the chosen R is warned about.
 LOW_ACCURACY_FRACTION = 0.8
@@ -113,6 +117,8 @@ class SearchConfig:
     verify_candidates: int = 3
     verify_groups: int = 6
     verify_blocks: InitVar[int | None] = None  # deprecated name of verify_groups
+    retime_points: int = 32  # timings spent after the fast search where they decide n* (0: none)
+    stability_resamples: int = 100  # bootstrap resamples of the profile for the stability figure (0: none)
 
     @classmethod
     def coerce(cls, value: SearchConfig | Mapping[str, Any] | None) -> SearchConfig:
@@ -156,6 +162,9 @@ class SearchConfig:
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
         _positive("verify_candidates", self.verify_candidates, allow_none=False)
         _positive("verify_groups", self.verify_groups, allow_none=False)
+        for name in ("retime_points", "stability_resamples"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
         if not self.verify_time >= 0:
             raise ValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples
@@ -179,6 +188,7 @@ class SearchConfig:
         kwargs = {name: getattr(self, name) for name in LATENCY_SETTINGS}
         kwargs["accuracy"] = accuracy if self.utility_mode else None
         kwargs["relative"] = self.relative_on(device)
+        kwargs["retime_points"] = self.retime_points
         return kwargs
 
     def accuracy_kwargs(self) -> dict[str, Any]:
@@ -432,6 +442,21 @@ def find_r(
         if (flat := flat_profile(latency)) is not None:
             log(flat)
         selection = config.select(latency, accuracy)
+        if not config.verify:  # else the verification times n* against N, side by side, afresh
+            timer = {k: v for k, v in config.latency_kwargs(None, device).items() if k in RETIME_TIMER}
+            selection = retimed_at_star(
+                selection,
+                lambda grid: profile_latency(
+                    eager,
+                    vit=vit,
+                    progress=False,
+                    runtime=runtime,
+                    runtime_model=exported(),
+                    grid=grid,
+                    **setup,
+                    **timer,
+                ),
+            )
         if config.verify:
 
             def speedups_at(r: int) -> tuple[list[float], float]:
@@ -464,5 +489,10 @@ def find_r(
             selection = verify(selection, speedups_at, candidates=config.verify_candidates, log=log)
             if selection.prediction_check:  # said once, as a line of its own
                 log(selection.prediction_check)
+        selection = rated(
+            selection, latency, lambda lat: config.select(lat, accuracy), config.stability_resamples
+        )
+        if selection.stability_line:
+            log(f"stability: {selection.stability_line}")
         _check_accuracy_kept(selection, warn)
     return Search(selection, latency, accuracy, tuple(notes))

@@ -140,6 +140,11 @@ def plot_profiles(
     ax_u.plot(
         [sel.n_star], [sel.utility], "*", ms=14, color="#d62728", label=f"n* = {sel.n_star} (R = {sel.r})"
     )
+    if sel.runner_up is not None and sel.runner_up in sel.curve_n:  # the n that wins otherwise
+        u_runner = sel.curve_utility[sel.curve_n.index(sel.runner_up)]
+        ax_u.plot([sel.runner_up], [u_runner], "D", ms=6, mfc="none", color="#d62728", label="runner-up")
+    if sel.stability_line:  # how often n* comes out of the profile resampled
+        ax_u.set_title(sel.stability_line, fontsize=9)
     ax_u.legend(loc="lower right", fontsize=8)
     fig.suptitle(_title(lat, sel), fontsize=10)
     return fig

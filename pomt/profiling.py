@@ -20,7 +20,16 @@ from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
 from pomt.errors import is_int
-from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
+from pomt.grid import (
+    adaptive_search,
+    as_grid,
+    coarse_grid,
+    default_max_points,
+    is_budget,
+    known_period,
+    pooled,
+    retime,
+)
 from pomt.models import (
     architecture,
     device_of,
@@ -155,6 +164,7 @@ def profile_latency(
     coarse_points: int = 9,
     max_points: int | None = None,
     period: int | str | None = "auto",
+    retime_points: int = 32,
     progress: bool = True,
     name: str | None = None,
     measure: Callable[[int], TimingStats] | None = None,
@@ -185,7 +195,14 @@ def profile_latency(
     its exported graph compiled by that runtime at each n (``runtime_model``: a
     :class:`pomt.runtimes.RuntimeModel` already exported, else one is made), and the profile
     records the runtime, its version, threads, options and the precision it really ran in.
+
+    ``retime_points``: after the fast search guided by ``accuracy``, up to this many more timings
+    go where they decide the argmax (``pomt.grid.retime``: the points whose utility intervals
+    overlap the leader's, and on a sawtooth both sides of the steps next to it); a point timed
+    again keeps all its samples. 0 turns it off; a ``grid`` is never re-timed.
     """
+    if not is_budget(retime_points):
+        raise ValueError(f"retime_points must be a non-negative int, got {retime_points!r}")
     if vit is None:
         vit = find_vit(model)[1]
     size = image_size(vit, img_size)
@@ -253,7 +270,7 @@ def profile_latency(
             prepare_reference=None if deployed else lambda: prune_to(n_total),
         )
         reference_ms.extend(ref)
-        ratios[n] = pair_ratios
+        ratios.setdefault(n, []).extend(pair_ratios)  # timed again: the samples are pooled
         return scaled(n)
 
     def timed(n: int) -> TimingStats:
@@ -287,7 +304,10 @@ def profile_latency(
         with placed, torch.inference_mode():
             if measure is None and deployed is None:
                 x = random_batch(vit, batch_size, size, device, dtype)
-            fn = measure if measure is not None else (timed_relative if relative else timed)
+            if measure is None and relative:
+                fn = timed_relative  # pools its ratios itself
+            else:
+                fn = pooled(measure if measure is not None else timed)
             if grid is not None:
                 points = {}
                 for n in grid:
@@ -307,6 +327,18 @@ def profile_latency(
                     on_point=on_point,
                 )
                 sampling = "fast" if accuracy is None else f"fast-guided(alpha={alpha:g})"
+                if accuracy is not None and retime_points:
+                    found = known_period(points, period)
+                    again = retime(
+                        fn,
+                        points,
+                        accuracy,
+                        alpha=alpha,
+                        budget=retime_points,
+                        period=found,
+                        on_point=on_point,
+                    )
+                    sampling += f", {len(again)} re-timed" if again else ""
             if relative and measure is None:  # final scale: the pooled median of all reference samples
                 points = {n: scaled(n) for n in points}
                 sampling += ", relative to N"

@@ -71,6 +71,33 @@ class Selection:
     verification: str = ""
     measurements: tuple[tuple[int, float, float, float], ...] = ()
     precision: str | None = None
+    # how often n* comes out of the profile with each point's samples resampled (pomt.stability),
+    # the n chosen most often otherwise, and how far its utility trails n*'s (a fraction)
+    stability: float | None = None
+    stability_resamples: int = 0
+    runner_up: int | None = None
+    runner_up_share: float | None = None
+    runner_up_gap: float | None = None
+    # L(n*) and L(N)/L(n*) timed afresh after the choice, before the prediction is reported
+    retimed_latency_ms: float | None = None
+    retimed_speedup: float | None = None
+
+    @property
+    def stability_line(self) -> str:
+        """``n* = 81 (chosen in 93 % of 100 resamples; runner-up n = 96, utility within 0.2 %)``,
+        or "" when the stability was not measured."""
+        if self.stability is None:
+            return ""
+        from pomt.stability import stability_text
+
+        return stability_text(
+            self.n_star,
+            self.stability,
+            self.stability_resamples,
+            self.runner_up,
+            self.runner_up_share or 0.0,
+            self.runner_up_gap,
+        )
 
     @property
     def unpruned_latency_ms(self) -> float | None:
@@ -121,6 +148,8 @@ class Selection:
             predicted_latency_ms=self.curve_latency_ms[i],
             predicted_accuracy=self.curve_accuracy[i],
             measured_latency_ms=self.curve_raw_latency_ms[i],
+            retimed_latency_ms=None if n != self.n_star else self.retimed_latency_ms,
+            retimed_speedup=None if n != self.n_star else self.retimed_speedup,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +183,8 @@ class Selection:
             f"not the pruned model's accuracy){speed}"
             + (f" (timed at {self.precision})" if self.precision else "")
             + (f"; {self.prediction_check}" if self.prediction_check else "")
+            + (f"; x{self.retimed_speedup:.3f} re-timed at n*" if self.retimed_speedup is not None else "")
+            + (f"; {self.stability_line}" if self.stability_line else "")
         )
 
 

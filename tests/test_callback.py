@@ -293,6 +293,7 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
         run_dir = Path(logger.experiment.dir).parent
         assert logger.experiment.config["pomt/precision"] == "32-true"  # what L(n) was timed at
         assert logger.experiment.summary["pomt/precision"] == "32-true"
+        assert logger.experiment.summary["pomt/stability"] == callback.selection.stability_line != ""
     finally:
         wandb.finish()
     assert run_dir.name.startswith("offline-run-")
