@@ -330,13 +330,19 @@ def test_a_runtime_runs_record_does_not_name_torchs_kernels(runtime):
 
     from pomt.sweep.evaluation import TradeoffEvaluation
 
-    evaluation = SimpleNamespace(settings=SimpleNamespace(runtime=runtime, limit_test_batches=1.0))
-    evaluation._kernels = lambda sweep: TradeoffEvaluation._kernels(evaluation, sweep)
-    sweep = SimpleNamespace(device=torch.device("cpu"), conditions={"runtime": runtime})
+    evaluation = SimpleNamespace(settings=SimpleNamespace(max_accuracy_drop=0.5, limit_test_batches=1.0))
+    evaluation._kernels = lambda sweep, name: TradeoffEvaluation._kernels(evaluation, sweep, name)
+    conditions = {"runtime": runtime, "precision": f"{runtime}:f32"}
+    sweep = SimpleNamespace(
+        device=torch.device("cpu"),
+        conditions={},
+        runtimes={"torch": SimpleNamespace(conditions={}), runtime: SimpleNamespace(conditions=conditions)},
+    )
     info = TradeoffEvaluation._run_info(evaluation, sweep)
-    assert "torch" not in info["kernels"] and runtime in info["kernels"]
-    plain = SimpleNamespace(settings=SimpleNamespace(runtime="torch"))
-    assert TradeoffEvaluation._kernels(plain, sweep) == "torch"  # PyTorch on the CPU: the torch path
+    kernels = info["runtimes"][runtime]["kernels"]
+    assert "torch" not in kernels and runtime in kernels
+    assert info["runtimes"]["torch"]["kernels"] == "torch"  # PyTorch on the CPU: the torch path
+    assert info["kernels"] == "torch"
 
 
 def test_a_flat_profile_is_said_in_one_line_and_a_staircase_is_not():

@@ -402,6 +402,7 @@ class TradeoffEvaluation:
         in PyTorch."""
         runtimes = {
             name: {k: run.conditions[k] for k in ("precision", "runtime") if k in run.conditions}
+            | {"kernels": self._kernels(sweep, name)}
             for name, run in sweep.runtimes.items()
         }
         return {
@@ -410,20 +411,19 @@ class TradeoffEvaluation:
             "threads": torch.get_num_threads(),
             "max_accuracy_drop": self.settings.max_accuracy_drop,
             "limit_test_batches": self.settings.limit_test_batches,
-            "kernels": self._kernels(sweep),
+            "kernels": self._kernels(sweep, "torch"),
         }
 
-    def _kernels(self, sweep: SweepRun) -> str:
-        """POMT's block path in PyTorch; a runtime runs its own compiled graph instead."""
-        if self.settings.runtime != "torch":
-            return f"{self.settings.runtime} graph"  # as the latency profile names it
-        return kernel_backend(sweep.device)
+    def _kernels(self, sweep: SweepRun, runtime: str) -> str:
+        """What runs POMT's block in ``runtime``: PyTorch's path (torch or the kernels), or the
+        runtime's own compiled graph, as the latency profile names it."""
+        return kernel_backend(sweep.device) if runtime == "torch" else f"{runtime} graph"
 
     def _header(self, sweep: SweepRun) -> dict[str, str]:
         """How each runtime timed the table (its precision; in PyTorch, POMT's path)."""
         how = sweep.how_timed
         if "torch" in how:
-            how["torch"] += f"; POMT block: {self._kernels(sweep)} path"
+            how["torch"] += f"; POMT block: {self._kernels(sweep, 'torch')} path"
         return how
 
     def _logger(self, sweep: SweepRun, name: str, run_dir: Path) -> Any:
