@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.float32 if cpu else torch.float16
         samples, _ = speedup_samples(
             model, model, selection.r, layer=3, batch_size=1 if cpu else 16, device=device, dtype=dtype,
-            cuda_graphs=not cpu, min_run_time=0.3 if cpu else 2.0,
+            cuda_graphs=not cpu, max_time=0.3 if cpu else 2.0,
         )  # fmt: skip
         measured = sorted(samples)[len(samples) // 2]
         predicted = selection.at(selection.n_star).speedup or float("nan")

@@ -86,9 +86,10 @@ class SearchConfig:
     ``accuracy_grid`` (default: 16 token counts), in batches of ``accuracy_batch_size``.
 
     Verification (``verify``, on by default; see ``pomt.verify``): the chosen R is timed
-    against the unpruned model, call by call, in ``verify_groups`` groups, for about
-    ``verify_time`` seconds per candidate (the pairs adapt to the model's latency), and never
-    fewer than ``verify_pairs`` pairs (at least one per group); R is kept only if it is
+    against the unpruned model, call by call, in groups of pairs: a first round of
+    ``verify_groups`` groups (never fewer than ``verify_pairs`` pairs, at least one per group),
+    then more groups until the interval is decided or a cap is reached (``verify_max_time``
+    seconds, ``verify_max_pairs`` pairs, None for no pair cap, per candidate); R is kept only if it is
     significantly faster over the groups (and, in utility mode, its measured utility beats
     R = 0), else the next of up to ``verify_candidates`` candidates is tried, down to R = 0.
 
@@ -113,7 +114,8 @@ class SearchConfig:
     seed: int = 0
     verify: bool = True
     verify_pairs: int = 6
-    verify_time: float = 1.0
+    verify_max_time: float = 30.0
+    verify_max_pairs: int | None = None
     verify_candidates: int = 3
     verify_groups: int = 6
     verify_blocks: InitVar[int | None] = None  # deprecated name of verify_groups
@@ -165,8 +167,9 @@ class SearchConfig:
         for name in ("retime_points", "stability_resamples"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        if not self.verify_time >= 0:
-            raise ValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
+        _positive("verify_max_pairs", self.verify_max_pairs)
+        if not self.verify_max_time >= 0:
+            raise ValueError(f"verify_max_time must be >= 0 seconds, got {self.verify_max_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples
             value = getattr(self, name)
             if value is not None:
@@ -179,6 +182,11 @@ class SearchConfig:
     def relative_on(self, device: torch.device | str) -> bool:
         """Whether latency is timed relative to the unpruned model on ``device``."""
         return torch.device(device).type != "cuda" if self.relative is None else bool(self.relative)
+
+    def verify_budget(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`pomt.verify.paired_speedups`: the minimum and the cap."""
+        return dict(min_pairs=self.verify_pairs, groups=self.verify_groups, max_time=self.verify_max_time,
+                    max_pairs=self.verify_max_pairs)  # fmt: skip
 
     def latency_kwargs(
         self, accuracy: AccuracyProfile | None = None, device: torch.device | str = "cpu"
@@ -459,7 +467,7 @@ def find_r(
             )
         if config.verify:
 
-            def speedups_at(r: int) -> tuple[list[float], float]:
+            def speedups_at(r: int, decided) -> tuple[list[float], float]:
                 graphs = exported()
                 if graphs is not None:  # the compiled graphs, side by side in the runtime
                     n = graphs.n_total - r
@@ -467,9 +475,8 @@ def find_r(
                         (graphs.call(n), None),
                         (graphs.call(graphs.n_total), None),
                         warmup=config.warmup,
-                        min_run_time=config.verify_time,
-                        min_pairs=config.verify_pairs,
-                        groups=config.verify_groups,
+                        decided=decided,
+                        **config.verify_budget(),
                     )
                 return speedup_samples(
                     eager,
@@ -481,9 +488,8 @@ def find_r(
                     dtype=resolve_dtype(dtype),
                     cuda_graphs=config.cuda_graphs,
                     warmup=config.warmup,
-                    min_run_time=config.verify_time,
-                    min_pairs=config.verify_pairs,
-                    groups=config.verify_groups,
+                    decided=decided,
+                    **config.verify_budget(),
                 )
 
             selection = verify(selection, speedups_at, candidates=config.verify_candidates, log=log)

@@ -25,7 +25,7 @@ def verify_for_profile(
     model: nn.Module,
     latency: LatencyProfile,
     *,
-    verify_time: float = 1.0,
+    verify_max_time: float = 30.0,
     candidates: int = 3,
     log: Callable[[str], object] = print,
 ) -> Selection:
@@ -47,13 +47,8 @@ def verify_for_profile(
         log(
             f"note: the profile was measured in {runtime} {latency.runtime_version}, verifying in {runtime_version(runtime)}"
         )
-    config = SearchConfig(verify_time=verify_time, verify_candidates=candidates)
-    timing = dict(
-        warmup=config.warmup,
-        min_run_time=verify_time,
-        min_pairs=config.verify_pairs,
-        groups=config.verify_groups,
-    )
+    config = SearchConfig(verify_max_time=verify_max_time, verify_candidates=candidates)
+    timing = dict(warmup=config.warmup, **config.verify_budget())
     log(
         f"verifying in {runtime} on {device}, batch {latency.batch_size}, layer {latency.layer}, "
         f"{torch.get_num_threads()} thread(s)"
@@ -62,19 +57,20 @@ def verify_for_profile(
         dtype = resolve_dtype(latency.dtype)
         model.to(device=device, dtype=dtype)
 
-        def measure(r: int) -> tuple[list[float], float]:
+        def measure(r: int, decided) -> tuple[list[float], float]:
             return speedup_samples(
                 model, vit, r, layer=latency.layer, batch_size=latency.batch_size, device=device, dtype=dtype,
-                cuda_graphs=latency.cuda_graphs, **timing,
+                cuda_graphs=latency.cuda_graphs, decided=decided, **timing,
             )  # fmt: skip
     else:
         graphs = RuntimeModel(
             model, runtime, layer=latency.layer, batch_size=latency.batch_size, vit=vit, device=device
         )
 
-        def measure(r: int) -> tuple[list[float], float]:
+        def measure(r: int, decided) -> tuple[list[float], float]:
             n = graphs.n_total - r
-            return paired_speedups((graphs.call(n), None), (graphs.call(graphs.n_total), None), **timing)
+            calls = (graphs.call(n), None), (graphs.call(graphs.n_total), None)
+            return paired_speedups(*calls, decided=decided, **timing)
 
     with torch.inference_mode():
         return verify(selection, measure, candidates=config.verify_candidates, log=log)

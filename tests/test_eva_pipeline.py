@@ -24,7 +24,7 @@ from pomt.models import unsupported_reason
 from pomt.sweep.configurations import Configuration, token_maps_figure
 from pomt.verify import speedup_samples
 
-QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_time=0.0, verify_pairs=6)
+QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_max_time=0.0, verify_pairs=6)
 
 
 class Project(pl.LightningModule):
@@ -168,7 +168,7 @@ def test_the_sweep_runs_on_a_dinov3_style_model(tmp_path, monkeypatch):
                 "accuracy_samples": 32,
                 "min_run_time": 0.0,
                 "warmup": 1,
-                "verify_time": 0.0,
+                "verify_max_time": 0.0,
                 "verify_pairs": 6,
             }
         ).join(["--sweep.search=", ""]),  # fmt: skip

@@ -301,41 +301,6 @@ def test_profiles_from_a_checkpoint_are_named_so(tmp_path, caplog):
     assert "measured earlier" not in caplog.text
 
 
-# ----------------------------------------------------------------------------- verification's time budget
-
-
-class Clocked(nn.Module):
-    """A ViT whose every call takes ``seconds`` on a fake clock (``pomt.timing.time``)."""
-
-    def __init__(self, clock: SimpleNamespace, seconds: float) -> None:
-        super().__init__()
-        self.vit, self.clock, self.seconds, self.calls = make_tiny_vit(), clock, seconds, 0
-
-    def forward(self, x):
-        self.clock.now += self.seconds
-        self.calls += 1
-        return self.vit(x)
-
-
-@pytest.mark.parametrize(
-    ("seconds", "pairs", "warm"),
-    [(0.001, 6 * 83, 3), (0.05, 6 * 2, 3), (2.0, 6 * 1, 1)],  # fast: the budget fills; slow: the minimum
-)
-def test_verification_fits_its_pairs_to_the_time_budget(monkeypatch, seconds, pairs, warm):
-    import pomt.timing
-    from pomt.verify import speedup_samples
-
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(pomt.timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    model = Clocked(clock, seconds)
-    kwargs = dict(layer=LAYER, batch_size=1, device=torch.device("cpu"), dtype=torch.float32)
-    speedups, _ = speedup_samples(model, model.vit, 6, **kwargs, warmup=3, min_run_time=1.0, min_pairs=6)
-    assert len(speedups) == 6 and model.calls == 2 * (warm + pairs)
-    timed = 2 * pairs * seconds  # the seconds of the pairs: about the budget, or the minimum
-    assert timed == pytest.approx(1.0, abs=2 * 6 * seconds) or pairs == 6
-    # the warm-up stops once it passes a quarter of the budget (a slow model: one pair)
-
-
 # ----------------------------------------------------------------------------- the plot shows the measured
 
 

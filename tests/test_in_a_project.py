@@ -242,7 +242,7 @@ ACCURACY = {17: 0.9, 13: 0.9, 9: 0.88, 5: 0.5}
 
 
 def _fake(speedups: dict[int, float]):
-    def measure(r: int) -> tuple[list[float], float]:
+    def measure(r: int, decided=None) -> tuple[list[float], float]:
         s = speedups.get(r, 1.0)
         return [s * (1 + 0.01 * (i % 5 - 2)) for i in range(20)], 10.0
 
@@ -318,7 +318,7 @@ def test_a_real_verification_on_this_machine_measures_both_models():
     vit = make_tiny_vit()
     samples, unpruned_ms = speedup_samples(
         vit, vit, 15, layer=0, batch_size=8, device=torch.device("cpu"), dtype=torch.float32,
-        warmup=1, min_run_time=0.0, min_pairs=8, groups=4,
+        warmup=1, max_time=0.0, min_pairs=8, groups=4,
     )  # fmt: skip
     assert len(samples) == 4 and unpruned_ms > 0 and all(s > 0 for s in samples)  # one speed-up per block
     assert pomt.pruning_config(vit) is None  # put back as it was

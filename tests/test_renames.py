@@ -29,9 +29,9 @@ def test_timing_groups_accept_their_old_keyword_blocks():
     with pytest.warns(DeprecationWarning, match="groups="):
         samples, _ = speedup_samples(
             vit, vit, 15, layer=0, batch_size=2, device=torch.device("cpu"), dtype=torch.float32,
-            warmup=1, min_run_time=0.0, min_pairs=3, blocks=3,
+            warmup=1, max_time=0.0, min_pairs=3, blocks=3,
         )  # fmt: skip
     assert len(samples) == 3
     with pytest.warns(DeprecationWarning):
-        samples, _ = paired_speedups((lambda: 1, None), (lambda: 2, None), min_run_time=0.0, blocks=2)
+        samples, _ = paired_speedups((lambda: 1, None), (lambda: 2, None), max_time=0.0, blocks=2)
     assert len(samples) == 2
