@@ -159,9 +159,10 @@ def test_the_callback_never_reuses_a_profile_timed_at_another_precision(tmp_path
     with caplog.at_level(logging.INFO):
         cpu_trainer(callbacks=[second], precision="32-true").test(tiny_classifier(), image_loader())
     assert second.latency_profile.precision == "32-true"
-    assert "the latency profile measured earlier: it was measured with precision='bf16-mixed'" in _lines(
-        caplog
-    )
+    lines = [line for line in _lines(caplog).splitlines() if "not reusing the latency profile" in line]
+    assert len(lines) == 1, lines  # one decision, one line, naming both sources passed over
+    assert "measured earlier or the latency profile" in lines[0]
+    assert "it was measured with precision='bf16-mixed', now precision='32-true'" in lines[0]
 
 
 def test_find_r_keys_the_latency_profile_to_the_precision(tmp_path):
