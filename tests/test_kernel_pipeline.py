@@ -134,7 +134,10 @@ def test_the_callbacks_test_stage(forced, tmp_path):
     callback = POMTCallback(layer=LAYER, latency_profile_path=str(path), search=replace(search, alpha=0.9))
     forced.clear()
     result = cpu_trainer(callbacks=[callback]).test(module, image_loader(n=16, batch_size=8))[0]
-    assert result["pomt/r"] == callback.selection.r == 6 and forced == [6, 6]  # 2 test batches
+    assert result["pomt/r"] == callback.selection.r == 6
+    # without verification n* is timed afresh before it is reported (through the kernels too),
+    # then the 2 test batches run pruned: every forward ran the kernels at r = 6
+    assert set(forced) == {6} and len(forced) > 2 and callback.selection.retimed_speedup is not None
 
 
 @needs_interpreter
