@@ -5,7 +5,7 @@
 A LightningCLI entry point: ``model:`` (:class:`pomt.lightning.ViTClassifier`, with the
 checkpoint in ``model.weights``), ``data:`` (any datamodule of ``datamodules``),
 ``trainer:`` (device, precision, devices/strategy) and ``sweep:``
-(:class:`pomt.sweep.TradeoffEvaluation`: methods, r values, POMT's search settings,
+(:class:`pomt.lightning.sweep.TradeoffEvaluation`: methods, r values, POMT's search settings,
 output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
 ``report.json``, ``tradeoff.png``, the latency/accuracy profiles and the config, prints the
 table, and leaves one (offline) W&B run per configuration in one group plus a summary run.
@@ -25,9 +25,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
 from pomt.lightning import ViTClassifier
-from pomt.sweep import TradeoffEvaluation, TradeoffResult
-from pomt.sweep.context import no_trainer_limit
-from pomt.sweep.entry import command_line, quiet_console
+from pomt.lightning.sweep import TradeoffEvaluation, TradeoffResult
+from pomt.lightning.sweep.context import no_trainer_limit
+from pomt.lightning.sweep.entry import command_line, quiet_console
 
 
 class EvaluateCLI(LightningCLI):

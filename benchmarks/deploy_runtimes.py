@@ -34,15 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pomt  # noqa: E402
-from pomt.export import export_onnx  # noqa: E402
-from pomt.finder import SearchConfig, find_r  # noqa: E402
-from pomt.grid import full_grid  # noqa: E402
+from pomt.deploy.export import export_onnx  # noqa: E402
+from pomt.deploy.runtimes import RuntimeModel, compile_onnx  # noqa: E402
 from pomt.models import token_layout, weights_fingerprint  # noqa: E402
-from pomt.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
-from pomt.runtimes import RuntimeModel, compile_onnx  # noqa: E402
-from pomt.selection import select_r  # noqa: E402
+from pomt.offline.finder import SearchConfig, find_r  # noqa: E402
+from pomt.offline.grid import full_grid  # noqa: E402
+from pomt.offline.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
+from pomt.offline.selection import select_r  # noqa: E402
+from pomt.offline.verify import paired_speedups  # noqa: E402
 from pomt.timing import interleaved_samples, median_interval, paired_ratio  # noqa: E402
-from pomt.verify import paired_speedups  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selection_speed import synthetic_accuracy  # noqa: E402

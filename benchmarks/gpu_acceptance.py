@@ -12,7 +12,7 @@ H100/H200; never yet run on one).
    in float16 (q, k, v as views of one qkv tensor; x and the output each past 2**31
    elements). Every output lies between guard rows: a store out of bounds or a row left
    unwritten fails. Scores, the tokens kept (ties aside) and the new sequence must match
-   (``pomt.dispatch.mismatch``, the check ``auto`` makes), and an image's result must not
+   (``pomt.method.dispatch.mismatch``, the check ``auto`` makes), and an image's result must not
    change when a batch-mate holds NaN.
 2. **latency**: ``pruning_latency.py`` in float16 with CUDA graphs at batch 1/16/64, POMT
    (r = 28, 56, 100), Top-K and ToMe (r = 8 per block) against their ideals (the same token
@@ -54,8 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pruning_latency  # noqa: E402
 import selection_speed  # noqa: E402
 
-from pomt import dispatch, method, ops  # noqa: E402
-from pomt.verify import speedup_samples  # noqa: E402
+from pomt.method import dispatch, ops  # noqa: E402
+from pomt.method import functional as method
+from pomt.offline.verify import speedup_samples  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def cases(device: torch.device) -> list[Case]:
 
 def check_case(case: Case, device: torch.device) -> str | None:
     """None when the kernels pass on ``case``, else what failed."""
-    from pomt import _triton
+    from pomt.method import _triton
 
     x, q, k, v = case.inputs(device)
     scale = case.head_dim**-0.5

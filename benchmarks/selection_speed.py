@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pomt.grid import coarse_grid, full_grid  # noqa: E402
 from pomt.models import token_layout  # noqa: E402
-from pomt.profiling import profile_latency  # noqa: E402
-from pomt.selection import select_r  # noqa: E402
+from pomt.offline.grid import coarse_grid, full_grid  # noqa: E402
+from pomt.offline.profiling import profile_latency  # noqa: E402
+from pomt.offline.selection import select_r  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 

@@ -145,9 +145,9 @@ def log_pomt(
 
 def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:
     """``images`` with the token each patch ended in under ``vit``'s pruning (``label``), as a figure."""
+    from pomt.method.pruning import token_groups
     from pomt.models import token_layout
     from pomt.plots import plot_token_groups
-    from pomt.pruning import token_groups
 
     layout = token_layout(vit, tuple(images.shape[-2:]))
     figure = plot_token_groups(

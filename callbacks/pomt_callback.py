@@ -22,12 +22,12 @@ from pomt.callbacks import logs
 from pomt.callbacks import stage_support as support
 from pomt.callbacks.stage_support import SPLITS, STAGES
 from pomt.data import split_batch
-from pomt.finder import Search, SearchConfig
+from pomt.deploy.runtimes import check_runtime
+from pomt.method.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.models import find_vit, restore_train_modes, train_modes
-from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
-from pomt.runtimes import check_runtime
-from pomt.selection import Selection
+from pomt.offline.finder import Search, SearchConfig
+from pomt.offline.profiles import AccuracyProfile, LatencyProfile
+from pomt.offline.selection import Selection
 
 __all__ = ["POMTCallback", "STAGES", "SPLITS"]
 

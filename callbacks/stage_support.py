@@ -29,10 +29,10 @@ from torch import nn
 import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
 from pomt.errors import is_int
-from pomt.finder import Search, SearchConfig, find_r
+from pomt.method.pruning import PruningConfig, pruning_config
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
-from pomt.profiles import AccuracyProfile
-from pomt.pruning import PruningConfig, pruning_config
+from pomt.offline.finder import Search, SearchConfig, find_r
+from pomt.offline.profiles import AccuracyProfile
 
 STAGES = ("validate", "test", "predict", "fit", "train")
 SPLITS = ("selection", "val", "train", "test")

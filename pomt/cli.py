@@ -179,10 +179,10 @@ def latency_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 def _profile_latency(args: argparse.Namespace) -> int:
     import torch
 
-    from pomt.finder import LATENCY_SETTINGS, SearchConfig
-    from pomt.grid import full_grid
-    from pomt.profiles import AccuracyProfile
-    from pomt.profiling import profile_latency
+    from pomt.offline.finder import LATENCY_SETTINGS, SearchConfig
+    from pomt.offline.grid import full_grid
+    from pomt.offline.profiles import AccuracyProfile
+    from pomt.offline.profiling import profile_latency
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -282,8 +282,8 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
 
 
 def _estimate_accuracy(args: argparse.Namespace) -> int:
-    from pomt.finder import SearchConfig
-    from pomt.profiling import estimate_accuracy
+    from pomt.offline.finder import SearchConfig
+    from pomt.offline.profiling import estimate_accuracy
 
     model = _build_model(args)
     dataset = image_folder(args.data, model, args.class_map)
@@ -340,8 +340,8 @@ def select_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
 
 
 def _select_r(args: argparse.Namespace) -> int:
-    from pomt.profiles import AccuracyProfile, LatencyProfile, write_json
-    from pomt.selection import select_r
+    from pomt.offline.profiles import AccuracyProfile, LatencyProfile, write_json
+    from pomt.offline.selection import select_r
 
     expect_lat = {
         k: v for k, v in (("model", args.model), ("batch_size", args.batch_size), ("dtype", args.dtype)) if v
@@ -388,8 +388,8 @@ def export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pomt.export import export_onnx
-    from pomt.pruning import apply_pruning
+    from pomt.deploy.export import export_onnx
+    from pomt.method.pruning import apply_pruning
 
     model = _build_model(args)
     apply_pruning(model, args.method, r=args.r, layer=args.layer)

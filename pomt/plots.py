@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pomt.curves import as_curve
-from pomt.selection import Selection, select_r
+from pomt.offline.curves import as_curve
+from pomt.offline.selection import Selection, select_r
 
 __all__ = [
     "plot_profiles",
@@ -243,7 +243,7 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
 def plot_tradeoff(
     rows: Sequence[Any], latency: Any = None, accuracy: Any = None, selection: Any = None
 ) -> Any:
-    """Accuracy against latency, one marker per ``pomt.sweep.report.ReportRow``, POMT highlighted, and
+    """Accuracy against latency, one marker per ``pomt.lightning.sweep.report.ReportRow``, POMT highlighted, and
     the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase; healed
     rows (``healed``) as hollow markers, with their own front (dash-dotted).
 

@@ -79,7 +79,7 @@ def cpu_trainer(**overrides):
 def staircase_profile(module, path, batch_size: int = 8, layer: int = 1):
     """A saved latency profile of ``module`` (17 tokens) on this CPU, as if measured: 10 ms for
     n >= 12 tokens, 5 ms below (a staircase with one step)."""
-    from pomt.profiling import profile_latency
+    from pomt.offline.profiling import profile_latency
     from pomt.timing import TimingStats
 
     def fake(n: int) -> TimingStats:

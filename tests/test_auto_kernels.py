@@ -17,7 +17,7 @@ from _interpreter import INTERPRETING, needs_interpreter, parent_only, run_inter
 from conftest import make_tiny_vit
 
 import pomt
-from pomt import dispatch, ops
+from pomt.method import dispatch, ops
 
 pytest.importorskip("triton")
 
@@ -43,7 +43,7 @@ def auto_on_cpu(monkeypatch):
 @pytest.fixture
 def kernels_win(monkeypatch):
     """The timing made to favour the kernels; counts the timings and the kernels' selections."""
-    from pomt import _triton
+    from pomt.method import _triton
 
     calls = {"timed": 0, "select_tokens": 0}
     select = _triton.select_tokens
@@ -106,7 +106,7 @@ def test_kernels_win_then_every_r_runs_through_them(auto_on_cpu, kernels_win):
 
 @needs_interpreter
 def test_auto_rejects_kernels_that_differ(auto_on_cpu, kernels_win, monkeypatch):
-    from pomt import _triton
+    from pomt.method import _triton
 
     select = _triton.select_tokens
 
@@ -150,14 +150,14 @@ def test_under_autocast_the_reference_is_float32_and_the_key_says_so(auto_on_cpu
     pomt.apply_pruning(model, "pomt", r=20, layer=1)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     scored_under = []
-    scores = pomt.method.pomt_scores
+    scores = pomt.method.functional.pomt_scores
 
     def spy(q, k, v, *args, **kwargs):
         if q.dtype == torch.float32:
             scored_under.append(torch.is_autocast_enabled("cpu"))
         return scores(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(pomt.method, "pomt_scores", spy)
+    monkeypatch.setattr(pomt.method.functional, "pomt_scores", spy)
     with torch.no_grad():
         model(images)  # float32, no autocast
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -176,7 +176,7 @@ def test_bfloat16_at_residual_stream_magnitudes():
     # puts the fused mean far more than 2e-3 from the float32 mean
     x, q, k, v, prefix, r, scale = _inputs(b=3, n=90, d=64, c=96, dtype=torch.bfloat16, seed=2, scale_x=50.0)
     keep = x.shape[1] - prefix - r - 1
-    reference = pomt.method.pomt_scores(q.float(), k.float(), v.float(), prefix, scale)
+    reference = pomt.method.functional.pomt_scores(q.float(), k.float(), v.float(), prefix, scale)
     with torch.no_grad():
         got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
     assert dispatch.mismatch(got, x, reference, prefix, keep, q.dtype) is None  # a correct kernel passes
@@ -324,7 +324,7 @@ def test_the_method_and_the_kernel_dispatch_do_not_import_the_timer():
     import ast
     from pathlib import Path
 
-    for name in ("method.py", "ops.py"):
+    for name in ("method/functional.py", "method/ops.py"):
         tree = ast.parse((Path(pomt.__file__).parent / name).read_text())
         imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]

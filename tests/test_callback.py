@@ -20,8 +20,8 @@ from torch import nn
 from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
-from pomt.profiles import LatencyProfile
-from pomt.pruning import apply_pruning, pruning_config
+from pomt.method.pruning import apply_pruning, pruning_config
+from pomt.offline.profiles import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[1]
 N = 17  # 16 patches + CLS

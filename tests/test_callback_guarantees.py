@@ -21,10 +21,10 @@ from torch import nn
 import pomt.timing
 from pomt import SearchConfig, find_r
 from pomt.callbacks import POMTCallback
-from pomt.finder import _check_accuracy_kept
-from pomt.profiles import LatencyProfile
-from pomt.pruning import apply_pruning, pruning_config
-from pomt.selection import select_r
+from pomt.method.pruning import apply_pruning, pruning_config
+from pomt.offline.finder import _check_accuracy_kept
+from pomt.offline.profiles import LatencyProfile
+from pomt.offline.selection import select_r
 
 N, LAYER = 17, 1
 FAST = dict(accuracy_samples=16, accuracy_grid=(17, 9, 5), min_run_time=0.0, warmup=1, verify=False)
@@ -357,12 +357,12 @@ def test_the_callback_lines_reach_a_log_file_the_application_configured(tmp_path
 
 
 def test_under_a_trainer_the_search_draws_no_bar_of_its_own(monkeypatch):
-    import pomt.profiling
+    import pomt.offline.profiling
 
     bars: list[bool] = []
-    real = pomt.profiling._progress
+    real = pomt.offline.profiling._progress
     monkeypatch.setattr(
-        pomt.profiling,
+        pomt.offline.profiling,
         "_progress",
         lambda total, desc, enabled: bars.append(enabled) or real(total, desc, enabled),
     )

@@ -14,8 +14,8 @@ from conftest import make_tiny_vit
 
 import evaluate
 import pomt
-from pomt.sweep.configurations import matching_r_values
-from pomt.sweep.report import ReportRow, comparisons, format_table, mark_pareto, write_report
+from pomt.lightning.sweep.configurations import matching_r_values
+from pomt.lightning.sweep.report import ReportRow, comparisons, format_table, mark_pareto, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Export of pruned ViTs to ONNX (checked in ONNX Runtime) and OpenVINO IR: ``pomt.export``."""
+"""Export of pruned ViTs to ONNX (checked in ONNX Runtime) and OpenVINO IR: ``pomt.deploy.export``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_vit
 
 import pomt
-from pomt.export import ExportMismatch, export_onnx, export_token_graph, require, run_onnxruntime
+from pomt.deploy.export import ExportMismatch, export_onnx, export_token_graph, require, run_onnxruntime
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -49,7 +49,7 @@ def test_export_of_each_method_is_checked_in_onnxruntime_and_records_what_it_is(
 def test_export_fails_loudly_when_the_file_differs_from_pytorch(tmp_path, monkeypatch):
     model = make_tiny_vit()
     pomt.apply_pruning(model, "pomt", r=4, layer=1)
-    import pomt.export as export
+    import pomt.deploy.export as export
 
     monkeypatch.setattr(export, "run_onnxruntime", lambda path, feeds: np.zeros((2, 10), np.float32) + 5)
     with pytest.raises(ExportMismatch, match="differs from PyTorch"):
@@ -95,9 +95,13 @@ def test_openvino_compiles_each_export_and_computes_the_same(tmp_path, method, r
 def test_an_export_leaves_no_traced_tensor_in_the_caches(tmp_path, method):
     """A model exported before it ever ran eagerly still runs eagerly afterwards (a cache once
     kept the exporter's FakeTensor, and the next forward returned one)."""
-    import pomt.method
+    import pomt.method.functional
 
-    for cache in (pomt.method._LAST, pomt.method._ROWS, pomt.method._PROTECTED):
+    for cache in (
+        pomt.method.functional._LAST,
+        pomt.method.functional._ROWS,
+        pomt.method.functional._PROTECTED,
+    ):
         cache.clear()
     model = make_tiny_vit()
     if method == "token graph":

@@ -13,8 +13,8 @@ import pytest
 from test_evaluate import report_rows, tiny_args
 
 import evaluate
-from pomt.sweep import TradeoffEvaluation
-from pomt.sweep.report import ReportRow, comparisons, format_table, front, mark_pareto
+from pomt.lightning.sweep import TradeoffEvaluation
+from pomt.lightning.sweep.report import ReportRow, comparisons, format_table, front, mark_pareto
 
 HEAL = ("--sweep.heal_epochs=1", "--sweep.heal_batches=2")
 TOME_TOPK = ("--sweep.tome_r=[2, 4]", "--sweep.topk_r=[2]")

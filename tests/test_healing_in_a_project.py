@@ -22,8 +22,8 @@ from torch import nn
 import pomt
 from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
-from pomt.sweep.configurations import Configuration
-from pomt.sweep.healing import _fit
+from pomt.lightning.sweep.configurations import Configuration
+from pomt.lightning.sweep.healing import _fit
 
 N, LAYER = 17, 1
 METHODS = [("pomt", 6), ("topk", 2), ("tome", 2)]
@@ -358,7 +358,7 @@ class Clocked(nn.Module):
 )
 def test_verification_fits_its_pairs_to_the_time_budget(monkeypatch, seconds, pairs, warm):
     import pomt.timing
-    from pomt.verify import speedup_samples
+    from pomt.offline.verify import speedup_samples
 
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(pomt.timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))

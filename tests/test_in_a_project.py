@@ -17,11 +17,11 @@ from conftest import cpu_trainer, image_loader, make_tiny_vit, staircase_profile
 from torch import nn
 
 import pomt
-import pomt.finder
+import pomt.offline.finder
 from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
-from pomt.selection import select_r
-from pomt.verify import verify
+from pomt.offline.selection import select_r
+from pomt.offline.verify import verify
 
 N, LAYER = 17, 1
 QUICK = dict(accuracy_samples=16, accuracy_grid=(17, 9, 5), grid=(17, 13, 9, 5), min_run_time=0.0, warmup=1)
@@ -166,13 +166,13 @@ def test_mistakes_that_need_no_timing_fail_at_setup_before_training():
 
 def test_choosing_r_on_the_reported_split_is_said_once_and_a_split_can_be_named(monkeypatch):
     seen: list[object] = []
-    real = pomt.finder.estimate_accuracy
+    real = pomt.offline.finder.estimate_accuracy
 
     def estimate(model, data, **kwargs):
         seen.append(data)
         return real(model, data, **kwargs)
 
-    monkeypatch.setattr(pomt.finder, "estimate_accuracy", estimate)
+    monkeypatch.setattr(pomt.offline.finder, "estimate_accuracy", estimate)
     callback = POMTCallback(layer=LAYER, search=search())
     with pytest.warns(UserWarning, match="chooses R on the test data, the split this test reports") as record:
         cpu_trainer(callbacks=[callback]).test(Project(), datamodule=ProjectData())
@@ -275,7 +275,9 @@ def test_verification_keeps_a_real_speedup_and_falls_back_otherwise():
 def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, tmp_path):
     # a profile with a step at n = 12 (R = 6 at alpha 0.9); what the timing then finds is faked
     path = str(staircase_profile(tiny_classifier(), tmp_path / "latency.json"))
-    monkeypatch.setattr(pomt.finder, "speedup_samples", lambda model, vit, r, **k: _fake({r: 1.25})(r))
+    monkeypatch.setattr(
+        pomt.offline.finder, "speedup_samples", lambda model, vit, r, **k: _fake({r: 1.25})(r)
+    )
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     with caplog.at_level("INFO"):
         result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
@@ -291,7 +293,7 @@ def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, 
     assert "measured x1.25" in caplog.text and "verified" in caplog.text
 
     monkeypatch.setattr(
-        pomt.finder, "speedup_samples", lambda model, vit, r, **k: _fake({})(r)
+        pomt.offline.finder, "speedup_samples", lambda model, vit, r, **k: _fake({})(r)
     )  # no real gain
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
@@ -309,7 +311,7 @@ def test_timing_relative_to_the_unpruned_model_is_the_cpu_default():
 
 
 def test_a_real_verification_on_this_machine_measures_both_models():
-    from pomt.verify import speedup_samples
+    from pomt.offline.verify import speedup_samples
 
     vit = make_tiny_vit()
     samples, unpruned_ms = speedup_samples(

@@ -15,7 +15,8 @@ from _interpreter import INTERPRETING, needs_interpreter, run_interpreted
 from conftest import cpu_trainer, image_loader, make_tiny_vit, staircase_profile, tiny_classifier
 
 import pomt
-from pomt import SearchConfig, ops
+from pomt import SearchConfig
+from pomt.method import ops
 
 pytest.importorskip("triton")
 
@@ -55,7 +56,7 @@ def forced(monkeypatch):
 def auto_picks_kernels(monkeypatch):
     """``auto`` as on a CUDA device where the kernels measure faster: it checks them for
     equality for real and is told they win; the r of each selection the kernels made."""
-    from pomt import dispatch
+    from pomt.method import dispatch
 
     seen = _count_selections(monkeypatch)
     monkeypatch.setattr(ops, "_auto_device", lambda t: True)

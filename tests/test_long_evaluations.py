@@ -20,7 +20,7 @@ import evaluate
 from pomt import SearchConfig
 from pomt.datamodules import DigitsDataModule
 from pomt.lightning import ViTClassifier
-from pomt.sweep import TradeoffEvaluation
+from pomt.lightning.sweep import TradeoffEvaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_SPLIT = [a for a in tiny_args(Path("/unused")) if "limit_test_batches" not in a and "out_dir" not in a]

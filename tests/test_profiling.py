@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import pomt
 from pomt import cli
 from pomt.data import balanced_indices
-from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
-from pomt.profiling import estimate_accuracy, profile_latency
-from pomt.pruning import apply_pruning, pruning_config
+from pomt.method.pruning import apply_pruning, pruning_config
+from pomt.offline.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
+from pomt.offline.profiling import estimate_accuracy, profile_latency
 from pomt.timing import TimingStats, cuda_graph_or_eager, time_paired
 
 FAST = dict(warmup=0, repeats=2, progress=False, relative=False)

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_vit
 
 from pomt import SearchConfig
-from pomt.verify import paired_speedups, speedup_samples
+from pomt.offline.verify import paired_speedups, speedup_samples
 
 
 def test_verify_groups_accepts_its_old_name_verify_blocks():

@@ -1,4 +1,4 @@
-"""R chosen in the runtime a model is deployed with (``pomt.runtimes``): ONNX Runtime and OpenVINO
+"""R chosen in the runtime a model is deployed with (``pomt.deploy.runtimes``): ONNX Runtime and OpenVINO
 time the exported graph, and a profile is never reused across runtimes."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 from conftest import image_loader, make_tiny_vit
 
 import pomt
-from pomt.finder import SearchConfig, find_r
-from pomt.runtimes import RuntimeModel, check_runtime, compile_onnx, runtime_precision
+from pomt.deploy.runtimes import RuntimeModel, check_runtime, compile_onnx, runtime_precision
+from pomt.offline.finder import SearchConfig, find_r
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -92,7 +92,7 @@ def test_bad_runtimes_are_named():
 
 def test_onnxruntime_gpu_providers_are_used_where_installed_else_the_test_says_why():
     ort = pytest.importorskip("onnxruntime")
-    from pomt.runtimes import _providers
+    from pomt.deploy.runtimes import _providers
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
         with pytest.raises(ValueError, match="onnxruntime-gpu"):
@@ -119,7 +119,7 @@ def test_the_callback_chooses_r_in_a_runtime(tmp_path):
 
 def test_profile_latency_command_takes_a_runtime(tmp_path, capsys):
     from pomt.cli import main
-    from pomt.profiles import LatencyProfile
+    from pomt.offline.profiles import LatencyProfile
 
     out = tmp_path / "lat.json"
     args = [
@@ -138,8 +138,8 @@ def test_profile_latency_command_takes_a_runtime(tmp_path, capsys):
 
 
 def test_a_configuration_the_runtime_cannot_compile_is_left_out_with_a_warning(monkeypatch):
-    import pomt.runtimes as runtimes
-    from pomt.sweep.configurations import Configuration, SideBySide, time_exported
+    import pomt.deploy.runtimes as runtimes
+    from pomt.lightning.sweep.configurations import Configuration, SideBySide, time_exported
 
     real = runtimes.compile_onnx
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from pomt.curves import isotonic_increasing, step_fit
-from pomt.grid import adaptive_search, default_max_points
-from pomt.selection import select_r
+from pomt.offline.curves import isotonic_increasing, step_fit
+from pomt.offline.grid import adaptive_search, default_max_points
+from pomt.offline.selection import select_r
 from pomt.timing import TimingStats
 
 # N = 6 tokens, 1 prefix token: candidates n = 2..6.
@@ -203,7 +203,7 @@ def _sawtooth(seed: int, period: int = 16, amplitude: float = 0.18, noise: float
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7])
 def test_search_lands_within_half_a_percent_of_the_full_grid_on_a_sawtooth(seed, alpha):
-    from pomt.grid import detect_period
+    from pomt.offline.grid import detect_period
 
     measure, _, true = _sawtooth(seed)
     full = {n: measure(n) for n in range(197, 1, -1)}
@@ -223,7 +223,7 @@ def test_search_lands_within_half_a_percent_of_the_full_grid_on_a_sawtooth(seed,
 
 @pytest.mark.parametrize("period", [8, 32])
 def test_period_detection_finds_other_periods_and_none_on_staircases_or_smooth_curves(period):
-    from pomt.grid import detect_period
+    from pomt.offline.grid import detect_period
 
     measure, _, _ = _sawtooth(0, period=period)
     taken: dict[int, TimingStats] = {}

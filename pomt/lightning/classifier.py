@@ -5,7 +5,7 @@ model the user passes, or puts a DINOv2 backbone under the linear head layout of
 DINOv2 authors. It logs top-1/top-5 accuracy and the per-batch forward latency, so a
 pruned and an unpruned run can be compared from their logged metrics alone.
 
-Part of the Lightning layer (with ``pomt.lightning.loggers``, ``pomt.sweep``, ``pomt.callbacks`` and
+Part of the Lightning layer (with ``pomt.lightning.loggers``, ``pomt.lightning.sweep``, ``pomt.callbacks`` and
 ``pomt.datamodules``), which the method core does not import; ``pomt/__init__`` does not
 import it either.
 """

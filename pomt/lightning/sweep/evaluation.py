@@ -6,8 +6,8 @@ Top-K at r values that span the same token reduction), and times them side by si
 real test batch, the way the latency profile was timed. Then every rank tests each
 configuration (``trainer.test``, one logger each; exact under DDP). With ``heal_epochs`` > 0,
 every pruned configuration is also fine-tuned at its r for that many epochs and tested
-again, as a healed row (``pomt.sweep.healing``). Every finished piece is written to the run
-directory at once and reused by a rerun where still valid (``pomt.sweep.rundir``).
+again, as a healed row (``pomt.lightning.sweep.healing``). Every finished piece is written to the run
+directory at once and reused by a rerun where still valid (``pomt.lightning.sweep.rundir``).
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import pomt
 from pomt.callbacks.pomt_callback import POMTCallback
-from pomt.finder import SearchConfig
+from pomt.deploy.runtimes import runtime_conditions
 from pomt.lightning.loggers import wandb_logger
+from pomt.lightning.sweep.configurations import Configuration, token_maps_figure
+from pomt.lightning.sweep.context import RunState, SweepRun, TradeoffResult, no_trainer_limit, test_images
+from pomt.lightning.sweep.healing import healed_weights
+from pomt.lightning.sweep.plan import Plan, Tested, accuracy_record, make_plan
+from pomt.lightning.sweep.report import ReportRow, format_table, mark_pareto, write_report
+from pomt.lightning.sweep.rundir import RunDir
+from pomt.lightning.sweep.settings import SweepSettings
+from pomt.lightning.sweep.summary import finish_run, log_summary_run
+from pomt.method.ops import kernel_backend
 from pomt.models import find_vit
-from pomt.ops import kernel_backend
+from pomt.offline.finder import SearchConfig
 from pomt.plots import plot_tradeoff
-from pomt.runtimes import runtime_conditions
-from pomt.sweep.configurations import Configuration, token_maps_figure
-from pomt.sweep.context import RunState, SweepRun, TradeoffResult, no_trainer_limit, test_images
-from pomt.sweep.healing import healed_weights
-from pomt.sweep.plan import Plan, Tested, accuracy_record, make_plan
-from pomt.sweep.report import ReportRow, format_table, mark_pareto, write_report
-from pomt.sweep.rundir import RunDir
-from pomt.sweep.settings import SweepSettings
-from pomt.sweep.summary import finish_run, log_summary_run
 from pomt.timing import device_name
 from pomt.weights import weights_fingerprint
 
@@ -348,7 +348,7 @@ class TradeoffEvaluation:
 
     # ------------------------------------------------------------------ helpers
     def _conditions(self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
-        """What every record of this run is valid for (see ``pomt.sweep.rundir``)."""
+        """What every record of this run is valid for (see ``pomt.lightning.sweep.rundir``)."""
         test = getattr(datamodule, "test_dataset", None)
         size = len(test) if hasattr(test, "__len__") else None
         conditions = {

@@ -206,8 +206,8 @@ def time_exported(
 
     import numpy as np
 
-    from pomt.export import export_onnx, input_name
-    from pomt.runtimes import compile_onnx
+    from pomt.deploy.export import export_onnx, input_name
+    from pomt.deploy.runtimes import compile_onnx
 
     vit = pomt.find_vit(model)[1] if vit is None else vit  # the sweep passes the one it found
     model.to("cpu").eval()

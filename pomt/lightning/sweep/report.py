@@ -29,7 +29,7 @@ class ReportRow:
     and ``latency_p90_ms`` come from timing every configuration side by side on one batch;
     ``loop_latency_ms`` is the median per-batch forward time inside the test loop. For POMT's
     chosen R, ``predicted_latency_ms`` is what the profile predicted and ``verified_speedup``
-    what the check before use measured against the unpruned model (``pomt.verify``).
+    what the check before use measured against the unpruned model (``pomt.offline.verify``).
     ``dtype`` is the parameters' dtype and ``precision`` the Trainer's (``32-true``,
     ``bf16-mixed``, ...), which the latency was timed under. ``timer_mode`` says how this row's
     latency was timed (``eager`` or ``cuda_graphs``, as the latency profile was, or why not);

@@ -15,11 +15,11 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from pomt.finder import Search, find_r
-from pomt.sweep.configurations import Configuration, configurations, time_configurations
-from pomt.sweep.context import SweepRun, test_images
-from pomt.sweep.healing import heal_conditions
-from pomt.sweep.settings import SweepSettings
+from pomt.lightning.sweep.configurations import Configuration, configurations, time_configurations
+from pomt.lightning.sweep.context import SweepRun, test_images
+from pomt.lightning.sweep.healing import heal_conditions
+from pomt.lightning.sweep.settings import SweepSettings
+from pomt.offline.finder import Search, find_r
 from pomt.timing import TimingStats
 
 __all__ = ["Plan", "Tested", "Timed", "make_plan", "accuracy_record", "load_tested"]
@@ -184,7 +184,7 @@ def accuracy_record(
 ) -> tuple[Path, dict[str, Any]]:
     """Where one configuration's accuracy record lives, and what it is valid for: the run's
     conditions, the test limit, the method and r (accuracy does not depend on the batch size),
-    and for a healed configuration how it was fine-tuned (``pomt.sweep.healing``)."""
+    and for a healed configuration how it was fine-tuned (``pomt.lightning.sweep.healing``)."""
     valid_for = sweep.conditions | {
         "limit_test_batches": settings.limit_test_batches,
         "method": config.method,

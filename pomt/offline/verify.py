@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from pomt.errors import is_int
+from pomt.method.pruning import apply_pruning, remove_pruning
 from pomt.models import image_size
-from pomt.profiling import on_device, random_batch
-from pomt.pruning import apply_pruning, remove_pruning
-from pomt.selection import Selection, utility
+from pomt.offline.profiling import on_device, random_batch
+from pomt.offline.selection import Selection, utility
 from pomt.timing import Stopwatch, cuda_graph_or_eager, median_interval, time_paired
 
 __all__ = ["verify", "speedup_samples", "paired_speedups"]

@@ -26,7 +26,7 @@ What makes them safe on any input a GPU will meet:
 - NaN as in torch's ``amax``: a NaN in an image's probabilities or values makes all its
   scores NaN (so ``-inf``: the image keeps its first tokens), as on the torch path.
 
-``pomt.ops`` decides when these run and holds the plain torch path they must equal.
+``pomt.method.ops`` decides when these run and holds the plain torch path they must equal.
 """
 
 from __future__ import annotations

@@ -277,8 +277,8 @@ class LatencyProfile(_Profile):
     points: list[LatencyPoint]
     architecture: str = ""
     precision: str = ""
-    kernels: str = ""  # the implementation POMT's block ran while timed (pomt.ops.kernel_backend)
-    # what ran the model (pomt.runtimes): torch, or the exported graph in onnxruntime/openvino,
+    kernels: str = ""  # the implementation POMT's block ran while timed (pomt.method.ops.kernel_backend)
+    # what ran the model (pomt.deploy.runtimes): torch, or the exported graph in onnxruntime/openvino,
     # its version and session options; ``precision`` is then ``<runtime>:<the precision it ran in>``
     runtime: str = "torch"
     runtime_version: str = ""

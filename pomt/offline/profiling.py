@@ -2,9 +2,9 @@
 
 ``profile_latency`` times the model *as it will be deployed* at each candidate n: POMT with
 r = N - n at block ``layer`` (blocks before it at N tokens, scoring included), or the
-unpruned model at n = N; which n are timed is decided by ``pomt.grid``. ``estimate_accuracy``
+unpruned model at n = N; which n are timed is decided by ``pomt.offline.grid``. ``estimate_accuracy``
 measures top-1 with n random tokens kept right after the embedding on a seeded,
-class-balanced sample (``pomt.data``). Both return ``pomt.profiles`` records.
+class-balanced sample (``pomt.data``). Both return ``pomt.offline.profiles`` records.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from pomt.data import check_labels, labelled_batch, sample_loader
+from pomt.deploy.runtimes import RuntimeModel, check_runtime
 from pomt.errors import is_int
-from pomt.grid import adaptive_search, as_grid, coarse_grid, default_max_points
+from pomt.method.ops import kernel_backend
+from pomt.method.pruning import apply_pruning, pruning_restored, random_token_subset, remove_pruning
 from pomt.models import (
     architecture,
     device_of,
@@ -29,16 +31,14 @@ from pomt.models import (
     image_size,
     token_layout,
 )
-from pomt.ops import kernel_backend
-from pomt.profiles import (
+from pomt.offline.grid import adaptive_search, as_grid, coarse_grid, default_max_points
+from pomt.offline.profiles import (
     AccuracyPoint,
     AccuracyProfile,
     LatencyPoint,
     LatencyProfile,
     normalise,
 )
-from pomt.pruning import apply_pruning, pruning_restored, random_token_subset, remove_pruning
-from pomt.runtimes import RuntimeModel, check_runtime
 from pomt.timing import MIN_RUN_TIME, TimingStats, cuda_graph_or_eager, device_name, time_call, time_paired
 from pomt.weights import weights_fingerprint
 
@@ -164,7 +164,7 @@ def profile_latency(
     """Median latency of ``model(x)`` per token count n, as deployed with POMT at r = N - n.
 
     ``grid`` gives the token counts to time (in the order given); by default the fast search of
-    ``pomt.grid.adaptive_search`` picks the points (guided by ``accuracy`` and ``alpha``
+    ``pomt.offline.grid.adaptive_search`` picks the points (guided by ``accuracy`` and ``alpha``
     when an accuracy profile is given; ``period``: a sawtooth's period, detected by default).
     Every point is timed by ``pomt.timing.time_call``
     with ``warmup``, ``min_run_time``/``repeats``; on CUDA ``cuda_graphs`` replays a captured
@@ -180,9 +180,9 @@ def profile_latency(
     thermal throttling) no longer draws fake steps into the curve. Eager calls only. The
     default (None) is relative on the CPU and not on CUDA.
 
-    ``runtime`` (``pomt.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino`` time
+    ``runtime`` (``pomt.deploy.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino`` time
     its exported graph compiled by that runtime at each n (``runtime_model``: a
-    :class:`pomt.runtimes.RuntimeModel` already exported, else one is made), and the profile
+    :class:`pomt.deploy.runtimes.RuntimeModel` already exported, else one is made), and the profile
     records the runtime, its version, threads, options and the precision it really ran in.
     """
     if vit is None:

@@ -1,8 +1,8 @@
 """The method, as tensor functions: POMT's score and selection, Top-K's, and ToMe's merge.
 
 This is the module to read first. Each function is what the paper (and its baselines) state,
-in a screenful, with no dispatch, timing or model code around it; ``pomt.blocks`` calls them
-from inside a timm block, and ``pomt.dispatch`` decides when POMT's Triton kernels compute
+in a screenful, with no dispatch, timing or model code around it; ``pomt.method.blocks`` calls them
+from inside a timm block, and ``pomt.method.dispatch`` decides when POMT's Triton kernels compute
 the same thing instead (they must equal :func:`pomt_select` after :func:`pomt_scores`).
 
 - **POMT** (*Pruning One More Token is Enough*, WACV 2025; ``docs/method.md`` section 2, the

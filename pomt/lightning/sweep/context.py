@@ -13,9 +13,9 @@ from torch import nn
 
 from pomt.data import split_batch
 from pomt.errors import is_int
-from pomt.finder import Search
-from pomt.sweep.report import ReportRow
-from pomt.sweep.rundir import RunDir
+from pomt.lightning.sweep.report import ReportRow
+from pomt.lightning.sweep.rundir import RunDir
+from pomt.offline.finder import Search
 
 __all__ = ["RunState", "SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
 
@@ -54,7 +54,7 @@ class SweepRun:
 
     ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
     with it); ``conditions`` what every record of this run is valid for (see
-    ``pomt.sweep.rundir``); ``how_timed`` how every configuration is timed, in words;
+    ``pomt.lightning.sweep.rundir``); ``how_timed`` how every configuration is timed, in words;
     ``per_batch_size``: each batch size has its own folder ``bs<B>/``; ``heal_batch_size``: the
     batch size the run started with, at which every configuration heals.
     """

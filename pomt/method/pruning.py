@@ -1,7 +1,7 @@
 """Token pruning for timm-style ViTs: POMT, and the Top-K and ToMe baselines.
 
 ``apply_pruning(model, method, r, layer)`` changes the model in place by swapping the
-class of the blocks that prune for a subclass whose ``forward`` prunes (``pomt.blocks``);
+class of the blocks that prune for a subclass whose ``forward`` prunes (``pomt.method.blocks``);
 parameters, buffers and ``state_dict`` keys are untouched, and ``remove_pruning`` swaps
 the classes back. A pruned model pickles (``torch.save``, ``copy.deepcopy``, a Lightning
 checkpoint that keeps the network in its hyperparameters) and loads back pruned: a patched
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pomt.blocks import MIXINS, BlockSpec, ToMeState, patched_class
 from pomt.errors import PruningError, is_int
-from pomt.method import Trace, gather_tokens
+from pomt.method.blocks import MIXINS, BlockSpec, ToMeState, patched_class
+from pomt.method.functional import Trace, gather_tokens
+from pomt.method.ops import kernels
 from pomt.models import TokenLayout, find_vit, token_layout, vit_blocks
-from pomt.ops import kernels
 
 __all__ = [
     "METHODS",

@@ -6,9 +6,9 @@ then the batch size, the search settings, the test limit, the method and r, wher
 matter): the search of each batch size (``bs<B>/search.json``), the side by side timing of
 its configurations (``bs<B>/timing.json``), and the accuracy of each configuration
 (``results/<key>.json``, e.g. ``tome-r4.json``), and the weights of each healed configuration
-(``healed/<key>.pt`` with ``healed/<key>.json``, see ``pomt.sweep.healing``). A rerun reuses a record whose conditions
+(``healed/<key>.pt`` with ``healed/<key>.json``, see ``pomt.lightning.sweep.healing``). A rerun reuses a record whose conditions
 all match, and says why it measures again when one does not. Under DDP, global rank 0 writes
-the plan of each batch size (``ready.json``, see ``pomt.sweep.plan``); the other ranks wait
+the plan of each batch size (``ready.json``, see ``pomt.lightning.sweep.plan``); the other ranks wait
 for the plan of this session and follow it, so that every rank runs the same configurations
 in the same order.
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pomt.profiles import write_json
+from pomt.offline.profiles import write_json
 
 __all__ = ["RunDir", "session_id"]
 

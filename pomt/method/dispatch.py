@@ -1,7 +1,7 @@
 """``POMT_KERNELS=auto``'s check: whether POMT's Triton kernels run in place of the torch path.
 
 The first time a POMT block runs on a device with a given input (dtypes, shapes, prefix and
-autocast state: the key of :func:`pomt.ops.kernel_choices`), :func:`choose` checks the
+autocast state: the key of :func:`pomt.method.ops.kernel_choices`), :func:`choose` checks the
 kernels on a few images of the real input and times them side by side with the torch path:
 
 - **equal**, at the call's r, at r = 0 and at keep = 0 (the extremes of the selection; the
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pomt import method, ops
+from pomt.method import functional as method
+from pomt.method import ops
 
 __all__ = ["KernelChoice", "choose"]
 

@@ -1,20 +1,20 @@
 """Which implementation computes what a pruning block adds to timm's block, and the entry
 points the blocks call (:func:`pomt_prune`, :func:`topk_prune`).
 
-The method itself, as tensor functions, is in ``pomt.method``. POMT's block has two
+The method itself, as tensor functions, is in ``pomt.method.functional``. POMT's block has two
 implementations, which must agree (tests hold them to 1e-5 in float32 and to the same token
 choice, ties aside):
 
-- the plain torch path (``pomt.method``), used on the CPU, under autograd, inside
+- the plain torch path (``pomt.method.functional``), used on the CPU, under autograd, inside
   ``torch.compile``/``torch.export`` and wherever Triton is missing. On the CPU, POMT's block
   computes its attention with an explicit softmax (as fast as the fused kernel there) and
   scores from its probabilities; on CUDA it scores with one aligned GEMM and one softmax
   beside fused attention;
-- Triton kernels (``pomt._triton``): two kernels score POMT's tokens from q and k without
+- Triton kernels (``pomt.method._triton``): two kernels score POMT's tokens from q and k without
   writing a (B, H, N, N) tensor, three rank and gather.
 
 ``POMT_KERNELS=auto|torch|triton`` (or the :func:`kernels` context manager) picks them.
-``auto`` trusts the kernels on a device only after checking them there (``pomt.dispatch``):
+``auto`` trusts the kernels on a device only after checking them there (``pomt.method.dispatch``):
 the first time a POMT block runs with a given device, dtypes, shapes and autocast state, the
 kernels must equal the torch path computed in float32 on a few images of the real input, at
 the extremes of r and at the call's, and be faster side by side; the choice then covers
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pomt.method import (  # the public ones are re-exported: they lived here before
+from pomt.method.functional import (  # the public ones are re-exported: they lived here before
     Trace,
     _tracing,
     cls_attention,
@@ -51,7 +51,7 @@ from pomt.method import (  # the public ones are re-exported: they lived here be
 )
 
 if TYPE_CHECKING:
-    from pomt.dispatch import KernelChoice
+    from pomt.method.dispatch import KernelChoice
 
 from pomt.errors import UnavailableError
 
@@ -94,14 +94,14 @@ def _triton() -> ModuleType | None:
     global _triton_module
     if _triton_module is False:
         try:
-            from pomt import _triton as module
+            from pomt.method import _triton as module
         except ImportError:  # no triton (CPU-only installs, macOS, Windows)
             module = None
         _triton_module = module
     return _triton_module  # type: ignore[return-value]
 
 
-_CHOICES: dict[tuple, KernelChoice] = {}  # filled by pomt.dispatch.choose
+_CHOICES: dict[tuple, KernelChoice] = {}  # filled by pomt.method.dispatch.choose
 
 
 def kernel_choices() -> dict[tuple, KernelChoice]:
@@ -190,7 +190,7 @@ def _use_kernels(
     if choice is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # nothing can be measured inside a capture: the torch path, until measured
-        from pomt import dispatch
+        from pomt.method import dispatch
 
         choice = dispatch.choose(key, (x, q, k, v, prefix, r, scale), _CHOICES)
     return choice.backend == "triton"

@@ -7,7 +7,7 @@ runs at (OpenVINO's CPU plugin defaults to bf16 on CPUs with bf16 units, and say
 
 Exporting once per token count costs seconds each (DeiT-S: ~8 s), so :class:`RuntimeModel`
 exports twice: the unpruned model, and one POMT graph whose kept-token count is a symbolic
-axis (``pomt.export.export_token_graph``). Per n, the runtime fixes that axis before it
+axis (``pomt.deploy.export.export_token_graph``). Per n, the runtime fixes that axis before it
 compiles (ONNX Runtime's free-dimension override, OpenVINO's ``reshape``): a static graph at
 n, from one export, checked against PyTorch once. ``benchmarks/deploy_runtimes.py`` times it
 against a per-n static export side by side.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pomt.export import DEFAULT_TOLERANCE, TOKENS_INPUT, export_onnx, export_token_graph, require
+from pomt.deploy.export import DEFAULT_TOLERANCE, TOKENS_INPUT, export_onnx, export_token_graph, require
 from pomt.models import find_vit, image_size, token_layout
 
 __all__ = [
@@ -215,7 +215,7 @@ class RuntimeModel:
         workdir: str | Path | None = None,
         keep: int = 3,
     ) -> None:
-        from pomt.profiling import random_batch
+        from pomt.offline.profiling import random_batch
 
         self.runtime = check_runtime(runtime, device)
         if runtime == "torch":
@@ -231,7 +231,7 @@ class RuntimeModel:
         folder = Path(workdir if workdir is not None else self._tmp.name)
         start = time.perf_counter()
         x = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
-        from pomt.pruning import pruning_restored, remove_pruning
+        from pomt.method.pruning import pruning_restored, remove_pruning
 
         with pruning_restored(vit):
             remove_pruning(vit)
@@ -250,9 +250,9 @@ class RuntimeModel:
 
     def _check_token_graph(self, model: nn.Module, vit: nn.Module, x: torch.Tensor) -> float:
         """|ONNX Runtime - PyTorch| of the token graph at one n (fp32 on both sides)."""
-        from pomt.export import ExportMismatch, run_onnxruntime
-        from pomt.profiling import on_device
-        from pomt.pruning import pruned
+        from pomt.deploy.export import ExportMismatch, run_onnxruntime
+        from pomt.method.pruning import pruned
+        from pomt.offline.profiling import on_device
 
         n = (self.prefix + 1 + self.n_total - 1) // 2
         with (

@@ -29,10 +29,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from pomt.callbacks.pomt_callback import POMTCallback
+from pomt.lightning.sweep.configurations import Configuration
+from pomt.lightning.sweep.context import SweepRun
+from pomt.lightning.sweep.settings import SweepSettings, check_heal_epochs
 from pomt.models import restore_train_modes, train_modes
-from pomt.sweep.configurations import Configuration
-from pomt.sweep.context import SweepRun
-from pomt.sweep.settings import SweepSettings, check_heal_epochs
 from pomt.weights import weights_fingerprint
 
 __all__ = ["Healing", "heal_conditions", "healed_weights", "check_heal_epochs"]

@@ -1,18 +1,18 @@
 """What a sweep is asked to do (:class:`SweepSettings`): one frozen object, validated once when
 the ``sweep:`` section is parsed, read by every step and changed by none. What changes while
-the sweep runs lives in :class:`pomt.sweep.context.SweepRun`."""
+the sweep runs lives in :class:`pomt.lightning.sweep.context.SweepRun`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pomt.deploy.runtimes import check_runtime
 from pomt.errors import is_int
-from pomt.finder import SearchConfig
-from pomt.pruning import METHODS
-from pomt.runtimes import check_runtime
-from pomt.sweep.configurations import SideBySide
-from pomt.sweep.context import check_limit
+from pomt.lightning.sweep.configurations import SideBySide
+from pomt.lightning.sweep.context import check_limit
+from pomt.method.pruning import METHODS
+from pomt.offline.finder import SearchConfig
 
 __all__ = ["SweepSettings", "check_heal_epochs"]
 
@@ -30,7 +30,7 @@ def _ints(values: Sequence[int] | None) -> tuple[int, ...] | None:
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """The sweep's settings; see :class:`pomt.sweep.TradeoffEvaluation` for each one."""
+    """The sweep's settings; see :class:`pomt.lightning.sweep.TradeoffEvaluation` for each one."""
 
     methods: tuple[str, ...] = ("none", "pomt", "tome", "topk")
     tome_r: tuple[int, ...] | None = None

@@ -1,9 +1,9 @@
-"""The pruning blocks: mixins that ``pomt.pruning.apply_pruning`` puts in front of a timm-style
+"""The pruning blocks: mixins that ``pomt.method.pruning.apply_pruning`` puts in front of a timm-style
 block's class, so that its ``forward`` prunes while its parameters stay where they are.
 
 Blocks keep fused attention (``F.scaled_dot_product_attention``) for their output, and
-what a method needs beyond it is computed on the side (``pomt.method``, the method as tensor
-functions; ``pomt.ops`` picks POMT's Triton kernels where they run): POMT's scores from
+what a method needs beyond it is computed on the side (``pomt.method.functional``, the method as tensor
+functions; ``pomt.method.ops`` picks POMT's Triton kernels where they run): POMT's scores from
 the queries and keys (one block only), Top-K's CLS row, ToMe's key similarities. The one
 exception is POMT's block on the CPU, where an explicit softmax is as fast as the fused
 kernel and its probabilities are the scores' input.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pomt import ops
-from pomt.method import Trace, pomt_scores_from_probabilities, pomt_select, tome_merge
+from pomt.method import ops
+from pomt.method.functional import Trace, pomt_scores_from_probabilities, pomt_select, tome_merge
 
 __all__ = [
     "BlockSpec",

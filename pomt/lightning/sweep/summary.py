@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pomt.sweep.report import ReportRow
+from pomt.lightning.sweep.report import ReportRow
 
 __all__ = ["finish_run", "log_summary_run"]
 

@@ -7,7 +7,7 @@ beyond the tolerance; optionally converts it to OpenVINO IR; and records what it
 r, layer, batch, the check) in the ONNX metadata and in a JSON file beside it.
 
 ``export_token_graph`` is the one export that latency profiling in a runtime uses (see
-``pomt.runtimes``): POMT at block ``layer`` with the number of tokens it keeps as a symbolic
+``pomt.deploy.runtimes``): POMT at block ``layer`` with the number of tokens it keeps as a symbolic
 axis, read from the length of a second input, so that a runtime fixes it per token count
 when it compiles (a static graph at each n) without exporting again.
 
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from pomt.errors import MissingExtraError, PomtError
+from pomt.method.pruning import pruned, pruning_config
 from pomt.models import find_vit, image_size, token_layout
-from pomt.pruning import pruned, pruning_config
 
 __all__ = [
     "ExportMismatch",
@@ -111,7 +111,7 @@ def _dynamo_export(module: nn.Module, args: tuple, path: Path, **kwargs: Any) ->
 
 
 def _model_name(vit: nn.Module) -> str:
-    from pomt.profiling import model_name
+    from pomt.offline.profiling import model_name
 
     return model_name(vit)
 
@@ -167,7 +167,7 @@ def export_onnx(
     writes OpenVINO IR beside it (``.xml``/``.bin``). The record is returned, written beside
     the file as ``<path>.json`` and stored in the ONNX metadata (``pomt.*`` keys).
     """
-    from pomt.profiling import on_device, random_batch
+    from pomt.offline.profiling import on_device, random_batch
 
     path = Path(path)
     if path.suffix != ".onnx":
@@ -261,10 +261,10 @@ def export_token_graph(
     The graph has two inputs: the images (static, ``batch_size``) and ``kept_tokens``, a
     float vector of length n (its values are not used) in p + 1 .. N - 1. A runtime that fixes
     n when it compiles (ONNX Runtime's free-dimension override, OpenVINO's ``reshape``) gets
-    the static graph of POMT at r = N - n; ``pomt.runtimes`` checks it against PyTorch.
+    the static graph of POMT at r = N - n; ``pomt.deploy.runtimes`` checks it against PyTorch.
     The model's pruning is restored afterwards.
     """
-    from pomt.profiling import on_device, random_batch
+    from pomt.offline.profiling import on_device, random_batch
 
     vit = find_vit(model)[1] if vit is None else vit
     size = image_size(vit, img_size)

@@ -8,6 +8,6 @@ console and argument handling that ``train.py`` and ``evaluate.py`` share. The m
 (``pomt`` outside the Lightning layer) never imports this package.
 """
 
-from pomt.sweep.evaluation import TradeoffEvaluation, TradeoffResult
+from pomt.lightning.sweep.evaluation import TradeoffEvaluation, TradeoffResult
 
 __all__ = ["TradeoffEvaluation", "TradeoffResult"]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pomt.deploy.runtimes import RuntimeModel, check_runtime, runtime_precision, runtime_version
 from pomt.errors import is_int
 from pomt.models import (
     architecture,
@@ -31,12 +32,17 @@ from pomt.models import (
     uncompiled,
     unwrap_compiled,
 )
-from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.profiling import estimate_accuracy, model_name, precision_name, profile_latency, resolve_dtype
-from pomt.runtimes import RuntimeModel, check_runtime, runtime_precision, runtime_version
-from pomt.selection import Selection, check_objective, select_r
+from pomt.offline.profiles import AccuracyProfile, LatencyProfile
+from pomt.offline.profiling import (
+    estimate_accuracy,
+    model_name,
+    precision_name,
+    profile_latency,
+    resolve_dtype,
+)
+from pomt.offline.selection import Selection, check_objective, select_r
+from pomt.offline.verify import paired_speedups, speedup_samples, verify
 from pomt.timing import MIN_RUN_TIME
-from pomt.verify import paired_speedups, speedup_samples, verify
 from pomt.weights import weights_fingerprint
 
 __all__ = ["SearchConfig", "Search", "find_r", "LATENCY_SETTINGS", "LOW_ACCURACY_FRACTION"]
@@ -74,14 +80,14 @@ class SearchConfig:
 
     Latency: ``grid`` (token counts to time) or the adaptive search (``coarse_points``,
     ``max_points``; ``period``: a sawtooth's period in n, ``"auto"`` to detect one, None for
-    none, see ``pomt.grid.adaptive_search``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
+    none, see ``pomt.offline.grid.adaptive_search``); ``min_run_time`` seconds and ``warmup`` untimed calls per point;
     ``cuda_graphs`` times graph replays on CUDA; ``relative`` pairs every call with the
     unpruned model, which cancels a drifting machine (default: on the CPU, not on CUDA).
 
     Accuracy: ``accuracy_samples`` images (seeded by ``seed``, class-balanced), at
     ``accuracy_grid`` (default: 16 token counts), in batches of ``accuracy_batch_size``.
 
-    Verification (``verify``, on by default; see ``pomt.verify``): the chosen R is timed
+    Verification (``verify``, on by default; see ``pomt.offline.verify``): the chosen R is timed
     against the unpruned model, call by call, in ``verify_groups`` groups, for about
     ``verify_time`` seconds per candidate (the pairs adapt to the model's latency), and never
     fewer than ``verify_pairs`` pairs (at least one per group); R is kept only if it is
@@ -320,14 +326,14 @@ def find_r(
     ``torch.compile``'d modules are timed and evaluated as their eager originals (a compiled
     module would recompile at every token count); the user's compiled wrapper is kept.
     Unless ``config.verify`` is off, the choice is then checked against the unpruned model
-    (``pomt.verify``). ``warn`` receives a warning when the chosen R keeps less than
+    (``pomt.offline.verify``). ``warn`` receives a warning when the chosen R keeps less than
     ``LOW_ACCURACY_FRACTION`` of the unpruned accuracy (default: ``warnings.warn``).
 
-    ``runtime`` (``pomt.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino``
+    ``runtime`` (``pomt.deploy.runtimes``): ``torch`` times the module; ``onnxruntime``/``openvino``
     export it (fp32) and time and verify the compiled graphs in that runtime, at the precision it
     really runs in (``precision`` is then ``<runtime>:<precision>``, e.g. ``openvino:bf16``). A
     profile is reused only for the same runtime, runtime version, precision and thread count.
-    A(n) is estimated in PyTorch: ``pomt.export`` checks each export equal to it.
+    A(n) is estimated in PyTorch: ``pomt.deploy.export`` checks each export equal to it.
     """
     config = SearchConfig.coerce(config)
     warn = warn or (lambda text: warnings.warn(text, stacklevel=3))

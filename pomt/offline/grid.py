@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from pomt.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
-from pomt.selection import TIE_DECIMALS, check_objective, utility
+from pomt.offline.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
+from pomt.offline.selection import TIE_DECIMALS, check_objective, utility
 from pomt.timing import TimingStats
 
 __all__ = ["coarse_grid", "default_max_points", "adaptive_search", "detect_period", "full_grid", "as_grid"]

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from pomt.curves import as_curve, interpolate, isotonic_increasing, step_fit, validate_curve
+from pomt.offline.curves import as_curve, interpolate, isotonic_increasing, step_fit, validate_curve
 
 __all__ = ["Selection", "select_r", "check_objective", "utility", "utility_curve"]
 
@@ -40,7 +40,7 @@ class Selection:
 
     Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
     n* (before denoising; ``predicted_latency_ms`` is the denoised level the choice used),
-    while ``measured_speedup`` comes from the verification after the choice (``pomt.verify``:
+    while ``measured_speedup`` comes from the verification after the choice (``pomt.offline.verify``:
     the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
     its interval are those of the chosen R (None before verification and when R = 0 was
     kept), ``measurements`` holds ``(r, speed-up, low, high)`` of every candidate verified,
@@ -87,7 +87,7 @@ class Selection:
 
     @property
     def verified(self) -> bool:
-        """Whether the speed-up was measured against the unpruned model (see ``pomt.verify``)."""
+        """Whether the speed-up was measured against the unpruned model (see ``pomt.offline.verify``)."""
         return self.measured_speedup is not None
 
     def at(self, n: int) -> Selection:
