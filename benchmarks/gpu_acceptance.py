@@ -54,9 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pruning_latency  # noqa: E402
 import selection_speed  # noqa: E402
 
+from pomt import SearchConfig, Target  # noqa: E402
 from pomt.method import dispatch, ops  # noqa: E402
 from pomt.method import functional as method
-from pomt.offline.verify import speedup_samples  # noqa: E402
+from pomt.offline.verify import speedups  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 
@@ -142,7 +143,7 @@ def check_case(case: Case, device: torch.device) -> str | None:
     scale = case.head_dim**-0.5
     keep = case.tokens - case.prefix - case.r - 1
     with _triton.guarded_outputs() as check, torch.no_grad(), ops.kernels("triton"):
-        got = ops._pomt_kernels(x, q, k, v, case.prefix, case.r, scale)
+        got = dispatch.launch_kernels(x, q, k, v, case.prefix, case.r, scale)
         try:
             check()
         except AssertionError as err:
@@ -280,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         name, size = ("deit_tiny_patch16_224", 64) if cpu else ("deit_small_patch16_224", None)
         model = create_model(name, pretrained=False, img_size=size).eval()
         dtype = torch.float32 if cpu else torch.float16
-        samples, _ = speedup_samples(
-            model, model, selection.r, layer=3, batch_size=1 if cpu else 16, device=device, dtype=dtype,
-            cuda_graphs=not cpu, min_run_time=0.3 if cpu else 2.0,
+        target = Target(
+            runtime="torch" if cpu else "cuda_graphs", device=str(device), dtype=str(dtype).removeprefix("torch."),
+            batch_size=1 if cpu else 16,
         )  # fmt: skip
+        with target.prepare(model, layer=3) as prepared:
+            samples, _ = speedups(prepared, selection.r, SearchConfig(verify_time=0.3 if cpu else 2.0))
         measured = sorted(samples)[len(samples) // 2]
         predicted = selection.at(selection.n_star).speedup or float("nan")
         verified_gap = measured / predicted - 1.0

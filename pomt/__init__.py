@@ -13,6 +13,7 @@ from pomt import (
     plots,  # (matplotlib itself is imported only when plotting)
 )
 from pomt.deploy.export import export_onnx
+from pomt.deploy.targets import Target
 from pomt.method.pruning import (
     METHODS,
     apply_pruning,
@@ -24,10 +25,13 @@ from pomt.method.pruning import (
     token_schedule,
 )
 from pomt.models import TokenLayout, find_vit, token_layout
-from pomt.offline.finder import Search, SearchConfig, find_r
+from pomt.offline.config import SearchConfig
+from pomt.offline.finder import Console, Reuse, SearchResult, find_r
 from pomt.offline.profiles import AccuracyProfile, LatencyProfile
 from pomt.offline.profiling import estimate_accuracy, profile_latency
 from pomt.offline.selection import Selection, select_r
+from pomt.offline.verify import verify
+from pomt.timing import Timing
 from pomt.weights import create_model, load_weights
 
 __version__ = "0.1.0"
@@ -51,10 +55,14 @@ _logger.addHandler(_UnlessConfigured())
 __all__ = [
     "METHODS",
     "AccuracyProfile",
+    "Console",
     "LatencyProfile",
-    "Search",
+    "Reuse",
     "SearchConfig",
+    "SearchResult",
     "Selection",
+    "Target",
+    "Timing",
     "TokenLayout",
     "apply_pruning",
     "create_model",
@@ -73,4 +81,5 @@ __all__ = [
     "token_groups",
     "token_layout",
     "token_schedule",
+    "verify",
 ]

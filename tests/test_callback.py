@@ -259,7 +259,7 @@ def test_predict_uses_given_labelled_data_and_needs_labels_otherwise():
     # unlabelled predict data and nothing else to estimate A(n) on: an error that says what to do
     with pytest.raises(ValueError, match="POMTCallback needs labelled images") as error:
         trainer(callbacks=[POMTCallback(**fast(grid=(17, 9)))]).predict(tiny_module(), loader(labels=False))
-    for fix in ("selection_dataloader()", "accuracy_split='val'", "accuracy_data=", "fix r="):
+    for fix in ("holdout_dataloader()", "accuracy_split='val'", "accuracy_data=", "fix r="):
         assert fix in str(error.value)
 
 

@@ -29,7 +29,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "--data=pomt.datamodules.DigitsDataModule",
         "--data.img_size=16",
         "--data.batch_size=32",
-        "--data.selection_size=40",
+        "--data.holdout_size=40",
         "--data.augment=false",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
@@ -223,7 +223,7 @@ def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tm
     pytest.importorskip("onnxscript")
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = tiny_args(
-        tmp_path, "--sweep.runtime=onnxruntime", "--sweep.wandb=false", "--sweep.methods=[none, pomt, tome]"
+        tmp_path, "--sweep.target=onnxruntime", "--sweep.wandb=false", "--sweep.methods=[none, pomt, tome]"
     )
     result = evaluate.main(args)
     # the table's header says what ran: the runtime and its precision (no POMT block path)

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import pomt
-from pomt import SearchConfig
+from pomt import Console, Reuse, SearchConfig, Target
 from pomt.callbacks import POMTCallback
 from pomt.lightning.sweep.configurations import Configuration
 from pomt.lightning.sweep.healing import _fit
@@ -73,7 +73,7 @@ def test_a_pruned_model_loaded_from_torch_save_exports_to_onnx(tmp_path, method,
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(2, 3, 32, 32)
-    record = pomt.export_onnx(loaded, tmp_path / f"{method}.onnx", x)  # checked against PyTorch
+    record = pomt.export_onnx(loaded, tmp_path / f"{method}.onnx", example=x)  # checked against PyTorch
     assert (record.method, record.r) == (method, r)
     assert record.max_abs_diff is not None and record.max_abs_diff <= record.tolerance
     with torch.no_grad():  # the file computes the saved model, pruned
@@ -164,7 +164,7 @@ def test_the_sweep_heals_in_train_mode_with_drop_path_on_and_puts_the_modes_back
     sweep = SimpleNamespace(
         model=module, datamodule=Data(), heal_batch_size=None, trainer_factory=cpu_trainer
     )
-    settings = SimpleNamespace(heal_batches=2, layer=LAYER, search_config=SearchConfig())
+    settings = SimpleNamespace(heal_batches=2, layer=LAYER, search=SearchConfig())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(sweep, settings, Configuration("tome", 2, heal_epochs=1))
@@ -262,13 +262,15 @@ def test_a_one_thread_cpu_profile_is_not_reused_at_two_threads(tmp_path):
         warmup=1,
         verify=False,
     )
-    kwargs = dict(
-        layer=LAYER, batch_size=8, config=quick, latency_path=path, progress=False, log=lambda _: None
+    kwargs = dict(layer=LAYER, search=quick, console=Console(progress=False, log=lambda _: None))
+    same = pomt.find_r(
+        vit, image_loader(n=16), Target(batch_size=8), reuse=Reuse(latency_path=path), **kwargs
     )
-    same = pomt.find_r(vit, image_loader(n=16), **kwargs)
     assert "reusing the latency profile" in " ".join(same.notes)
     torch.set_num_threads(2)  # (the autouse fixture puts the count back)
-    other = pomt.find_r(vit, image_loader(n=16), previous=same, **kwargs)
+    other = pomt.find_r(
+        vit, image_loader(n=16), Target(batch_size=8), reuse=Reuse(previous=same, latency_path=path), **kwargs
+    )
     notes = [note for note in other.notes if "latency profile" in note]
     assert len(notes) == 2 and all(note.startswith("not reusing") for note in notes)  # neither source
     assert all(
@@ -358,13 +360,16 @@ class Clocked(nn.Module):
 )
 def test_verification_fits_its_pairs_to_the_time_budget(monkeypatch, seconds, pairs, warm):
     import pomt.timing
-    from pomt.offline.verify import speedup_samples
+    from pomt.offline.verify import speedups as measured_speedups
 
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(pomt.timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     model = Clocked(clock, seconds)
-    kwargs = dict(layer=LAYER, batch_size=1, device=torch.device("cpu"), dtype=torch.float32)
-    speedups, _ = speedup_samples(model, model.vit, 6, **kwargs, warmup=3, min_run_time=1.0, min_pairs=6)
+    search = SearchConfig(warmup=3, verify_time=1.0, verify_pairs=6)
+    with Target(batch_size=1, device="cpu", dtype="float32").prepare(
+        model, layer=LAYER, vit=model.vit
+    ) as prepared:
+        speedups, _ = measured_speedups(prepared, 6, search)
     assert len(speedups) == 6 and model.calls == 2 * (warm + pairs)
     timed = 2 * pairs * seconds  # the seconds of the pairs: about the budget, or the minimum
     assert timed == pytest.approx(1.0, abs=2 * 6 * seconds) or pairs == 6

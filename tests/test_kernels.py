@@ -87,7 +87,7 @@ def _both_paths(x, q, k, v, prefix, r):
     """(the kernels' (out, scores, positions), the torch path's output), both from these inputs."""
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
-        got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
+        got = dispatch.launch_kernels(x, q, k, v, prefix, r, scale)
         expected = pomt.method.functional.pomt_select(
             x, pomt.method.functional.pomt_scores(q, k, v, prefix, scale), prefix, r
         )
@@ -288,7 +288,7 @@ def test_low_precision_kernels_against_a_float32_reference(guarded, dtype, d):
 
 def choice_is_equal(x, q, k, v, prefix, r) -> bool:
     """What ``auto``'s check says of the kernels on this input (speed aside)."""
-    got = ops._pomt_kernels(x, q, k, v, prefix, r, q.shape[-1] ** -0.5)
+    got = dispatch.launch_kernels(x, q, k, v, prefix, r, q.shape[-1] ** -0.5)
     keep = x.shape[1] - prefix - r - 1
     return dispatch.mismatch(got, x, _float32_scores(q, k, v, prefix), prefix, keep, q.dtype) is None
 
@@ -371,7 +371,7 @@ def test_kernels_launch_on_the_tensors_device():
     q, k, v, x = (t.to("cuda:1", torch.float16) for t in _qkvx(b=2, n=70))
     torch.cuda.set_device(0)
     with ops.kernels("triton"), torch.no_grad():
-        out, scores, _ = ops._pomt_kernels(x, q, k, v, 1, 20, 0.25)
+        out, scores, _ = dispatch.launch_kernels(x, q, k, v, 1, 20, 0.25)
     torch.testing.assert_close(scores.cpu(), _float32_scores(q, k, v, 1).cpu(), atol=1e-4, rtol=1e-4)
 
 

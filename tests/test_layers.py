@@ -82,36 +82,22 @@ def test_no_core_module_imports_lightning_anywhere_in_its_code():
             assert imported.split(".")[0] not in LIGHTNING, f"{name} imports {imported}"
 
 
-def test_the_old_name_of_the_loggers_module_still_imports_the_moved_module():
+def test_moved_modules_and_functions_have_one_name_only():
     import importlib
-    import sys
 
     import pytest
 
     import pomt.lightning.loggers
 
-    sys.modules.pop("pomt.loggers", None)
-    with pytest.warns(DeprecationWarning, match="pomt.loggers moved to pomt.lightning.loggers"):
-        old = importlib.import_module("pomt.loggers")
-    assert old is pomt.lightning.loggers
-    assert old.OfflineWandbLogger is pomt.lightning.loggers.OfflineWandbLogger
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("pomt.loggers")  # the old name is gone, not aliased
+    with pytest.raises(ImportError):
+        from pomt.models import load_weights  # noqa: F401  (it lives in pomt.weights)
     from pomt.lightning import ViTClassifier
     from pomt.lightning.classifier import ViTClassifier as defined
 
     assert ViTClassifier is defined  # pomt.lightning.ViTClassifier, the configs' class path
-
-
-def test_the_weights_functions_old_home_still_answers():
-    import pytest
-
-    import pomt.models
-    import pomt.weights
-
-    with pytest.warns(DeprecationWarning, match="pomt.models.load_weights moved to pomt.weights"):
-        from pomt.models import load_weights
-    assert load_weights is pomt.weights.load_weights
-    with pytest.raises(AttributeError):
-        pomt.models.no_such_function  # noqa: B018
+    assert pomt.lightning.loggers.OfflineWandbLogger.__module__ == "pomt.lightning.loggers"
 
 
 def test_importing_pomt_imports_no_lightning_module():

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pomt.errors import MissingExtraError, PomtError
+from pomt.deploy.placement import on_device, random_batch
+from pomt.deploy.targets import Target
+from pomt.errors import MissingExtraError, PomtError, PomtValueError
 from pomt.method.pruning import pruned, pruning_config
-from pomt.models import find_vit, image_size, token_layout
+from pomt.models import find_vit, image_size, model_name, token_layout, vit_blocks
 
 __all__ = [
     "ExportMismatch",
@@ -88,7 +90,7 @@ class ExportRecord:
     checked_against: str
     max_abs_diff: float | None
     tolerance: float
-    openvino_path: str | None = None
+    converted_path: str | None = None  # the runtime's own file beside it (OpenVINO IR)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -108,12 +110,6 @@ def _dynamo_export(module: nn.Module, args: tuple, path: Path, **kwargs: Any) ->
     with _quiet():
         program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
         program.save(str(path))
-
-
-def _model_name(vit: nn.Module) -> str:
-    from pomt.offline.profiling import model_name
-
-    return model_name(vit)
 
 
 def run_onnxruntime(path: str | os.PathLike[str], inputs: dict[str, Any], threads: int = 1) -> Any:
@@ -149,40 +145,38 @@ def to_openvino(path: str | os.PathLike[str], output: str | os.PathLike[str] | N
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
-    example: torch.Tensor | None = None,
+    target: Target | str | None = None,
     *,
-    batch_size: int = 1,
+    example: torch.Tensor | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     check: bool = True,
-    openvino: bool = False,
     vit: nn.Module | None = None,
 ) -> ExportRecord:
     """Write ``model`` (as it is pruned now) to ``path`` as ONNX and check it in ONNX Runtime.
 
-    ``example``: the input the graph is traced and checked on; its shape is the graph's
-    static input shape (default: a seeded random batch of ``batch_size`` at the model's image
-    size, on the CPU in fp32). The model is exported in eval mode on the CPU in fp32 and put
-    back as it was. With ``check`` the file's output on the example must be within
-    ``tolerance`` (max abs) of PyTorch's, else :class:`ExportMismatch`. ``openvino`` also
-    writes OpenVINO IR beside it (``.xml``/``.bin``). The record is returned, written beside
-    the file as ``<path>.json`` and stored in the ONNX metadata (``pomt.*`` keys).
+    ``target`` (a :class:`pomt.Target` or a runtime's name): what the file is for: its batch
+    size and image size are the graph's static input shape, and its runtime may write its own
+    file beside it (``openvino``: OpenVINO IR, ``.xml``/``.bin``). ``example``: the input the
+    graph is traced and checked on (its shape then fixes the graph's; default: a seeded random
+    batch at the Target's shape, on the CPU in fp32). The model is exported in eval mode on the
+    CPU in fp32 and put back as it was. With ``check`` the file's output on the example must be
+    within ``tolerance`` (max abs) of PyTorch's, else :class:`ExportMismatch`. The record is
+    returned, written beside the file as ``<path>.json`` and stored in the ONNX metadata
+    (``pomt.*`` keys).
     """
-    from pomt.offline.profiling import on_device, random_batch
-
+    target = Target.coerce(target)
     path = Path(path)
     if path.suffix != ".onnx":
-        raise ValueError(f"the export path must end in .onnx, got {str(path)!r}")
+        raise PomtValueError(f"the export path must end in .onnx, got {str(path)!r}")
     if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+        raise PomtValueError(f"tolerance must be > 0, got {tolerance!r}")
     vit = find_vit(model)[1] if vit is None else vit
-    size = image_size(vit, None)
+    size = image_size(vit, target.img_size)
     if example is None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        example = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
+        example = random_batch(vit, target.batch_size or 1, size, torch.device("cpu"), torch.float32)
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
-        raise ValueError(f"example must be an image batch (B, C, H, W), got {shape}")
+        raise PomtValueError(f"example must be an image batch (B, C, H, W), got {shape}")
     example = example.detach().to("cpu", torch.float32)
     config = pruning_config(vit)
     with on_device(model, vit, torch.device("cpu"), torch.float32), torch.autocast("cpu", enabled=False):
@@ -198,7 +192,7 @@ def export_onnx(
     ort_version = getattr(require("onnxruntime"), "__version__", "?") if check else ""
     record = ExportRecord(
         path=str(path),
-        model=_model_name(vit),
+        model=model_name(vit),
         method=config.method if config else "none",
         r=(list(config.r) if isinstance(config.r, tuple) else config.r) if config else 0,
         layer=config.layer if config else -1,
@@ -217,8 +211,9 @@ def export_onnx(
             f"{path}: ONNX Runtime differs from PyTorch by {diff:.3g} (max abs) on the example, over the "
             f"tolerance {tolerance:g}; this export of {record.method} r={record.r} is not faithful"
         )
-    if openvino:
-        record = dataclasses.replace(record, openvino_path=str(to_openvino(path)))
+    converted = target.backend.convert(path)
+    if converted is not None:
+        record = dataclasses.replace(record, converted_path=converted)
     _write_metadata(path, record)
     path.with_name(path.name + ".json").write_text(json.dumps(record.to_dict(), indent=1) + "\n")
     return record
@@ -264,14 +259,14 @@ def export_token_graph(
     the static graph of POMT at r = N - n; ``pomt.deploy.runtimes`` checks it against PyTorch.
     The model's pruning is restored afterwards.
     """
-    from pomt.offline.profiling import on_device, random_batch
-
     vit = find_vit(model)[1] if vit is None else vit
     size = image_size(vit, img_size)
     layout = token_layout(vit, size)
     n_total, prefix = layout.n_total, layout.prefix
     if n_total - prefix < 3:
-        raise ValueError(f"a token graph needs at least 3 ordinary tokens, this model has {n_total - prefix}")
+        raise PomtValueError(
+            f"a token graph needs at least 3 ordinary tokens, this model has {n_total - prefix}"
+        )
     x = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
     n0 = (prefix + 1 + n_total - 1) // 2
     with (
@@ -279,7 +274,7 @@ def export_token_graph(
         torch.autocast("cpu", enabled=False),
         pruned(vit, "pomt", r=n_total - n0, layer=layer),
     ):
-        block = vit.blocks[layer]
+        block = vit_blocks(vit)[layer]
         wrapper = _TokenGraph(model, block, n_total).eval()
         dim = torch.export.Dim("tokens", min=prefix + 1, max=n_total - 1)
         _dynamo_export(

@@ -1,64 +1,265 @@
-"""Timing a pruned ViT in the runtime it is deployed with: ``torch``, ``onnxruntime``, ``openvino``.
+"""The runtimes a pruned ViT is timed and deployed in, each one class of one small protocol.
 
-``torch`` is eager PyTorch (or CUDA-graph replays), as everywhere else in pomt. In the other
-two, what is timed is what would be deployed: the exported ONNX graph, compiled by that
-runtime at a static shape (a token count n, a batch size) and in the precision it really
-runs at (OpenVINO's CPU plugin defaults to bf16 on CPUs with bf16 units, and says so).
+A :class:`Runtime` prepares a model once (:meth:`Runtime.prepare`, a context: the model is put
+back afterwards) and then gives, per token count n, a :class:`Call` that runs it pruned to n
+(POMT at r = N - n; n = N is the unpruned model) on a fixed input batch. What runs is kept
+apart from how it is timed: ``pomt.offline`` times the calls with ``pomt.timing``.
+
+- ``torch``: the module itself, eager;
+- ``cuda_graphs``: the module captured in a CUDA graph per n and replayed (eager, with a
+  warning, where a graph cannot be captured);
+- ``onnxruntime``, ``openvino``: what would be deployed, the exported ONNX graph compiled by
+  that runtime at a static shape and in the precision it really runs at (OpenVINO's CPU plugin
+  defaults to bf16 on CPUs with bf16 units, and says so).
 
 Exporting once per token count costs seconds each (DeiT-S: ~8 s), so :class:`RuntimeModel`
-exports twice: the unpruned model, and one POMT graph whose kept-token count is a symbolic
-axis (``pomt.deploy.export.export_token_graph``). Per n, the runtime fixes that axis before it
-compiles (ONNX Runtime's free-dimension override, OpenVINO's ``reshape``): a static graph at
-n, from one export, checked against PyTorch once. ``benchmarks/deploy_runtimes.py`` times it
-against a per-n static export side by side.
+exports twice: the unpruned model, and one POMT graph whose kept-token count is a symbolic axis
+(``pomt.deploy.export.export_token_graph``); per n, the runtime fixes that axis before it
+compiles (ONNX Runtime's free-dimension override, OpenVINO's ``reshape``): a static graph at n,
+from one export, checked against PyTorch once.
 
-ONNX Runtime's CUDA and TensorRT providers are used for ``device="cuda"`` where installed;
-those paths are untested here (no GPU); ``openvino`` runs on the CPU.
+A new runtime (TensorRT, ``torch.compile``) is one new subclass with a ``name``: it registers
+itself, and a :class:`pomt.deploy.targets.Target` can name it. ONNX Runtime's CUDA and TensorRT
+providers are used for ``device="cuda"`` where installed (untested here: no GPU).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import tempfile
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from pomt.deploy.export import DEFAULT_TOLERANCE, TOKENS_INPUT, export_onnx, export_token_graph, require
-from pomt.models import find_vit, image_size, token_layout
+from pomt.deploy.export import (
+    TOKENS_INPUT,
+    require,
+    to_openvino,
+)
+from pomt.deploy.graphs import ExportedModel, RuntimeInfo, token_dim
+from pomt.deploy.placement import on_device, random_batch
+from pomt.deploy.targets import Call, Prepared, Runtime, runtime_named
+from pomt.errors import TargetError
+from pomt.method.ops import kernel_backend
+from pomt.method.pruning import apply_pruning, remove_pruning
+from pomt.models import image_size, token_layout
+from pomt.timing import cuda_graph
 
 __all__ = [
-    "RUNTIMES",
-    "check_runtime",
-    "RuntimeInfo",
-    "RuntimeModel",
-    "runtime_precision",
-    "runtime_version",
+    "Eager",
+    "CudaGraphs",
+    "Exported",
+    "OnnxRuntime",
+    "OpenVINO",
     "compile_onnx",
+    "cuda_graph_or_eager",
 ]
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+# --------------------------------------------------------------------------- PyTorch
 
 
-def check_runtime(runtime: object, device: torch.device | str = "cpu") -> str:
-    """``runtime`` if valid for ``device``, else a ValueError naming the valid ones."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-    kind = torch.device(device).type
-    if runtime == "openvino" and kind != "cpu":
-        raise ValueError(
-            f"runtime 'openvino' times on the CPU here; got device {str(device)!r}: use device='cpu'"
+class _EagerModel(Prepared):
+    def __init__(self, model: nn.Module, vit: nn.Module, x: torch.Tensor, layer: int, target: Any) -> None:
+        self.model, self.vit, self.x, self.layer, self.target = model, vit, x, layer, target
+        self.n_total = token_layout(vit, tuple(x.shape[-2:])).n_total
+        self.device = x.device
+
+    def prune_to(self, n: int) -> None:
+        if n == self.n_total:
+            remove_pruning(self.vit)
+        else:
+            apply_pruning(self.vit, "pomt", r=self.n_total - n, layer=self.layer)
+
+    def at(self, n: int) -> Call:
+        return Call(lambda: self.model(self.x), lambda: self.prune_to(n), "eager")
+
+    def configured(self, method: str, r: int | tuple[int, ...], label: str) -> Call | None:
+        setup = lambda: apply_pruning(self.vit, method, r=r, layer=self.layer)  # noqa: E731
+        return Call(lambda: self.model(self.x), setup, "eager")
+
+    def record(self) -> dict[str, Any]:
+        device = torch.device(self.target.device)
+        return dict(
+            threads=torch.get_num_threads() if device.type == "cpu" else None,
+            cuda_graphs=False,
+            kernels=kernel_backend(device, self.x.dtype),
+            precision=self.target.precision,
         )
-    if runtime == "onnxruntime" and kind not in ("cpu", "cuda"):
-        raise ValueError(f"runtime 'onnxruntime' runs on cpu or cuda; got device {str(device)!r}")
-    return str(runtime)
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` while active (None: left as it is)."""
+    before = torch.get_num_threads()
+    if count is not None and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class Eager(Runtime):
+    """The module itself, eager, on the Target's device, in its dtype and with its threads."""
+
+    name = "torch"
+    devices = ("cpu", "cuda", "mps")
+    model_class: ClassVar[type[_EagerModel]] = _EagerModel
+
+    def key(self, device: torch.device) -> dict[str, Any]:
+        return {"cuda_graphs": False} if device.type == "cuda" else {}
+
+    def kernels(self, device: torch.device, dtype: torch.dtype | None) -> str:
+        return kernel_backend(device, dtype)
+
+    @contextlib.contextmanager
+    def prepare(
+        self, model: nn.Module, vit: nn.Module, layer: int, target: Any, example: torch.Tensor | None
+    ) -> Iterator[Prepared]:
+        device, dtype = torch.device(target.device), target.torch_dtype
+        size = image_size(vit, target.img_size)
+        with _threads(target.threads), on_device(model, vit, device, dtype), torch.inference_mode():
+            if example is None:
+                x = random_batch(vit, target.batch_size, size, device, dtype)
+            else:
+                x = example.to(device=device, dtype=dtype)
+            yield self.model_class(model, vit, x, layer, target)
+
+    def describe_timing(self, device: torch.device, precision: str) -> str:
+        return f"eager calls, precision {precision}"
+
+
+def cuda_graph_or_eager(
+    fn: Callable[[], object], device: torch.device | str, what: str = ""
+) -> tuple[Callable[[], object], str]:
+    """``(replay, "cuda_graphs")`` where ``fn`` can be captured, else ``(fn, "eager (...)")`` with
+    a warning (a model with data-dependent shapes or host syncs cannot be captured)."""
+    try:
+        return cuda_graph(fn, device), "cuda_graphs"
+    except Exception as err:
+        warnings.warn(f"{what}CUDA graph capture failed ({err}); timing eager calls", stacklevel=3)
+        return fn, f"eager (graph capture failed: {type(err).__name__})"
+
+
+class _GraphModel(_EagerModel):
+    """Each n captured in a CUDA graph; after a failed capture, the remaining n run eagerly."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.graphs = torch.device(self.target.device).type == "cuda"
+        if not self.graphs:
+            warnings.warn("runtime 'cuda_graphs' ignored: CUDA graphs need a CUDA device", stacklevel=5)
+
+    def at(self, n: int) -> Call:
+        eager = super().at(n)
+        if not self.graphs:
+            return eager
+        self.prune_to(n)
+        replay, mode = cuda_graph_or_eager(eager.run, self.x.device, f"n={n}: ")
+        self.graphs = mode == "cuda_graphs"
+        return Call(replay, None, mode) if self.graphs else eager
+
+    def configured(self, method: str, r: int | tuple[int, ...], label: str) -> Call | None:
+        eager = super().configured(method, r, label)
+        if torch.device(self.target.device).type != "cuda":
+            return eager
+        eager.setup()
+        replay, mode = cuda_graph_or_eager(eager.run, self.x.device, f"{label}: ")
+        return Call(replay, None, mode) if mode == "cuda_graphs" else replace(eager, mode=mode)
+
+    def record(self) -> dict[str, Any]:
+        return super().record() | dict(cuda_graphs=self.graphs)
+
+
+class CudaGraphs(Eager):
+    """The module captured in a CUDA graph per token count and replayed (CUDA only; elsewhere,
+    and where a capture fails, eager calls with a warning)."""
+
+    name = "cuda_graphs"
+    model_class = _GraphModel
+
+    def check(self, device: torch.device) -> None:
+        """Any device: off CUDA it times eager calls, with a warning (a config for a GPU runs anywhere)."""
+
+    def key(self, device: torch.device) -> dict[str, Any]:
+        return {"cuda_graphs": device.type == "cuda"}
+
+    def describe_timing(self, device: torch.device, precision: str) -> str:
+        replays = "CUDA-graph replays" if device.type == "cuda" else "eager calls"
+        return f"{replays}, precision {precision}"
+
+
+# --------------------------------------------------------------------------- exported graphs
+
+
+def _type_name(value: Any) -> str:
+    """OpenVINO's ``<Type: 'bfloat16'>`` as ``bf16`` (``f32``, ``f16``)."""
+    return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)
+
+
+class Exported(Runtime):
+    """The exported ONNX graph compiled by a runtime (subclasses: :meth:`compile`); the model is
+    exported in fp32 and run in the precision the runtime chooses."""
+
+    def version(self) -> str:
+        module = require(self.name)
+        return str(getattr(module, "__version__", None) or module.get_version()).split("-")[0]
+
+    def default_precision(self, device: torch.device) -> str:
+        raise NotImplementedError
+
+    def precision(self, device: torch.device, asked: str) -> str:
+        return f"{self.name}:{self.default_precision(device)}"
+
+    def key(self, device: torch.device) -> dict[str, Any]:
+        return {"runtime_version": self.version()}
+
+    def announce(self, model: str, layer: int) -> str | None:
+        return f"exporting {model} for {self.name} (unpruned, and POMT at block {layer} per token count)"
+
+    def compile(
+        self, path: Path, *, threads: int, tokens: int | None, device: torch.device
+    ) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], RuntimeInfo]:
+        """``path`` compiled (static at ``tokens`` kept tokens for a token graph): feeds -> output."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def prepare(
+        self, model: nn.Module, vit: nn.Module, layer: int, target: Any, example: torch.Tensor | None
+    ) -> Iterator[Prepared]:
+        if target.torch_dtype != torch.float32:
+            raise TargetError(
+                f"runtime {self.name!r} times the fp32 export in the precision the runtime chooses; got dtype "
+                f"{target.torch_dtype}: use dtype=float32"
+            )
+        cpu = torch.device("cpu")
+        size = image_size(vit, target.img_size)
+        x = random_batch(vit, target.batch_size, size, cpu, torch.float32) if example is None else example
+        with (
+            tempfile.TemporaryDirectory(prefix="pomt-runtime-") as folder,
+            on_device(model, vit, cpu, torch.float32),
+            torch.autocast("cpu", enabled=False),
+        ):
+            prepared = ExportedModel(
+                model, vit, x.detach().to(cpu, torch.float32), layer, target, Path(folder)
+            )
+            try:
+                yield prepared
+            finally:
+                prepared.close()
+
+    def describe_timing(self, device: torch.device, precision: str) -> str:
+        return (
+            f"{self.name} ({precision}): each configuration exported to ONNX, checked against PyTorch, "
+            "compiled; accuracy from PyTorch after the equality check"
+        )
 
 
 def _providers(device: torch.device) -> list[str]:
@@ -68,79 +269,24 @@ def _providers(device: torch.device) -> list[str]:
     available = require("onnxruntime").get_available_providers()
     gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
     if not gpu:
-        raise ValueError(
+        raise TargetError(
             f"device 'cuda' with runtime 'onnxruntime' needs onnxruntime-gpu (CUDA or TensorRT provider); "
             f"this onnxruntime has {', '.join(available)}"
         )
     return gpu + ["CPUExecutionProvider"]  # (untested here: no GPU on the CI machine)
 
 
-def runtime_precision(runtime: str, device: torch.device | str = "cpu") -> str:
-    """The precision ``runtime`` computes an fp32 graph in on ``device`` by default, asked of the
-    runtime itself (OpenVINO: the CPU plugin's ``INFERENCE_PRECISION_HINT``, bf16 on CPUs with
-    AMX/AVX512-BF16); ONNX Runtime's CPU provider computes fp32 graphs in f32."""
-    if runtime == "openvino":
-        ov = require("openvino")
-        return _type_name(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
-    if runtime == "onnxruntime":
-        return "f32"
-    raise ValueError(f"runtime_precision is for exported runtimes, not {runtime!r}")
+class OnnxRuntime(Exported):
+    """ONNX Runtime (the CPU provider; CUDA/TensorRT providers on ``cuda`` where installed)."""
 
+    name = "onnxruntime"
 
-def runtime_conditions(runtime: str, device: torch.device | str = "cpu") -> dict[str, str]:
-    """What a record timed in ``runtime`` is valid for: ``precision`` (``openvino:bf16``) and
-    ``runtime`` (name and version)."""
-    check_runtime(runtime, device)
-    return {
-        "precision": f"{runtime}:{runtime_precision(runtime, device)}",
-        "runtime": f"{runtime} {runtime_version(runtime)}",
-    }
+    def default_precision(self, device: torch.device) -> str:
+        return "f32"  # its CPU provider computes fp32 graphs in f32
 
-
-def _type_name(value: Any) -> str:
-    """OpenVINO's ``<Type: 'bfloat16'>`` as ``bf16`` (``f32``, ``f16``)."""
-    return str(value.get_type_name()) if hasattr(value, "get_type_name") else str(value)
-
-
-@dataclass(frozen=True)
-class RuntimeInfo:
-    """What a runtime timing is valid for (part of a latency profile's identity)."""
-
-    name: str
-    version: str
-    threads: int
-    precision: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """``openvino:bf16`` (the precision the profile records)."""
-        return f"{self.name}:{self.precision}"
-
-
-def runtime_version(runtime: str) -> str:
-    """The installed version of ``runtime`` (torch's for ``torch``)."""
-    if runtime == "torch":
-        return str(torch.__version__)
-    module = require(runtime)
-    return str(getattr(module, "__version__", None) or module.get_version()).split("-")[0]
-
-
-def compile_onnx(
-    path: str | Path,
-    runtime: str,
-    *,
-    threads: int,
-    tokens: int | None = None,
-    device: torch.device | str = "cpu",
-    precision: str | None = None,
-) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], RuntimeInfo]:
-    """``path`` compiled by ``runtime`` (static at ``tokens`` kept tokens for a token graph):
-    a function feeds -> first output, and what it runs at (version, threads, real precision,
-    session options). ``precision`` asks OpenVINO for an inference precision (``f32``,
-    ``bf16``); by default the runtime chooses, and what it chose is recorded."""
-    device = torch.device(device)
-    if runtime == "onnxruntime":
+    def compile(
+        self, path: Path, *, threads: int, tokens: int | None, device: torch.device
+    ) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], RuntimeInfo]:
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -148,27 +294,46 @@ def compile_onnx(
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if tokens is not None:
-            options.add_free_dimension_override_by_name(_token_dim(path), int(tokens))
-        providers = _providers(device)
-        session = ort.InferenceSession(str(path), options, providers=providers)
+            options.add_free_dimension_override_by_name(token_dim(path), int(tokens))
+        session = ort.InferenceSession(str(path), options, providers=_providers(device))
         record = {"providers": session.get_providers(), "graph_optimization": "ORT_ENABLE_ALL"}
         record |= {"execution_mode": "sequential", "inter_op_threads": 1}
-        info = RuntimeInfo(runtime, runtime_version(runtime), threads, precision or "f32", record)
+        info = RuntimeInfo(self.name, self.version(), threads, "f32", record)
         return (lambda feeds: session.run(None, feeds)[0]), info
-    if runtime == "openvino":
+
+
+class OpenVINO(Exported):
+    """OpenVINO's CPU plugin; option ``precision`` (``f32``, ``bf16``) asks for an inference
+    precision, by default the plugin chooses and what it chose is recorded."""
+
+    name = "openvino"
+    devices = ("cpu",)
+    option_names = ("precision",)
+
+    def default_precision(self, device: torch.device) -> str:
+        """Asked of the plugin itself: ``INFERENCE_PRECISION_HINT`` (bf16 on CPUs with AMX/AVX512-BF16)."""
+        asked = self.options.get("precision")
+        if asked:
+            return str(asked)
+        return _type_name(require("openvino").Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+
+    def compile(
+        self, path: Path, *, threads: int, tokens: int | None, device: torch.device
+    ) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], RuntimeInfo]:
         ov = require("openvino")
         core = ov.Core()
         graph = core.read_model(str(path))
         if tokens is not None:
             graph.reshape({TOKENS_INPUT: [int(tokens)]})
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if precision is not None:
-            config["INFERENCE_PRECISION_HINT"] = precision
+        if self.options.get("precision"):
+            config["INFERENCE_PRECISION_HINT"] = self.options["precision"]
         compiled = core.compile_model(graph, "CPU", config)
         real = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        streams = compiled.get_property("NUM_STREAMS")
-        record = {k: str(v) for k, v in config.items()} | {"NUM_STREAMS": str(streams)}
-        info = RuntimeInfo(runtime, runtime_version("openvino"), threads, real, record)
+        record = {k: str(v) for k, v in config.items()} | {
+            "NUM_STREAMS": str(compiled.get_property("NUM_STREAMS"))
+        }
+        info = RuntimeInfo(self.name, self.version(), threads, real, record)
         request = compiled.create_infer_request()
 
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -176,147 +341,23 @@ def compile_onnx(
             return request.get_output_tensor(0).data
 
         return run, info
-    raise ValueError(f"compile_onnx runs onnxruntime or openvino, not {runtime!r}")
+
+    def convert(self, onnx_path: Path) -> str | None:
+        return str(to_openvino(onnx_path))
 
 
-_DIMS: dict[str, str] = {}
-
-
-def _token_dim(path: str | Path) -> str:
-    """The symbolic name the exporter gave the kept-token axis of a token graph."""
-    key = str(path)
-    if key not in _DIMS:
-        onnx = require("onnx")
-        graph = onnx.load(key, load_external_data=False).graph
-        tokens = next((i for i in graph.input if i.name == TOKENS_INPUT), None)
-        if tokens is None:
-            raise ValueError(f"{path} is not a token graph: it has no {TOKENS_INPUT!r} input")
-        _DIMS[key] = tokens.type.tensor_type.shape.dim[0].dim_param
-    return _DIMS[key]
-
-
-class RuntimeModel:
-    """A ViT exported for ``runtime`` once, compiled per token count n (POMT at r = N - n at
-    ``layer``; n = N is the unpruned model) at ``batch_size``, each a zero-argument call on a
-    fixed random batch for the timers. Compiled sessions are kept for N and the last few n."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        runtime: str,
-        *,
-        layer: int,
-        batch_size: int,
-        vit: nn.Module | None = None,
-        img_size: tuple[int, int] | None = None,
-        device: torch.device | str = "cpu",
-        threads: int | None = None,
-        precision: str | None = None,
-        workdir: str | Path | None = None,
-        keep: int = 3,
-    ) -> None:
-        from pomt.offline.profiling import random_batch
-
-        self.runtime = check_runtime(runtime, device)
-        if runtime == "torch":
-            raise ValueError("RuntimeModel is for exported runtimes; runtime 'torch' times the module itself")
-        self.device = torch.device(device)
-        vit = find_vit(model)[1] if vit is None else vit
-        size = image_size(vit, img_size)
-        layout = token_layout(vit, size)
-        self.n_total, self.prefix, self.layer = layout.n_total, layout.prefix, layer
-        self.threads = int(threads or torch.get_num_threads())
-        self.precision_request = precision
-        self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="pomt-runtime-")
-        folder = Path(workdir if workdir is not None else self._tmp.name)
-        start = time.perf_counter()
-        x = random_batch(vit, batch_size, size, torch.device("cpu"), torch.float32)
-        from pomt.method.pruning import pruning_restored, remove_pruning
-
-        with pruning_restored(vit):
-            remove_pruning(vit)
-            self.unpruned_record = export_onnx(model, folder / "unpruned.onnx", x, vit=vit)
-        self.token_graph = export_token_graph(
-            model, folder / "pomt_tokens.onnx", layer=layer, batch_size=batch_size, vit=vit, img_size=size
-        )
-        self.export_s = time.perf_counter() - start
-        self.check = self._check_token_graph(model, vit, x)
-        self._x = x.numpy()
-        self._sessions: OrderedDict[int, Callable[[dict[str, np.ndarray]], np.ndarray]] = OrderedDict()
-        self._keep = max(1, keep)
-        self.compile_s: dict[int, float] = {}
-        self.info: RuntimeInfo | None = None
-        self.call(self.n_total)  # compiles the unpruned model: its info is what the runtime runs at
-
-    def _check_token_graph(self, model: nn.Module, vit: nn.Module, x: torch.Tensor) -> float:
-        """|ONNX Runtime - PyTorch| of the token graph at one n (fp32 on both sides)."""
-        from pomt.deploy.export import ExportMismatch, run_onnxruntime
-        from pomt.method.pruning import pruned
-        from pomt.offline.profiling import on_device
-
-        n = (self.prefix + 1 + self.n_total - 1) // 2
-        with (
-            on_device(model, vit, torch.device("cpu"), torch.float32),
-            torch.inference_mode(),
-            torch.autocast("cpu", enabled=False),
-            pruned(vit, "pomt", r=self.n_total - n, layer=self.layer),
-        ):
-            expected = model(x).float().numpy()
-        got = run_onnxruntime(self.token_graph, self._feeds_for(x.numpy(), n), threads=self.threads)
-        diff = float(np.abs(got - expected).max())
-        if not diff <= DEFAULT_TOLERANCE:
-            raise ExportMismatch(f"the token graph differs from PyTorch by {diff:.3g} at n={n}")
-        return diff
-
-    @staticmethod
-    def _feeds_for(x: np.ndarray, n: int | None) -> dict[str, np.ndarray]:
-        feeds = {"x": x}
-        if n is not None:
-            feeds[TOKENS_INPUT] = np.zeros(n, np.float32)
-        return feeds
-
-    def session(self, n: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-        """The compiled graph at ``n`` kept tokens (compiled on first use; N is the unpruned one)."""
-        if not self.prefix + 1 <= n <= self.n_total:
-            raise ValueError(f"n must be in {self.prefix + 1}..{self.n_total}, got {n!r}")
-        if n in self._sessions:
-            self._sessions.move_to_end(n)
-            return self._sessions[n]
-        start = time.perf_counter()
-        if n == self.n_total:
-            path, tokens = Path(self.unpruned_record.path), None
-        else:
-            path, tokens = self.token_graph, n
-        run, info = compile_onnx(
-            path, self.runtime, threads=self.threads, tokens=tokens, device=self.device,
-            precision=self.precision_request,
-        )  # fmt: skip
-        self.compile_s[n] = time.perf_counter() - start
-        if self.info is None:
-            self.info = info
-        self._sessions[n] = run
-        while len(self._sessions) > self._keep + 1:
-            oldest = next(k for k in self._sessions if k != self.n_total)
-            del self._sessions[oldest]
-        return run
-
-    def call(self, n: int) -> Callable[[], object]:
-        """A zero-argument call of the graph at ``n`` on the fixed batch (what the timers take)."""
-        run = self.session(n)
-        feeds = self._feeds_for(self._x, None if n == self.n_total else n)
-        return lambda: run(feeds)
-
-    def describe(self) -> dict[str, Any]:
-        """How the timing runs, for the profile: runtime, options, export and compile costs."""
-        info = self.info
-        assert info is not None
-        return {
-            "options": info.options,
-            "export": "unpruned static + one POMT graph with the kept-token axis fixed per n at compile",
-            "export_s": round(self.export_s, 2),
-            "token_graph_max_abs_diff": self.check,
-            "compile_s_mean": round(float(np.mean(list(self.compile_s.values()))), 3),
-        }
-
-    def describe_json(self) -> str:
-        return json.dumps(self.describe(), sort_keys=True)
+def compile_onnx(
+    path: str | Path,
+    runtime: str | Exported,
+    *,
+    threads: int,
+    tokens: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], RuntimeInfo]:
+    """``path`` compiled by ``runtime`` (a name or an :class:`Exported` runtime; static at
+    ``tokens`` kept tokens for a token graph): a function feeds -> first output, and what it
+    runs at (version, threads, real precision, session options)."""
+    runtime = runtime_named(runtime) if isinstance(runtime, str) else runtime
+    if not isinstance(runtime, Exported):
+        raise TargetError(f"compile_onnx compiles for an exported runtime, not {runtime.name!r}")
+    return runtime.compile(Path(path), threads=threads, tokens=tokens, device=torch.device(device))

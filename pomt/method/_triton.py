@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pomt.errors import PomtValueError
+
 __all__ = ["row_lse", "column_scores", "select_tokens"]
 
 # Tile sizes, chosen so that no kernel spills registers on sm_90 at head dims up to 128
@@ -354,7 +356,7 @@ def select_tokens(
     b, n, c = x.shape
     no = n - prefix
     if not 0 <= keep < no:
-        raise ValueError(f"keep must be in 0..{no - 1} for {no} ordinary tokens, got {keep}")
+        raise PomtValueError(f"keep must be in 0..{no - 1} for {no} ordinary tokens, got {keep}")
     score = _empty((b, no), x, torch.float32)
     pos = _empty((b, no), x, torch.int32)
     out = _empty((b, prefix + keep + 1, c), x, x.dtype)

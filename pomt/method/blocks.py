@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pomt.errors import PomtValueError
 from pomt.method import ops
 from pomt.method.functional import Trace, pomt_scores_from_probabilities, pomt_select, tome_merge
 
@@ -92,12 +93,12 @@ def _attn_output(attn: nn.Module, heads_out: torch.Tensor, x: torch.Tensor) -> t
 
 def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
-        raise ValueError("attention masks and causal attention are not supported in pruned blocks")
+        raise PomtValueError("attention masks and causal attention are not supported in pruned blocks")
 
 
 def check_room(tokens: int, prefix: int, removed: int, where: str) -> None:
     if tokens - removed < prefix + 1:
-        raise ValueError(
+        raise PomtValueError(
             f"{where}: removing {removed} of {tokens} tokens ({prefix} prefix) leaves no ordinary token; "
             f"at most {tokens - prefix - 1} can be removed for this input size"
         )

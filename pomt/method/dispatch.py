@@ -33,9 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from pomt.method import functional as method
-from pomt.method import ops
 
-__all__ = ["KernelChoice", "choose"]
+__all__ = ["KernelChoice", "choose", "launch_kernels", "torch_path"]
 
 _log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
@@ -48,6 +47,29 @@ class KernelChoice:
 
     backend: str  # "triton" or "torch"
     reason: str
+
+
+def launch_kernels(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """POMT's block through the Triton kernels, launched on ``x``'s device: (new sequence,
+    scores, each token's position or -1)."""
+    from pomt.method import _triton as kernels  # needs triton: imported where the kernels run
+
+    keep = x.shape[1] - prefix - r - 1
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with torch.no_grad(), guard:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        col, val = kernels.column_scores(q, k, v, kernels.row_lse(q, k, prefix, scale), prefix, scale)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return kernels.select_tokens(x, col, val, prefix, keep)
+
+
+def torch_path(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
+) -> torch.Tensor:
+    """POMT's block on the plain torch path (what the kernels are checked against)."""
+    return method.pomt_select(x, method.pomt_scores(q, k, v, prefix, scale), prefix, r)
 
 
 def _worst(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -147,7 +169,7 @@ def measure(
     checked = sorted({r, 0, no - 1, typical})
     for at in checked:
         try:
-            got = ops._pomt_kernels(xs, qs, ks, vs, prefix, at, scale)
+            got = launch_kernels(xs, qs, ks, vs, prefix, at, scale)
         except Exception as err:  # noqa: BLE001 - a kernel that cannot build or run here is not used
             return KernelChoice("torch", f"the kernels failed at r={at}: {type(err).__name__}: {err}")
         problem = mismatch(got, xs, reference, prefix, no - at - 1, q.dtype)
@@ -158,8 +180,8 @@ def measure(
     equal = f"equal to the float32 torch path at r={', '.join(map(str, checked))} (keep=0 at r={no - 1})"
     with torch.no_grad():
         faster, ratio = (faster or _faster)(
-            lambda: ops._pomt_kernels(x, q, k, v, prefix, typical, scale),
-            lambda: ops._pomt_torch(x, q, k, v, prefix, typical, scale),
+            lambda: launch_kernels(x, q, k, v, prefix, typical, scale),
+            lambda: torch_path(x, q, k, v, prefix, typical, scale),
             x.device,
         )
     if not faster:

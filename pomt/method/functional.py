@@ -40,6 +40,7 @@ __all__ = [
     "cls_attention",
     "topk_select",
     "tome_merge",
+    "tracing_tokens",
 ]
 
 
@@ -101,7 +102,7 @@ def pomt_select(
     # (an image whose statistics hold a NaN keeps its first tokens). A stable sort would not
     # export to ONNX.
     order = torch.where(scores == -torch.inf, _last(scores), scores).argsort(dim=1, descending=True)
-    if _tracing(trace):
+    if tracing_tokens(trace):
         b, no = order.shape
         target = (prefix + torch.arange(no, device=x.device)).clamp(max=prefix + keep).expand(b, no)
         moved = torch.empty_like(order).scatter_(1, order, target)
@@ -153,7 +154,7 @@ def topk_select(
     x: torch.Tensor, importance: torch.Tensor, prefix: int, keep: int, trace: Trace | None = None
 ) -> torch.Tensor:
     index = importance.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values  # original order
-    if _tracing(trace):
+    if tracing_tokens(trace):
         b, no = importance.shape
         moved = torch.full((b, no), -1, dtype=torch.long, device=x.device)
         moved.scatter_(1, index, prefix + torch.arange(keep, device=x.device).expand(b, keep))
@@ -303,5 +304,6 @@ def _prefix_index(b: int, prefix: int, device: torch.device) -> torch.Tensor:
     return torch.arange(prefix, device=device).expand(b, prefix)
 
 
-def _tracing(trace: Trace | None) -> bool:
+def tracing_tokens(trace: Trace | None) -> bool:
+    """Whether ``trace`` records where each token went (then the traced torch path runs)."""
     return trace is not None and trace.where is not None

@@ -35,25 +35,22 @@ import contextlib
 import os
 from collections.abc import Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 
+from pomt.errors import PomtValueError, UnavailableError
+from pomt.method import dispatch
+from pomt.method.dispatch import KernelChoice
 from pomt.method.functional import (  # the public ones are re-exported: they lived here before
     Trace,
-    _tracing,
     cls_attention,
     gather_tokens,
     pomt_scores,
     pomt_scores_from_probabilities,
     pomt_select,
     topk_select,
+    tracing_tokens,
 )
-
-if TYPE_CHECKING:
-    from pomt.method.dispatch import KernelChoice
-
-from pomt.errors import UnavailableError
 
 __all__ = [
     "KERNEL_MODES",
@@ -82,7 +79,7 @@ def kernels(mode: str) -> Iterator[None]:
     faster on this device), ``torch`` or ``triton`` (forced)."""
     global _mode
     if mode not in KERNEL_MODES:
-        raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+        raise PomtValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
     previous, _mode = _mode, mode
     try:
         yield
@@ -127,7 +124,7 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None)
 
 def _checked_mode() -> str:
     if _mode not in KERNEL_MODES:
-        raise ValueError(f"POMT_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {_mode!r}")
+        raise PomtValueError(f"POMT_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {_mode!r}")
     return _mode
 
 
@@ -147,27 +144,6 @@ def _grad(*tensors: torch.Tensor) -> bool:
 def scores_from_probabilities(x: torch.Tensor) -> bool:
     """Whether POMT's block should take its scores from an explicit softmax (the CPU path)."""
     return not x.is_cuda and _mode != "triton"
-
-
-def _pomt_kernels(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """POMT's block through the Triton kernels, launched on ``x``'s device: (new sequence,
-    scores, each token's position or -1)."""
-    ops = _triton()
-    keep = x.shape[1] - prefix - r - 1
-    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with torch.no_grad(), guard:
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        col, val = ops.column_scores(q, k, v, ops.row_lse(q, k, prefix, scale), prefix, scale)
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        return ops.select_tokens(x, col, val, prefix, keep)
-
-
-def _pomt_torch(
-    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
-) -> torch.Tensor:
-    return pomt_select(x, pomt_scores(q, k, v, prefix, scale), prefix, r)
 
 
 def _auto_device(t: torch.Tensor) -> bool:
@@ -190,8 +166,6 @@ def _use_kernels(
     if choice is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # nothing can be measured inside a capture: the torch path, until measured
-        from pomt.method import dispatch
-
         choice = dispatch.choose(key, (x, q, k, v, prefix, r, scale), _CHOICES)
     return choice.backend == "triton"
 
@@ -215,8 +189,8 @@ def pomt_prune(
 ) -> torch.Tensor:
     """:func:`pomt_select` with the scores computed from q, k, v: through the Triton kernels
     where ``kernels`` says so (never under autograd or while tracing tokens)."""
-    if not _tracing(trace) and _use_kernels(x, q, k, v, prefix, r, scale):
-        return _pomt_kernels(x, q, k, v, prefix, r, scale)[0]
+    if not tracing_tokens(trace) and _use_kernels(x, q, k, v, prefix, r, scale):
+        return dispatch.launch_kernels(x, q, k, v, prefix, r, scale)[0]
     return pomt_select(x, pomt_scores(q, k, v, prefix, scale), prefix, r, trace)
 
 

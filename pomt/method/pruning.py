@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pomt.errors import PruningError, is_int
+from pomt.errors import PomtValueError, PruningError, is_int
 from pomt.method.blocks import MIXINS, BlockSpec, ToMeState, patched_class
 from pomt.method.functional import Trace, gather_tokens
 from pomt.method.ops import kernels
@@ -44,6 +44,7 @@ __all__ = [
     "METHODS",
     "PruningConfig",
     "apply_pruning",
+    "check_layer",
     "remove_pruning",
     "pruning_config",
     "token_schedule",
@@ -86,15 +87,20 @@ def _per_block_r(method: str, r: int | Sequence[int], depth: int) -> tuple[int, 
     return values
 
 
+def check_layer(layer: object, depth: int) -> None:
+    """The one check of a pruning block index: a PruningError unless ``layer`` is in 0..depth - 1."""
+    if not is_int(layer) or not 0 <= layer < depth:
+        raise PruningError(
+            f"layer must be an int in 0..{depth - 1} for this {depth}-block model, got {layer!r}"
+        )
+
+
 def _schedule(method: str, r: int | Sequence[int], layer: int, layout: TokenLayout) -> tuple[int, ...]:
     """Validate arguments and return the tokens leaving each block."""
     if method not in METHODS:
         raise PruningError(f"unknown pruning method {method!r}; valid: {', '.join(METHODS)}")
     depth, n, p = layout.depth, layout.n_total, layout.prefix
-    if not is_int(layer) or not 0 <= layer < depth:
-        raise PruningError(
-            f"layer must be an int in 0..{depth - 1} for this {depth}-block model, got {layer!r}"
-        )
+    check_layer(layer, depth)
     if method == "none":
         return (n,) * depth
     if method == "pomt":
@@ -235,7 +241,7 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
     layout = token_layout(vit)
     p = layout.prefix
     if not is_int(n) or not p + 1 <= n <= layout.n_total:
-        raise ValueError(
+        raise PomtValueError(
             f"n must be an int in {p + 1}..{layout.n_total} (N={layout.n_total}, {p} prefix), got {n!r}"
         )
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pomt.errors import is_int
+from pomt.errors import PomtValueError, is_int
 from pomt.timing import TimingStats
 
 __all__ = ["Curve", "as_curve", "check_n", "validate_curve", "step_fit", "isotonic_increasing", "interpolate"]
@@ -53,7 +53,7 @@ def step_fit(values: Sequence[float], noise: Sequence[float]) -> list[float]:
     they cannot make one n look faster than its neighbour.
     """
     if len(values) != len(noise):
-        raise ValueError("step_fit: values and noise differ in length")
+        raise PomtValueError("step_fit: values and noise differ in length")
     groups = []  # [level, weight, count, tolerances]
     for v, t in zip(values, noise, strict=True):
         v, t = float(v), max(0.0, float(t))
@@ -86,7 +86,7 @@ def step_fit(values: Sequence[float], noise: Sequence[float]) -> list[float]:
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Piecewise-linear interpolation at ``x`` inside [xs[0], xs[-1]] (xs ascending)."""
     if not xs[0] <= x <= xs[-1]:
-        raise ValueError(f"cannot interpolate at {x}: outside [{xs[0]}, {xs[-1]}]")
+        raise PomtValueError(f"cannot interpolate at {x}: outside [{xs[0]}, {xs[-1]}]")
     lo, hi = 0, len(xs) - 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -126,7 +126,7 @@ def check_n(n: object, what: str) -> int:
     if not is_int(n):
         if isinstance(n, str) and n.strip().lstrip("-").isdigit():
             return int(n)
-        raise ValueError(f"{what}: token counts must be ints, got {n!r}")
+        raise PomtValueError(f"{what}: token counts must be ints, got {n!r}")
     return int(n)
 
 
@@ -146,7 +146,7 @@ def as_curve(profile: object, what: str) -> Curve:
         return Curve(values, noise, spread, None, None, None)
     points = getattr(profile, "points", None)
     if points is None:
-        raise ValueError(
+        raise PomtValueError(
             f"{what} must be a LatencyProfile/AccuracyProfile or a {{n: value}} dict, "
             f"got {type(profile).__name__}"
         )
@@ -171,13 +171,13 @@ def as_curve(profile: object, what: str) -> Curve:
 
 def validate_curve(curve: Curve, what: str, unit_interval: bool) -> None:
     if not curve.values:
-        raise ValueError(f"{what} is empty: it needs at least one measured token count")
+        raise PomtValueError(f"{what} is empty: it needs at least one measured token count")
     for n, v in curve.values.items():
         if n < 1:
-            raise ValueError(f"{what}: token count {n} is not positive")
+            raise PomtValueError(f"{what}: token count {n} is not positive")
         if not math.isfinite(v):
-            raise ValueError(f"{what}: value at n={n} is not finite ({v})")
+            raise PomtValueError(f"{what}: value at n={n} is not finite ({v})")
         if unit_interval and not 0.0 <= v <= 1.0:
-            raise ValueError(f"{what}: accuracy at n={n} is {v}; accuracies are fractions in [0, 1]")
+            raise PomtValueError(f"{what}: accuracy at n={n} is {v}; accuracies are fractions in [0, 1]")
         if not unit_interval and v <= 0:
-            raise ValueError(f"{what}: latency at n={n} is {v} ms; latencies must be positive")
+            raise PomtValueError(f"{what}: latency at n={n} is {v} ms; latencies must be positive")

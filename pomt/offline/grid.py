@@ -1,6 +1,6 @@
-"""Which token counts to time: the full grid, a coarse grid, and the adaptive search.
+"""Which token counts to time: the full grid, a coarse grid, and the adaptive grid.
 
-``adaptive_search`` is the fast latency search behind ``pomt.profile_latency``: a coarse grid
+``adaptive_grid`` is the fast latency sampling behind ``pomt.profile_latency``: a coarse grid
 over [p + 1, N] (always with N), then bisection. Given an accuracy profile (accuracy does
 not depend on the device, so it can be estimated first, elsewhere) it is a branch and bound
 on the utility that lands on the full grid's n* on a staircase; without one it locates the
@@ -12,17 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+from pomt.errors import PomtValueError
 from pomt.offline.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
 from pomt.offline.selection import TIE_DECIMALS, check_objective, utility
 from pomt.timing import TimingStats
 
-__all__ = ["coarse_grid", "default_max_points", "adaptive_search", "detect_period", "full_grid", "as_grid"]
+__all__ = ["coarse_grid", "default_max_points", "adaptive_grid", "detect_period", "full_grid", "as_grid"]
 
 
 def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
     """About ``points`` token counts evenly spread over [lo, hi], both ends included."""
     if hi < lo:
-        raise ValueError(f"empty token range [{lo}, {hi}]")
+        raise PomtValueError(f"empty token range [{lo}, {hi}]")
     if points < 2 or hi == lo:
         return sorted({lo, hi})
     step = (hi - lo) / (points - 1)
@@ -30,12 +31,12 @@ def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
 
 
 def default_max_points(lo: int, hi: int, coarse_points: int) -> int:
-    """Point budget of the default search: 9 % of the full grid (so that it takes under a tenth
+    """Point budget of the default adaptive grid: 9 % of the full grid (so that it takes under a tenth
     of the full grid's time at the same per-point timer settings), at least coarse + 4."""
     return max(coarse_points + 4, math.ceil(0.09 * (hi - lo + 1)))
 
 
-def adaptive_search(
+def adaptive_grid(
     measure: Callable[[int], TimingStats],
     lo: int,
     hi: int,
@@ -75,12 +76,12 @@ def adaptive_search(
     Ranges no larger than the budget are measured in full.
     """
     if coarse_points < 2:
-        raise ValueError(f"coarse_points must be >= 2, got {coarse_points}")
+        raise PomtValueError(f"coarse_points must be >= 2, got {coarse_points}")
     check_objective(alpha, None, None)
     if max_points is None:
         max_points = default_max_points(lo, hi, coarse_points)
     if max_points < 2:
-        raise ValueError(f"max_points must be >= 2, got {max_points}")
+        raise PomtValueError(f"max_points must be >= 2, got {max_points}")
     acc_at = None if accuracy is None else _accuracy_function(accuracy, lo, hi)
     measured: dict[int, TimingStats] = {}
 
@@ -97,7 +98,7 @@ def adaptive_search(
     if period == "auto":
         period = detect_period(take, measured, lo, hi)
     elif period is not None and (isinstance(period, bool) or not isinstance(period, int) or period < 0):
-        raise ValueError(f"period must be None, 'auto' or a non-negative int, got {period!r}")
+        raise PomtValueError(f"period must be None, 'auto' or a non-negative int, got {period!r}")
     extra = len(measured)
     if period and period > 1:
         lattice = [n for n in range(hi - hi % period, lo - 1, -period) if n not in measured]
@@ -208,8 +209,8 @@ def as_grid(values: Iterable[int], lo: int, hi: int) -> list[int]:
     """Validated, de-duplicated token counts within [lo, hi], in the order given."""
     out = list(dict.fromkeys(check_n(v, "grid") for v in values))
     if not out:
-        raise ValueError("the grid is empty: give at least one token count")
+        raise PomtValueError("the grid is empty: give at least one token count")
     bad = [n for n in out if not lo <= n <= hi]
     if bad:
-        raise ValueError(f"token counts {bad[:5]} are outside the valid range {lo}..{hi} (p + 1 .. N)")
+        raise PomtValueError(f"token counts {bad[:5]} are outside the valid range {lo}..{hi} (p + 1 .. N)")
     return out

@@ -15,7 +15,6 @@ import datetime as _dt
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pomt.errors import PomtValueError
 from pomt.timing import TimingStats, device_name
 
 __all__ = [
@@ -124,22 +124,22 @@ class _Profile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "profile") -> Any:
         if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
+            raise PomtValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
         schema = data.get("schema")
         expected_schema = f"pomt.{cls.kind}_profile"
         if schema != expected_schema:
-            raise ValueError(
+            raise PomtValueError(
                 f"{source}: not a {cls.kind} profile (schema {schema!r}, expected {expected_schema!r})"
             )
         version = data.get("schema_version")
         if not isinstance(version, int) or version < 1:
-            raise ValueError(f"{source}: missing or invalid schema_version {version!r}")
+            raise PomtValueError(f"{source}: missing or invalid schema_version {version!r}")
         if version > SCHEMA_VERSION:
-            raise ValueError(
+            raise PomtValueError(
                 f"{source}: schema_version {version} was written by a newer pomt (this one reads {SCHEMA_VERSION})"
             )
         if version < SCHEMA_VERSION:
-            raise ValueError(
+            raise PomtValueError(
                 f"{source}: schema_version {version} predates the first release (this pomt reads "
                 f"{SCHEMA_VERSION}); measure the profile again"
             )
@@ -152,16 +152,16 @@ class _Profile:
         ]
         missing = [n for n in required if n not in data]
         if missing:
-            raise ValueError(f"{source}: missing field(s) {', '.join(missing)} (truncated or edited?)")
+            raise PomtValueError(f"{source}: missing field(s) {', '.join(missing)} (truncated or edited?)")
         kwargs = {n: data[n] for n in names if n in data}
         raw_points = kwargs.get("points")
         if not isinstance(raw_points, list) or not raw_points:
-            raise ValueError(f"{source}: `points` must be a non-empty list")
+            raise PomtValueError(f"{source}: `points` must be a non-empty list")
         point_fields = [f.name for f in fields(cls._point_type)]
         points = []
         for i, raw in enumerate(raw_points):
             if not isinstance(raw, Mapping) or any(k not in raw for k in point_fields):
-                raise ValueError(f"{source}: point {i} must be an object with {', '.join(point_fields)}")
+                raise PomtValueError(f"{source}: point {i} must be an object with {', '.join(point_fields)}")
             try:
                 points.append(
                     cls._point_type(
@@ -169,14 +169,14 @@ class _Profile:
                     )
                 )
             except (TypeError, ValueError) as err:
-                raise ValueError(f"{source}: point {i} has a bad value ({err})") from err
+                raise PomtValueError(f"{source}: point {i} has a bad value ({err})") from err
         kwargs["points"] = sorted(points, key=lambda p: p.n)
         if isinstance(kwargs.get("img_size"), list):
             kwargs["img_size"] = tuple(kwargs["img_size"])
         try:
             return cls(**kwargs)
         except TypeError as err:
-            raise ValueError(f"{source}: {err}") from err
+            raise PomtValueError(f"{source}: {err}") from err
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], expect: Mapping[str, Any] | None = None) -> Any:
@@ -192,9 +192,9 @@ class _Profile:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not a text JSON profile ({err})") from err
+            raise PomtValueError(f"{path} is not a text JSON profile ({err})") from err
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON (corrupt or truncated?): {err}") from err
+            raise PomtValueError(f"{path} is not valid JSON (corrupt or truncated?): {err}") from err
         profile = cls.from_dict(data, source=str(path))
         if expect:
             profile.check(expect, source=str(path))
@@ -208,7 +208,7 @@ class _Profile:
         names = {f.name for f in fields(self)}  # type: ignore[arg-type]
         for key, wanted in expect.items():
             if key not in names or key == "points":
-                raise ValueError(
+                raise PomtValueError(
                     f"cannot check {key!r}: {self.kind} profiles have {', '.join(sorted(names))}"
                 )
             have = normalise(getattr(self, key))
@@ -234,7 +234,7 @@ class _Profile:
         """Raise ValueError naming the first field whose value differs from ``expect``."""
         why = self.mismatch(expect)
         if why is not None:
-            raise ValueError(f"{source} does not match: {why}. Measure a new profile for this setup.")
+            raise PomtValueError(f"{source} does not match: {why}. Measure a new profile for this setup.")
 
 
 def _now() -> str:
@@ -283,14 +283,6 @@ class LatencyProfile(_Profile):
     runtime: str = "torch"
     runtime_version: str = ""
     runtime_options: str = ""
-
-    @property
-    def search(self) -> str:
-        """Deprecated name of :attr:`sampling` ("search" means :func:`pomt.find_r`'s)."""
-        warnings.warn(
-            "LatencyProfile.search is now LatencyProfile.sampling", DeprecationWarning, stacklevel=2
-        )
-        return self.sampling
 
     @property
     def latency_ms(self) -> dict[int, float]:

@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from pomt.offline.curves import as_curve, interpolate, isotonic_increasing, step_fit, validate_curve
+from pomt.errors import PomtValueError
+from pomt.offline.curves import Curve, as_curve, interpolate, isotonic_increasing, step_fit, validate_curve
 
 __all__ = ["Selection", "select_r", "check_objective", "utility", "utility_curve"]
 
@@ -93,7 +94,7 @@ class Selection:
     def at(self, n: int) -> Selection:
         """The same curves with ``n`` chosen instead of n* (``n`` must be on the curve)."""
         if n not in self.curve_n:
-            raise ValueError(f"n={n} is not on the curve: {list(self.curve_n)}")
+            raise PomtValueError(f"n={n} is not on the curve: {list(self.curve_n)}")
         i = self.curve_n.index(n)
         return replace(
             self,
@@ -117,7 +118,7 @@ class Selection:
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(data))
         if missing:
-            raise ValueError(f"not a Selection: missing {', '.join(missing)}")
+            raise PomtValueError(f"not a Selection: missing {', '.join(missing)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
         kwargs["measurements"] = tuple(tuple(m) for m in kwargs.get("measurements", ()))
         return cls(**kwargs)
@@ -154,7 +155,7 @@ def utility_curve(latency: Sequence[float], accuracy: Sequence[float], alpha: fl
     max_l = max(latency)
     max_a = max(accuracy)
     if max_l <= 0:
-        raise ValueError("latency values must be positive")
+        raise PomtValueError("latency values must be positive")
     return [utility(lat, acc, alpha, max_l, max_a) for lat, acc in zip(latency, accuracy, strict=True)]
 
 
@@ -165,13 +166,15 @@ def check_objective(alpha: object, latency_budget_ms: object, accuracy_floor: ob
     """A ValueError naming the bad value unless ``alpha`` is in [0, 1], the budget positive, the
     floor a fraction, and at most one of the two given (``select_r`` and ``SearchConfig``)."""
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        raise PomtValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if latency_budget_ms is not None and accuracy_floor is not None:
-        raise ValueError("give either latency_budget_ms or accuracy_floor, not both")
+        raise PomtValueError("give either latency_budget_ms or accuracy_floor, not both")
     if latency_budget_ms is not None and not latency_budget_ms > 0:
-        raise ValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
+        raise PomtValueError(f"latency_budget_ms must be positive, got {latency_budget_ms!r}")
     if accuracy_floor is not None and not 0.0 <= accuracy_floor <= 1.0:
-        raise ValueError(f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}")
+        raise PomtValueError(
+            f"accuracy_floor is a fraction in [0, 1] (0.75 for 75 %), got {accuracy_floor!r}"
+        )
 
 
 def _dominated(i: int, latency: list[float], accuracy: list[float]) -> bool:
@@ -203,33 +206,14 @@ def select_r(
     error. Ties are broken as the module docstring says (larger n last).
     """
     check_objective(alpha, latency_budget_ms, accuracy_floor)
-    lcurve = as_curve(lat, "latency profile")
-    acurve = as_curve(acc, "accuracy profile")
-    validate_curve(lcurve, "latency profile", unit_interval=False)
-    validate_curve(acurve, "accuracy profile", unit_interval=True)
-    if lcurve.model and acurve.model and lcurve.model != acurve.model:
-        raise ValueError(
-            f"the profiles are for different models: latency for {lcurve.model!r}, accuracy for {acurve.model!r}"
-        )
-    totals = {t for t in (lcurve.n_total, acurve.n_total, n_total) if t is not None}
-    if len(totals) > 1:
-        raise ValueError(
-            f"the profiles disagree on N (tokens entering the blocks): latency N={lcurve.n_total}, "
-            f"accuracy N={acurve.n_total}, n_total={n_total}"
-        )
-    n_total = totals.pop() if totals else max(lcurve.values)
-    for curve, what in ((lcurve, "latency profile"), (acurve, "accuracy profile")):
-        beyond = [n for n in curve.values if n > n_total]
-        if beyond:
-            raise ValueError(f"{what} has token counts above N={n_total}: {sorted(beyond)[:5]}")
-
+    lcurve, acurve, n_total = _checked_curves(lat, acc, n_total)
     acc_ns = sorted(acurve.values)
     acc_vals = [acurve.values[n] for n in acc_ns]
     if denoise:
         acc_vals = isotonic_increasing(acc_vals)
     ns = [n for n in sorted(lcurve.values) if acc_ns[0] <= n <= acc_ns[-1]]
     if not ns:
-        raise ValueError(
+        raise PomtValueError(
             f"no overlap: latency measured for n in [{min(lcurve.values)}, {max(lcurve.values)}], "
             f"accuracy for n in [{acc_ns[0]}, {acc_ns[-1]}]"
         )
@@ -245,40 +229,15 @@ def select_r(
     acc_used = [interpolate(acc_ns, acc_vals, n) for n in ns]
     util = utility_curve(lat_used, acc_used, float(alpha))
 
-    def rnd(v: float) -> float:
-        return round(v, TIE_DECIMALS)
-
-    idx = range(len(ns))
-    if latency_budget_ms is not None:
-        mode = "latency_budget"
-        feasible = [i for i in idx if lat_used[i] <= latency_budget_ms]
-        if not feasible:
-            fastest = min(idx, key=lambda i: lat_used[i])
-            raise ValueError(
-                f"no token count meets the latency budget of {latency_budget_ms} ms: the fastest is "
-                f"{lat_used[fastest]:.4g} ms (n={ns[fastest]})"
-            )
-        key = lambda i: (rnd(acc_used[i]), -rnd(lat_used[i]), ns[i])  # noqa: E731
-    elif accuracy_floor is not None:
-        mode = "accuracy_floor"
-        feasible = [i for i in idx if acc_used[i] >= accuracy_floor]
-        if not feasible:
-            top = max(idx, key=lambda i: acc_used[i])
-            raise ValueError(
-                f"no token count reaches the accuracy floor {accuracy_floor}: the best is "
-                f"{acc_used[top]:.4f} (n={ns[top]})"
-            )
-        key = lambda i: (-rnd(lat_used[i]), rnd(acc_used[i]), ns[i])  # noqa: E731
-    else:
-        mode, feasible = "utility", list(idx)
-        key = lambda i: (rnd(util[i]), ns[i])  # noqa: E731
-    ranked = sorted(feasible, key=key, reverse=True)  # best first: the first is n*, the rest fallbacks
-    # no dominated fallback (a count with more tokens is no slower and no less accurate: with the
-    # denoised, non-decreasing accuracy, any count with more tokens that is no slower): the
-    # objective never prefers one, so n* is never one, and the verification does not time them
+    ranked = _ranked(ns, lat_used, acc_used, util, latency_budget_ms, accuracy_floor)
+    mode = (
+        "latency_budget"
+        if latency_budget_ms is not None
+        else "accuracy_floor"
+        if accuracy_floor is not None
+        else "utility"
+    )
     best = ranked[0]
-    rounded = [rnd(v) for v in lat_used], [rnd(v) for v in acc_used]
-    ranked = [best] + [i for i in ranked[1:] if not _dominated(i, *rounded)]
     n_star = ns[best]
     return Selection(
         r=n_total - n_star,
@@ -301,3 +260,66 @@ def select_r(
         candidates=tuple(ns[i] for i in ranked),
         precision=lcurve.precision,
     )
+
+
+def _checked_curves(lat: object, acc: object, n_total: int | None) -> tuple[Curve, Curve, int]:
+    """Both profiles as curves, checked against each other (same model, same N, no n above N)."""
+    lcurve = as_curve(lat, "latency profile")
+    acurve = as_curve(acc, "accuracy profile")
+    validate_curve(lcurve, "latency profile", unit_interval=False)
+    validate_curve(acurve, "accuracy profile", unit_interval=True)
+    if lcurve.model and acurve.model and lcurve.model != acurve.model:
+        raise PomtValueError(
+            f"the profiles are for different models: latency for {lcurve.model!r}, accuracy for {acurve.model!r}"
+        )
+    totals = {t for t in (lcurve.n_total, acurve.n_total, n_total) if t is not None}
+    if len(totals) > 1:
+        raise PomtValueError(
+            f"the profiles disagree on N (tokens entering the blocks): latency N={lcurve.n_total}, "
+            f"accuracy N={acurve.n_total}, n_total={n_total}"
+        )
+    n_total = totals.pop() if totals else max(lcurve.values)
+    for curve, what in ((lcurve, "latency profile"), (acurve, "accuracy profile")):
+        beyond = [n for n in curve.values if n > n_total]
+        if beyond:
+            raise PomtValueError(f"{what} has token counts above N={n_total}: {sorted(beyond)[:5]}")
+    return lcurve, acurve, n_total
+
+
+def _ranked(
+    ns: list[int], lat: list[float], acc: list[float], util: list[float],
+    latency_budget_ms: float | None, accuracy_floor: float | None,
+) -> list[int]:  # fmt: skip
+    """The feasible indices of ``ns``, best first for the objective (the first is n*, the rest
+    fallbacks), without dominated fallbacks."""
+
+    def rnd(v: float) -> float:
+        return round(v, TIE_DECIMALS)
+
+    idx = range(len(ns))
+    if latency_budget_ms is not None:
+        feasible = [i for i in idx if lat[i] <= latency_budget_ms]
+        if not feasible:
+            fastest = min(idx, key=lambda i: lat[i])
+            raise PomtValueError(
+                f"no token count meets the latency budget of {latency_budget_ms} ms: the fastest is "
+                f"{lat[fastest]:.4g} ms (n={ns[fastest]})"
+            )
+        key = lambda i: (rnd(acc[i]), -rnd(lat[i]), ns[i])  # noqa: E731
+    elif accuracy_floor is not None:
+        feasible = [i for i in idx if acc[i] >= accuracy_floor]
+        if not feasible:
+            top = max(idx, key=lambda i: acc[i])
+            raise PomtValueError(
+                f"no token count reaches the accuracy floor {accuracy_floor}: the best is "
+                f"{acc[top]:.4f} (n={ns[top]})"
+            )
+        key = lambda i: (-rnd(lat[i]), rnd(acc[i]), ns[i])  # noqa: E731
+    else:
+        feasible, key = list(idx), lambda i: (rnd(util[i]), ns[i])  # noqa: E731
+    ranked = sorted(feasible, key=key, reverse=True)
+    # no dominated fallback (a count with more tokens is no slower and no less accurate: with the
+    # denoised, non-decreasing accuracy, any count with more tokens that is no slower): the
+    # objective never prefers one, so n* is never one, and the verification does not time them
+    rounded = [rnd(v) for v in lat], [rnd(v) for v in acc]
+    return [ranked[0]] + [i for i in ranked[1:] if not _dominated(i, *rounded)]

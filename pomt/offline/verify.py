@@ -25,100 +25,83 @@ the selection (``Selection.measurements``), also when R = 0 is.
 from __future__ import annotations
 
 import statistics
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from pomt.errors import is_int
-from pomt.method.pruning import apply_pruning, remove_pruning
-from pomt.models import image_size
-from pomt.offline.profiling import on_device, random_batch
+from pomt.deploy.targets import Call, Prepared, Target
+from pomt.errors import PomtValueError, is_int
+from pomt.offline.config import SearchConfig
 from pomt.offline.selection import Selection, utility
-from pomt.timing import Stopwatch, cuda_graph_or_eager, median_interval, time_paired
+from pomt.timing import Stopwatch, median_interval, time_paired
 
-__all__ = ["verify", "speedup_samples", "paired_speedups"]
+__all__ = ["verify", "check_candidates", "speedups", "paired_speedups"]
 
 
-def speedup_samples(
+def verify(
     model: nn.Module,
-    vit: nn.Module,
-    r: int,
+    selection: Selection,
+    target: Target | str | None = None,
     *,
-    layer: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    cuda_graphs: bool = False,
-    warmup: int = 3,
-    min_run_time: float = 1.0,
-    min_pairs: int = 6,
-    groups: int = 6,
-    blocks: int | None = None,
-) -> tuple[list[float], float]:
-    """Per-group speed-ups ``t_unpruned / t_pruned`` of POMT at ``r`` and the unpruned median (ms).
+    layer: int = 3,
+    search: SearchConfig | None = None,
+    vit: nn.Module | None = None,
+    log: Callable[[str], object] = print,
+) -> Selection:
+    """``selection`` checked on ``target``: its candidates timed against the unpruned model
+    (:func:`speedups`, the ``search``'s budget), the first that passes kept, else R = 0
+    (:func:`check_candidates`). The model is put back as it was."""
+    search = SearchConfig.coerce(search)
+    with Target.coerce(target).prepare(model, layer=layer, vit=vit) as prepared:
+        measure = lambda r: speedups(prepared, r, search)  # noqa: E731
+        return check_candidates(selection, measure, candidates=search.verify_candidates, log=log)
 
-    The time budget: the pairs of one candidate take about ``min_run_time`` seconds. The
-    warm-up pairs (``warmup``, cut short once they pass a quarter of the budget; at least one)
-    are timed, and each of the ``groups`` groups gets as many pairs as fit in its share of
-    the budget at that pace, never fewer than ``ceil(min_pairs / groups)`` (at least one):
-    the stated minimum, so a model slower than ``min_run_time / min_pairs`` per pair takes
-    ``min_pairs`` pairs whatever the budget. Each group times both models call by call
-    (CUDA-graph replays when ``cuda_graphs``), the pruned one first in even groups and second
-    in odd ones, and its speed-up is the median of its pairs.
-    """
-    groups = _renamed_groups(groups, blocks)
-    if not is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    x = random_batch(vit, batch_size, image_size(vit, None), device, dtype)
 
-    def call() -> object:
-        return model(x)
-
-    def prune() -> None:
-        apply_pruning(vit, "pomt", r=r, layer=layer)
-
-    def unprune() -> None:
-        remove_pruning(vit)
-
-    with on_device(model, vit, device, dtype), torch.inference_mode():
-        graphs = cuda_graphs and device.type == "cuda"
-        if graphs:  # both as graph replays, or both eager
-            prune()
-            pruned, mode = cuda_graph_or_eager(call, device, f"verifying r={r}: ")
-            unprune()
-            if mode == "cuda_graphs":
-                unpruned, mode = cuda_graph_or_eager(call, device, f"verifying r={r}: ")
-            graphs = mode == "cuda_graphs"
-        if graphs:
-            sides = [(pruned, None), (unpruned, None)]
-        else:
-            sides = [(call, prune), (call, unprune)]
-        timing = dict(warmup=warmup, min_run_time=min_run_time, min_pairs=min_pairs, groups=groups)
-        return paired_speedups(sides[0], sides[1], device=device, **timing)
+def speedups(prepared: Prepared, r: int, search: SearchConfig) -> tuple[list[float], float]:
+    """Per-group speed-ups ``t_unpruned / t_pruned`` of POMT at ``r`` and the unpruned median (ms),
+    for a model prepared by a Target's runtime, within the search's verification budget
+    (``verify_time``, ``verify_pairs``, ``verify_groups``; see :func:`paired_speedups`). Both
+    sides run the same way: where one CUDA graph cannot be captured, both are eager calls."""
+    n_total = prepared.n_total
+    pruned, unpruned = prepared.at(n_total - r), prepared.at(n_total)
+    if pruned.mode != unpruned.mode:  # the runtime fell back to eager calls after the first
+        pruned, unpruned = prepared.at(n_total - r), prepared.at(n_total)
+    return paired_speedups(
+        pruned, unpruned, device=prepared.device, warmup=search.warmup, min_run_time=search.verify_time,
+        min_pairs=search.verify_pairs, groups=search.verify_groups,
+    )  # fmt: skip
 
 
 def paired_speedups(
-    pruned: tuple[Callable[[], object], Callable[[], object] | None],
-    unpruned: tuple[Callable[[], object], Callable[[], object] | None],
+    pruned: Call,
+    unpruned: Call,
     *,
     device: torch.device | str = "cpu",
     warmup: int = 3,
     min_run_time: float = 1.0,
     min_pairs: int = 6,
     groups: int = 6,
-    blocks: int | None = None,
 ) -> tuple[list[float], float]:
-    """Per-group speed-ups of ``pruned`` over ``unpruned`` (each a call and an untimed setup or
-    None) and the unpruned median (ms), within the time budget of :func:`speedup_samples`, for
-    any calls (eager modules, graph replays, a runtime's compiled graphs)."""
-    groups = _renamed_groups(groups, blocks)
-    sides = [pruned, unpruned]
+    """Per-group speed-ups of ``pruned`` over ``unpruned`` (each a :class:`Call`: a run and an
+    untimed setup) and the unpruned median (ms), for any calls (eager modules, graph replays, a
+    runtime's compiled graphs).
+
+    The time budget: the pairs take about ``min_run_time`` seconds. The warm-up pairs
+    (``warmup``, cut short once they pass a quarter of the budget; at least one) are timed, and
+    each of the ``groups`` groups gets as many pairs as fit in its share of the budget at that
+    pace, never fewer than ``ceil(min_pairs / groups)`` (at least one): the stated minimum, so a
+    model slower than ``min_run_time / min_pairs`` per pair takes ``min_pairs`` pairs whatever
+    the budget. Each group times both call by call, the pruned one first in even groups and
+    second in odd ones, and its speed-up is the median of its pairs.
+    """
+    if not is_int(groups) or groups < 1:
+        raise PomtValueError(f"groups must be a positive int, got {groups!r}")
+    sides = [(pruned.run, pruned.setup), (unpruned.run, unpruned.setup)]
     device = torch.device(device)
     pairs = _pairs_per_group(sides, device, warmup, min_run_time, min_pairs, groups)
-    speedups: list[float] = []
+    found: list[float] = []
     reference: list[float] = []
     for group in range(groups):
         first, second = sides if group % 2 == 0 else sides[::-1]
@@ -133,20 +116,12 @@ def paired_speedups(
             prepare_reference=second[1],
         )
         if group % 2 == 0:  # ratios are t_pruned / t_unpruned
-            speedups.append(1.0 / max(statistics.median(ratios), 1e-12))
+            found.append(1.0 / max(statistics.median(ratios), 1e-12))
             reference.extend(other)
         else:  # ratios are t_unpruned / t_pruned
-            speedups.append(statistics.median(ratios))
+            found.append(statistics.median(ratios))
             reference.extend(a * b for a, b in zip(ratios, other, strict=True))
-    return speedups, median_interval(reference)[0]
-
-
-def _renamed_groups(groups: int, blocks: int | None) -> int:
-    """``groups``, or the deprecated ``blocks=`` it replaced ("blocks" are the transformer's)."""
-    if blocks is None:
-        return groups
-    warnings.warn("blocks= is now groups= (timing groups)", DeprecationWarning, stacklevel=3)
-    return blocks
+    return found, median_interval(reference)[0]
 
 
 def _pairs_per_group(
@@ -182,7 +157,7 @@ def _passes(selection: Selection, n: int, speedup: float, low: float, unpruned_m
     return None
 
 
-def verify(
+def check_candidates(
     selection: Selection,
     measure: Callable[[int], tuple[Sequence[float], float]],
     *,
@@ -193,7 +168,7 @@ def verify(
     speed-up passes (see the module docstring), with the measurement recorded; else R = 0.
 
     ``measure(r)`` returns the per-group speed-ups of POMT at ``r`` and the unpruned model's
-    median latency (:func:`speedup_samples`, or a fake in tests).
+    median latency (:func:`speedups`, or a fake in tests).
     """
     if selection.n_star == selection.n_total:
         return replace(selection, verification="R=0 (the unpruned model): nothing to verify")

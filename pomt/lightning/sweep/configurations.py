@@ -3,7 +3,6 @@ at matching r), their side-by-side timing on one batch, and their token maps."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -12,8 +11,9 @@ import torch
 from torch import nn
 
 import pomt
+from pomt.deploy.targets import Target
 from pomt.plots import plot_token_groups
-from pomt.timing import cuda_graph_or_eager, time_interleaved
+from pomt.timing import time_interleaved
 
 __all__ = [
     "Configuration",
@@ -122,27 +122,16 @@ def configurations(
 @dataclass(frozen=True)
 class SideBySide:
     """How the configurations are timed against each other: ``rounds`` interleaved rounds on
-    one test batch after ``warmup`` untimed calls each, as CUDA-graph replays on CUDA with
-    ``cuda_graphs`` (the latency profile's own warm-up and graph setting)."""
+    one test batch after ``warmup`` untimed calls each, on the sweep's Target (CUDA-graph
+    replays, an exported runtime: its runtime decides how each configuration runs)."""
 
     rounds: int
     warmup: int
-    cuda_graphs: bool
-    runtime: str = "torch"  # or each configuration exported and compiled by this runtime
 
-    def describe(self, device: torch.device, precision: str) -> str:
-        """In words, for the table header, the report, the W&B config and the records' conditions."""
-        graphs = self.cuda_graphs and device.type == "cuda"
-        if self.runtime != "torch":
-            return (
-                f"{self.runtime} ({precision}): each configuration exported to ONNX, checked against PyTorch, "
-                f"compiled; warm-up {self.warmup}, {self.rounds} interleaved rounds on one test batch; "
-                "accuracy from PyTorch after the equality check"
-            )
-        return (
-            f"{'CUDA-graph replays' if graphs else 'eager calls'}, precision {precision}, "
-            f"warm-up {self.warmup}, {self.rounds} interleaved rounds on one test batch"
-        )
+    def describe(self, target: Target) -> str:
+        """In words, for the table header, the report, the W&B config and the records' conditions
+        (``target``: resolved, with its precision)."""
+        return f"{target.describe_timing()}, warm-up {self.warmup}, {self.rounds} interleaved rounds on one test batch"
 
 
 def time_configurations(
@@ -152,97 +141,32 @@ def time_configurations(
     configs: Sequence[Configuration],
     *,
     layer: int,
-    device: torch.device,
+    target: Target,
     how: SideBySide,
 ) -> dict[str, dict[str, Any]]:
     """Latency of every configuration of ``vit`` (the ViT in ``model``, found once by the
-    caller) on ``images``, interleaved round by round (call this
-    under the precision the profile used). With ``how.cuda_graphs`` on CUDA each configuration
-    is a captured graph replayed, as the profile timed; one that cannot be captured is timed
-    eagerly with a warning, and its ``mode`` says why. Returns ``{key: stats + mode}``.
-    With ``how.runtime`` other than torch, see :func:`time_exported`."""
-    if how.runtime != "torch":
-        return time_exported(model, images, configs, layer=layer, how=how, vit=vit)
-    model.to(device).eval()
-    images = images.to(device)
-    by_key = {c.key: c for c in configs}
-    calls, modes = {}, {}
+    caller) on ``images`` on ``target``, interleaved round by round (call this under the
+    precision the profile used). Each configuration runs as the Target's runtime runs it (eager,
+    a captured CUDA graph replayed, an exported graph compiled by an exported runtime), and its
+    ``mode`` says how; one the runtime cannot run is left out, with a warning saying why.
+    Returns ``{key: stats + mode}``."""
+    with target.prepare(model, layer=layer, vit=vit, example=images) as prepared:
+        calls = {c.key: prepared.configured(c.method, c.r, c.label) for c in configs}
+        calls = {key: call for key, call in calls.items() if call is not None}
 
-    def prepare(key: str) -> None:
-        pomt.apply_pruning(vit, by_key[key].method, r=by_key[key].r, layer=layer)
+        def setup(key: str) -> None:
+            if calls[key].setup is not None:
+                calls[key].setup()
 
-    with pomt.pruning_restored(vit), torch.inference_mode():
-        for key, config in by_key.items():
-            prepare(key)
-            calls[key], modes[key] = (lambda: model(images)), "eager"
-            if how.cuda_graphs and device.type == "cuda":
-                calls[key], modes[key] = cuda_graph_or_eager(calls[key], device, f"{config.label}: ")
         stats = time_interleaved(
-            calls,
-            device=device,
+            {key: call.run for key, call in calls.items()},
+            device=prepared.device,
             rounds=how.rounds,
             warmup=how.warmup,
-            prepare=prepare,
-            progress=f"timing {len(by_key)} configurations",
+            prepare=setup,
+            progress=f"timing {len(calls)} configurations",
         )
-    return {key: {**s.to_dict(), "mode": modes[key]} for key, s in stats.items()}
-
-
-def time_exported(
-    model: nn.Module,
-    images: torch.Tensor,
-    configs: Sequence[Configuration],
-    *,
-    layer: int,
-    how: SideBySide,
-    vit: nn.Module | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Every configuration exported (``pomt.export_onnx``: checked against PyTorch in ONNX
-    Runtime), compiled by ``how.runtime`` at the batch's shape and timed side by side there. Each
-    ``mode`` records the check and, in the runtime's own precision, how often its top-1 agrees
-    with PyTorch's on the batch (the accuracy the sweep reports is PyTorch's). A configuration
-    the runtime cannot compile is left out, with a warning saying why."""
-    import tempfile
-
-    import numpy as np
-
-    from pomt.deploy.export import export_onnx, input_name
-    from pomt.deploy.runtimes import compile_onnx
-
-    vit = pomt.find_vit(model)[1] if vit is None else vit  # the sweep passes the one it found
-    model.to("cpu").eval()
-    images = images.detach().to("cpu", torch.float32)
-    calls, modes = {}, {}
-    with tempfile.TemporaryDirectory(prefix="pomt-sweep-") as tmp:
-        with pomt.pruning_restored(vit):
-            for config in configs:
-                pomt.apply_pruning(vit, config.method, r=config.r, layer=layer)
-                record = export_onnx(model, f"{tmp}/{config.key}.onnx", images, vit=vit)
-                try:
-                    run, info = compile_onnx(record.path, how.runtime, threads=torch.get_num_threads())
-                except RuntimeError as err:  # e.g. an op the runtime's ONNX frontend rejects
-                    reason = next(
-                        (line for line in str(err).splitlines() if "failed for" in line), str(err)[:200]
-                    )
-                    warnings.warn(
-                        f"{config.label}: {how.runtime} cannot compile its export ({reason}); left out",
-                        stacklevel=2,
-                    )
-                    continue
-                feeds = {input_name(record.path): images.numpy()}
-                with torch.inference_mode():
-                    expected = model(images).float()
-                got = torch.from_numpy(np.array(run(feeds)))
-                agree = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
-                calls[config.key] = lambda run=run, feeds=feeds: run(feeds)
-                modes[config.key] = (
-                    f"{info.label} export (ONNX Runtime f32 |diff| {record.max_abs_diff:.1e}; in {info.precision} "
-                    f"top-1 = PyTorch's on {agree:.0%} of the batch, max |diff| {float((got - expected).abs().max()):.2g})"
-                )
-        stats = time_interleaved(
-            calls, rounds=how.rounds, warmup=how.warmup, progress=f"timing {len(calls)} {how.runtime} exports"
-        )
-    return {key: {**s.to_dict(), "mode": modes[key]} for key, s in stats.items()}
+    return {key: {**s.to_dict(), "mode": calls[key].mode} for key, s in stats.items()}
 
 
 def token_maps_figure(

@@ -12,10 +12,11 @@ import lightning.pytorch as pl
 from torch import nn
 
 from pomt.data import split_batch
-from pomt.errors import is_int
+from pomt.deploy.targets import Target
+from pomt.errors import PomtValueError, is_int
 from pomt.lightning.sweep.report import ReportRow
 from pomt.lightning.sweep.rundir import RunDir
-from pomt.offline.finder import Search
+from pomt.offline.finder import SearchResult
 
 __all__ = ["RunState", "SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
 
@@ -30,7 +31,7 @@ class TradeoffResult:
     csv_path: Path | None = None
     json_path: Path | None = None
     plot_path: Path | None = None
-    searches: dict[int, Search] = field(default_factory=dict)  # per batch size, when made on this rank
+    searches: dict[int, SearchResult] = field(default_factory=dict)  # per batch size, when made on this rank
     wandb_dirs: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)  # configurations whose accuracy was reused
     reused_healed: list[str] = field(default_factory=list)  # healed weights loaded, not trained again
@@ -54,7 +55,8 @@ class SweepRun:
 
     ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
     with it); ``conditions`` what every record of this run is valid for (see
-    ``pomt.lightning.sweep.rundir``); ``how_timed`` how every configuration is timed, in words;
+    ``pomt.lightning.sweep.rundir``); ``target`` the sweep's Target, completed with the Trainer's
+    device and precision; ``how_timed`` how every configuration is timed, in words;
     ``per_batch_size``: each batch size has its own folder ``bs<B>/``; ``heal_batch_size``: the
     batch size the run started with, at which every configuration heals.
     """
@@ -66,6 +68,7 @@ class SweepRun:
     trainer: pl.Trainer
     run_dir: RunDir
     conditions: dict[str, Any]
+    target: Target  # where every configuration is timed and R chosen (the Trainer's device and precision)
     how_timed: str
     group: str
     per_batch_size: bool
@@ -98,7 +101,7 @@ def check_limit(limit: float | int | None) -> float | int | None:
     fraction = isinstance(limit, float) and 0 < limit <= 1
     count = is_int(limit) and limit >= 1
     if not (fraction or count):
-        raise ValueError(
+        raise PomtValueError(
             f"limit_test_batches must be a fraction in (0, 1] or a number of batches >= 1, got {limit!r}"
         )
     return None if fraction and limit == 1.0 else limit
@@ -109,7 +112,7 @@ def no_trainer_limit(limit: float | int | None) -> None:
     ``limit_test_batches`` (``limit``) must not set another."""
     if limit is None or (isinstance(limit, float) and limit == 1.0):
         return
-    raise ValueError(
+    raise PomtValueError(
         f"trainer.limit_test_batches={limit!r} (or fast_dev_run) would limit the sweep's test batches "
         "where a rerun cannot see it: leave it unset and use sweep.limit_test_batches "
         f"(--sweep.limit_test_batches {limit}), which the report states and a rerun checks"

@@ -13,8 +13,9 @@ directory at once and reused by a rerun where still valid (``pomt.lightning.swee
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import pomt
 from pomt.callbacks.pomt_callback import POMTCallback
-from pomt.deploy.runtimes import runtime_conditions
+from pomt.deploy.targets import Target
+from pomt.errors import PomtValueError
 from pomt.lightning.loggers import wandb_logger
 from pomt.lightning.sweep.configurations import Configuration, token_maps_figure
 from pomt.lightning.sweep.context import RunState, SweepRun, TradeoffResult, no_trainer_limit, test_images
@@ -33,9 +35,7 @@ from pomt.lightning.sweep.report import ReportRow, format_table, mark_pareto, wr
 from pomt.lightning.sweep.rundir import RunDir
 from pomt.lightning.sweep.settings import SweepSettings
 from pomt.lightning.sweep.summary import finish_run, log_summary_run
-from pomt.method.ops import kernel_backend
 from pomt.models import find_vit
-from pomt.offline.finder import SearchConfig
 from pomt.plots import plot_tradeoff
 from pomt.timing import device_name
 from pomt.weights import weights_fingerprint
@@ -44,65 +44,11 @@ __all__ = ["TradeoffEvaluation", "TradeoffResult"]
 
 
 class TradeoffEvaluation:
-    """Evaluate one model pruned several ways; LightningCLI builds it from the ``sweep:`` section.
+    """Evaluate one model pruned several ways, as its :class:`SweepSettings` say (LightningCLI
+    builds them from the ``sweep:`` section; see there for each setting)."""
 
-    Args:
-        methods: which of ``none``, ``pomt``, ``tome``, ``topk`` to evaluate.
-        tome_r, topk_r: explicit per-block r values; default: r values whose mean tokens per
-            block span from half to twice POMT's token reduction (``span``).
-        span: multiples of POMT's token reduction that ToMe/Top-K are matched to.
-        layer: block where POMT prunes.
-        search: how POMT's R is chosen (:class:`pomt.SearchConfig`); ``search.cuda_graphs`` and
-            ``search.warmup`` also time the side-by-side comparison.
-        out_dir: where the run directory is created; ``run_name`` names it (default: a time stamp).
-        wandb: log every configuration as its own W&B run in one group, plus a summary run.
-        wandb_project, wandb_group, wandb_offline: where the runs go (offline by default: no
-            account or network needed; ``wandb sync DIR`` uploads later).
-        latency_rounds: interleaved timing rounds per configuration (one real test batch each).
-        batch_sizes: evaluate at each of these batch sizes (latency, and R, depend on it; accuracy
-            does not, so ToMe/Top-K/unpruned are tested once). Results per batch size go to
-            ``bs<B>/`` and one combined report to the run directory. Default: the data's batch size.
-        token_maps: how many test images ``token_maps.png`` shows (0: none).
-        resume: reuse what an earlier run of the same command finished, where still valid.
-        limit_test_batches: test on a fraction (float) or a number (int) of the test batches, for
-            a quick estimate; the report states it, and a rerun reuses an accuracy only when it
-            was measured under the same limit. The sweep's one test limit: a Trainer that
-            sets ``limit_test_batches`` itself is rejected.
-        heal_epochs: 0 (default): training-free. K > 0: every pruned configuration (POMT at its R,
-            each ToMe and Top-K r) is also fine-tuned at its r for K epochs from the same
-            weights, with the model's own optimiser settings and the same seed, then tested:
-            the report adds these as healed rows (single process only).
-        heal_batches: at most this many training batches per healing epoch (default: all).
-        runtime: ``torch`` (default), ``onnxruntime``, ``openvino``: R chosen, every configuration
-            exported, checked and timed in it; accuracy is PyTorch's after the equality check.
-    """
-
-    def __init__(
-        self,
-        methods: Sequence[str] = ("none", "pomt", "tome", "topk"),
-        *,
-        tome_r: list[int] | None = None,
-        topk_r: list[int] | None = None,
-        span: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
-        layer: int = 3,
-        search: SearchConfig | None = None,
-        out_dir: str = "runs",
-        run_name: str | None = None,
-        wandb: bool = True,
-        wandb_project: str = "pomt",
-        wandb_group: str | None = None,
-        wandb_offline: bool = True,
-        latency_rounds: int = 30,
-        batch_sizes: list[int] | None = None,
-        token_maps: int = 4,
-        resume: bool = True,
-        limit_test_batches: float | int | None = None,
-        heal_epochs: int = 0,
-        heal_batches: int | None = None,
-        runtime: str = "torch",
-    ) -> None:
-        given = {name: value for name, value in locals().items() if name not in ("self", "search")}
-        self.settings = SweepSettings(**given, search_config=search or SearchConfig())  # validates
+    def __init__(self, settings: SweepSettings | None = None) -> None:
+        self.settings = settings or SweepSettings()
 
     # ------------------------------------------------------------------ the sweep
     def run(
@@ -140,12 +86,12 @@ class TradeoffEvaluation:
         trainer = trainer_factory(logger=False, callbacks=[])
         no_trainer_limit(getattr(trainer, "limit_test_batches", None))
         if self.settings.heal_epochs and trainer.world_size > 1:
-            raise ValueError(
+            raise PomtValueError(
                 f"sweep.heal_epochs={self.settings.heal_epochs} runs in one process only, but the Trainer has "
                 f"{trainer.world_size} (devices x nodes): run the healing sweep with --trainer.devices 1"
             )
         if self.settings.batch_sizes and not hasattr(datamodule, "batch_size"):
-            raise ValueError(f"{type(datamodule).__name__} has no batch_size: cannot sweep batch sizes")
+            raise PomtValueError(f"{type(datamodule).__name__} has no batch_size: cannot sweep batch sizes")
         name = self.settings.run_name or time.strftime("%Y%m%d-%H%M%S")
         zero = trainer.is_global_zero
         run_dir = RunDir(
@@ -157,6 +103,11 @@ class TradeoffEvaluation:
         if on_start is not None and zero:
             on_start(run_dir.root)
         datamodule.setup("test")
+        target = dataclasses.replace(
+            self.settings.target,
+            device=self.settings.target.device or str(trainer.strategy.root_device),
+            precision=self.settings.target.precision or str(trainer.precision),
+        ).on(model)
         return SweepRun(
             model=model,
             vit=find_vit(model)[1],
@@ -164,10 +115,9 @@ class TradeoffEvaluation:
             trainer_factory=trainer_factory,
             trainer=trainer,
             run_dir=run_dir,
-            conditions=(conditions := self._conditions(model, datamodule, trainer)),
-            how_timed=self.settings.side_by_side.describe(
-                trainer.strategy.root_device, conditions["precision"]
-            ),
+            conditions=self._conditions(model, datamodule, trainer, target),
+            target=target,
+            how_timed=self.settings.side_by_side.describe(target),
             group=self.settings.wandb_group or f"tradeoff-{name}",
             per_batch_size=bool(self.settings.batch_sizes),
             result=TradeoffResult([], run_dir.root),
@@ -347,7 +297,9 @@ class TradeoffEvaluation:
         finish_run(logger, sweep.result.wandb_dirs)
 
     # ------------------------------------------------------------------ helpers
-    def _conditions(self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
+    def _conditions(
+        self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer, target: Target
+    ) -> dict[str, Any]:
         """What every record of this run is valid for (see ``pomt.lightning.sweep.rundir``)."""
         test = getattr(datamodule, "test_dataset", None)
         size = len(test) if hasattr(test, "__len__") else None
@@ -355,11 +307,10 @@ class TradeoffEvaluation:
             "weights": weights_fingerprint(model),
             "data": f"{type(datamodule).__name__}: test split of {size} images",
             "device": device_name(trainer.strategy.root_device),
-            "precision": str(trainer.precision),
+            "precision": target.precision,  # the Trainer's, or the one an exported runtime computes in
             "layer": self.settings.layer,
         }
-        if self.settings.runtime != "torch":  # the precision the runtime really computes in names the run
-            conditions |= runtime_conditions(self.settings.runtime, trainer.strategy.root_device)
+        conditions["runtime"] = f"{target.runtime} {target.backend.version()}"  # what ran the model
         return conditions
 
     def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
@@ -373,13 +324,13 @@ class TradeoffEvaluation:
 
     @staticmethod
     def _kernels(sweep: SweepRun) -> str:
-        return kernel_backend(sweep.device)
+        """The implementation POMT's block ran (an exported runtime: its own graph)."""
+        return sweep.target.backend.kernels(sweep.device, None) or f"{sweep.target.runtime} graph"
 
     def _header(self, sweep: SweepRun) -> str:
-        """How the table was timed (a runtime and its precision, or PyTorch and POMT's path)."""
-        if self.settings.runtime != "torch":
-            return sweep.how_timed
-        return f"{sweep.how_timed}; POMT block: {self._kernels(sweep)} path"
+        """How the table was timed (how the Target's runtime ran it, and POMT's path where PyTorch ran it)."""
+        kernels = sweep.target.backend.kernels(sweep.device, None)
+        return sweep.how_timed if kernels is None else f"{sweep.how_timed}; POMT block: {kernels} path"
 
     def _logger(self, sweep: SweepRun, name: str, run_dir: Path) -> Any:
         if not self.settings.wandb:

@@ -63,7 +63,7 @@ def heal_conditions(sweep: SweepRun, settings: SweepSettings, config: Configurat
         "heal_epochs": config.heal_epochs,
         "heal_batches": settings.heal_batches,
         "heal_batch_size": sweep.heal_batch_size,
-        "heal_seed": settings.search_config.seed,
+        "heal_seed": settings.search.seed,
         "train_data": _train_split(sweep.datamodule),
         "train_augment": getattr(sweep.datamodule, "augment", None),
         "hparams": hparams,  # the optimiser settings among them (lr, weight decay, schedule)
@@ -141,7 +141,7 @@ def _fit(sweep: SweepRun, settings: SweepSettings, config: Configuration) -> flo
             **limit,
         )
         with isolate_rng(include_cuda=True):
-            seed_everything(settings.search_config.seed, verbose=False)
+            seed_everything(settings.search.seed, verbose=False)
             trainer.fit(sweep.model, datamodule=datamodule)
     finally:
         restore_train_modes(sweep.model, modes)

@@ -8,6 +8,7 @@ ranks test the same configurations in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from pomt.errors import PomtValueError
 from pomt.lightning.sweep.configurations import Configuration, configurations, time_configurations
 from pomt.lightning.sweep.context import SweepRun, test_images
 from pomt.lightning.sweep.healing import heal_conditions
 from pomt.lightning.sweep.settings import SweepSettings
-from pomt.offline.finder import Search, find_r
+from pomt.offline.finder import Console, Reuse, SearchResult, find_r
 from pomt.timing import TimingStats
 
 __all__ = ["Plan", "Tested", "Timed", "make_plan", "accuracy_record", "load_tested"]
@@ -117,43 +119,38 @@ def make_plan(sweep: SweepRun, settings: SweepSettings, batch_size: int) -> Plan
     return Plan(batch_size, configs, latency, done)
 
 
-def _search(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: Path) -> Search:
+def _search(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: Path) -> SearchResult:
     """POMT's R at this batch size: the stored search when still valid, else :func:`find_r`."""
-    valid_for = sweep.conditions | {"batch_size": batch_size, "search": settings.search_config.to_dict()}
+    valid_for = sweep.conditions | {"batch_size": batch_size, "search": settings.search.to_dict()}
     stored = sweep.run_dir.load(folder / "search.json", valid_for, "the search")
     if stored is not None:
-        return Search.from_dict(stored)
+        return SearchResult.from_dict(stored)
     rank_zero_info(f"selecting R on this device at batch size {batch_size}")
     search = _find_r(sweep, settings, batch_size, folder)
     sweep.run_dir.save(folder / "search.json", valid_for, search.to_dict())
     return search
 
 
-def _find_r(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: Path) -> Search:
-    """:func:`pomt.find_r` on the datamodule's selection split, under the Trainer's device and
+def _find_r(sweep: SweepRun, settings: SweepSettings, batch_size: int, folder: Path) -> SearchResult:
+    """:func:`pomt.find_r` on the datamodule's holdout split, under the Trainer's device and
     precision, with the profiles kept in the run directory."""
-    selection_loader = getattr(sweep.datamodule, "selection_dataloader", None)
-    if not callable(selection_loader):
-        raise ValueError(
-            f"{type(sweep.datamodule).__name__} has no selection_dataloader() to estimate A(n) on"
+    holdout_loader = getattr(sweep.datamodule, "holdout_dataloader", None)
+    if not callable(holdout_loader):
+        raise PomtValueError(
+            f"{type(sweep.datamodule).__name__} has no holdout_dataloader() to estimate A(n) on"
         )
     sweep.model.to(sweep.device).eval()
+    reuse = Reuse(
+        latency_path=folder / "latency_profile.json",
+        accuracy_path=sweep.run_dir.root / "accuracy_profile.json",
+    )
+    console = Console(log=rank_zero_info, progress=sweep.trainer.progress_bar_callback is not None)
+    target = dataclasses.replace(sweep.target, batch_size=batch_size)
     with sweep.trainer.precision_plugin.forward_context():
         return find_r(
-            sweep.model,
-            selection_loader(),
-            vit=sweep.vit,  # found once when the run started
-            layer=settings.layer,
-            batch_size=batch_size,
-            device=sweep.device,
-            precision=str(sweep.trainer.precision),
-            config=settings.search_config,
-            latency_path=folder / "latency_profile.json",
-            accuracy_path=sweep.run_dir.root / "accuracy_profile.json",
-            progress=sweep.trainer.progress_bar_callback is not None,
-            log=rank_zero_info,
-            runtime=settings.runtime,
-        )
+            sweep.model, holdout_loader(), target, layer=settings.layer, search=settings.search,
+            vit=sweep.vit, reuse=reuse, console=console,
+        )  # fmt: skip
 
 
 def _time(
@@ -173,7 +170,7 @@ def _time(
         with sweep.trainer.precision_plugin.forward_context():
             images = test_images(sweep.datamodule)
             stored = time_configurations(
-                sweep.model, sweep.vit, images, configs, layer=settings.layer, device=sweep.device, how=how
+                sweep.model, sweep.vit, images, configs, layer=settings.layer, target=sweep.target, how=how
             )
         sweep.run_dir.save(path, valid_for, stored)
     return {key: Timed.from_dict(value) for key, value in stored.items()}
