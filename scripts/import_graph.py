@@ -120,7 +120,7 @@ def _is_runtime(node: ast.AST) -> bool:
 
 
 def code_checks(known: dict[str, Path]) -> dict[str, list[str]]:
-    """The rest of the bar, per module: ``runtime ==``/``!=`` branches outside the deploy package,
+    """The rest of the bar, per module: ``runtime ==``/``!=`` a name, outside the deploy package,
     public functions with more than 8 parameters or more than 60 lines of body,
     ``DeprecationWarning``, and bare ``raise ValueError``/``TypeError``."""
     found: dict[str, list[str]] = defaultdict(list)
@@ -131,8 +131,11 @@ def code_checks(known: dict[str, Path]) -> dict[str, list[str]]:
             where = f"{name}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.Compare) and not in_deploy:
                 sides = [node.left, *node.comparators]
-                if any(_is_runtime(s) for s in sides) and any(
-                    isinstance(o, ast.Eq | ast.NotEq) for o in node.ops
+                named = any(isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides)
+                if (
+                    named
+                    and any(_is_runtime(s) for s in sides)
+                    and any(isinstance(o, ast.Eq | ast.NotEq) for o in node.ops)
                 ):
                     found["runtime_branches"].append(where)
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):

@@ -188,7 +188,7 @@ def test_the_other_ranks_stop_with_rank_zeros_error_instead_of_waiting(tmp_path,
     waiting.join(timeout=120)
     assert not waiting.is_alive(), "the other rank is still waiting for a plan that will never come"
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
-    assert "global rank 0 stopped while measuring: ValueError: NoSelectionSplit has no" in str(errors[0])
+    assert "global rank 0 stopped while measuring: PomtValueError: NoSelectionSplit has no" in str(errors[0])
 
 
 def test_a_limited_run_is_never_reused_as_a_full_one(tmp_path, caplog):
