@@ -24,6 +24,7 @@ from types import ModuleType
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
+from pomt.errors import require
 from pomt.lightning import ViTClassifier
 from pomt.lightning.sweep import TradeoffEvaluation, TradeoffResult
 from pomt.lightning.sweep.context import no_trainer_limit
@@ -82,6 +83,7 @@ def _finish_wandb() -> None:
 
 def main(args: list[str] | None = None) -> TradeoffResult:
     """Parse the config, run the sweep and return its result (report rows and paths)."""
+    require("jsonargparse", "cli")  # LightningCLI's parser: the cli extra
     quiet_console()
     with command_line(args):
         cli = EvaluateCLI(

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pomt.datamodules import ClassificationDataModule
+from pomt.errors import require
 from pomt.lightning import ViTClassifier
 from pomt.lightning.sweep.entry import command_line, quiet_console
 
@@ -51,6 +52,7 @@ def checkpoint_path(cli: LightningCLI) -> Path | None:
 
 def main(args: list[str] | None = None) -> dict[str, float]:
     """Fit, test the best checkpoint, print the test accuracy; returns the test metrics."""
+    require("jsonargparse", "cli")  # LightningCLI's parser: the cli extra
     quiet_console()
     with command_line(args):
         cli = TrainCLI(

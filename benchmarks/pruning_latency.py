@@ -22,6 +22,8 @@ block ran (``pomt.method.ops.kernel_backend``). The last line is
 
     python benchmarks/pruning_latency.py                  # CPU: batch 1 and 4, about 5 minutes on 2 cores
     python benchmarks/pruning_latency.py --quick          # batch 1, r=56, 15 rounds
+    # DeiT-S and a DINOv3-S (timm's Eva: rotary tables gathered per image) in one run
+    python benchmarks/pruning_latency.py --model deit_small_patch16_224,vit_small_patch16_dinov3
     # GPU (H100/H200): fp16, CUDA graphs, batch 1/16/64; kernels=auto measures the Triton kernels
     # against the torch path on each shape and runs them only where they are equal and faster
     python benchmarks/pruning_latency.py --device cuda --dtype float16 --cuda-graphs --batch-sizes 1 16 64 --legacy
@@ -46,6 +48,7 @@ from torch import nn
 
 import pomt
 from pomt.method import ops
+from pomt.method import rope as eva
 from pomt.method.blocks import BlockSpec, attention_residual, check_room, mlp_residual, qkv_heads
 from pomt.models import vit_blocks
 from pomt.timing import cuda_graph, device_name, interleaved_samples, paired_ratio
@@ -63,6 +66,21 @@ class _Cut(nn.Module):
         return mlp_residual(self, x[:, : x.shape[1] - self._pomt_spec.r])
 
 
+class _EvaCut(nn.Module):
+    """An Eva block of the ideal: its rotary table sliced to the tokens it gets (no gather), and
+    where ``r`` > 0 the first N - r tokens kept after the attention, with no scoring."""
+
+    def forward(self, x: torch.Tensor, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        spec = self._pomt_spec
+        if rope is not None:
+            rope = rope[..., : x.shape[1] - spec.prefix, :]
+        if spec.r == 0:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        check_room(x.shape[1], spec.prefix, spec.r, "ideal")
+        x = eva.attention_residual(self, x, rope)[0]
+        return eva.mlp_residual(self, x[:, : x.shape[1] - spec.r])
+
+
 def _patch(block: nn.Module, mixin: type[nn.Module], name: str) -> None:
     """Put ``mixin`` in front of the block's class (``pomt.remove_pruning`` undoes it)."""
     base = getattr(type(block), "_pomt_base_class", type(block))
@@ -77,7 +95,10 @@ def apply_ideal(model: nn.Module, method: str, r: int, layer: int) -> nn.Module:
     layout = pomt.token_layout(model)
     before = [layout.n_total, *schedule[:-1]]
     for block, n_in, n_out in zip(vit_blocks(model), before, schedule, strict=True):
-        if n_out < n_in:
+        if eva.is_eva(model):  # every block: the rotary table must shrink with the tokens
+            _patch(block, _EvaCut, "Cut")
+            block._pomt_spec = BlockSpec(r=n_in - n_out, prefix=layout.prefix, has_cls=True)
+        elif n_out < n_in:
             _patch(block, _Cut, "Cut")
             block._pomt_spec = BlockSpec(r=n_in - n_out, prefix=layout.prefix, has_cls=True)
     return model
@@ -222,7 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument(
+        "--model", default="deit_small_patch16_224", help="a timm name; several: comma-separated"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA"
@@ -312,7 +335,9 @@ def run(args: argparse.Namespace) -> Result:
 
 
 def main() -> None:
-    run(parse_args())
+    args = parse_args()
+    for name in args.model.split(","):  # several models, one after the other, in one process
+        run(argparse.Namespace(**{**vars(args), "model": name}))
 
 
 if __name__ == "__main__":

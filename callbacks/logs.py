@@ -4,10 +4,12 @@ whatever loggers the Trainer has)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from pomt.callbacks.stage_support import warn
+from pomt.errors import MissingExtraError
 from pomt.lightning.loggers import (
     announce_wandb_runs,
     log_config,
@@ -18,6 +20,8 @@ from pomt.lightning.loggers import (
     log_table,
 )
 from pomt.plots import plot_profiles
+
+_log = logging.getLogger("pomt.callbacks")
 
 __all__ = ["describe", "measured", "warn_pruned_monitors", "pomt_scalars", "log_pomt", "log_token_maps"]
 
@@ -82,7 +86,7 @@ def pomt_scalars(r: int | None, schedule: list[int] | None, selection: Any) -> d
                 "pomt/n_star": float(sel.n_star),
                 "pomt/utility": float(sel.utility),
                 "pomt/predicted_latency_ms": float(sel.predicted_latency_ms),
-                "pomt/predicted_accuracy": float(sel.predicted_accuracy),
+                "pomt/selection_estimate": float(sel.predicted_accuracy),  # the console's A(n*)
                 "pomt/rejected_candidates": float(len(sel.rejected)),
             }
         )
@@ -96,6 +100,7 @@ def pomt_scalars(r: int | None, schedule: list[int] | None, selection: Any) -> d
             out["pomt/measured_speedup"] = float(speedup)
             out["pomt/measured_speedup_low"] = float(low)
             out["pomt/measured_speedup_high"] = float(high)
+            out["pomt/prediction_off"] = float(sel.prediction_check is not None)
     return out
 
 
@@ -133,11 +138,18 @@ def log_pomt(
         summary["pomt/precision"] = latency.precision
     if sel is not None and sel.verification:
         summary["pomt/verification"] = sel.verification
+    if sel is not None and sel.prediction_check:
+        summary["pomt/prediction_check"] = sel.prediction_check
+    if sel is not None and getattr(sel, "stability_line", ""):  # how often resampled profiles choose n*
+        summary["pomt/stability"] = sel.stability_line
+        summary["pomt/stability_share"] = float(sel.stability)
+        if sel.runner_up is not None:
+            summary["pomt/runner_up_n"] = float(sel.runner_up)
     log_summary(trainer, summary)
     if latency is not None:  # how it was timed, in the W&B run's config too
         log_config(trainer, {k: summary[k] for k in ("pomt/device", "pomt/precision")})
     if log_plots and sel is not None:
-        _log_curves(trainer, sel, plot_profiles(latency, result.accuracy, sel))
+        _log_curves(trainer, sel, _figure(latency, result.accuracy, sel))
     announce_wandb_runs(trainer)
     return scalars
 
@@ -153,6 +165,16 @@ def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:
         images, {label: token_groups(vit, images)}, prefix=layout.prefix, patch_grid=layout.patch_grid
     )
     log_figure(trainer, "pomt/token_maps", figure)
+
+
+def _figure(latency: Any, accuracy: Any, sel: Any) -> Any:
+    """The profiles' figure, or None (said in one line) where matplotlib is not installed: the table
+    and line plots are logged all the same."""
+    try:
+        return plot_profiles(latency, accuracy, sel)
+    except MissingExtraError as err:
+        _log.info("pomt: the profiles' figure is not logged: %s", err)
+        return None
 
 
 def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
@@ -172,4 +194,5 @@ def _log_curves(trainer: Any, sel: Any, figure: Any) -> None:
     log_table(trainer, "pomt/curves", columns, rows)
     ys = ["latency_ms", "accuracy", "utility"]
     log_line_plots(trainer, "pomt/plot", "n", columns, rows, ys, mark_x=sel.n_star, title="POMT")
-    log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object
+    if figure is not None:
+        log_figure(trainer, "pomt/profiles", figure)  # a plain matplotlib Figure: freed with the object

@@ -24,7 +24,7 @@ from pomt.callbacks.stage_support import SPLITS, STAGES
 from pomt.data import split_batch
 from pomt.deploy.targets import Target
 from pomt.errors import PomtValueError
-from pomt.method.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
+from pomt.method.pruning import PruningConfig, apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.models import find_vit, restore_train_modes, train_modes
 from pomt.offline.config import SearchConfig
 from pomt.offline.finder import Reuse, SearchResult
@@ -237,7 +237,8 @@ class POMTCallback(Callback):
                 if stage == "train":
                     support.warn_if_near_chance(self.result.accuracy, r)
             schedule = token_schedule(vit, self.method, r, self.layer)  # validates r before patching
-            apply_pruning(vit, self.method, r=r, layer=self.layer)
+            if r:  # R = 0 is the model as built: no mark left in it (nor in a checkpoint of it)
+                apply_pruning(vit, self.method, r=r, layer=self.layer)
         except BaseException:
             self._put_back()  # an error leaves the model as it was
             raise
@@ -246,10 +247,10 @@ class POMTCallback(Callback):
         self.applied_r, self.applied_schedule, self.r_source = r, schedule, source
         found = dict(r_source=source, selection=self.selection)
         support.say(logs.describe(self.method, r, schedule, where=self.found_vit_path, **found))
+        pruning = PruningConfig(self.method, r, self.layer, tuple(schedule))  # also at R = 0 (not applied)
         logs.log_pomt(
-            trainer, pl_module, stage, pruning_config(vit), result=self.result, r_source=source,
-            log_plots=self.log_plots,
-        )  # fmt: skip
+            trainer, pl_module, stage, pruning, result=self.result, r_source=source, log_plots=self.log_plots
+        )
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
             images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
             label = f"{self.method} r={self.applied_r}"

@@ -122,12 +122,15 @@ def _outside() -> int:
 
 @rank_zero_only
 def warn(text: str) -> None:
-    """A warning of the callback, on global rank 0: to the ``pomt.callbacks`` logger at WARNING
-    (so the application's log files get it), and as a ``UserWarning`` (filterable) attributed
-    to the user's line that started the stage, so no source line of ours is printed."""
+    """A warning of the callback, on global rank 0, through one channel: the ``pomt.callbacks``
+    logger at WARNING where the application configured logging (the root logger has handlers,
+    as under Hydra: its console and its log file get it once each); else a ``UserWarning``
+    (filterable), attributed to the user's line that started the stage, which Python prints once."""
     text = text if text.startswith("POMTCallback") else f"POMTCallback: {text}"
-    logger.warning(text, extra={"pomt_python_warning": True})
-    warnings.warn(text, UserWarning, stacklevel=_outside())
+    if logging.getLogger().hasHandlers():
+        logger.warning(text)
+    else:
+        warnings.warn(text, UserWarning, stacklevel=_outside())
 
 
 def unlabelled(stage: str) -> UnlabelledDataError:
@@ -276,10 +279,11 @@ def warn_if_near_chance(accuracy: AccuracyProfile, r: int) -> None:
     margin = max(chance, 3 * math.sqrt(chance * (1 - chance) / max(accuracy.num_samples, 1)))
     if unpruned >= chance + margin:
         return
+    example = f"e.g. r={r // 2}" if r >= 2 else "e.g. the R a search chooses on trained weights"
     warn(
         f"R={r} was chosen for training on weights at chance: the unpruned model's accuracy estimate is "
         f"{unpruned:.3f} on {accuracy.num_samples} images, near chance for {classes} classes (1/{classes} = "
         f"{chance:.3f}; near: below {chance + margin:.3f}). On such weights every R looks alike, and "
-        f"training runs at R={r} throughout. To train from scratch, fix the R: r= (e.g. r={r // 2}); or "
+        f"training runs at R={r} throughout. To train from scratch, fix the R: r= ({example}); or "
         "choose R after some training (fit without 'train' first, then fit again with stages=('train', ...))."
     )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pomt.datamodules._common import ClassificationDataModule, stratified_split, trainer_vit
-from pomt.errors import PomtValueError
+from pomt.errors import PomtValueError, require
 from pomt.models import image_size
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digit_images"]
@@ -25,9 +25,7 @@ STD = (0.5, 0.5, 0.5)
 
 def load_digit_images(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as ``(images [N, 1, img_size, img_size] in [-1, 1], labels [N])``."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    digits = require("sklearn.datasets", "digits").load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
     images = (images.clamp(0.0, 1.0) - MEAN[0]) / STD[0]
@@ -51,7 +49,8 @@ class DigitsDataset(Dataset):
         scale = float(torch.empty(()).uniform_(0.9, 1.1))
         shift = torch.empty(2).uniform_(-0.12, 0.12)
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-        theta = torch.tensor([[cos, -sin, float(shift[0])], [sin, cos, float(shift[1])]]).unsqueeze(0)
+        theta = torch.tensor([[cos, -sin, float(shift[0])], [sin, cos, float(shift[1])]], dtype=image.dtype)
+        theta = theta.unsqueeze(0)
         grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
         background = -MEAN[0] / STD[0]  # the value of a blank (0) pixel after normalisation
         out = F.grid_sample(image[None] - background, grid, align_corners=False, padding_mode="zeros")
@@ -86,9 +85,7 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(
-            batch_size, num_workers, holdout_size=holdout_size, seed=seed, pin_memory=pin_memory
-        )
+        super().__init__(batch_size, num_workers, holdout_size=holdout_size, seed=seed, pin_memory=pin_memory)
         if img_size is not None and img_size < 8:
             raise PomtValueError(f"img_size must be >= 8 (the digits are 8x8), got {img_size}")
         for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):

@@ -43,7 +43,7 @@ from pomt.datamodules.sources import (
     load_hub_split,
     split_samples,
 )
-from pomt.errors import PomtValueError
+from pomt.errors import PomtValueError, require
 from pomt.preprocessing import (
     class_labels,
     create_transforms,
@@ -271,8 +271,7 @@ class ImageNetDataModule(ClassificationDataModule):
         trainer = getattr(self, "trainer", None)
         world = getattr(trainer, "world_size", 1) if trainer is not None else 1
         if world > 1:
-            from datasets.distributed import split_dataset_by_node
-
+            split_dataset_by_node = require("datasets.distributed", "imagenet").split_dataset_by_node
             return split_dataset_by_node(ds, rank=trainer.global_rank, world_size=world)
         return ds
 

@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.data import Dataset, IterableDataset
 
 from pomt.datamodules._common import IMAGE_EXTENSIONS, image_files
-from pomt.errors import PomtValueError
+from pomt.errors import PomtValueError, require
 
 __all__ = [
     "DEFAULT_HUB_ID",
@@ -218,7 +218,7 @@ def _hub_help(hub_id: str) -> str:
 
 def load_hub_split(hub_id: str, split: str, streaming: bool, hub_kwargs: dict[str, Any]) -> Any:
     """One split of a hub dataset, turning missing credentials and no network into clear errors."""
-    import datasets
+    datasets = require("datasets", "imagenet")
 
     if hub_id in GATED_HUB_IDS and not _offline() and _hub_token(hub_kwargs) is None:
         raise PomtValueError(

@@ -43,8 +43,7 @@ class _UnlessConfigured(_logging.StreamHandler):
     go there only."""
 
     def emit(self, record: _logging.LogRecord) -> None:
-        # a warning also issued through ``warnings`` is already printed once, by Python
-        if not _logging.getLogger().hasHandlers() and not getattr(record, "pomt_python_warning", False):
+        if not _logging.getLogger().hasHandlers():
             super().emit(record)
 
 

@@ -60,8 +60,8 @@ def _build_model(args: argparse.Namespace):
 
     return create_model(
         args.model,
-        pretrained=args.pretrained,
-        weights=args.weights,
+        pretrained=getattr(args, "pretrained", False),
+        weights=getattr(args, "weights", None),
         num_classes=args.num_classes,
         img_size=args.img_size,
     ).eval()
@@ -333,6 +333,28 @@ def select_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     )
     parser.add_argument("--dtype", help="reject a latency profile measured in another dtype")
     parser.add_argument("--no-denoise", action="store_true", help="use the raw medians (not recommended)")
+    parser.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        help="the runtime the latency profile was measured in (pomt profile-latency --runtime); a profile "
+        "from another runtime is refused (default: the profile's)",
+    )
+    check = parser.add_argument_group(
+        "verification: with --model, the chosen R is timed against the unpruned model (random weights: "
+        "latency does not depend on them) in the profile's runtime, device, batch size, layer and threads"
+    )
+    check.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's)")
+    check.add_argument("--img-size", type=int, help="input size (default: the profile's)")
+    check.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on when --model is given",
+    )
+    check.add_argument(
+        "--verify-time", type=float, default=1.0, help="seconds of paired timing per candidate"
+    )
+    check.add_argument("--verify-candidates", type=int, default=3, help="candidates tried before R = 0")
     parser.add_argument("--plot", help="save a PNG of L(n), A(n), U(n) with n* marked")
     parser.add_argument("--json", help="write the selection (with its curves) as JSON")
     return parser
@@ -345,6 +367,8 @@ def _select_r(args: argparse.Namespace) -> int:
     expect_lat = {
         k: v for k, v in (("model", args.model), ("batch_size", args.batch_size), ("dtype", args.dtype)) if v
     }
+    if args.runtime:
+        expect_lat["runtime"] = args.runtime
     lat = LatencyProfile.load(args.latency, expect=expect_lat)
     acc = AccuracyProfile.load(args.accuracy, expect={"model": args.model} if args.model else None)
     objective = {name: getattr(args, name) for name in ("alpha", "latency_budget_ms", "accuracy_floor")}
@@ -354,6 +378,13 @@ def _select_r(args: argparse.Namespace) -> int:
         f"latency: {lat.model} on {lat.device}, batch {lat.batch_size}, {lat.dtype}, layer {lat.layer}{kernels}"
     )
     print(f"accuracy: {acc.num_samples} images, seed {acc.seed}")
+    if args.verify is None:
+        args.verify = bool(args.model)
+    if args.verify:
+        sel = _verify_selection(sel, lat, args)
+    else:
+        why = "--no-verify" if args.model else "no --model to time"
+        print(f"not verified ({why}): the speed-up below is the profile's prediction only")
     print(sel.summary())
     if args.json:
         write_json(args.json, sel.to_dict())
@@ -363,6 +394,22 @@ def _select_r(args: argparse.Namespace) -> int:
         _plot(plot_profiles(lat, acc, sel), args.plot)
     print(f"R={sel.r}")
     return 0
+
+
+def _verify_selection(sel, lat, args: argparse.Namespace):
+    """``sel`` timed against the unpruned model as the profile was measured (``pomt.verify_profile``)."""
+    from pomt.offline.verify_profile import verify_for_profile
+
+    if not args.model:
+        raise PomtValueError(
+            "select-r --verify needs --model (the timm model the latency profile was measured for)"
+        )
+    if args.img_size is None and getattr(lat, "img_size", None):
+        args.img_size = lat.img_size[0]
+    model = _build_model(args)
+    return verify_for_profile(
+        sel, model, lat, verify_time=args.verify_time, candidates=args.verify_candidates, log=print
+    )
 
 
 # --------------------------------------------------------------------------- export

@@ -9,6 +9,9 @@ and ``FileNotFoundError`` into exit status 2.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 __all__ = [
     "PomtError",
     "PomtValueError",
@@ -18,7 +21,11 @@ __all__ = [
     "UnavailableError",
     "MissingExtraError",
     "is_int",
+    "require",
 ]
+
+# What to pip install for each optional module, when it is not the module's own name.
+_PIP_NAMES = {"sklearn": "scikit-learn", "jsonargparse": "'jsonargparse[signatures]'"}
 
 
 class PomtError(Exception):
@@ -57,3 +64,16 @@ class MissingExtraError(PomtError, ImportError):
 def is_int(value: object) -> bool:
     """An ``int`` and not a ``bool`` (``True`` is an int to Python, never a count to us)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import the optional ``module``, or raise :class:`MissingExtraError` naming the ``extra``
+    of ``pomt`` that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = _PIP_NAMES.get(module.split(".")[0], module.split(".")[0])
+        raise MissingExtraError(
+            f"{module} is not installed: it is part of the {extra} extra, `pip install 'pomt[{extra}]'` "
+            f"(or `pip install {package}`)"
+        ) from err

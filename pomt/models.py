@@ -5,7 +5,8 @@ Supported: timm ``VisionTransformer`` models (``vit_*``, ``deit_*`` including di
 ``vit_*_patch14_dinov2*`` with and without registers) and any model that looks like one:
 a ``blocks`` sequence whose blocks have timm's attribute names (``norm1``, ``attn`` with
 ``qkv``/``num_heads``/``proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``,
-``drop_path2``) and a ``patch_embed``, such as the DINOv2 authors' hub models.
+``drop_path2``) and a ``patch_embed``, such as the DINOv2 authors' hub models; and timm ``Eva``
+models with rotary positions (DINOv3, EVA02, RoPE-ViT, Perception Encoder: ``pomt.rope``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "dtype_of",
     "vit_blocks",
     "unsupported_reason",
+    "is_eva",
+    "eva_block_unsupported_reason",
     "require_supported",
     "is_supported_vit",
     "find_vit",
@@ -96,9 +99,45 @@ def _prefix_tokens(model: nn.Module) -> int | None:
     return None
 
 
+def is_eva(vit: nn.Module) -> bool:
+    """Whether the blocks of ``vit`` are timm's Eva blocks (which take a rotary table)."""
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm  # timm is imported where it is needed
+
+    blocks = getattr(vit, "blocks", None)
+    eva = (EvaBlock, EvaBlockPostNorm)
+    return isinstance(blocks, nn.Module) and any(isinstance(b, eva) for b in blocks.children())
+
+
+def eva_block_unsupported_reason(where: str, block: nn.Module, prefix: int) -> str | None:
+    """Why an Eva block cannot be pruned (``where`` names it), or None."""
+    attn = getattr(block, "attn", None)
+    if attn is None:
+        return f"{where} ({type(block).__name__}) has no attn"
+    missing = [
+        a for a in ("num_heads", "proj", "q_norm", "k_norm", "num_prefix_tokens") if not hasattr(attn, a)
+    ]
+    if getattr(attn, "qkv", None) is None and getattr(attn, "q_proj", None) is None:
+        missing.append("qkv or q_proj/k_proj/v_proj")
+    if missing:
+        return f"{where}.attn ({type(attn).__name__}) lacks {', '.join(missing)}"
+    if attn.num_prefix_tokens != prefix:
+        return (
+            f"{where}.attn rotates all but {attn.num_prefix_tokens} prefix tokens, the model has {prefix}: "
+            "the rotary table would not line up with the tokens"
+        )
+    return None
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot be pruned, or None when it can."""
     name = type(model).__name__
+    if name == "NaFlexVit":
+        return (
+            "NaFlexVit (variable resolution and aspect ratio) is not supported yet: its tokens come from "
+            "`embeds` with a per-image padding mask (`patch_valid`) that every block's attention takes as "
+            "`attn_mask`, and pruning would have to keep real patches over padded ones and leave padded "
+            "ones out of POMT's fused token; use a fixed-size ViT (e.g. vit_base_patch16_siglip_224)"
+        )
     if not isinstance(getattr(model, "blocks", None), nn.Module):
         return f"{name} has no `blocks` attribute"
     if not isinstance(getattr(model, "patch_embed", None), nn.Module):
@@ -108,7 +147,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
     blocks = vit_blocks(model)
     if not blocks:
         return f"{name}.blocks is empty"
+    eva = is_eva(model)  # Eva blocks (rotary positions) have their own contract
     for i, block in enumerate(blocks):
+        if eva:
+            why = eva_block_unsupported_reason(f"{name}.blocks[{i}]", block, _prefix_tokens(model))
+            if why is not None:
+                return why
+            continue
         missing = [a for a in BLOCK_ATTRIBUTES if not hasattr(block, a)]
         if missing:
             return f"{name}.blocks[{i}] ({type(block).__name__}) lacks {', '.join(missing)}"
@@ -127,7 +172,8 @@ def require_supported(model: nn.Module) -> None:
     if reason is not None:
         raise PomtValueError(
             f"unsupported model {type(model).__name__}: {reason}. Supported are timm VisionTransformer "
-            "models (vit_*, deit_*, vit_*_dinov2*) and models whose blocks use timm's attribute names "
+            "models (vit_*, deit_*, vit_*_dinov2*), timm Eva models (vit_*_dinov3*, eva02_*, vit_*_rope_*, "
+            "vit_pe_*) and models whose blocks use timm's attribute names "
             f"({', '.join(BLOCK_ATTRIBUTES)}; attn with {', '.join(ATTENTION_ATTRIBUTES)})."
         )
 
@@ -256,7 +302,8 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
     raise PomtValueError(
         f"no supported ViT found inside {type(root).__name__}: {unsupported_reason(root)}; searched all "
         f"submodules for one with `patch_embed` and `blocks` of timm-style blocks{detail}. Supported are "
-        "timm VisionTransformer models (vit_*, deit_*, vit_*_dinov2*) and models whose blocks use timm's "
+        "timm VisionTransformer models (vit_*, deit_*, vit_*_dinov2*), timm Eva models (vit_*_dinov3*, "
+        "eva02_*, vit_*_rope_*, vit_pe_*) and models whose blocks use timm's "
         f"attribute names ({', '.join(BLOCK_ATTRIBUTES)}); pass the ViT's attribute path explicitly."
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pomt.errors import require
 from pomt.offline.curves import as_curve
 from pomt.offline.selection import Selection, select_r
 
@@ -61,6 +62,8 @@ def _title(lat: Any, sel: Selection) -> str:
     head = " | ".join(parts)
     speed = f", x{sel.speedup:.2f} faster" if sel.speedup else ""
     choice = f"R = {sel.r}: keep n* = {sel.n_star} of N = {sel.n_total} tokens ({sel.mode}, alpha={sel.alpha:g}{speed})"
+    if sel.prediction_check:  # the prediction did not hold: said on the figure too
+        choice += f"\n{sel.prediction_check}"
     return f"{head}\n{choice}" if head else choice
 
 
@@ -77,7 +80,7 @@ def plot_profiles(
     a dashed line in their panel). ``fig`` draws into an
     existing Figure or SubFigure (returned) instead of a new one.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure
 
     if sel is None:
         sel = select_r(lat, acc, **select_kwargs)
@@ -137,6 +140,11 @@ def plot_profiles(
     ax_u.plot(
         [sel.n_star], [sel.utility], "*", ms=14, color="#d62728", label=f"n* = {sel.n_star} (R = {sel.r})"
     )
+    if sel.runner_up is not None and sel.runner_up in sel.curve_n:  # the n that wins otherwise
+        u_runner = sel.curve_utility[sel.curve_n.index(sel.runner_up)]
+        ax_u.plot([sel.runner_up], [u_runner], "D", ms=6, mfc="none", color="#d62728", label="runner-up")
+    if sel.stability_line:  # how often n* comes out of the profile resampled
+        ax_u.set_title(sel.stability_line, fontsize=9)
     ax_u.legend(loc="lower right", fontsize=8)
     fig.suptitle(_title(lat, sel), fontsize=10)
     return fig
@@ -144,7 +152,7 @@ def plot_profiles(
 
 def plot_latency(lat: Any) -> Any:
     """L(n) alone (medians with their IQR), for a latency profile without an accuracy profile."""
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure
 
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.subplots()
@@ -185,20 +193,40 @@ def _healed_front(rows: Sequence[Any]) -> list[Any]:
     return sorted(out, key=lambda row: row.latency_ms) if healed else []
 
 
+def _runtime_marker(label: str) -> str:
+    """The marker of a runtime's rows (its label: a runtime's name, with its options)."""
+    from pomt.deploy.targets import RUNTIMES
+
+    return getattr(RUNTIMES.get(label.split("[")[0]), "marker", "x")
+
+
 def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
-    kinds = dict.fromkeys((row.method, bool(getattr(row, "healed", False))) for row in rows)
-    for method, healed in kinds:
+    runtimes = list(dict.fromkeys(getattr(row, "runtime", "torch") for row in rows))
+    several = len(runtimes) > 1  # then one marker style per runtime, the colour per method
+    kinds = dict.fromkeys(
+        (row.method, bool(getattr(row, "healed", False)), getattr(row, "runtime", "torch")) for row in rows
+    )
+    for method, healed, runtime in kinds:
         group = sorted(
-            (row for row in rows if row.method == method and bool(getattr(row, "healed", False)) == healed),
+            (
+                row
+                for row in rows
+                if row.method == method
+                and bool(getattr(row, "healed", False)) == healed
+                and getattr(row, "runtime", "torch") == runtime
+            ),
             key=lambda row: row.latency_ms,
         )
         color, marker, label = _STYLES.get(method, ("tab:gray", "x", method))
+        if several:
+            marker = _runtime_marker(runtime)
+            label = f"{label}, {runtime}"
         xs = [row.latency_ms for row in group]
         ys = [100 * row.acc1 for row in group]
         ax.scatter(  # healed rows: hollow markers in the method's colour
             xs,
             ys,
-            s=260 if method == "pomt" else 60,
+            s=(260 if not several else 150) if method == "pomt" else 60,
             c="none" if healed else color,
             marker=marker,
             label=f"{label}, healed" if healed else label,
@@ -228,16 +256,13 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
             xs, ys = [row.latency_ms for row in line], [100 * row.acc1 for row in line]
             ax.step(xs, ys, where="post", color="0.35", ls=style, lw=1, zorder=1, label=label)
     first = rows[0] if rows else None
-    where = (
-        f"\n{first.model}, batch {first.batch_size}, {precision_label(first)}, {first.device}"
-        if first
-        else ""
-    )
+    precisions = ", ".join(dict.fromkeys(precision_label(row) for row in rows))
+    where = f"\n{first.model}, batch {first.batch_size}, {precisions}, {first.device}" if first else ""
     ax.set_title(f"Top-1 accuracy vs latency{where}", fontsize=10)
     ax.set_xlabel("median latency per batch (ms)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8 if several else None)
 
 
 def plot_tradeoff(
@@ -245,12 +270,14 @@ def plot_tradeoff(
 ) -> Any:
     """Accuracy against latency, one marker per ``pomt.lightning.sweep.report.ReportRow``, POMT highlighted, and
     the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase; healed
-    rows (``healed``) as hollow markers, with their own front (dash-dotted).
+    rows (``healed``) as hollow markers, with their own front (dash-dotted). Rows of several
+    runtimes (``runtime``): one marker style per runtime, the method's colour; the front is
+    over runtime x method.
 
     With the latency/accuracy profiles given, a second panel shows the profile's curves
     (``pomt.plots.plot_profiles`` on its own axes) beside the trade-off.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure
 
     with_profile = latency is not None and accuracy is not None
     batch_sizes = list(dict.fromkeys(row.batch_size for row in rows)) or [0]
@@ -294,8 +321,9 @@ def plot_token_groups(
     tokens among the patches, plus ``prefix``). ``patch_grid`` defaults to a square grid.
     """
     import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+
+    Figure = require("matplotlib.figure", "plots").Figure
+    Rectangle = require("matplotlib.patches", "plots").Rectangle
 
     columns = dict(groups) if isinstance(groups, Mapping) else {"pruned": groups}
     fused = [label for label in columns if label.startswith("pomt")] if fused is None else list(fused)

@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -90,6 +90,9 @@ class TimingStats:
     p90_ms: float
     mean_ms: float
     samples: int
+    # the samples themselves, in the order taken (empty when only the summary is known); kept
+    # so that a profile can be resampled (``pomt.offline.stability``) and re-timed points pooled
+    values_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def iqr_ms(self) -> float:
@@ -108,10 +111,14 @@ class TimingStats:
             p90_ms=_percentile(values, 90),
             mean_ms=statistics.fmean(values),
             samples=len(values),
+            values_ms=tuple(float(v) for v in samples_ms),
         )
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The summary (without ``values_ms``)."""
+        out = asdict(self)
+        out.pop("values_ms")
+        return out
 
 
 def synchronize(device: torch.device | str | None) -> None:

@@ -33,7 +33,10 @@ def weights_fingerprint(model: nn.Module, samples: int = 1024) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel() > samples:
-            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+            # float32 whatever the default dtype (Lightning's "16-true" makes it 16 bits, whose
+            # rounding would index past the end); float32 keeps the saved fingerprints valid
+            at = torch.linspace(0, flat.numel() - 1, samples, dtype=torch.float32, device=flat.device)
+            flat = flat[at.long()]
         values = flat.to(torch.float16) if flat.is_floating_point() else flat.to(torch.int64)
         digest.update(values.cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

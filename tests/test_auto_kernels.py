@@ -72,8 +72,8 @@ def _inputs(b=2, n=40, h=3, d=16, c=24, dtype=torch.float32, seed=0, scale_x=1.0
 def test_auto_uses_kernels_only_when_equal_and_faster(auto_on_cpu, kernels_win, monkeypatch):
     inputs = _inputs()
     with torch.no_grad():
-        assert ops._use_kernels(*inputs)
-        assert ops._use_kernels(*inputs) and kernels_win["timed"] == 1  # measured once, then cached
+        assert ops.use_kernels(*inputs)
+        assert ops.use_kernels(*inputs) and kernels_win["timed"] == 1  # measured once, then cached
     line = auto_on_cpu[0]
     assert len(auto_on_cpu) == 1 and "triton path for every r" in line, line
     assert "x (2, 40, 24) float32" in line and "3 heads of dim 16" in line and "no autocast" in line
@@ -84,7 +84,7 @@ def test_auto_uses_kernels_only_when_equal_and_faster(auto_on_cpu, kernels_win, 
     monkeypatch.setattr(dispatch, "_faster", lambda fn, ref, device: (False, 1.08))
     x, q, k, v, prefix, r, scale = inputs
     with torch.no_grad():  # another batch size: another key, measured again
-        assert not ops._use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)
+        assert not ops.use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)
     assert "torch path for every r" in auto_on_cpu[1] and "but not faster at r=19 (x1.08" in auto_on_cpu[1]
     assert ops.kernel_backend("cpu") == "auto: torch+triton"
 
@@ -116,7 +116,7 @@ def test_auto_rejects_kernels_that_differ(auto_on_cpu, kernels_win, monkeypatch)
 
     monkeypatch.setattr(_triton, "select_tokens", wrong)
     with torch.no_grad():
-        assert not ops._use_kernels(*_inputs())
+        assert not ops.use_kernels(*_inputs())
     assert "torch path for every r (the kernels differ from the float32 torch path at r=0" in auto_on_cpu[0]
 
     def broken(*args):
@@ -124,7 +124,7 @@ def test_auto_rejects_kernels_that_differ(auto_on_cpu, kernels_win, monkeypatch)
 
     monkeypatch.setattr(_triton, "select_tokens", broken)
     with torch.no_grad():
-        assert not ops._use_kernels(*_inputs(b=1))  # a shape not measured yet
+        assert not ops.use_kernels(*_inputs(b=1))  # a shape not measured yet
     assert "the kernels failed at r=0: RuntimeError: no kernel image for this device" in auto_on_cpu[1]
     assert kernels_win["timed"] == 0
 
@@ -223,7 +223,7 @@ def test_faster_compares_side_by_side():
 def test_auto_on_the_cpu_is_the_torch_path():
     with ops.kernels("auto"), torch.no_grad():
         assert ops.kernel_backend("cpu") == "torch"
-        assert not ops._use_kernels(*_inputs())
+        assert not ops.use_kernels(*_inputs())
     with ops.kernels("torch"):
         assert ops.kernel_backend("cuda") == "torch"
 
@@ -245,7 +245,7 @@ def test_two_threads_measure_a_key_once(auto_on_cpu, monkeypatch):
 
     def forward():
         with ops.kernels("auto"), torch.no_grad():
-            results.append(ops._use_kernels(*inputs))
+            results.append(ops.use_kernels(*inputs))
 
     threads = [threading.Thread(target=forward) for _ in range(2)]
     for thread in threads:
@@ -291,12 +291,12 @@ def _rank(rank: int, init: str, out: str) -> None:
     used = {}
     with ops.kernels("auto"), torch.no_grad():
         time.sleep(0.3 * rank)  # rank 0 reaches this shape first
-        used["both"] = ops._use_kernels(*_inputs(b=2))
+        used["both"] = ops.use_kernels(*_inputs(b=2))
         if rank == 1:  # a last batch only this rank has: it decides alone, no one waits
-            used["alone"] = ops._use_kernels(*_inputs(b=1))
+            used["alone"] = ops.use_kernels(*_inputs(b=1))
         dist.barrier()
         time.sleep(0.3 * (1 - rank))  # rank 1 reaches this shape first
-        used["later"] = ops._use_kernels(*_inputs(b=3))
+        used["later"] = ops.use_kernels(*_inputs(b=3))
     reasons = {str(key[2][0]): choice.reason for key, choice in ops.kernel_choices().items()}
     with open(f"{out}/{rank}.json", "w") as f:
         json.dump({"used": used, "measured": calls, "reasons": reasons}, f)

@@ -237,15 +237,16 @@ def test_fit_validation_only_when_asked_searched_per_weights_and_training_unprun
     assert pruning_config(module.model) is None
 
 
-def test_monitoring_a_pruned_fit_validation_is_said_at_setup():
+def test_monitoring_a_pruned_fit_validation_is_said_at_setup(caplog):
     from lightning.pytorch.callbacks import EarlyStopping
 
     stopping = EarlyStopping(monitor="val/acc1", mode="max", strict=False)
     fit = dict(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
-    with pytest.warns(UserWarning, match=r"val/acc1 will be the pruned model's"):
+    with caplog.at_level("WARNING", logger="pomt.callbacks"):  # logging is configured (by pytest)
         trainer(callbacks=[POMTCallback(r=4, layer=LAYER, stages=("fit",)), stopping], **fit).fit(
             tiny_module(), loader(), loader(seed=1)
         )
+    assert "val/acc1 will be the pruned model's" in caplog.text
 
 
 def test_predict_uses_given_labelled_data_and_needs_labels_otherwise():
@@ -292,6 +293,7 @@ def test_wandb_offline_run_holds_curves_table_and_chosen_r(tmp_path, monkeypatch
         run_dir = Path(logger.experiment.dir).parent
         assert logger.experiment.config["pomt/precision"] == "32-true"  # what L(n) was timed at
         assert logger.experiment.summary["pomt/precision"] == "32-true"
+        assert logger.experiment.summary["pomt/stability"] == callback.selection.stability_line != ""
     finally:
         wandb.finish()
     assert run_dir.name.startswith("offline-run-")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import warnings
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,27 +109,26 @@ def test_a_stage_that_died_without_on_exception_is_undone_at_the_next_start():
     assert probe.seen == [N, N] and pruning_config(module.model) is None  # ...undone before training
 
 
-def test_a_model_pruned_by_someone_else_is_reported_at_the_start_of_a_stage_and_of_training():
+def test_a_model_pruned_by_someone_else_is_reported_at_the_start_of_a_stage_and_of_training(caplog):
     module = tiny_classifier(latency_warmup_batches=0)
     apply_pruning(module.model, "topk", r=1)
-    with pytest.warns(
-        UserWarning, match=r"already pruned before test, not by this callback: .*method='topk'"
-    ):
-        cpu_trainer(callbacks=[POMTCallback(r=4, layer=LAYER)]).test(module, image_loader())
+    caplog.set_level("WARNING", logger="pomt.callbacks")  # logging is configured (by pytest)
+    cpu_trainer(callbacks=[POMTCallback(r=4, layer=LAYER)]).test(module, image_loader())
+    assert re.search(r"already pruned before test, not by this callback: .*method='topk'", caplog.text)
     assert pruning_config(module.model).method == "topk"  # put back as found, and said so
-    with pytest.warns(UserWarning, match=r"already pruned before training.*Training runs on that pruned"):
-        cpu_trainer(callbacks=[POMTCallback(r=4, layer=LAYER)], max_epochs=1, limit_train_batches=1).fit(
-            module, image_loader()
-        )
+    caplog.clear()
+    cpu_trainer(callbacks=[POMTCallback(r=4, layer=LAYER)], max_epochs=1, limit_train_batches=1).fit(
+        module, image_loader()
+    )
+    assert re.search(r"already pruned before training.*Training runs on that pruned", caplog.text)
 
     # pruning the callback itself left (restore=False) is no surprise before the next stage
     module = tiny_classifier(latency_warmup_batches=0)
     callback = POMTCallback(r=4, layer=LAYER, restore=False)
     cpu_trainer(callbacks=[callback]).test(module, image_loader())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cpu_trainer(callbacks=[callback]).test(module, image_loader())
-    assert not [w for w in caught if "already pruned" in str(w.message)]
+    caplog.clear()
+    cpu_trainer(callbacks=[callback]).test(module, image_loader())
+    assert "already pruned" not in caplog.text
 
 
 # ----------------------------------------------------------------------------- precision
@@ -151,7 +150,7 @@ def test_the_callback_never_reuses_a_profile_timed_at_another_precision(tmp_path
     second = POMTCallback(layer=LAYER, latency_profile_path=str(path), search=search)
     with caplog.at_level(logging.INFO):
         cpu_trainer(callbacks=[second], precision="bf16-mixed").test(tiny_classifier(), image_loader())
-    assert "it was measured with precision='32-true', the current precision is 'bf16-mixed'" in _lines(caplog)
+    assert "it was measured with precision='32-true', now precision='bf16-mixed'" in _lines(caplog)
     assert second.latency_profile.precision == "bf16-mixed"
     assert json.loads(path.read_text())["precision"] == "bf16-mixed"  # measured again and saved
 
@@ -160,9 +159,10 @@ def test_the_callback_never_reuses_a_profile_timed_at_another_precision(tmp_path
     with caplog.at_level(logging.INFO):
         cpu_trainer(callbacks=[second], precision="32-true").test(tiny_classifier(), image_loader())
     assert second.latency_profile.precision == "32-true"
-    assert "the latency profile measured earlier: it was measured with precision='bf16-mixed'" in _lines(
-        caplog
-    )
+    lines = [line for line in _lines(caplog).splitlines() if "not reusing the latency profile" in line]
+    assert len(lines) == 1, lines  # one decision, one line, naming both sources passed over
+    assert "measured earlier or the latency profile" in lines[0]
+    assert "it was measured with precision='bf16-mixed', now precision='32-true'" in lines[0]
 
 
 def test_find_r_keys_the_latency_profile_to_the_precision(tmp_path):
@@ -182,7 +182,7 @@ def test_find_r_keys_the_latency_profile_to_the_precision(tmp_path):
         LatencyProfile.load(path)  # a 32-true profile...
         result, lines = run(precision=precision)
         assert result.latency.precision == precision  # ...is never reused at another precision
-        assert any(f"precision='32-true', the current precision is '{precision}'" in x for x in lines)
+        assert any(f"precision='32-true', now precision='{precision}'" in x for x in lines)
         run(precision="32-true")  # back to a 32-true file
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # find_r's own autocast is the precision
@@ -387,11 +387,10 @@ def test_a_wrong_vit_path_names_where_the_vit_is():
         cpu_trainer(callbacks=[POMTCallback(r=1, vit_path="net.head")]).test(Net(), image_loader())
 
 
-def test_unlabelled_predict_data_is_an_error_without_the_held_out_warning_first():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pytest.raises(ValueError, match="needs labelled images"):
-            cpu_trainer(callbacks=[POMTCallback(search=SearchConfig(**FAST))]).predict(
-                tiny_classifier(), image_loader(labels=False)
-            )
-    assert not [w for w in caught if "not held out" in str(w.message)]
+def test_unlabelled_predict_data_is_an_error_without_the_held_out_warning_first(caplog):
+    caplog.set_level("WARNING", logger="pomt.callbacks")
+    with pytest.raises(ValueError, match="needs labelled images"):
+        cpu_trainer(callbacks=[POMTCallback(search=SearchConfig(**FAST))]).predict(
+            tiny_classifier(), image_loader(labels=False)
+        )
+    assert "not held out" not in caplog.text

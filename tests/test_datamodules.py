@@ -166,9 +166,7 @@ def test_ilsvrc_val_in_wnid_folders_with_selection_from_train(tmp_path):
     assert len(dm.test_dataset) == 12  # the whole val split is reported
     assert len(dm.holdout_dataset) == 4 and len(dm.train_dataset) == 20
     assert not {p for p, _ in dm.holdout_dataset.samples} & {p for p, _ in dm.train_dataset.samples}
-    assert sorted(label for _, label in dm.holdout_dataset.samples) == sorted(
-        WNIDS.index(w) for w in CLASSES
-    )
+    assert sorted(label for _, label in dm.holdout_dataset.samples) == sorted(WNIDS.index(w) for w in CLASSES)
     for path, label in dm.test_dataset.samples:
         assert label == _expected_label(path)
     x, y = next(iter(dm.holdout_dataloader()))

@@ -355,14 +355,14 @@ def test_triton_without_interpreter_on_cpu_is_a_clear_error():
 
 
 def test_a_bad_pomt_kernels_value_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(ops, "_mode", "Triton")
+    monkeypatch.setattr(ops, "_DEFAULT_MODE", "Triton")  # as if POMT_KERNELS=Triton
     model = make_tiny_vit()
     pomt.apply_pruning(model, "pomt", r=3, layer=1)
     with pytest.raises(ValueError, match="POMT_KERNELS must be one of auto, torch, triton, got 'Triton'"):
         ops.kernel_backend("cpu")
     q, k, v, x = _qkvx(b=2, n=40)
     with pytest.raises(ValueError, match="POMT_KERNELS must be one of"):
-        ops._use_kernels(x, q, k, v, 1, 8, 0.25)
+        ops.use_kernels(x, q, k, v, 1, 8, 0.25)
 
 
 @pytest.mark.gpu

@@ -119,7 +119,7 @@ def test_a_quick_estimate_on_part_of_the_split_says_so(tmp_path):
     assert {row.images for row in result.rows} == {32}  # one batch of 32 of the 359 test images
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert report["run"]["limit_test_batches"] == 1
-    assert "eager calls, precision 32-true, warm-up 1" in report["timing"]
+    assert "eager calls, precision 32-true, warm-up 1" in report["timing"]["torch"]
     assert (tmp_path / "tiny" / "token_maps.png").stat().st_size > 5_000
 
 
@@ -222,3 +222,83 @@ def test_the_trainers_own_test_limit_is_rejected_for_the_sweeps(tmp_path):
     assert list(tmp_path.iterdir()) == []  # rejected before anything was measured or written
     with pytest.raises(ValueError, match=r"limit_test_batches must be a fraction in \(0, 1\] or a number"):
         SweepSettings(limit_test_batches=1.5)
+
+
+def test_several_runtimes_in_one_evaluation_and_adding_a_runtime_times_only_that_one(
+    tmp_path, capsys, caplog
+):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxscript")
+    args = tiny_args(
+        tmp_path, "--sweep.methods=[none, pomt, tome]", "--sweep.tome_r=[2]", "--sweep.token_maps=0"
+    )
+    with caplog.at_level("INFO"):
+        first = evaluate.main([*args, "--sweep.targets=[torch, onnxruntime]"])
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "tiny"
+    assert [row.runtime for row in first.rows] == ["torch"] * 3 + ["onnxruntime"] * 3  # ordered by runtime
+    for runtime in ("torch", "onnxruntime"):  # each runtime chose its own R, and its pieces are its own
+        chosen = next(row for row in first.rows if row.selected and row.runtime == runtime)
+        assert chosen.r == first.searches[runtime][32].selection.r
+        assert {p.name for p in (run_dir / runtime).iterdir()} >= {"search.json", "timing.json"}
+    onnx = [row for row in first.rows if row.runtime == "onnxruntime"]
+    assert {row.precision for row in onnx} == {"onnxruntime:f32"}
+    assert {row.accuracy_from for row in onnx} == {
+        "PyTorch's (32-true), shared: onnxruntime:f32 computes the checked fp32 export in fp32"
+    }
+    torch_acc = {(row.method, row.r): row.acc1 for row in first.rows if row.runtime == "torch"}
+    assert all(torch_acc[(row.method, row.r)] == row.acc1 for row in onnx if (row.method, row.r) in torch_acc)
+    tested = [line for line in caplog.text.splitlines() if "evaluating " in line]
+    assert len(tested) == len({(row.method, row.r) for row in first.rows})  # each configuration tested once
+    table = out[out.index("runtime ") : out.index("report:")]
+    assert "onnxruntime unpruned" in table.replace("  ", " ").replace("  ", " ")
+    assert "batch 32: recommended: " in out and "(allowed: 0.5)" in out
+    assert sum(1 for line in out.splitlines() if line.startswith("batch 32, onnxruntime: ")) >= 3
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["timing"]) == {"torch", "onnxruntime"} and report["recommendation"]
+    assert set(report["run"]["runtimes"]) == {"torch", "onnxruntime"}
+    # W&B: the runtimes in the group and in each configuration's config; the summary table has the column
+    runs = [p.read_bytes() for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
+    assert len(runs) == 4  # three configurations (each tested once) and the summary
+    assert all(b"tradeoff-tiny-torch+onnxruntime" in run and b"runtimes" in run for run in runs)
+    tables = list((run_dir / "wandb").glob("offline-run-*/files/media/table/tradeoff/table_*.json"))
+    assert "runtime" in json.loads(tables[0].read_text())["columns"]
+    assert (run_dir / "tradeoff.png").stat().st_size > 10_000
+
+    caplog.clear()  # adding a runtime: only it chooses R and times; only its new configurations are tested
+    with caplog.at_level("INFO"):
+        second = evaluate.main(
+            [*args, "--sweep.targets=[torch, onnxruntime, openvino]", "--sweep.wandb=false"]
+        )
+    log = caplog.text
+    assert "selecting R in openvino" in log and "side by side in openvino" in log
+    for runtime in ("torch", "onnxruntime"):
+        assert f"selecting R in {runtime}" not in log and f"side by side in {runtime} " not in log
+    assert [(r.runtime, r.method, r.r, r.acc1, r.latency_ms) for r in second.rows[:6]] == [
+        (r.runtime, r.method, r.r, r.acc1, r.latency_ms) for r in first.rows
+    ]
+    known = {(row.method, row.r) for row in first.rows}
+    new = {(row.method, row.r) for row in second.rows if row.runtime == "openvino"} - known
+    assert len([line for line in log.splitlines() if "evaluating " in line]) == len(new)
+
+    caplog.clear()  # a fourth configuration: every search and accuracy reused; only it is tested
+    with caplog.at_level("INFO"):
+        third = evaluate.main(
+            [
+                *args,
+                "--sweep.targets=[torch, onnxruntime, openvino]",
+                "--sweep.wandb=false",
+                "--sweep.tome_r=[2, 3]",
+            ]
+        )
+    log = caplog.text
+    assert "selecting R" not in log
+    assert [line.split("evaluating ")[1] for line in log.splitlines() if "evaluating " in line] == [
+        "tome r=3"
+    ]
+    assert {row.runtime for row in third.rows if (row.method, row.r) == ("tome", 3)} == {
+        "torch",
+        "onnxruntime",
+        "openvino",
+    }

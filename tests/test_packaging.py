@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -130,14 +131,28 @@ def test_an_sdist_builds_the_same_wheel_as_the_checkout(tmp_path):
     assert _modules(_build("wheel", unpacked, tmp_path / "dist2")) == wheel
 
 
+def _venv_seeing_this_environment(venv: Path) -> Path:
+    """A venv without pip whose ``sys.path`` ends with this interpreter's site-packages (the
+    environment running the tests, where ``pip install -e '.[dev]'`` put the build backend and
+    the dependencies), not the base interpreter's (which ``--system-site-packages`` gives, and
+    which on a fresh machine holds only what Python ships: setuptools 65.5, no wheel)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(_run([str(python), "-c", code], venv).strip())
+    ours = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (site / "tests_environment.pth").write_text("".join(f"{path}\n" for path in ours))
+    return python
+
+
 @pytest.mark.slow
 def test_an_editable_install_imports_the_checkout_from_anywhere(tmp_path):
     source = _link_free_copy(tmp_path / "src")
-    venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True
+    python = _venv_seeing_this_environment(tmp_path / "venv")
+    # built by the setuptools of the environment under test ([dev] asks for one with bdist_wheel)
+    assert _run([str(python), "-c", "import setuptools; print(setuptools.__file__)"], tmp_path).startswith(
+        sysconfig.get_paths()["purelib"]
     )
-    python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
     _run([*pip, "--no-build-isolation", "-e", str(source)], tmp_path)
     assert _run([str(python), "-c", IMPORT_BOTH], tmp_path).split() == [

@@ -46,7 +46,7 @@ def test_find_r_in_a_runtime_times_the_exported_graph_and_keys_the_profile_to_it
     other = "onnxruntime" if runtime == "openvino" else "torch"
     lines.clear()
     again = _find(model, other, path, lines)
-    assert any(f"runtime={runtime!r}, the current runtime is {other!r}" in line for line in lines)
+    assert any(f"runtime={runtime!r}, now runtime={other!r}" in line for line in lines)
     assert again.latency.runtime == other
 
 

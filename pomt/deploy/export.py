@@ -32,7 +32,8 @@ from torch import nn
 
 from pomt.deploy.placement import on_device, random_batch
 from pomt.deploy.targets import Target
-from pomt.errors import MissingExtraError, PomtError, PomtValueError
+from pomt.errors import PomtError, PomtValueError
+from pomt.errors import require as require_extra
 from pomt.method.pruning import pruned, pruning_config
 from pomt.models import find_vit, image_size, model_name, token_layout, vit_blocks
 
@@ -61,15 +62,7 @@ class ExportMismatch(PomtError, RuntimeError):
 
 def require(module: str) -> ModuleType:
     """Import ``module`` (onnx, onnxscript, onnxruntime, openvino), or say which extra has it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise MissingExtraError(
-            f"{module} is not installed: it is part of the deploy extra, `pip install 'pomt[deploy]'` "
-            f"(or `pip install {module}`)"
-        ) from err
+    return require_extra(module, "deploy")
 
 
 @dataclass(frozen=True)
@@ -279,7 +272,7 @@ def export_token_graph(
         dim = torch.export.Dim("tokens", min=prefix + 1, max=n_total - 1)
         _dynamo_export(
             wrapper,
-            (x, torch.zeros(n0)),
+            (x, torch.zeros(n0, dtype=torch.float32)),
             Path(path),
             input_names=["x", TOKENS_INPUT],
             dynamic_shapes={"x": None, "kept": {0: dim}},

@@ -252,7 +252,12 @@ class ExportedModel(Prepared):
             f"{info.label} export (ONNX Runtime f32 |diff| {record.max_abs_diff:.1e}; in {info.precision} "
             f"top-1 = PyTorch's on {agree:.0%} of the batch, max |diff| {float((got - expected).abs().max()):.2g})"
         )
-        return Call(lambda: run(feeds), None, mode)
+        name = input_name(path)
+
+        def infer(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.array(run({name: images.detach().to("cpu", torch.float32).numpy()})))
+
+        return Call(lambda: run(feeds), None, mode, infer)
 
     def record(self) -> dict[str, Any]:
         info = self.graphs.info

@@ -79,4 +79,5 @@ def random_batch(
 ) -> torch.Tensor:
     """A seeded random input batch for timing (latency does not depend on the pixels)."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, _in_chans(vit), *size, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(batch_size, _in_chans(vit), *size, generator=gen, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)

@@ -111,6 +111,7 @@ class Eager(Runtime):
 
     name = "torch"
     devices = ("cpu", "cuda", "mps")
+    marker = "o"
     model_class: ClassVar[type[_EagerModel]] = _EagerModel
 
     def key(self, device: torch.device) -> dict[str, Any]:
@@ -184,6 +185,7 @@ class CudaGraphs(Eager):
 
     name = "cuda_graphs"
     model_class = _GraphModel
+    marker = "s"
 
     def check(self, device: torch.device) -> None:
         """Any device: off CUDA it times eager calls, with a warning (a config for a GPU runs anywhere)."""
@@ -207,6 +209,11 @@ def _type_name(value: Any) -> str:
 class Exported(Runtime):
     """The exported ONNX graph compiled by a runtime (subclasses: :meth:`compile`); the model is
     exported in fp32 and run in the precision the runtime chooses."""
+
+    exported = True
+
+    def computes_as_pytorch(self, precision: str) -> bool:
+        return precision.endswith(":f32")  # the checked fp32 export, computed in fp32
 
     def version(self) -> str:
         module = require(self.name)
@@ -280,6 +287,7 @@ class OnnxRuntime(Exported):
     """ONNX Runtime (the CPU provider; CUDA/TensorRT providers on ``cuda`` where installed)."""
 
     name = "onnxruntime"
+    marker = "D"
 
     def default_precision(self, device: torch.device) -> str:
         return "f32"  # its CPU provider computes fp32 graphs in f32
@@ -308,6 +316,7 @@ class OpenVINO(Exported):
 
     name = "openvino"
     devices = ("cpu",)
+    marker = "P"
     option_names = ("precision",)
 
     def default_precision(self, device: torch.device) -> str:

@@ -48,11 +48,14 @@ def runtime_named(name: object, options: dict[str, Any] | None = None) -> Runtim
 class Call:
     """The model pruned to one token count: ``run()`` is what a timer times, ``setup()`` (or
     None) runs untimed before each call (an eager model switching its pruning), ``mode`` says
-    how it runs (``eager``, ``cuda_graphs``, ``openvino:bf16 graph``)."""
+    how it runs (``eager``, ``cuda_graphs``, ``openvino:bf16 graph``); ``infer``, for a runtime
+    that runs a compiled graph, runs it on other images of the same shape (its accuracy)."""
 
     run: Callable[[], object]
     setup: Callable[[], object] | None = None
     mode: str = ""
+    # an exported configuration on any batch of its compiled shape (images -> logits), else None
+    infer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Prepared:
@@ -86,6 +89,8 @@ class Runtime:
 
     name: ClassVar[str] = ""
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    exported: ClassVar[bool] = False  # runs an exported graph of its own (not the module)
+    marker: ClassVar[str] = "x"  # its rows' marker in a figure that shows several runtimes
     option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -127,6 +132,11 @@ class Runtime:
         """A context manager giving the :class:`Prepared` model, fed ``example`` (else a seeded
         random batch at the Target's shape); ``target`` is resolved."""
         raise NotImplementedError
+
+    def computes_as_pytorch(self, precision: str) -> bool:
+        """Whether a model run here at ``precision`` (what :meth:`precision` says) computes what
+        PyTorch computes, so that PyTorch's accuracy holds for it."""
+        return True
 
     def kernels(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
         """The implementation POMT's block runs with here (``pomt.method.ops``'s choice), or None

@@ -21,7 +21,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from pomt.errors import PomtValueError
+from pomt.errors import PomtValueError, require
 
 __all__ = [
     "logger_dir",
@@ -122,7 +122,7 @@ def log_line_plots(
     wandb_loggers = [lg for lg in _loggers(trainer) if isinstance(lg, WandbLogger)]
     if not wandb_loggers:
         return
-    import wandb
+    wandb = require("wandb", "wandb")
 
     xi = list(columns).index(x)
     charts = {}
@@ -146,7 +146,7 @@ def log_figure(trainer: Any, key: str, figure: Any) -> None:
     """A matplotlib figure: a W&B image, a TensorBoard figure, or ``<log_dir>/<key>.png``."""
     for logger in _loggers(trainer):
         if isinstance(logger, WandbLogger):
-            import wandb
+            wandb = require("wandb", "wandb")
 
             logger.experiment.log({key: wandb.Image(figure)})
         elif isinstance(logger, TensorBoardLogger):
@@ -173,6 +173,7 @@ class OfflineWandbLogger(WandbLogger):
     Lightning passes on every run and wandb warns about."""
 
     def __init__(self, *args: Any, offline: bool = True, **kwargs: Any) -> None:
+        require("wandb", "wandb")
         super().__init__(*args, offline=offline, **kwargs)
         self._wandb_init.pop("anonymous", None)
 

@@ -91,7 +91,7 @@ def _attn_output(attn: nn.Module, heads_out: torch.Tensor, x: torch.Tensor) -> t
     return proj_drop(out) if proj_drop is not None else out
 
 
-def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+def no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
         raise PomtValueError("attention masks and causal attention are not supported in pruned blocks")
 
@@ -143,7 +143,7 @@ def mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- patched classes
 
 
-class _PrunedBlock(nn.Module):
+class PrunedBlock(nn.Module):
     """Base of the mixins: a patched block pickles (``torch.save``, ``copy.deepcopy``, Lightning
     checkpoints that hold the module) by naming its mixin and original class, both importable,
     instead of its generated class, which ``patched_class`` rebuilds when it is loaded."""
@@ -182,7 +182,7 @@ def _rebuild_block(mixin: type[nn.Module], base: type[nn.Module]) -> nn.Module:
 # --------------------------------------------------------------------------- POMT, Top-K
 
 
-class _POMTBlock(_PrunedBlock):
+class _POMTBlock(PrunedBlock):
     """Mixin: POMT pruning inside one block: score after the attention, keep the best, fuse the rest.
 
     On CUDA the block keeps fused attention and scores from q and k on the side (Triton
@@ -193,7 +193,7 @@ class _POMTBlock(_PrunedBlock):
     _pomt_spec: BlockSpec
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
+        no_mask(attn_mask, is_causal)
         spec = self._pomt_spec
         check_room(x.shape[1], spec.prefix, spec.r, "POMT")
         if ops.scores_from_probabilities(x):
@@ -206,13 +206,13 @@ class _POMTBlock(_PrunedBlock):
         return mlp_residual(self, x)
 
 
-class _TopKBlock(_PrunedBlock):
+class _TopKBlock(PrunedBlock):
     """Mixin: drop the r ordinary tokens with the least CLS attention (mean over heads)."""
 
     _pomt_spec: BlockSpec
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
+        no_mask(attn_mask, is_causal)
         spec = self._pomt_spec
         check_room(x.shape[1], spec.prefix, spec.r, "Top-K")
         x, q, k, _ = attention_residual(self, x)
@@ -221,13 +221,13 @@ class _TopKBlock(_PrunedBlock):
         return mlp_residual(self, x)
 
 
-class _ToMeBlock(_PrunedBlock):
+class _ToMeBlock(PrunedBlock):
     """Mixin: proportional attention, then merge r token pairs (sizes carried in shared state)."""
 
     _pomt_spec: BlockSpec
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        _no_mask(attn_mask, is_causal)
+        no_mask(attn_mask, is_causal)
         spec = self._pomt_spec
         state = spec.state
         if spec.first or state.size is None or state.size.shape[:2] != x.shape[:2]:

@@ -6,7 +6,9 @@ kernels on a few images of the real input and times them side by side with the t
 
 - **equal**, at the call's r, at r = 0 and at keep = 0 (the extremes of the selection; the
   scoring does not depend on r), to the torch path computed in float32 outside autocast:
-  the same scores (1e-4 for float32 q, 2e-3 for 16-bit q), the same tokens kept (tokens whose
+  at full float32 precision whatever ``torch.set_float32_matmul_precision`` says (TF32 would
+  blame correct kernels for its own rounding; the user's setting is restored after): the
+  same scores (1e-4 for float32 q, 2e-3 for 16-bit q), the same tokens kept (tokens whose
   float32 scores tie with the last kept one, within that tolerance, may swap), and the same
   new sequence, to the rounding of x's dtype at x's own magnitude;
 - **faster** at a typical r (keep = half the ordinary tokens, whatever r came first), timed
@@ -39,6 +41,35 @@ __all__ = ["KernelChoice", "choose", "launch_kernels", "torch_path"]
 _log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _FEW = 4  # images checked for equality
+
+
+@contextlib.contextmanager
+def full_float32():
+    """float32 matmuls at full precision inside (no TF32, no bfloat16 passes), whatever the
+    user set, through the API the user set it with; the user's setting is restored after.
+
+    The setting is process-wide: ``choose`` holds its lock meanwhile, and the reference it
+    guards is a few images' scores."""
+    try:
+        before = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through torch's per-backend API (``...matmul.fp32_precision``)
+        before = None
+    if before is not None:
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+        return
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    saved = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
 
 
 @dataclass(frozen=True)
@@ -164,7 +195,7 @@ def measure(
     typical = no - 1 - (no - 1) // 2  # keep = half the ordinary tokens (rounded down)
     few = slice(0, min(x.shape[0], _FEW))
     xs, qs, ks, vs = x[few], q[few], k[few], v[few]
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), full_float32():
         reference = method.pomt_scores(qs.float(), ks.float(), vs.float(), prefix, scale)
     checked = sorted({r, 0, no - 1, typical})
     for at in checked:

@@ -40,6 +40,12 @@ __all__ = [
     "cls_attention",
     "topk_select",
     "tome_merge",
+    "tome_match",
+    "tome_apply",
+    "pomt_order",
+    "pomt_fuse",
+    "topk_index",
+    "topk_keep",
     "tracing_tokens",
 ]
 
@@ -97,11 +103,23 @@ def pomt_select(
 ) -> torch.Tensor:
     """``x`` with ``r`` tokens removed: the prefix, the ``N - prefix - r - 1`` best-scoring
     ordinary tokens (best first) and the mean of the other ``r + 1``."""
-    keep = x.shape[1] - prefix - r - 1
+    return pomt_fuse(x, pomt_order(scores), prefix, r, trace)
+
+
+def pomt_order(scores: torch.Tensor) -> torch.Tensor:
+    """The ordinary tokens best first, (B, N - prefix): indices into the ordinary tokens."""
     # finite scores are >= 0; those that are -inf rank after them, by index as in the kernels
     # (an image whose statistics hold a NaN keeps its first tokens). A stable sort would not
     # export to ONNX.
-    order = torch.where(scores == -torch.inf, _last(scores), scores).argsort(dim=1, descending=True)
+    return torch.where(scores == -torch.inf, _last(scores), scores).argsort(dim=1, descending=True)
+
+
+def pomt_fuse(
+    x: torch.Tensor, order: torch.Tensor, prefix: int, r: int, trace: Trace | None = None
+) -> torch.Tensor:
+    """:func:`pomt_select` from the ranking :func:`pomt_order`: the prefix, the first
+    ``N - prefix - r - 1`` tokens of ``order`` and the mean of the others (last)."""
+    keep = x.shape[1] - prefix - r - 1
     if tracing_tokens(trace):
         b, no = order.shape
         target = (prefix + torch.arange(no, device=x.device)).clamp(max=prefix + keep).expand(b, no)
@@ -153,9 +171,18 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, prefix: int, scale: float, h
 def topk_select(
     x: torch.Tensor, importance: torch.Tensor, prefix: int, keep: int, trace: Trace | None = None
 ) -> torch.Tensor:
-    index = importance.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values  # original order
+    return topk_keep(x, topk_index(importance, keep), prefix, trace)
+
+
+def topk_index(importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` ordinary tokens of highest importance, in their original order, (B, keep)."""
+    return importance.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def topk_keep(x: torch.Tensor, index: torch.Tensor, prefix: int, trace: Trace | None = None) -> torch.Tensor:
+    """The prefix and the ordinary tokens ``index`` (B, keep) of ``x``."""
     if tracing_tokens(trace):
-        b, no = importance.shape
+        b, no, keep = x.shape[0], x.shape[1] - prefix, index.shape[1]
         moved = torch.full((b, no), -1, dtype=torch.long, device=x.device)
         moved.scatter_(1, index, prefix + torch.arange(keep, device=x.device).expand(b, keep))
         trace.move(torch.cat([_prefix_index(b, prefix, x.device), moved], dim=1))
@@ -184,19 +211,35 @@ def tome_merge(
     first in their original order, then the unmerged A tokens in order, then the B tokens.
     Returns the new tokens and sizes (B, N - r, 1).
     """
+    return tome_apply(x, size, tome_match(keys, r, prefix), prefix, trace)
+
+
+def tome_match(keys: torch.Tensor, r: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's matching (see :func:`tome_merge`): the merged A tokens (B, r), the kept A tokens
+    in order, protected ones out, and each merged token's B token (B, r); A = even positions."""
     with torch.no_grad():  # the matching is not differentiated (as in ToMe)
         metric = keys.mean(dim=1)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        protected_a, protected_b = (prefix + 1) // 2, prefix // 2
         if prefix:  # a mask, not slice writes: those export as a ScatterND that OpenVINO rejects
             similarity.masked_fill_(_protected(similarity, prefix), -math.inf)
         best, best_b = similarity.max(dim=-1)
         edges = best.argsort(dim=-1, descending=True)
         merged_a = edges[:, :r]
-        kept_a = edges[:, r:].sort(dim=-1).values[:, protected_a:]  # original order, protected ones out
-        target_b = best_b.gather(1, merged_a)
+        kept_a = edges[:, r:].sort(dim=-1).values[:, (prefix + 1) // 2 :]  # original order
+        return merged_a, kept_a, best_b.gather(1, merged_a)
 
+
+def tome_apply(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    match: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    prefix: int,
+    trace: Trace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the pairs of :func:`tome_match` by size-weighted average: new tokens and sizes."""
+    merged_a, kept_a, target_b = match
+    protected_b = prefix // 2
     weighted = x * size
     wa, wb = weighted[:, ::2], weighted[:, 1::2]
     sa, sb = size[:, ::2], size[:, 1::2]
@@ -305,5 +348,4 @@ def _prefix_index(b: int, prefix: int, device: torch.device) -> torch.Tensor:
 
 
 def tracing_tokens(trace: Trace | None) -> bool:
-    """Whether ``trace`` records where each token went (then the traced torch path runs)."""
     return trace is not None and trace.where is not None

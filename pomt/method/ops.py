@@ -32,6 +32,7 @@ the rest. Other images of the batch are not affected.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 from types import ModuleType
@@ -69,22 +70,30 @@ __all__ = [
 ]
 
 KERNEL_MODES = ("auto", "torch", "triton")
-_mode = os.environ.get("POMT_KERNELS", "auto")
+_DEFAULT_MODE = os.environ.get("POMT_KERNELS", "auto")
+# Context-local, like autocast's state: a thread or task started inside ``kernels(...)`` starts
+# from the default (threads do not inherit context variables), not from the caller's choice.
+_MODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("pomt_kernels", default=None)
 _triton_module: ModuleType | None | bool = False  # False: not imported yet
 
 
 @contextlib.contextmanager
 def kernels(mode: str) -> Iterator[None]:
     """Use ``mode`` inside: ``auto`` (the Triton kernels where they were measured equal and
-    faster on this device), ``torch`` or ``triton`` (forced)."""
-    global _mode
+    faster on this device), ``torch`` or ``triton`` (forced). Context-local: other threads
+    (and threads started inside) keep ``POMT_KERNELS``'s mode."""
     if mode not in KERNEL_MODES:
         raise PomtValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
-    previous, _mode = _mode, mode
+    token = _MODE.set(mode)
     try:
         yield
     finally:
-        _mode = previous
+        _MODE.reset(token)
+
+
+def _current_mode() -> str:
+    mode = _MODE.get()
+    return _DEFAULT_MODE if mode is None else mode
 
 
 def _triton() -> ModuleType | None:
@@ -114,8 +123,8 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
-    if _checked_mode() != "auto":
-        return _mode
+    if (mode := _checked_mode()) != "auto":
+        return mode
     chosen = {c.backend for key, c in _CHOICES.items() if key[0] == str(device) and dtype in (None, key[1])}
     if chosen:
         return "auto: " + "+".join(sorted(chosen))
@@ -123,9 +132,10 @@ def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None)
 
 
 def _checked_mode() -> str:
-    if _mode not in KERNEL_MODES:
-        raise PomtValueError(f"POMT_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {_mode!r}")
-    return _mode
+    mode = _current_mode()
+    if mode not in KERNEL_MODES:
+        raise PomtValueError(f"POMT_KERNELS must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    return mode
 
 
 def _forced_triton(t: torch.Tensor) -> bool:
@@ -143,7 +153,7 @@ def _grad(*tensors: torch.Tensor) -> bool:
 
 def scores_from_probabilities(x: torch.Tensor) -> bool:
     """Whether POMT's block should take its scores from an explicit softmax (the CPU path)."""
-    return not x.is_cuda and _mode != "triton"
+    return not x.is_cuda and _current_mode() != "triton"
 
 
 def _auto_device(t: torch.Tensor) -> bool:
@@ -151,7 +161,7 @@ def _auto_device(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _use_kernels(
+def use_kernels(
     x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, r: int, scale: float
 ) -> bool:
     """Whether POMT's block runs the Triton kernels on this input (see the module docstring)."""
@@ -189,7 +199,7 @@ def pomt_prune(
 ) -> torch.Tensor:
     """:func:`pomt_select` with the scores computed from q, k, v: through the Triton kernels
     where ``kernels`` says so (never under autograd or while tracing tokens)."""
-    if not tracing_tokens(trace) and _use_kernels(x, q, k, v, prefix, r, scale):
+    if not tracing_tokens(trace) and use_kernels(x, q, k, v, prefix, r, scale):
         return dispatch.launch_kernels(x, q, k, v, prefix, r, scale)[0]
     return pomt_select(x, pomt_scores(q, k, v, prefix, scale), prefix, r, trace)
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from pomt.errors import PomtValueError, PruningError, is_int
+from pomt.method import rope
 from pomt.method.blocks import MIXINS, BlockSpec, ToMeState, patched_class
 from pomt.method.functional import Trace, gather_tokens
 from pomt.method.ops import kernels
@@ -193,9 +194,13 @@ def apply_pruning(
             if v > 0 or method == "tome"  # ToMe's proportional attention runs in every block
         }
         stored_r = int(r) if is_int(r) else per_block
-    for i, spec in targets.items():
+    if rope.is_eva(vit):  # rotary tables follow the tokens: every block is patched (pomt.method.rope)
+        plan = rope.eva_plan(method, targets, layout.depth, common) if targets else {}
+    else:
+        plan = {i: (MIXINS[method], spec) for i, spec in targets.items()}
+    for i, (mixin, spec) in plan.items():
         block = blocks[i]
-        block.__class__ = patched_class(MIXINS[method], type(block))
+        block.__class__ = patched_class(mixin, type(block))
         block._pomt_spec = spec
     vit._pomt_config = PruningConfig(method=method, r=stored_r, layer=layer, schedule=schedule)
     return model
@@ -245,21 +250,26 @@ def random_token_subset(model: nn.Module, n: int, generator: torch.Generator | N
             f"n must be an int in {p + 1}..{layout.n_total} (N={layout.n_total}, {p} prefix), got {n!r}"
         )
 
-    def keep_random(_module: nn.Module, args: tuple) -> tuple:
-        x, *rest = args
-        n_ordinary = x.shape[1] - p
-        keep = n - p
-        if keep >= n_ordinary:
-            return None
-        noise = torch.rand(x.shape[0], n_ordinary, generator=generator)
-        index = noise.argsort(dim=1)[:, :keep].sort(dim=1).values.to(x.device)
-        return (gather_tokens(x, index, p), *rest)
+    blocks = vit_blocks(vit)
+    with rope.following(blocks, p) if rope.is_eva(vit) else contextlib.nullcontext() as state:
 
-    handle = vit_blocks(vit)[0].register_forward_pre_hook(keep_random)
-    try:
-        yield
-    finally:
-        handle.remove()
+        def keep_random(_module: nn.Module, args: tuple) -> tuple | None:
+            x, *rest = args
+            n_ordinary = x.shape[1] - p
+            keep = n - p
+            if keep >= n_ordinary:
+                return None
+            noise = torch.rand(x.shape[0], n_ordinary, generator=generator, dtype=torch.float32)
+            index = noise.argsort(dim=1)[:, :keep].sort(dim=1).values.to(x.device)
+            if state is not None:  # Eva: the blocks rotate each kept token by its own row
+                state.pending = index + 1
+            return (gather_tokens(x, index, p), *rest)
+
+        handle = blocks[0].register_forward_pre_hook(keep_random)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @torch.no_grad()

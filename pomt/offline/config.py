@@ -83,6 +83,8 @@ class SearchConfig:
     verify_time: float = 1.0
     verify_candidates: int = 3
     verify_groups: int = 6
+    retime_points: int = 32  # timings spent after the adaptive grid where they decide n* (0: none)
+    stability_resamples: int = 100  # bootstrap resamples of the profile for the stability figure (0: none)
 
     @classmethod
     def coerce(cls, value: SearchConfig | Mapping[str, Any] | None) -> SearchConfig:
@@ -128,6 +130,9 @@ class SearchConfig:
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
         _positive("verify_candidates", self.verify_candidates, allow_none=False)
         _positive("verify_groups", self.verify_groups, allow_none=False)
+        for name in ("retime_points", "stability_resamples"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise PomtValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
         if not self.verify_time >= 0:
             raise PomtValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples

@@ -41,45 +41,70 @@ def isotonic_increasing(values: Sequence[float], weights: Sequence[float] | None
     return out
 
 
-def step_fit(values: Sequence[float], noise: Sequence[float]) -> list[float]:
-    """Piecewise-constant fit: neighbouring levels closer than their noise are merged.
+def step_fit(
+    values: Sequence[float], noise: Sequence[float], positions: Sequence[float] | None = None
+) -> list[float]:
+    """Piecewise-constant fit that only makes a level where the points are level.
 
     ``values`` are medians in order of n, ``noise[i]`` the tie tolerance of point i (e.g. its
-    IQR). Adjacent groups are merged, closest first, while their levels differ by no more
-    than the larger of their tolerances (a group's tolerance is the lower median of its
-    members'). A group's level is the mean of its members weighted by 1 / noise^2, so a
-    point disturbed during its measurement (large IQR) hardly moves its step. Real steps
-    and real dips larger than the noise survive; wiggles within the noise become flat, so
-    they cannot make one n look faster than its neighbour.
+    IQR), ``positions`` the token counts (default 0, 1, 2, ...). Adjacent groups are merged,
+    closest levels first, while the merged group passes two tests:
+
+    - every member's value lies within its own tolerance of the group's level (the mean of
+      the members weighted by 1 / noise^2), so a precise point pins its level and a point
+      disturbed during its measurement (large IQR) can join any level without moving it;
+    - the group has no trend: the weighted least-squares line through its members rises
+      (or falls) across the group by no more than the lower median of its members'
+      tolerances (one noisy point cannot widen it).
+
+    The second test is what keeps a steady rise a rise: each step of a smooth ramp may be
+    within the noise, but a level spanning more than one tolerance of the ramp is refused,
+    so the fit stays within about half a tolerance of a noiseless ramp. Wiggles within the
+    noise on a flat curve still become one level (they have no trend), real steps and real
+    dips larger than the noise survive.
     """
     if len(values) != len(noise):
         raise PomtValueError("step_fit: values and noise differ in length")
-    groups = []  # [level, weight, count, tolerances]
-    for v, t in zip(values, noise, strict=True):
-        v, t = float(v), max(0.0, float(t))
-        weight = 1.0 / (t * t + (1e-3 * v) ** 2 + 1e-12)
-        groups.append([v, weight, 1, [t]])
+    xs = [float(i) for i in range(len(values))] if positions is None else [float(x) for x in positions]
+    if len(xs) != len(values):
+        raise PomtValueError("step_fit: values and positions differ in length")
+    ys = [float(v) for v in values]
+    tols = [max(0.0, float(t)) for t in noise]
+    ws = [1.0 / (t * t + (1e-3 * v) ** 2 + 1e-12) for v, t in zip(ys, tols, strict=True)]
+    groups = [[i, i + 1] for i in range(len(ys))]  # [start, stop) of each group
 
-    def tol(group: list) -> float:
-        members = sorted(group[3])
-        return members[(len(members) - 1) // 2]  # the lower median: one noisy point cannot widen it
+    def level(lo: int, hi: int) -> float:
+        w = ws[lo:hi]
+        return sum(wi * yi for wi, yi in zip(w, ys[lo:hi], strict=True)) / sum(w)
 
+    def admissible(lo: int, hi: int) -> bool:
+        m = level(lo, hi)
+        if any(abs(ys[k] - m) > tols[k] for k in range(lo, hi)):
+            return False
+        w, x, y = ws[lo:hi], xs[lo:hi], ys[lo:hi]
+        sw = sum(w)
+        mx = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / sw
+        sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x, strict=True))
+        if sxx <= 0:
+            return True
+        slope = sum(wi * (xi - mx) * (yi - m) for wi, xi, yi in zip(w, x, y, strict=True)) / sxx
+        members = sorted(tols[lo:hi])  # the lower median: one noisy point cannot widen it
+        return abs(slope) * (x[-1] - x[0]) <= members[(len(members) - 1) // 2]
+
+    levels = list(ys)
     while len(groups) > 1:
-        best_i, best_gap = -1, math.inf
-        for i in range(len(groups) - 1):
-            gap = abs(groups[i][0] - groups[i + 1][0])
-            if gap <= max(tol(groups[i]), tol(groups[i + 1])) and gap < best_gap:
-                best_i, best_gap = i, gap
-        if best_i < 0:
+        order = sorted(range(len(groups) - 1), key=lambda i: abs(levels[i] - levels[i + 1]))
+        for i in order:
+            lo, hi = groups[i][0], groups[i + 1][1]
+            if admissible(lo, hi):
+                groups[i : i + 2] = [[lo, hi]]
+                levels[i : i + 2] = [level(lo, hi)]
+                break
+        else:
             break
-        a, b = groups[best_i], groups.pop(best_i + 1)
-        a[0] = (a[0] * a[1] + b[0] * b[1]) / (a[1] + b[1])
-        a[1] += b[1]
-        a[2] += b[2]
-        a[3] = a[3] + b[3]
     out: list[float] = []
-    for level, _, count, _ in groups:
-        out.extend([level] * count)
+    for (lo, hi), lv in zip(groups, levels, strict=True):
+        out.extend([lv] * (hi - lo))
     return out
 
 

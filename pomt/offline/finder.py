@@ -11,6 +11,7 @@ settings, as one :class:`SearchConfig` names them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import warnings
@@ -28,10 +29,11 @@ from pomt.offline.config import SearchConfig
 from pomt.offline.profiles import AccuracyProfile, LatencyProfile
 from pomt.offline.profiling import estimate_accuracy, latency_profile
 from pomt.offline.selection import Selection
+from pomt.offline.stability import rated, retimed_at_star
 from pomt.offline.verify import check_candidates, speedups
 from pomt.weights import weights_fingerprint
 
-__all__ = ["SearchResult", "Reuse", "Console", "find_r", "LOW_ACCURACY_FRACTION"]
+__all__ = ["SearchResult", "Reuse", "Console", "find_r", "flat_profile", "LOW_ACCURACY_FRACTION"]
 
 # Below this fraction of the unpruned model's estimated accuracy, the chosen R is warned about.
 LOW_ACCURACY_FRACTION = 0.8
@@ -98,6 +100,21 @@ class Console:
         (self.warn or (lambda line: warnings.warn(line, stacklevel=4)))(text)
 
 
+def flat_profile(latency: LatencyProfile, margin: float = 0.01) -> str | None:
+    """One line when the measured L(n) gains nothing anywhere: no token count below the largest
+    is ``margin`` (1 %) faster than it; else None."""
+    ms = latency.latency_ms
+    top = max(ms)
+    others = {n: v for n, v in ms.items() if n < top}
+    if not others or min(others.values()) < (1 - margin) * ms[top]:
+        return None
+    best = min(others, key=others.get)
+    return (
+        f"L(n) is flat on this device: no token count measured is faster than the unpruned model's "
+        f"{ms[top]:.3f} ms by {margin:.0%} (best: n={best}, {others[best]:.3f} ms), so pruning gains nothing here"
+    )
+
+
 def _reuse(
     kind: type, path: Path | None, earlier: Any, expect: dict[str, Any], notes: list[str], origin: str
 ) -> Any:
@@ -109,12 +126,15 @@ def _reuse(
             sources.append((kind.load(path), f"the {kind.kind} profile {path}"))
         except ValueError as err:  # corrupt or foreign: measured again, and overwritten
             notes.append(f"not reusing {path} ({err}); measuring the {kind.kind} profile again")
+    passed: dict[str, list[str]] = {}  # reason -> the sources it rules out: one line per decision
     for profile, where in sources:
         why = profile.mismatch(expect)
         if why is None:
+            notes.extend(f"not reusing {' or '.join(wheres)}: {reason}" for reason, wheres in passed.items())
             notes.append(f"reusing {where}")
             return profile
-        notes.append(f"not reusing {where}: {why}")
+        passed.setdefault(why, []).append(where)
+    notes.extend(f"not reusing {' or '.join(wheres)}: {reason}" for reason, wheres in passed.items())
     if not sources:
         notes.append(f"no {kind.kind} profile to reuse (none saved, none measured earlier)")
     return None
@@ -182,6 +202,84 @@ def _accuracy(
     return accuracy
 
 
+class _Run:
+    """One :func:`find_r` on one Target: the model prepared there once, when first needed (an
+    export costs seconds), then timed for L(n) and the checks of the selection."""
+
+    def __init__(
+        self, eager: nn.Module, vit: nn.Module, target: Target, layer: int, search: SearchConfig,
+        console: Console, stack: contextlib.ExitStack,
+    ) -> None:  # fmt: skip
+        self.eager, self.vit, self.layer, self.search, self.console, self.stack = (
+            eager,
+            vit,
+            layer,
+            search,
+            console,
+            stack,
+        )
+        self.given, self.target = target, target.on(vit)
+        self._prepared: Prepared | None = None
+
+    def prepared(self) -> Prepared:
+        if self._prepared is None:
+            said = self.target.backend.announce(model_name(self.vit), self.layer)
+            if said:
+                self.console.log(said)
+            self._prepared = self.stack.enter_context(
+                self.given.prepare(self.eager, layer=self.layer, vit=self.vit)
+            )
+        return self._prepared
+
+    def latency(self, accuracy: AccuracyProfile, reuse: Reuse, notes: _Notes) -> LatencyProfile:
+        """L(n): reused where valid (same model, architecture, layer and Target), else measured."""
+        vit, target = self.vit, self.target
+        expect = dict(model=model_name(vit), architecture=architecture(vit), layer=self.layer) | target.key()
+        path = None if reuse.latency_path is None else Path(reuse.latency_path)
+        earlier = reuse.previous and reuse.previous.latency
+        latency = _reuse(LatencyProfile, path, earlier, expect, notes.lines, reuse.origin)
+        if latency is None:
+            notes.flush()
+            self.console.log(
+                f"measuring L(n) on {target.torch_device} at {target.precision}, batch {target.batch_size}"
+            )
+            guide = accuracy if self.search.utility_mode else None
+            latency = latency_profile(
+                self.prepared(), vit, target, self.layer, self.search, guide, self.console.progress
+            )
+            notes.lines.append(f"measured L(n) at {len(latency.points)} token counts ({latency.sampling})")
+            if path is not None:
+                latency.save(path)
+        return latency
+
+    def checked(self, selection: Selection, latency: LatencyProfile, accuracy: AccuracyProfile) -> Selection:
+        """``selection`` verified (or, without verification, n* re-timed against N), rated for
+        stability, and warned about when it keeps too little accuracy."""
+        search, console = self.search, self.console
+        if search.verify:
+            measure = lambda r: speedups(self.prepared(), r, search)  # noqa: E731
+            selection = check_candidates(
+                selection, measure, candidates=search.verify_candidates, log=console.log
+            )
+            if selection.prediction_check:  # said once, as a line of its own
+                console.log(selection.prediction_check)
+        else:  # the verification would time n* against N, side by side, afresh: re-time them
+            again = dataclasses.replace(search, retime_points=0)
+
+            def regrid(grid: list[int]) -> LatencyProfile:
+                at = dataclasses.replace(again, grid=tuple(grid))
+                return latency_profile(self.prepared(), self.vit, self.target, self.layer, at, None, False)
+
+            selection = retimed_at_star(selection, regrid)
+        selection = rated(
+            selection, latency, lambda lat: search.select(lat, accuracy), search.stability_resamples
+        )
+        if selection.stability_line:
+            console.log(f"stability: {selection.stability_line}")
+        _check_accuracy_kept(selection, console.warning)
+        return selection
+
+
 def find_r(
     model: nn.Module,
     data: object | None = None,
@@ -226,38 +324,11 @@ def find_r(
                 f"timing the eager module: {', '.join(compiled)} torch.compile'd, left as they are"
             )
         vit = find_vit(eager)[1] if vit is None else unwrap_compiled(vit)
-        resolved = target.on(vit)
-        accuracy = _accuracy(eager, data, vit, resolved, search, reuse, notes, console)
-        prepared: list[Prepared] = []  # prepared once, when first needed (an export costs seconds)
-
-        def ready() -> Prepared:
-            if not prepared:
-                said = resolved.backend.announce(model_name(vit), layer)
-                if said:
-                    console.log(said)
-                prepared.append(stack.enter_context(target.prepare(eager, layer=layer, vit=vit)))
-            return prepared[0]
-
-        expect = dict(model=model_name(vit), architecture=architecture(vit), layer=layer) | resolved.key()
-        path = None if reuse.latency_path is None else Path(reuse.latency_path)
-        earlier = reuse.previous and reuse.previous.latency
-        latency = _reuse(LatencyProfile, path, earlier, expect, notes.lines, reuse.origin)
-        if latency is None:
-            notes.flush()
-            console.log(
-                f"measuring L(n) on {resolved.torch_device} at {resolved.precision}, batch {resolved.batch_size}"
-            )
-            guide = accuracy if search.utility_mode else None
-            latency = latency_profile(ready(), vit, resolved, layer, search, guide, console.progress)
-            notes.lines.append(f"measured L(n) at {len(latency.points)} token counts ({latency.sampling})")
-            if path is not None:
-                latency.save(path)
+        run = _Run(eager, vit, target, layer, search, console, stack)
+        accuracy = _accuracy(eager, data, vit, run.target, search, reuse, notes, console)
+        latency = run.latency(accuracy, reuse, notes)
         notes.flush()
-        selection = search.select(latency, accuracy)
-        if search.verify:
-            measure = lambda r: speedups(ready(), r, search)  # noqa: E731
-            selection = check_candidates(
-                selection, measure, candidates=search.verify_candidates, log=console.log
-            )
-        _check_accuracy_kept(selection, console.warning)
+        if (flat := flat_profile(latency)) is not None:
+            console.log(flat)
+        selection = run.checked(search.select(latency, accuracy), latency, accuracy)
     return SearchResult(selection, latency, accuracy, tuple(notes.lines))

@@ -14,10 +14,19 @@ from collections.abc import Callable, Iterable
 
 from pomt.errors import PomtValueError
 from pomt.offline.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
-from pomt.offline.selection import TIE_DECIMALS, check_objective, utility
-from pomt.timing import TimingStats
+from pomt.offline.selection import TIE_DECIMALS, check_objective, select_r, utility
+from pomt.timing import TimingStats, median_interval
 
-__all__ = ["coarse_grid", "default_max_points", "adaptive_grid", "detect_period", "full_grid", "as_grid"]
+__all__ = [
+    "coarse_grid",
+    "default_max_points",
+    "adaptive_grid",
+    "detect_period",
+    "retime",
+    "pooled",
+    "full_grid",
+    "as_grid",
+]
 
 
 def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
@@ -112,7 +121,7 @@ def adaptive_grid(
                 take(n)
     while len(measured) < max_points + extra:
         ns = sorted(measured)
-        levels = step_fit([measured[n].median_ms for n in ns], [measured[n].iqr_ms for n in ns])
+        levels = step_fit([measured[n].median_ms for n in ns], [measured[n].iqr_ms for n in ns], positions=ns)
         if acc_at is None:
             target = _largest_jump(ns, levels)
         else:
@@ -198,6 +207,128 @@ def _accuracy_function(accuracy: object, lo: int, hi: int) -> Callable[[int], fl
         return cache[n]
 
     return acc_at
+
+
+def retime(
+    measure: Callable[[int], TimingStats],
+    measured: dict[int, TimingStats],
+    accuracy: object,
+    *,
+    alpha: float = 0.5,
+    budget: int = 32,
+    period: int = 0,
+    lo: int | None = None,
+    hi: int | None = None,
+    on_point: Callable[[int, TimingStats], None] | None = None,
+) -> list[int]:
+    """Spend up to ``budget`` more timings where they decide the argmax; returns the n timed, in order.
+
+    ``measure(n)`` times n again and returns everything measured at n so far (the samples
+    pooled); ``measured`` is updated in place. The leader is :func:`pomt.select_r`'s n* on the
+    points measured so far (utility at ``alpha`` with ``accuracy``). A point's utility interval
+    comes from the confidence interval of its median latency (its p25-p75 without samples).
+
+    - With a sawtooth ``period`` P > 1, both sides of the steps next to the leader are timed
+      first: m - 1, m and m + 1 for the multiples m of P just below and above it (then the same
+      for each rival as it appears), so that no fast multiple or slow neighbour is guessed.
+    - Then, one timing at a time, the point with the widest utility interval among the leader
+      and the points whose intervals overlap the leader's is timed again, until no interval
+      overlaps the leader's (the leader is decided) or the budget is spent.
+    """
+    if not is_budget(budget):
+        raise PomtValueError(f"the re-timing budget must be a non-negative int, got {budget!r}")
+    lo = min(measured) if lo is None else lo
+    hi = max(measured) if hi is None else hi
+    taken: list[int] = []
+
+    def take(n: int) -> None:
+        measured[n] = measure(n)
+        taken.append(n)
+        if on_point is not None:
+            on_point(n, measured[n])
+
+    def sides(n: int) -> list[int]:  # both sides of the steps at the multiples of P next to n
+        if not period or period < 2:
+            return []
+        base = n - n % period
+        return [k for m in (base, base + period) for k in (m - 1, m, m + 1) if lo <= k <= hi]
+
+    def fill(ns: Iterable[int]) -> None:
+        for n in ns:
+            if len(taken) < budget and n not in measured:
+                take(n)
+
+    leader, _, _ = _rivals(measured, accuracy, alpha, hi)
+    fill(sides(leader))
+    while len(taken) < budget:
+        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi)
+        fill([k for n in (leader, *rivals) for k in sides(n)])
+        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi)
+        if not rivals or len(taken) >= budget:
+            break
+        # the widest interval among the leader and its rivals: the measurement that narrows most
+        take(max((leader, *rivals), key=lambda n: (spans[n][1] - spans[n][0], n == leader, n)))
+    return taken
+
+
+def known_period(points: dict[int, TimingStats], period: int | str | None) -> int:
+    """The sawtooth period a search used: ``period`` when given, else (``"auto"``) what
+    :func:`detect_period` finds again on the points already measured (0: none; nothing is timed)."""
+    if period != "auto":
+        return int(period or 0)
+
+    def take(n: int) -> None:  # only what was measured: a missing neighbour means no sawtooth found
+        raise KeyError(n)
+
+    try:
+        return detect_period(take, dict(points), min(points), max(points))
+    except KeyError:
+        return 0
+
+
+def pooled(timer: Callable[[int], TimingStats]) -> Callable[[int], TimingStats]:
+    """``timer`` whose samples at an n timed again are pooled with the earlier ones (a summary
+    returned without its samples, as a test's timer may, is passed on as it is)."""
+    samples: dict[int, list[float]] = {}
+
+    def timed(n: int) -> TimingStats:
+        stats = timer(n)
+        if not stats.values_ms:
+            return stats
+        samples.setdefault(n, []).extend(stats.values_ms)
+        return TimingStats.from_samples(samples[n])
+
+    return timed
+
+
+def is_budget(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def utility_interval(
+    stats: TimingStats, acc: float, alpha: float, max_l: float, max_a: float
+) -> tuple[float, float]:
+    """The utility of a point at the ends of the confidence interval of its median latency."""
+    if len(stats.values_ms) >= 2:
+        _, low, high = median_interval(stats.values_ms)
+    else:
+        low, high = stats.p25_ms, stats.p75_ms
+    return utility(high, acc, alpha, max_l, max_a), utility(low, acc, alpha, max_l, max_a)
+
+
+def _rivals(
+    measured: dict[int, TimingStats], accuracy: object, alpha: float, n_total: int
+) -> tuple[int, list[int], dict[int, tuple[float, float]]]:
+    """The leader n*, the points whose utility intervals overlap its own (closest first), and
+    every point's utility interval."""
+    sel = select_r(measured, accuracy, alpha=alpha, n_total=n_total)
+    max_l, max_a = max(sel.curve_latency_ms), max(sel.curve_accuracy)
+    accs = dict(zip(sel.curve_n, sel.curve_accuracy, strict=True))
+    spans = {n: utility_interval(measured[n], accs[n], alpha, max_l, max_a) for n in sel.curve_n}
+    low = spans[sel.n_star][0]
+    rivals = [n for n in sel.curve_n if n != sel.n_star and spans[n][1] >= low]
+    rivals.sort(key=lambda n: (-spans[n][1], -n))
+    return sel.n_star, rivals, spans
 
 
 def full_grid(lo: int, hi: int) -> list[int]:

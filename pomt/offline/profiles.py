@@ -56,7 +56,7 @@ class LatencyPoint(TimingStats):
 
     @classmethod
     def from_stats(cls, n: int, stats: TimingStats) -> LatencyPoint:
-        return cls(n=int(n), **stats.to_dict())
+        return cls(n=int(n), values_ms=tuple(stats.values_ms), **stats.to_dict())
 
 
 @dataclass(frozen=True)
@@ -157,17 +157,16 @@ class _Profile:
         raw_points = kwargs.get("points")
         if not isinstance(raw_points, list) or not raw_points:
             raise PomtValueError(f"{source}: `points` must be a non-empty list")
-        point_fields = [f.name for f in fields(cls._point_type)]
+        point_fields = [f.name for f in fields(cls._point_type) if f.name != "values_ms"]
         points = []
         for i, raw in enumerate(raw_points):
             if not isinstance(raw, Mapping) or any(k not in raw for k in point_fields):
                 raise PomtValueError(f"{source}: point {i} must be an object with {', '.join(point_fields)}")
             try:
-                points.append(
-                    cls._point_type(
-                        **{k: (int if k in ("n", "samples") else float)(raw[k]) for k in point_fields}
-                    )
-                )
+                kwargs_i = {k: (int if k in ("n", "samples") else float)(raw[k]) for k in point_fields}
+                if raw.get("values_ms"):  # the samples themselves (optional: older files lack them)
+                    kwargs_i["values_ms"] = tuple(float(v) for v in raw["values_ms"])
+                points.append(cls._point_type(**kwargs_i))
             except (TypeError, ValueError) as err:
                 raise PomtValueError(f"{source}: point {i} has a bad value ({err})") from err
         kwargs["points"] = sorted(points, key=lambda p: p.n)
@@ -227,7 +226,7 @@ class _Profile:
                         f"it was timed on {have} CPU thread(s), this process runs {normalise(wanted)} "
                         "(torch.get_num_threads())"
                     )
-                return f"it was measured with {key}={have!r}, the current {key} is {normalise(wanted)!r}"
+                return f"it was measured with {key}={have!r}, now {key}={normalise(wanted)!r}"
         return None
 
     def check(self, expect: Mapping[str, Any], source: str = "profile") -> None:

@@ -32,7 +32,15 @@ from pomt.models import (
     token_layout,
 )
 from pomt.offline.config import SearchConfig
-from pomt.offline.grid import adaptive_grid, as_grid, coarse_grid, default_max_points
+from pomt.offline.grid import (
+    adaptive_grid,
+    as_grid,
+    coarse_grid,
+    default_max_points,
+    known_period,
+    pooled,
+    retime,
+)
 from pomt.offline.profiles import AccuracyPoint, AccuracyProfile, LatencyPoint, LatencyProfile, normalise
 from pomt.timing import Timing, TimingStats, device_name, time_call, time_paired
 from pomt.weights import weights_fingerprint
@@ -75,7 +83,7 @@ class _Timer:
             min_pairs=t.repeats or 5, prepare=call.setup, prepare_reference=self.reference.setup,
         )  # fmt: skip
         self.reference_ms.extend(reference_ms)
-        self.ratios[n] = ratios
+        self.ratios.setdefault(n, []).extend(ratios)  # timed again: the samples are pooled
         return self.scaled(n)
 
     def scaled(self, n: int) -> TimingStats:
@@ -127,7 +135,15 @@ def _sample(
             measure, lo, n_total, coarse_points=search.coarse_points, max_points=search.max_points,
             period=search.period, accuracy=accuracy, alpha=search.alpha, on_point=on_point,
         )  # fmt: skip
-        return points, "fast" if accuracy is None else f"fast-guided(alpha={search.alpha:g})"
+        sampling = "fast" if accuracy is None else f"fast-guided(alpha={search.alpha:g})"
+        if accuracy is not None and search.retime_points:  # more timings where they decide n*
+            found = known_period(points, search.period)
+            again = retime(
+                measure, points, accuracy, alpha=search.alpha, budget=search.retime_points, period=found,
+                on_point=on_point,
+            )  # fmt: skip
+            sampling += f", {len(again)} re-timed" if again else ""
+        return points, sampling
     finally:
         bar.close()
 
@@ -188,10 +204,11 @@ def latency_profile(
     device = target.torch_device
     if isinstance(measure, Prepared):
         timer = _Timer(measure, search.timing if timing is None else timing, device)
-        points, sampling = timer.final(*_sample(timer, layout, search, accuracy, progress))
+        fn = timer if timer.relative else pooled(timer)  # a relative timer pools its ratios itself
+        points, sampling = timer.final(*_sample(fn, layout, search, accuracy, progress))
         record = measure.record()
     else:
-        points, sampling = _sample(measure, layout, search, accuracy, progress)
+        points, sampling = _sample(pooled(measure), layout, search, accuracy, progress)
         threads = torch.get_num_threads() if device.type == "cpu" else None
         kernels = target.backend.kernels(device, target.torch_dtype) or f"{target.runtime} graph"
         record = dict(threads=threads, kernels=kernels)

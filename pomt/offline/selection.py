@@ -72,6 +72,33 @@ class Selection:
     verification: str = ""
     measurements: tuple[tuple[int, float, float, float], ...] = ()
     precision: str | None = None
+    # how often n* comes out of the profile with each point's samples resampled (pomt.offline.stability),
+    # the n chosen most often otherwise, and how far its utility trails n*'s (a fraction)
+    stability: float | None = None
+    stability_resamples: int = 0
+    runner_up: int | None = None
+    runner_up_share: float | None = None
+    runner_up_gap: float | None = None
+    # L(n*) and L(N)/L(n*) timed afresh after the choice, before the prediction is reported
+    retimed_latency_ms: float | None = None
+    retimed_speedup: float | None = None
+
+    @property
+    def stability_line(self) -> str:
+        """``n* = 81 (chosen in 93 % of 100 resamples; runner-up n = 96, utility within 0.2 %)``,
+        or "" when the stability was not measured."""
+        if self.stability is None:
+            return ""
+        from pomt.offline.stability import stability_text
+
+        return stability_text(
+            self.n_star,
+            self.stability,
+            self.stability_resamples,
+            self.runner_up,
+            self.runner_up_share or 0.0,
+            self.runner_up_gap,
+        )
 
     @property
     def unpruned_latency_ms(self) -> float | None:
@@ -91,6 +118,24 @@ class Selection:
         """Whether the speed-up was measured against the unpruned model (see ``pomt.offline.verify``)."""
         return self.measured_speedup is not None
 
+    @property
+    def prediction_check(self) -> str | None:
+        """One line when the profile's predicted speed-up lies outside the 95 % interval that the
+        verification measured (for the kept R; when R = 0 was kept, for the first candidate
+        measured), else None: the measured speed-up is then the one to believe."""
+        if not self.measurements:
+            return None
+        kept = [m for m in self.measurements if m[0] == self.r] if self.verified else []
+        r, speedup, low, high = (kept or list(self.measurements))[0]
+        n = self.n_total - r
+        predicted = self.at(n).speedup if n in self.curve_n else None
+        if predicted is None or low <= predicted <= high:
+            return None
+        return (
+            f"prediction off at R={r}: the latency profile predicted x{predicted:.3f}, verification measured "
+            f"x{speedup:.3f} [{low:.3f}, {high:.3f}] ({predicted / speedup - 1:+.1%}); trust the measured one"
+        )
+
     def at(self, n: int) -> Selection:
         """The same curves with ``n`` chosen instead of n* (``n`` must be on the curve)."""
         if n not in self.curve_n:
@@ -104,11 +149,14 @@ class Selection:
             predicted_latency_ms=self.curve_latency_ms[i],
             predicted_accuracy=self.curve_accuracy[i],
             measured_latency_ms=self.curve_raw_latency_ms[i],
+            retimed_latency_ms=None if n != self.n_star else self.retimed_latency_ms,
+            retimed_speedup=None if n != self.n_star else self.retimed_speedup,
         )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["speedup"] = self.speedup
+        out["prediction_check"] = self.prediction_check
         return out
 
     @classmethod
@@ -135,6 +183,9 @@ class Selection:
             f"selection estimate A({self.n_star})={self.predicted_accuracy:.4f} ({self.n_star} random tokens, "
             f"not the pruned model's accuracy){speed}"
             + (f" (timed at {self.precision})" if self.precision else "")
+            + (f"; {self.prediction_check}" if self.prediction_check else "")
+            + (f"; x{self.retimed_speedup:.3f} re-timed at n*" if self.retimed_speedup is not None else "")
+            + (f"; {self.stability_line}" if self.stability_line else "")
         )
 
 
@@ -223,7 +274,7 @@ def select_r(
             noise = [float(latency_tolerance_ms)] * len(ns)
         else:
             noise = [lcurve.noise[n] for n in ns]
-        lat_used = step_fit(raw, noise)
+        lat_used = step_fit(raw, noise, ns)
     else:
         lat_used = list(raw)
     acc_used = [interpolate(acc_ns, acc_vals, n) for n in ns]

@@ -3,7 +3,7 @@ at matching r), their side-by-side timing on one batch, and their token maps."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +20,8 @@ __all__ = [
     "configurations",
     "matching_r_values",
     "time_configurations",
+    "runtime_accuracy",
+    "runtime_accuracy",
     "SideBySide",
     "token_maps_figure",
 ]
@@ -143,16 +145,23 @@ def time_configurations(
     layer: int,
     target: Target,
     how: SideBySide,
+    accuracy_on: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Latency of every configuration of ``vit`` (the ViT in ``model``, found once by the
     caller) on ``images`` on ``target``, interleaved round by round (call this under the
     precision the profile used). Each configuration runs as the Target's runtime runs it (eager,
     a captured CUDA graph replayed, an exported graph compiled by an exported runtime), and its
     ``mode`` says how; one the runtime cannot run is left out, with a warning saying why.
-    Returns ``{key: stats + mode}``."""
+    ``accuracy_on``: test batches to measure each configuration's accuracy on, as the runtime
+    computes it (a runtime that computes in another precision than PyTorch). Returns
+    ``{key: stats + mode [+ accuracy]}``."""
+    accuracy: dict[str, dict[str, float]] = {}
     with target.prepare(model, layer=layer, vit=vit, example=images) as prepared:
         calls = {c.key: prepared.configured(c.method, c.r, c.label) for c in configs}
         calls = {key: call for key, call in calls.items() if call is not None}
+        for key, call in calls.items():
+            if accuracy_on is not None and call.infer is not None:
+                accuracy[key] = runtime_accuracy(call.infer, accuracy_on, len(images))
 
         def setup(key: str) -> None:
             if calls[key].setup is not None:
@@ -166,7 +175,31 @@ def time_configurations(
             prepare=setup,
             progress=f"timing {len(calls)} configurations",
         )
-    return {key: {**s.to_dict(), "mode": calls[key].mode} for key, s in stats.items()}
+    extra = {key: {"accuracy": value} for key, value in accuracy.items()}
+    return {key: {**s.to_dict(), "mode": calls[key].mode, **extra.get(key, {})} for key, s in stats.items()}
+
+
+def runtime_accuracy(
+    infer: Callable[[torch.Tensor], torch.Tensor],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    size: int,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy of a compiled configuration ``infer`` (images -> logits, compiled
+    at batch ``size``) on ``batches``; a smaller last batch is padded with its last image to the
+    compiled shape and the padding's outputs dropped."""
+    top1 = top5 = images = 0
+    for x, y in batches:
+        x = x.detach().to("cpu", torch.float32)
+        count = len(x)
+        if count < size:
+            x = torch.cat([x, x[-1:].expand(size - count, *x.shape[1:])])
+        logits = infer(x)[:count].float()
+        y = y.to("cpu")
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1 += int((top[:, 0] == y).sum())
+        top5 += int((top == y[:, None]).any(-1).sum())
+        images += count
+    return {"acc1": top1 / max(images, 1), "acc5": top5 / max(images, 1), "images": images}
 
 
 def token_maps_figure(

@@ -12,13 +12,21 @@ import lightning.pytorch as pl
 from torch import nn
 
 from pomt.data import split_batch
-from pomt.deploy.targets import Target
 from pomt.errors import PomtValueError, is_int
 from pomt.lightning.sweep.report import ReportRow
 from pomt.lightning.sweep.rundir import RunDir
+from pomt.lightning.sweep.runtimes import RuntimeRun
 from pomt.offline.finder import SearchResult
 
-__all__ = ["RunState", "SweepRun", "TradeoffResult", "check_limit", "no_trainer_limit", "test_images"]
+__all__ = [
+    "RunState",
+    "SweepRun",
+    "TradeoffResult",
+    "check_limit",
+    "no_trainer_limit",
+    "test_batches",
+    "test_images",
+]
 
 
 @dataclass
@@ -31,7 +39,9 @@ class TradeoffResult:
     csv_path: Path | None = None
     json_path: Path | None = None
     plot_path: Path | None = None
-    searches: dict[int, SearchResult] = field(default_factory=dict)  # per batch size, when made on this rank
+    searches: dict[str, dict[int, SearchResult]] = field(
+        default_factory=dict
+    )  # per runtime and batch size (rank 0)
     wandb_dirs: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)  # configurations whose accuracy was reused
     reused_healed: list[str] = field(default_factory=list)  # healed weights loaded, not trained again
@@ -54,9 +64,9 @@ class SweepRun:
     changes is in ``result`` (what the sweep returns) and ``state``.
 
     ``trainer`` is the Trainer built once for the device and precision (rank 0 measures
-    with it); ``conditions`` what every record of this run is valid for (see
-    ``pomt.lightning.sweep.rundir``); ``target`` the sweep's Target, completed with the Trainer's
-    device and precision; ``how_timed`` how every configuration is timed, in words;
+    with it); ``conditions`` what every accuracy record of this run is valid for (see
+    ``pomt.lightning.sweep.rundir``); ``runtimes`` each runtime's own conditions and how it times
+    (``pomt.lightning.sweep.runtimes``), in the order given;
     ``per_batch_size``: each batch size has its own folder ``bs<B>/``; ``heal_batch_size``: the
     batch size the run started with, at which every configuration heals.
     """
@@ -68,13 +78,17 @@ class SweepRun:
     trainer: pl.Trainer
     run_dir: RunDir
     conditions: dict[str, Any]
-    target: Target  # where every configuration is timed and R chosen (the Trainer's device and precision)
-    how_timed: str
+    runtimes: dict[str, RuntimeRun]
     group: str
     per_batch_size: bool
     result: TradeoffResult
     state: RunState
     heal_batch_size: int | None = None  # the batch size every configuration heals at
+
+    @property
+    def how_timed(self) -> dict[str, str]:
+        """How each runtime times every configuration, in words."""
+        return {name: runtime.how_timed for name, runtime in self.runtimes.items()}
 
     @property
     def zero(self) -> bool:
@@ -91,6 +105,23 @@ class SweepRun:
 def test_images(datamodule: Any) -> Any:
     """The images of the first test batch (timed side by side, and shown in the token maps)."""
     return split_batch(next(iter(datamodule.test_dataloader())))[0]
+
+
+def test_batches(datamodule: Any, limit: float | int | None) -> list[tuple[Any, Any]]:
+    """The (images, labels) test batches that ``limit`` (the sweep's test limit) tests on, as
+    Lightning counts them (a fraction: at least one batch)."""
+    import math
+
+    loader = datamodule.test_dataloader()
+    total = len(loader)
+    count = total if limit is None else (limit if is_int(limit) else max(1, math.floor(limit * total)))
+    out = []
+    for index, batch in enumerate(loader):
+        if index >= count:
+            break
+        images, labels = split_batch(batch)[:2]
+        out.append((images, labels))
+    return out
 
 
 def check_limit(limit: float | int | None) -> float | int | None:

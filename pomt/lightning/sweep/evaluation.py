@@ -12,29 +12,31 @@ directory at once and reused by a rerun where still valid (``pomt.lightning.swee
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import pomt
 from pomt.callbacks.pomt_callback import POMTCallback
-from pomt.deploy.targets import Target
 from pomt.errors import PomtValueError
 from pomt.lightning.loggers import wandb_logger
 from pomt.lightning.sweep.configurations import Configuration, token_maps_figure
+from pomt.lightning.sweep.console import announce, healing_shown, print_where, progress
 from pomt.lightning.sweep.context import RunState, SweepRun, TradeoffResult, no_trainer_limit, test_images
 from pomt.lightning.sweep.healing import healed_weights
 from pomt.lightning.sweep.plan import Plan, Tested, accuracy_record, make_plan
 from pomt.lightning.sweep.report import ReportRow, format_table, mark_pareto, write_report
 from pomt.lightning.sweep.rundir import RunDir
+from pomt.lightning.sweep.runtimes import runtime_runs
+from pomt.lightning.sweep.sentences import recommendation
 from pomt.lightning.sweep.settings import SweepSettings
 from pomt.lightning.sweep.summary import finish_run, log_summary_run
+from pomt.method.ops import kernel_backend
 from pomt.models import find_vit
 from pomt.plots import plot_tradeoff
 from pomt.timing import device_name
@@ -61,13 +63,13 @@ class TradeoffEvaluation:
         """Run every configuration; ``trainer_factory(logger=..., callbacks=[...], **trainer_kwargs)``
         makes a Trainer; ``on_start(run_dir)`` runs on rank 0 once the run directory exists."""
         sweep = self._open(model, datamodule, trainer_factory, on_start)
-        with self._progress(sweep.zero) as sweep.state.bar:
+        with progress(sweep.zero) as sweep.state.bar:
             try:
                 for index, batch_size in enumerate(self._batch_sizes(datamodule)):
                     datamodule.batch_size = batch_size
                     plan = self._share_plan(sweep, batch_size)
                     if index == 0 and sweep.zero:
-                        self._announce(sweep, plan)
+                        announce(sweep, self.settings, plan, self._batch_sizes(datamodule))
                         self._save_token_maps(sweep, plan)
                     rows = self._test_all(sweep, plan)
                     if sweep.zero and self.settings.batch_sizes:
@@ -75,9 +77,12 @@ class TradeoffEvaluation:
             finally:  # also after Ctrl-C: every finished row is on disk
                 self._write_combined(sweep)
         if sweep.zero:
-            print(format_table(sweep.result.rows, self._header(sweep)))
+            header = self._header(sweep)
+            if len(header) == 1:
+                header = next(iter(header.values()))
+            print(format_table(sweep.result.rows, header, self.settings.max_accuracy_drop))
             self._log_summary(sweep)
-            self._print_where(sweep)
+            print_where(sweep)
         return sweep.result
 
     # ------------------------------------------------------------------ steps
@@ -103,11 +108,8 @@ class TradeoffEvaluation:
         if on_start is not None and zero:
             on_start(run_dir.root)
         datamodule.setup("test")
-        target = dataclasses.replace(
-            self.settings.target,
-            device=self.settings.target.device or str(trainer.strategy.root_device),
-            precision=self.settings.target.precision or str(trainer.precision),
-        ).on(model)
+        conditions = self._conditions(model, datamodule, trainer)
+        device, how = trainer.strategy.root_device, self.settings.side_by_side
         return SweepRun(
             model=model,
             vit=find_vit(model)[1],
@@ -115,10 +117,11 @@ class TradeoffEvaluation:
             trainer_factory=trainer_factory,
             trainer=trainer,
             run_dir=run_dir,
-            conditions=self._conditions(model, datamodule, trainer, target),
-            target=target,
-            how_timed=self.settings.side_by_side.describe(target),
-            group=self.settings.wandb_group or f"tradeoff-{name}",
+            conditions=conditions,
+            runtimes=(
+                runs := runtime_runs(self.settings.targets, conditions, how, device, str(trainer.precision))
+            ),
+            group=self.settings.wandb_group or f"tradeoff-{name}-{'+'.join(runs)}",
             per_batch_size=bool(self.settings.batch_sizes),
             result=TradeoffResult([], run_dir.root),
             heal_batch_size=getattr(datamodule, "batch_size", None),
@@ -143,7 +146,8 @@ class TradeoffEvaluation:
         return plan
 
     def _test_all(self, sweep: SweepRun, plan: Plan) -> list[ReportRow]:
-        """Test (or reuse) every configuration of one batch size; rows written as they finish."""
+        """Test (or reuse) every configuration of one batch size once; its rows (one per runtime
+        that timed it) written as they finish, then ordered by runtime."""
         rows, reused = [], []
         for config in plan.configs:
             tested = plan.done.get(config.key)
@@ -152,16 +156,18 @@ class TradeoffEvaluation:
             else:
                 reused.append(config.label)
             if sweep.zero:
-                rows.append(self._row(sweep, plan, config, tested))
-                sweep.result.rows.append(rows[-1])
-                write_report(
-                    sweep.result.rows,
-                    sweep.run_dir.root,
-                    how_timed=sweep.how_timed,
-                    run=self._run_info(sweep),
-                )
+                for runtime, configs in plan.runs.items():
+                    mine = next((c for c in configs if c.key == config.key), None)
+                    if mine is not None:
+                        rows.append(self._row(sweep, plan, runtime, mine, tested))
+                        sweep.result.rows.append(rows[-1])
+                self._write_report(sweep, sweep.result.rows, sweep.run_dir.root)
             if sweep.state.bar is not None:
                 sweep.state.bar.update(1)
+        order = list(plan.runs)
+        ordered = sorted(rows, key=lambda row: order.index(row.runtime))
+        sweep.result.rows[len(sweep.result.rows) - len(rows) :] = ordered
+        rows = ordered
         if reused and sweep.zero:
             sweep.result.reused.extend(reused)
             where = sweep.run_dir.root / "results"
@@ -192,7 +198,7 @@ class TradeoffEvaluation:
         )
         try:
             start = time.perf_counter()
-            with self._healing_shown(sweep, config), healed_weights(sweep, self.settings, config) as healing:
+            with healing_shown(sweep, config), healed_weights(sweep, self.settings, config) as healing:
                 rank_zero_info(f"evaluating {config.label}")
                 trainer = sweep.trainer_factory(logger=logger, callbacks=callbacks, **limit)
                 metrics = trainer.test(sweep.model, datamodule=sweep.datamodule, verbose=False)[0]
@@ -201,31 +207,44 @@ class TradeoffEvaluation:
             if healing.reused:
                 sweep.result.reused_healed.append(config.label)
             if logger:
-                stats = plan.latency[config.base.key].stats
+                timed = {name: t[config.base.key] for name, t in plan.latency.items() if config.base.key in t}
                 logger.log_hyperparams(
                     {
                         "method": config.method,
                         "r": config.r,
-                        "timing": sweep.how_timed,
+                        "runtimes": list(timed),
+                        "timing": {name: sweep.how_timed[name] for name in timed},
                         "healed": bool(config.heal_epochs),
                         "heal_epochs": config.heal_epochs,
                     }
                 )
-                healed = {} if healing.seconds is None else {"heal/seconds": healing.seconds}
-                logger.log_metrics(
-                    {"latency/median_ms": stats.median_ms, "latency/p90_ms": stats.p90_ms, **healed}
-                )
+                metrics = {"heal/seconds": healing.seconds} if healing.seconds is not None else {}
+                for name, t in timed.items():
+                    metrics |= {
+                        f"latency/{name}/median_ms": t.stats.median_ms,
+                        f"latency/{name}/p90_ms": t.stats.p90_ms,
+                    }
+                logger.log_metrics(metrics)
         finally:
             finish_run(logger, sweep.result.wandb_dirs)
         sweep.run_dir.save(*accuracy_record(sweep, self.settings, config), tested.to_dict())
         return tested
 
-    def _row(self, sweep: SweepRun, plan: Plan, config: Configuration, tested: Tested) -> ReportRow:
-        """The report row of one configuration at the plan's batch size."""
+    def _row(
+        self, sweep: SweepRun, plan: Plan, runtime: str, config: Configuration, tested: Tested
+    ) -> ReportRow:
+        """The report row of one configuration in ``runtime`` at the plan's batch size (its
+        accuracy measured there where the runtime computes in another precision)."""
         schedule = pomt.token_schedule(sweep.vit, config.method, config.r, self.settings.layer)
-        search = sweep.result.searches.get(plan.batch_size)
+        search = sweep.result.searches.get(runtime, {}).get(plan.batch_size)
         chosen = search.selection if (search and config.selected) else None
-        timed, metrics = plan.latency[config.base.key], tested.metrics
+        timed, metrics = plan.latency[runtime][config.base.key], dict(tested.metrics)
+        run = sweep.runtimes[runtime]
+        if run.own_accuracy and not config.heal_epochs and timed.accuracy is not None:
+            metrics |= {f"test/{k}": v for k, v in timed.accuracy.items()}
+        source = run.accuracy_from(sweep.conditions["precision"])
+        if run.own_accuracy and (config.heal_epochs or timed.accuracy is None):
+            source = f"PyTorch's ({sweep.conditions['precision']}); not measured in {run.precision}"
         return ReportRow(
             method=config.method,
             r=None if config.method == "none" else config.r,
@@ -239,7 +258,7 @@ class TradeoffEvaluation:
             batch_size=plan.batch_size,
             device=sweep.conditions["device"],
             dtype=str(next(sweep.model.parameters()).dtype).removeprefix("torch."),
-            precision=sweep.conditions["precision"],
+            precision=run.precision,
             model=str(
                 getattr(getattr(sweep.model, "hparams", {}), "model_name", "") or type(sweep.vit).__name__
             ),
@@ -253,13 +272,16 @@ class TradeoffEvaluation:
             healed=bool(config.heal_epochs),
             heal_epochs=config.heal_epochs,
             heal_s=tested.heal_s,
+            runtime=runtime,
+            accuracy_from=source,
         )
 
     def _save_token_maps(self, sweep: SweepRun, plan: Plan) -> None:
         """``token_maps.png``: the first test images under each kind of configuration."""
         if self.settings.token_maps:
             images = test_images(sweep.datamodule)[: self.settings.token_maps].to(sweep.device)
-            figure = token_maps_figure(sweep.vit, images, plan.configs, self.settings.layer)
+            first = next(iter(plan.runs.values()))  # the first runtime's configurations
+            figure = token_maps_figure(sweep.vit, images, first, self.settings.layer)
             figure.savefig(sweep.run_dir.root / "token_maps.png", dpi=100)
 
     def _write(
@@ -267,12 +289,19 @@ class TradeoffEvaluation:
     ) -> tuple[Path, ...]:
         """``report.csv``, ``report.json`` and ``tradeoff.png`` of ``rows`` in ``out`` (with the
         profiles of ``batch_size``'s search in the plot, when there is one)."""
-        csv_path, json_path = write_report(rows, out, how_timed=sweep.how_timed, run=self._run_info(sweep))
-        search = sweep.result.searches.get(batch_size) if batch_size is not None else None
+        csv_path, json_path = self._write_report(sweep, rows, out)
+        first = next(iter(sweep.runtimes))  # the profiles drawn beside: the first runtime's
+        search = sweep.result.searches.get(first, {}).get(batch_size) if batch_size is not None else None
         parts = (search.latency, search.accuracy, search.selection) if search else (None, None, None)
         plot_path = out / "tradeoff.png"
         plot_tradeoff(rows, *parts).savefig(plot_path, dpi=110)
         return csv_path, json_path, plot_path
+
+    def _write_report(self, sweep: SweepRun, rows: list[ReportRow], out: Path) -> tuple[Path, Path]:
+        run = self._run_info(sweep)
+        return write_report(
+            rows, out, how_timed=sweep.how_timed, run=run, max_drop=self.settings.max_accuracy_drop
+        )
 
     def _write_combined(self, sweep: SweepRun) -> None:
         """Rank 0: the report of every finished row in the run directory."""
@@ -291,46 +320,56 @@ class TradeoffEvaluation:
         logger = self._logger(sweep, "summary", sweep.run_dir.root)
         figures = [sweep.result.plot_path, sweep.run_dir.root / "token_maps.png"]
         images = [p for p in figures if p is not None and p.is_file()]
-        log_summary_run(
-            logger, sweep.result.rows, images, {"timing": sweep.how_timed, **self._run_info(sweep)}
-        )
+        advice = recommendation(sweep.result.rows, self.settings.max_accuracy_drop)
+        config = {"timing": sweep.how_timed, **self._run_info(sweep), "recommendation": advice}
+        log_summary_run(logger, sweep.result.rows, images, config)
         finish_run(logger, sweep.result.wandb_dirs)
 
     # ------------------------------------------------------------------ helpers
-    def _conditions(
-        self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer, target: Target
-    ) -> dict[str, Any]:
+    def _conditions(self, model: pl.LightningModule, datamodule: Any, trainer: pl.Trainer) -> dict[str, Any]:
         """What every record of this run is valid for (see ``pomt.lightning.sweep.rundir``)."""
         test = getattr(datamodule, "test_dataset", None)
         size = len(test) if hasattr(test, "__len__") else None
-        conditions = {
+        return {
             "weights": weights_fingerprint(model),
             "data": f"{type(datamodule).__name__}: test split of {size} images",
             "device": device_name(trainer.strategy.root_device),
-            "precision": target.precision,  # the Trainer's, or the one an exported runtime computes in
+            "precision": str(trainer.precision),  # each runtime's own: pomt.lightning.sweep.runtimes
             "layer": self.settings.layer,
         }
-        conditions["runtime"] = f"{target.runtime} {target.backend.version()}"  # what ran the model
-        return conditions
 
     def _run_info(self, sweep: SweepRun) -> dict[str, Any]:
-        """What the report says the run was made under: the conditions, the test limit, and the
-        implementation POMT's block ran while timed."""
+        """What the report says the run was made under: the conditions, the runtimes (name and
+        version, precision), the test limit, and the implementation POMT's block ran while timed
+        in PyTorch."""
+        runtimes = {
+            name: {k: run.conditions[k] for k in ("precision", "runtime") if k in run.conditions}
+            | {"kernels": self._kernels(sweep, name)}
+            for name, run in sweep.runtimes.items()
+        }
         return {
             **sweep.conditions,
+            "runtimes": runtimes,
+            "threads": torch.get_num_threads(),
+            "max_accuracy_drop": self.settings.max_accuracy_drop,
             "limit_test_batches": self.settings.limit_test_batches,
-            "kernels": self._kernels(sweep),
+            "kernels": kernel_backend(sweep.device),  # the path PyTorch runs POMT's block with
         }
 
-    @staticmethod
-    def _kernels(sweep: SweepRun) -> str:
-        """The implementation POMT's block ran (an exported runtime: its own graph)."""
-        return sweep.target.backend.kernels(sweep.device, None) or f"{sweep.target.runtime} graph"
+    def _kernels(self, sweep: SweepRun, runtime: str) -> str:
+        """What runs POMT's block in ``runtime``: PyTorch's path (torch or the kernels), or the
+        runtime's own compiled graph, as the latency profile names it."""
+        target = sweep.runtimes[runtime].target
+        return target.backend.kernels(sweep.device, None) or f"{target.runtime} graph"
 
-    def _header(self, sweep: SweepRun) -> str:
-        """How the table was timed (how the Target's runtime ran it, and POMT's path where PyTorch ran it)."""
-        kernels = sweep.target.backend.kernels(sweep.device, None)
-        return sweep.how_timed if kernels is None else f"{sweep.how_timed}; POMT block: {kernels} path"
+    def _header(self, sweep: SweepRun) -> dict[str, str]:
+        """How each runtime timed the table (its precision; where PyTorch runs the model, POMT's path)."""
+        how = sweep.how_timed
+        for name, run in sweep.runtimes.items():
+            kernels = run.target.backend.kernels(sweep.device, None)
+            if kernels is not None:  # where PyTorch runs the model: POMT's path
+                how[name] += f"; POMT block: {kernels} path"
+        return how
 
     def _logger(self, sweep: SweepRun, name: str, run_dir: Path) -> Any:
         if not self.settings.wandb:
@@ -342,59 +381,3 @@ class TradeoffEvaluation:
             rank_zero_warn(f"{err}; logging this evaluation offline instead")
             sweep.state.wandb_offline = True  # the later runs too, without a warning each
             return wandb_logger(save_dir=run_dir, offline=True, **kwargs)
-
-    @contextlib.contextmanager
-    def _healing_shown(self, sweep: SweepRun, config: Configuration) -> Iterator[None]:
-        """While a configuration heals, the progress bar says so; then the healing time so far."""
-        bar = sweep.state.bar if config.heal_epochs else None
-        if bar is None:
-            yield
-            return
-        bar.set_postfix_str(f"healing {config.label} ({config.heal_epochs} epochs)", refresh=True)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sweep.state.heal_s += time.perf_counter() - start
-            bar.set_postfix_str(f"healing and testing healed rows: {sweep.state.heal_s:.0f} s", refresh=True)
-
-    @contextlib.contextmanager
-    def _progress(self, enabled: bool) -> Iterator[Any]:
-        if not enabled:
-            yield None
-            return
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="sweep", unit="config", position=0, leave=True, dynamic_ncols=True)
-        try:
-            yield bar
-        finally:
-            bar.close()
-
-    def _announce(self, sweep: SweepRun, plan: Plan) -> None:
-        """The line before the sweep runs: what it compares, on what, and what is reused."""
-        test = getattr(sweep.datamodule, "test_dataset", None)
-        images = f"{len(test)} test images" if hasattr(test, "__len__") else "the test split"
-        limit = (
-            ""
-            if self.settings.limit_test_batches is None
-            else f" (limit_test_batches={self.settings.limit_test_batches})"
-        )
-        batch_sizes = self._batch_sizes(sweep.datamodule)
-        configs, to_test = plan.configs, len(plan.to_test)
-        healed = sum(1 for c in plan.to_test if c.heal_epochs)
-        heal = f" ({healed} healed for {self.settings.heal_epochs} epochs each first)" if healed else ""
-        print(
-            f"sweep: {len(configs)} configurations x batch sizes {batch_sizes}: "
-            f"{', '.join(c.label for c in configs)}; accuracy on {images}{limit}; "
-            f"{to_test} to test{heal}, {len(configs) - to_test} reused"
-        )
-        if sweep.state.bar is not None:
-            sweep.state.bar.total = len(configs) * len(batch_sizes)
-            sweep.state.bar.refresh()
-
-    def _print_where(self, sweep: SweepRun) -> None:
-        result = sweep.result
-        print(f"report: {result.csv_path} and {result.json_path}; plot: {result.plot_path}")
-        if result.wandb_dirs and sweep.state.wandb_offline:
-            print(f"W&B offline runs (upload with `wandb sync DIR`): {Path(result.wandb_dirs[0]).parent}")

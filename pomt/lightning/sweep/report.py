@@ -9,14 +9,17 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pomt.deploy.targets import Target
+from pomt.lightning.sweep.sentences import comparisons, recommendation
+
 __all__ = ["ReportRow", "write_report", "format_table", "mark_pareto", "front", "comparisons"]
 
-REPORT_SCHEMA = 3  # 3: healed rows (healed, heal_epochs, heal_s)
+REPORT_SCHEMA = 4  # 3: healed rows (healed, heal_epochs, heal_s); 4: runtime, accuracy_from
 
 
 @dataclass
@@ -37,7 +40,9 @@ class ReportRow:
     images the accuracy is on, ``wall_s`` how long its test took (healing included). A
     ``healed`` row is the same configuration fine-tuned at its r for ``heal_epochs`` epochs
     first (``heal_s`` seconds); its latency is the training-free row's, and its ``pareto``
-    marks the front of the healed rows and the unpruned model.
+    marks the front of the healed rows and the unpruned model. ``runtime`` is what the row was
+    timed in (``torch``, ``onnxruntime``, ``openvino``); ``accuracy_from`` says where its accuracy
+    was measured (PyTorch's, shared by the runtimes that compute in fp32, or the runtime's own).
     """
 
     method: str
@@ -65,6 +70,8 @@ class ReportRow:
     healed: bool = False
     heal_epochs: int = 0
     heal_s: float | None = None
+    runtime: str = "torch"
+    accuracy_from: str = ""
 
     @property
     def label(self) -> str:
@@ -81,11 +88,13 @@ def write_report(
     rows: Sequence[ReportRow],
     out_dir: str | os.PathLike[str],
     stem: str = "report",
-    how_timed: str | None = None,
+    how_timed: str | Mapping[str, str] | None = None,
     run: dict[str, Any] | None = None,
+    max_drop: float | None = None,
 ) -> tuple[Path, Path]:
     """Write ``rows`` to ``out_dir/stem.csv`` and ``out_dir/stem.json`` (with ``how_timed``,
-    how every row was timed in words, what the ``run`` was made under, and the comparison sentences)."""
+    how every row was timed in words, what the ``run`` was made under, the comparison sentences
+    and, with ``max_drop``, the recommendation)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = [f.name for f in fields(ReportRow)]
@@ -97,9 +106,10 @@ def write_report(
             writer.writerow(asdict(row))
     payload = {
         "schema": REPORT_SCHEMA,
-        "timing": how_timed,
+        "timing": how_timed if how_timed is None or isinstance(how_timed, str) else dict(how_timed),
         "run": run,
         "comparisons": comparisons(rows),
+        "recommendation": [] if max_drop is None else recommendation(rows, max_drop),
         "rows": [_finite(asdict(row)) for row in rows],
     }
     json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -141,97 +151,58 @@ def mark_pareto(rows: Sequence[ReportRow]) -> list[ReportRow]:
     return [replace(row, pareto=not _dominated(row, _kind(rows, row.batch_size, row.healed))) for row in rows]
 
 
-_NAMES = {"tome": "ToMe", "topk": "Top-K"}
-
-
-def comparisons(rows: Sequence[ReportRow]) -> list[str]:
-    """For POMT's chosen R at each batch size, training-free and healed: the fastest ToMe and
-    Top-K setting of the same kind at equal or higher top-1, and which of the two is faster by
-    how much (one sentence each); for healed POMT, also how much of its training-free accuracy
-    loss against the unpruned model healing recovered."""
-    out = []
-    for chosen in (row for row in rows if row.selected):
-        same = [row for row in rows if row.batch_size == chosen.batch_size and row.healed == chosen.healed]
-        healed = f", healed {chosen.heal_epochs} epochs" if chosen.healed else ""
-        where = f"batch {chosen.batch_size}{healed}: "
-        ours = f"POMT (r={chosen.r}, {100 * chosen.acc1:.2f} %, {chosen.latency_ms:.2f} ms)"
-        if chosen.healed:
-            out.extend(_recovery(rows, chosen, where))
-        for method, name in _NAMES.items():
-            group = [row for row in same if row.method == method]
-            if not group:
-                continue
-            match = [row for row in group if row.acc1 >= chosen.acc1]
-            if not match:
-                best = max(group, key=lambda row: (row.acc1, -row.latency_ms))
-                out.append(
-                    f"{where}no {name} setting reaches the accuracy of {ours}; the most accurate, r={best.r}, "
-                    f"has {100 * best.acc1:.2f} % at {best.latency_ms:.2f} ms"
-                )
-                continue
-            best = min(match, key=lambda row: row.latency_ms)
-            theirs = f"{name} (r={best.r}, {100 * best.acc1:.2f} %, {best.latency_ms:.2f} ms)"
-            ratio = best.latency_ms / chosen.latency_ms
-            faster, slower, by = (ours, theirs, ratio) if ratio >= 1 else (theirs, ours, 1 / ratio)
-            out.append(
-                f"{where}on this device {faster} is x{by:.2f} faster than {slower} at the same or higher accuracy"
-            )
-    return out
-
-
-def _recovery(rows: Sequence[ReportRow], healed: ReportRow, where: str) -> list[str]:
-    """How much of POMT's training-free accuracy loss against the unpruned model healing won back."""
-    same = [row for row in rows if row.batch_size == healed.batch_size and not row.healed]
-    base = next((row for row in same if row.method == "none"), None)
-    free = next((row for row in same if row.selected and row.r == healed.r), None)
-    if base is None or free is None:
+def _timing_lines(how_timed: str | Mapping[str, str] | None) -> list[str]:
+    if not how_timed:
         return []
-    loss, left = base.acc1 - free.acc1, base.acc1 - healed.acc1
-    numbers = (
-        f"unpruned {100 * base.acc1:.2f} %, POMT r={free.r} training-free {100 * free.acc1:.2f} %, "
-        f"healed {100 * healed.acc1:.2f} %"
-    )
-    control = next(
-        (row for row in rows if row.healed and row.method == "none" and row.batch_size == healed.batch_size),
-        None,
-    )
-    if control is not None:
-        numbers += f"; the unpruned model fine-tuned the same way: {100 * control.acc1:.2f} %"
-    if loss <= 0:
-        return [f"{where}POMT at r={free.r} lost no accuracy without training ({numbers})"]
-    return [
-        f"{where}healing recovers {100 * (loss - left) / loss:.0f} % of POMT's training-free accuracy "
-        f"loss against the unpruned model ({numbers})"
-    ]
+    if isinstance(how_timed, str):
+        return [f"latency: {how_timed}"]
+    return [f"latency ({runtime}): {how}" for runtime, how in how_timed.items()]
 
 
-def format_table(rows: Sequence[ReportRow], how_timed: str | None = None) -> str:
-    """A fixed-width table, one line per configuration, speed-up against the unpruned row of
-    the same batch size, the Pareto front marked; then the comparisons with ToMe and Top-K."""
-    base = {row.batch_size: row.latency_ms for row in rows if row.method == "none"}
+def format_table(
+    rows: Sequence[ReportRow], how_timed: str | Mapping[str, str] | None = None, max_drop: float | None = None
+) -> str:
+    """A fixed-width table, one line per configuration and runtime (a runtime column when a
+    runtime other than eager PyTorch is in it), speed-up against the unpruned row of the same
+    batch size and runtime, the Pareto front (over runtime x method) marked; then the
+    comparisons with ToMe and Top-K and, with ``max_drop``, the recommendation."""
+    base = {
+        (row.batch_size, row.runtime): row.latency_ms
+        for row in rows
+        if row.method == "none" and not row.healed
+    }
     width = max([18] + [len(row.label) + (2 if row.selected else 0) for row in rows])
+    show = {row.runtime for row in rows} != {Target().runtime}  # a runtime besides eager PyTorch
+    rt_width = max([7] + [len(row.runtime) for row in rows])
+    runtime = (lambda text: f"{text:<{rt_width}} ") if show else (lambda text: "")
     header = (
-        f"{'configuration':<{width}} {'batch':>5} {'n last':>6} {'mean n':>8} {'top-1 %':>8} {'top-5 %':>8} "
-        f"{'median ms':>10} {'p90 ms':>8} {'speed-up':>8} {'front':>5}"
+        f"{runtime('runtime')}{'configuration':<{width}} {'batch':>5} {'n last':>6} {'mean n':>8} {'top-1 %':>8} "
+        f"{'top-5 %':>8} {'median ms':>10} {'p90 ms':>8} {'speed-up':>8} {'front':>5}"
     )
-    lines = [f"latency: {how_timed}"] if how_timed else []
+    lines = _timing_lines(how_timed)
     lines += [header, "-" * len(header)]
     for row in rows:
-        unpruned = base.get(row.batch_size)
+        unpruned = base.get((row.batch_size, row.runtime))
         speedup = f"{unpruned / row.latency_ms:.3f}" if unpruned and row.latency_ms > 0 else "-"
         mark = " *" if row.selected else ""
         eager = " (eager)" if row.timer_mode.startswith("eager (") else ""
         lines.append(
-            f"{row.label + mark + eager:<{width}} {row.batch_size:>5} {row.n_last:>6} {row.mean_n:>8.1f} "
-            f"{100 * row.acc1:>8.2f} {100 * row.acc5:>8.2f} {row.latency_ms:>10.2f} {row.latency_p90_ms:>8.2f} "
-            f"{speedup:>8} {'yes' if row.pareto else '':>5}"
+            f"{runtime(row.runtime)}{row.label + mark + eager:<{width}} {row.batch_size:>5} {row.n_last:>6} "
+            f"{row.mean_n:>8.1f} {100 * row.acc1:>8.2f} {100 * row.acc5:>8.2f} {row.latency_ms:>10.2f} "
+            f"{row.latency_p90_ms:>8.2f} {speedup:>8} {'yes' if row.pareto else '':>5}"
         )
     if any(row.selected for row in rows):
-        lines.append("* R chosen by POMT for this device; front: on the accuracy-latency Pareto front")
+        lines.append(
+            "* R chosen by POMT for this device"
+            + (" and runtime" if show else "")
+            + "; front: on the accuracy-latency Pareto front"
+            + (" (over runtime x method)" if show else "")
+        )
         for row in rows:
             if row.selected and row.verified_speedup is not None and not row.healed:
+                where = f"batch {row.batch_size}, {row.runtime}" if show else f"batch {row.batch_size}"
                 lines.append(
-                    f"  (batch {row.batch_size}: verified before use, x{row.verified_speedup:.3f} against the unpruned model)"
+                    f"  ({where}: verified before use, x{row.verified_speedup:.3f} against the unpruned model)"
                 )
     epochs = sorted({row.heal_epochs for row in rows if row.healed})
     if epochs:
@@ -242,5 +213,10 @@ def format_table(rows: Sequence[ReportRow], how_timed: str | None = None) -> str
     for row in rows:
         if row.timer_mode.startswith("eager ("):
             lines.append(f"{row.label} (batch {row.batch_size}) was timed {row.timer_mode}")
+    for source in dict.fromkeys(row.accuracy_from for row in rows if row.accuracy_from):
+        on = sorted({row.runtime for row in rows if row.accuracy_from == source})
+        lines.append(f"accuracy of {', '.join(on)}: {source}")
     lines += comparisons(rows)
+    if max_drop is not None:
+        lines += recommendation(rows, max_drop)
     return "\n".join(lines)

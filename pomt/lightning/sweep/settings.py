@@ -11,6 +11,7 @@ from pomt.deploy.targets import Target
 from pomt.errors import PomtValueError, is_int
 from pomt.lightning.sweep.configurations import SideBySide
 from pomt.lightning.sweep.context import check_limit
+from pomt.lightning.sweep.runtimes import check_targets
 from pomt.method.pruning import METHODS
 from pomt.offline.config import SearchConfig
 
@@ -59,11 +60,16 @@ class SweepSettings:
             weights, with the model's own optimiser settings and the same seed, then tested:
             the report adds these as healed rows (single process only).
         heal_batches: at most this many training batches per healing epoch (default: all).
-        target: where and how R is chosen and every configuration timed (:class:`pomt.Target`, a
-            runtime's name or a mapping of its fields; default ``torch``); what it leaves open is
-            the Trainer's (device, precision). In an exported runtime (``onnxruntime``,
-            ``openvino``) every configuration is exported, checked and timed in it; accuracy is
-            PyTorch's after the equality check.
+        targets: where and how R is chosen and every configuration timed, one or several
+            (:class:`pomt.Target`\ s, runtimes' names or mappings of their fields; default
+            ``[torch]``; e.g. ``[torch, onnxruntime, openvino]``); what each leaves open is the
+            Trainer's (device, precision). In each, R is chosen and verified and every
+            configuration (in an exported runtime: exported and checked against PyTorch) is timed
+            side by side; one table with a runtime column, one front over runtime x method.
+            Accuracy is PyTorch's where the runtime computes in fp32, measured in the runtime
+            where it does not (OpenVINO bf16); see ``pomt.lightning.sweep.runtimes``.
+        max_accuracy_drop: the recommendation is the fastest runtime, method and r within this
+            many points of the unpruned model's top-1.
     """
 
     methods: tuple[str, ...] = ("none", "pomt", "tome", "topk")
@@ -85,7 +91,8 @@ class SweepSettings:
     limit_test_batches: float | int | None = None
     heal_epochs: int = 0
     heal_batches: int | None = None
-    target: Target | str | None = None
+    targets: tuple[Target | str, ...] = ("torch",)
+    max_accuracy_drop: float = 0.5
 
     def __post_init__(self) -> None:
         check_heal_epochs(self.heal_epochs, self.heal_batches)
@@ -108,7 +115,10 @@ class SweepSettings:
         set_(self, "batch_sizes", _ints(sizes) or None)
         set_(self, "limit_test_batches", check_limit(self.limit_test_batches))
         set_(self, "search", SearchConfig.coerce(self.search))
-        set_(self, "target", Target.coerce(self.target))
+        set_(self, "targets", check_targets(self.targets))
+        drop = self.max_accuracy_drop
+        if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop < 100:
+            raise PomtValueError(f"max_accuracy_drop must be points of top-1 in [0, 100), got {drop!r}")
 
     @property
     def side_by_side(self) -> SideBySide:
