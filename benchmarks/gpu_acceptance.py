@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=1 if cpu else 16,
         )  # fmt: skip
         with target.prepare(model, layer=3) as prepared:
-            samples, _ = speedups(prepared, selection.r, SearchConfig(verify_time=0.3 if cpu else 2.0))
+            samples, _ = speedups(prepared, selection.r, SearchConfig(verify_max_time=0.3 if cpu else 2.0))
         measured = sorted(samples)[len(samples) // 2]
         predicted = selection.at(selection.n_star).speedup or float("nan")
         verified_gap = measured / predicted - 1.0

@@ -352,7 +352,10 @@ def select_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
         help="default: on when --model is given",
     )
     check.add_argument(
-        "--verify-time", type=float, default=1.0, help="seconds of paired timing per candidate"
+        "--verify-max-time",
+        type=float,
+        default=30.0,
+        help="cap on the paired timing per candidate (s): it stops earlier once the interval is decided",
     )
     check.add_argument("--verify-candidates", type=int, default=3, help="candidates tried before R = 0")
     parser.add_argument("--plot", help="save a PNG of L(n), A(n), U(n) with n* marked")
@@ -397,7 +400,7 @@ def _select_r(args: argparse.Namespace) -> int:
 
 
 def _verify_selection(sel, lat, args: argparse.Namespace):
-    """``sel`` timed against the unpruned model as the profile was measured (``pomt.verify_profile``)."""
+    """``sel`` timed against the unpruned model as the profile was measured (``pomt.offline.verify_profile``)."""
     from pomt.offline.verify_profile import verify_for_profile
 
     if not args.model:
@@ -408,7 +411,7 @@ def _verify_selection(sel, lat, args: argparse.Namespace):
         args.img_size = lat.img_size[0]
     model = _build_model(args)
     return verify_for_profile(
-        sel, model, lat, verify_time=args.verify_time, candidates=args.verify_candidates, log=print
+        sel, model, lat, verify_max_time=args.verify_max_time, candidates=args.verify_candidates, log=print
     )
 
 

@@ -51,7 +51,7 @@ def test_select_r_verifies_in_the_profiles_runtime_and_the_choice_exports(profil
         "--json",
         str(selection),
     ]
-    assert main([*args, *MODEL, "--runtime", "onnxruntime", "--verify-time", "0.2"]) == 0, (
+    assert main([*args, *MODEL, "--runtime", "onnxruntime", "--verify-max-time", "0.2"]) == 0, (
         capsys.readouterr().err
     )
     out = capsys.readouterr().out

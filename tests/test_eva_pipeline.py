@@ -24,7 +24,7 @@ from pomt.lightning.sweep.configurations import Configuration, token_maps_figure
 from pomt.models import unsupported_reason
 from pomt.offline.verify import speedups
 
-QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_time=0.0, verify_pairs=6)
+QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_max_time=0.0, verify_pairs=6)
 
 
 class Project(pl.LightningModule):
@@ -90,7 +90,7 @@ def test_contract_search_callback_maps_and_healing(project):
     )
     assert result.selection.r in (0, 8, 16) and pomt.pruning_config(project) is None
     assert result.selection.verification  # verified, or R = 0 said to need none
-    search = SearchConfig(warmup=1, verify_time=0.0, verify_pairs=4, verify_groups=2)
+    search = SearchConfig(warmup=1, verify_max_time=0.0, verify_pairs=4, verify_groups=2)
     with Target(batch_size=2, device="cpu", dtype="float32").prepare(vit, layer=1) as prepared:
         samples, unpruned_ms = speedups(prepared, 16, search)
     assert len(samples) == 2 and unpruned_ms > 0 and all(s > 0 for s in samples)  # what verify() times
@@ -178,7 +178,7 @@ def test_the_sweep_runs_on_a_dinov3_style_model(tmp_path, monkeypatch):
                 "accuracy_samples": 32,
                 "min_run_time": 0.0,
                 "warmup": 1,
-                "verify_time": 0.0,
+                "verify_max_time": 0.0,
                 "verify_pairs": 6,
             }
         ).join(["--sweep.search=", ""]),  # fmt: skip

@@ -37,7 +37,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--sweep.layer=1",
         '--sweep.search={"grid": [17, 13, 9, 5], "accuracy_grid": [17, 13, 9, 5], '
-        '"accuracy_samples": 40, "min_run_time": 0.0, "warmup": 1, "verify_time": 0.0, "verify_pairs": 6}',
+        '"accuracy_samples": 40, "min_run_time": 0.0, "warmup": 1, "verify_max_time": 0.0, "verify_pairs": 6}',
         "--sweep.latency_rounds=3",
         f"--sweep.out_dir={tmp_path}",
         "--sweep.run_name=tiny",

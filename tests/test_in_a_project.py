@@ -245,7 +245,7 @@ ACCURACY = {17: 0.9, 13: 0.9, 9: 0.88, 5: 0.5}
 
 
 def _fake(speedups: dict[int, float]):
-    def measure(r: int) -> tuple[list[float], float]:
+    def measure(r: int, decided=None) -> tuple[list[float], float]:
         s = speedups.get(r, 1.0)
         return [s * (1 + 0.01 * (i % 5 - 2)) for i in range(20)], 10.0
 
@@ -282,7 +282,7 @@ def test_verification_keeps_a_real_speedup_and_falls_back_otherwise():
 def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, tmp_path):
     # a profile with a step at n = 12 (R = 6 at alpha 0.9); what the timing then finds is faked
     path = str(staircase_profile(tiny_classifier(), tmp_path / "latency.json"))
-    monkeypatch.setattr(pomt.offline.finder, "speedups", lambda prepared, r, search: _fake({r: 1.25})(r))
+    monkeypatch.setattr(pomt.offline.finder, "speedups", lambda prepared, r, search, decided=None: _fake({r: 1.25})(r))
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     with caplog.at_level("INFO"):
         result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
@@ -298,7 +298,7 @@ def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, 
     assert "measured x1.25" in caplog.text and "verified" in caplog.text
 
     monkeypatch.setattr(
-        pomt.offline.finder, "speedups", lambda prepared, r, search: _fake({})(r)
+        pomt.offline.finder, "speedups", lambda prepared, r, search, decided=None: _fake({})(r)
     )  # no real gain
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
@@ -318,7 +318,7 @@ def test_a_real_verification_on_this_machine_measures_both_models():
     from pomt.offline.verify import speedups
 
     vit = make_tiny_vit()
-    search = SearchConfig(warmup=1, verify_time=0.0, verify_pairs=8, verify_groups=4)
+    search = SearchConfig(warmup=1, verify_max_time=0.0, verify_pairs=8, verify_groups=4)
     with Target(batch_size=8, device="cpu", dtype="float32").prepare(vit, layer=0) as prepared:
         samples, unpruned_ms = speedups(prepared, 15, search)
     assert len(samples) == 4 and unpruned_ms > 0 and all(s > 0 for s in samples)  # one speed-up per block

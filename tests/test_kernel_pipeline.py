@@ -21,7 +21,7 @@ from pomt.method import ops
 pytest.importorskip("triton")
 
 N, PREFIX, LAYER = 17, 1, 1  # the tiny ViT: 16 patches + CLS
-QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_time=0.0, verify_pairs=6)
+QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_max_time=0.0, verify_pairs=6)
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ def test_a_digits_sweep(forced, tmp_path, monkeypatch):
         "--sweep.methods=[none, pomt]",
         "--sweep.wandb=false",
         '--sweep.search={"grid": [17, 9, 2], "accuracy_grid": [17, 9, 2], "accuracy_samples": 16, '
-        '"min_run_time": 0.0, "warmup": 1, "verify_time": 0.0, "verify_pairs": 6}',
+        '"min_run_time": 0.0, "warmup": 1, "verify_max_time": 0.0, "verify_pairs": 6}',
         "--sweep.latency_rounds=2",
         f"--sweep.out_dir={tmp_path}",
         "--sweep.run_name=kernels",

@@ -19,7 +19,7 @@ def test_the_callback_searches_under_lightnings_true_precision(precision):
     """Lightning's true-precision context makes the default dtype 16 bits during the stage: the
     search must still sample weights, time and select, and leave the default dtype as it was."""
     module = tiny_classifier(latency_warmup_batches=0)
-    callback = POMTCallback(layer=1, search=SearchConfig(grid=(17, 13, 9, 5), verify_time=0.05, **FAST))
+    callback = POMTCallback(layer=1, search=SearchConfig(grid=(17, 13, 9, 5), verify_max_time=0.05, **FAST))
     trainer = cpu_trainer(callbacks=[callback], precision=precision)
     result = trainer.test(module, image_loader())[0]
     # one name for one number: the console's "selection estimate A(n*)"

@@ -23,8 +23,8 @@ def test_verify_groups_has_no_old_name():
 
 def test_timing_groups_take_no_old_keyword():
     with pytest.raises(TypeError, match="blocks"):
-        paired_speedups(Call(lambda: 1), Call(lambda: 2), min_run_time=0.0, blocks=2)
-    samples, _ = paired_speedups(Call(lambda: 1), Call(lambda: 2), min_run_time=0.0, groups=2)
+        paired_speedups(Call(lambda: 1), Call(lambda: 2), max_time=0.0, blocks=2)
+    samples, _ = paired_speedups(Call(lambda: 1), Call(lambda: 2), max_time=0.0, groups=2)
     assert len(samples) == 2
 
 

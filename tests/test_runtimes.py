@@ -16,7 +16,7 @@ from pomt.deploy.runtimes import OpenVINO, compile_onnx
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-FAST = dict(min_run_time=0.02, warmup=1, accuracy_samples=16, verify_time=0.05, verify_pairs=6,
+FAST = dict(min_run_time=0.02, warmup=1, accuracy_samples=16, verify_max_time=0.05, verify_pairs=6,
             verify_groups=2, grid=(17, 13, 9, 5))  # fmt: skip
 
 

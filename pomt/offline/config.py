@@ -52,9 +52,10 @@ class SearchConfig:
     ``accuracy_batch_size`` read by ``accuracy_workers`` DataLoader workers.
 
     Verification (``verify``, on by default; see ``pomt.offline.verify``): the chosen R is timed
-    against the unpruned model, call by call, in ``verify_groups`` groups, for about
-    ``verify_time`` seconds per candidate (the pairs adapt to the model's latency), and never
-    fewer than ``verify_pairs`` pairs (at least one per group); R is kept only if it is
+    against the unpruned model, call by call, in groups of pairs: a first round of
+    ``verify_groups`` groups (never fewer than ``verify_pairs`` pairs, at least one per group),
+    then more groups until the interval is decided or a cap is reached (``verify_max_time``
+    seconds, ``verify_max_pairs`` pairs, None for no pair cap, per candidate); R is kept only if it is
     significantly faster over the groups (and, in utility mode, its measured utility beats
     R = 0), else the next of up to ``verify_candidates`` candidates is tried, down to R = 0.
 
@@ -80,7 +81,8 @@ class SearchConfig:
     seed: int = 0
     verify: bool = True
     verify_pairs: int = 6
-    verify_time: float = 1.0
+    verify_max_time: float = 30.0
+    verify_max_pairs: int | None = None
     verify_candidates: int = 3
     verify_groups: int = 6
     retime_points: int = 32  # timings spent after the adaptive grid where they decide n* (0: none)
@@ -133,8 +135,9 @@ class SearchConfig:
         for name in ("retime_points", "stability_resamples"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise PomtValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        if not self.verify_time >= 0:
-            raise PomtValueError(f"verify_time must be >= 0, got {self.verify_time!r}")
+        _positive("verify_max_pairs", self.verify_max_pairs)
+        if not self.verify_max_time >= 0:
+            raise PomtValueError(f"verify_max_time must be >= 0 seconds, got {self.verify_max_time!r}")
         for name in ("grid", "accuracy_grid"):  # lists from YAML or JSON become tuples
             value = getattr(self, name)
             if value is not None:
@@ -148,6 +151,13 @@ class SearchConfig:
     def timing(self) -> Timing:
         """How each latency point is timed (``warmup``, ``min_run_time``, ``relative``)."""
         return Timing(warmup=self.warmup, min_run_time=self.min_run_time, relative=self.relative)
+
+    def verify_budget(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`pomt.offline.verify.paired_speedups`: the minimum and the cap."""
+        return dict(
+            min_pairs=self.verify_pairs, groups=self.verify_groups, max_time=self.verify_max_time,
+            max_pairs=self.verify_max_pairs,
+        )  # fmt: skip
 
     def select(self, latency: LatencyProfile, accuracy: AccuracyProfile) -> Selection:
         """R from the two profiles with this objective (cheap: reused profiles are re-selected)."""

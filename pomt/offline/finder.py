@@ -257,7 +257,7 @@ class _Run:
         stability, and warned about when it keeps too little accuracy."""
         search, console = self.search, self.console
         if search.verify:
-            measure = lambda r: speedups(self.prepared(), r, search)  # noqa: E731
+            measure = lambda r, decided: speedups(self.prepared(), r, search, decided)  # noqa: E731
             selection = check_candidates(
                 selection, measure, candidates=search.verify_candidates, log=console.log
             )

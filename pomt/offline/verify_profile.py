@@ -35,7 +35,7 @@ def verify_for_profile(
     model: nn.Module,
     latency: LatencyProfile,
     *,
-    verify_time: float = 1.0,
+    verify_max_time: float = 30.0,
     candidates: int = 3,
     log: Callable[[str], object] = print,
 ) -> Selection:
@@ -59,5 +59,5 @@ def verify_for_profile(
         f"verifying in {target.runtime} on {target.torch_device}, batch {target.batch_size}, layer {latency.layer}, "
         f"{target.threads or 'default'} thread(s)"
     )
-    search = SearchConfig(verify_time=verify_time, verify_candidates=candidates)
+    search = SearchConfig(verify_max_time=verify_max_time, verify_candidates=candidates)
     return verify(model, selection, target, layer=latency.layer, search=search, vit=vit, log=log)
