@@ -5,8 +5,8 @@
 A LightningCLI entry point: ``model:`` (:class:`pomt.lightning.ViTClassifier`, with the
 checkpoint in ``model.weights``), ``data:`` (any datamodule of ``datamodules``),
 ``trainer:`` (device, precision, devices/strategy) and ``sweep:``
-(:class:`pomt.sweep.TradeoffEvaluation`: methods, r values, POMT's search settings,
-output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
+(:class:`pomt.lightning.sweep.settings.SweepSettings`: methods, r values, POMT's search
+settings, the Target, output and W&B). It writes ``<sweep.out_dir>/<run_name>/`` with ``report.csv``,
 ``report.json``, ``tradeoff.png``, the latency/accuracy profiles and the config, prints the
 table, and leaves one (offline) W&B run per configuration in one group plus a summary run.
 When ``model.weights`` does not exist yet and ``--train_config`` is given, the model is
@@ -26,16 +26,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from pomt.datamodules import ClassificationDataModule
 from pomt.errors import require
 from pomt.lightning import ViTClassifier
-from pomt.sweep import TradeoffEvaluation, TradeoffResult
-from pomt.sweep.context import no_trainer_limit
-from pomt.sweep.entry import command_line, quiet_console
+from pomt.lightning.sweep import TradeoffEvaluation, TradeoffResult
+from pomt.lightning.sweep.context import no_trainer_limit
+from pomt.lightning.sweep.entry import command_line, quiet_console
+from pomt.lightning.sweep.settings import SweepSettings
 
 
 class EvaluateCLI(LightningCLI):
     """LightningCLI with a ``sweep:`` section and an optional train-first step."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(TradeoffEvaluation, "sweep")
+        parser.add_class_arguments(SweepSettings, "sweep")
         parser.add_argument(
             "--train_config",
             type=str | None,
@@ -94,7 +95,7 @@ def main(args: list[str] | None = None) -> TradeoffResult:
             trainer_defaults={"logger": False, "enable_checkpointing": False},
             run=False,
         )
-    sweep: TradeoffEvaluation = cli.config_init["sweep"]
+    sweep = TradeoffEvaluation(cli.config_init["sweep"])
 
     def save_config(run_dir: Path) -> None:  # first, so that an interrupted run keeps it too
         cli.parser.save(cli.config, str(run_dir / "config.yaml"), overwrite=True)

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from pomt.datamodules import ClassificationDataModule
 from pomt.errors import require
 from pomt.lightning import ViTClassifier
-from pomt.sweep.entry import command_line, quiet_console
+from pomt.lightning.sweep.entry import command_line, quiet_console
 
 
 class TrainCLI(LightningCLI):

@@ -34,15 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pomt  # noqa: E402
-from pomt.export import export_onnx  # noqa: E402
-from pomt.finder import SearchConfig, find_r  # noqa: E402
-from pomt.grid import full_grid  # noqa: E402
-from pomt.models import token_layout, weights_fingerprint  # noqa: E402
-from pomt.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
-from pomt.runtimes import RuntimeModel, compile_onnx  # noqa: E402
-from pomt.selection import select_r  # noqa: E402
+from pomt import Console, Reuse, SearchConfig, Target, Timing, find_r  # noqa: E402
+from pomt.deploy.export import export_onnx  # noqa: E402
+from pomt.deploy.graphs import RuntimeModel  # noqa: E402
+from pomt.deploy.runtimes import compile_onnx  # noqa: E402
+from pomt.deploy.targets import Call  # noqa: E402
+from pomt.models import token_layout  # noqa: E402
+from pomt.offline.grid import full_grid  # noqa: E402
+from pomt.offline.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
+from pomt.offline.selection import select_r  # noqa: E402
+from pomt.offline.verify import paired_speedups  # noqa: E402
 from pomt.timing import interleaved_samples, median_interval, paired_ratio  # noqa: E402
-from pomt.verify import paired_speedups  # noqa: E402
+from pomt.weights import weights_fingerprint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from selection_speed import synthetic_accuracy  # noqa: E402
@@ -102,7 +105,7 @@ def main() -> None:
 def export_one(model, work, out, layer) -> None:
     start = time.perf_counter()
     with pomt.pruned(model, "pomt", r=56, layer=layer):
-        record = export_onnx(model, work / "pomt_r56.onnx", batch_size=1, openvino=True)
+        record = export_onnx(model, work / "pomt_r56.onnx", Target(runtime="openvino", batch_size=1))
     out["export_check_ir_s"] = time.perf_counter() - start
     out["export_only_s"] = record.export_s
     out["export_max_abs_diff"] = record.max_abs_diff
@@ -117,7 +120,7 @@ def token_graph_vs_static(model, work, out, graphs, layer, n_total) -> None:
     for n in (112, 111, 141):
         start = time.perf_counter()
         with pomt.pruned(model, "pomt", r=n_total - n, layer=layer):
-            static = export_onnx(model, work / f"static_{n}.onnx", torch.from_numpy(x))
+            static = export_onnx(model, work / f"static_{n}.onnx", example=torch.from_numpy(x))
         export_s = time.perf_counter() - start
         for rt, graph in graphs.items():
             run_static, _ = compile_onnx(static.path, rt, threads=1)
@@ -140,15 +143,15 @@ def searches(model, work, out, layer, n_total):
     accuracy_profile(model).save(acc_path)
     config = SearchConfig()
     out["find_r"] = {}
-    for label, kwargs in (
-        ("torch fp32", dict(runtime="torch")),
-        ("torch bf16", dict(runtime="torch", dtype=torch.bfloat16)),
-        ("openvino", dict(runtime="openvino")),
+    for label, target in (
+        ("torch fp32", Target(batch_size=1, device="cpu")),
+        ("torch bf16", Target(batch_size=1, device="cpu", dtype="bfloat16")),
+        ("openvino", Target(runtime="openvino", batch_size=1, device="cpu")),
     ):
         start = time.perf_counter()
         subject = copy.deepcopy(model) if "bf16" in label else model
-        search = find_r(subject, None, layer=layer, batch_size=1, device="cpu", config=config, accuracy_path=acc_path,
-                        progress=False, log=lambda line: None, **kwargs)  # fmt: skip
+        search = find_r(subject, None, target, layer=layer, search=config, reuse=Reuse(accuracy_path=acc_path),
+                        console=Console(progress=False, log=lambda line: None))  # fmt: skip
         wall = time.perf_counter() - start
         sel = search.selection
         out["find_r"][label] = {
@@ -174,8 +177,9 @@ def full_grid_check(model, work, out, graphs, ov_search, layer, n_total, args) -
     acc_path, config = Path(out["acc_path"]), SearchConfig()
     if True:
         start = time.perf_counter()
-        full = pomt.profile_latency(model, batch_size=1, layer=layer, runtime="openvino", grid=full_grid(2, n_total),
-                                    min_run_time=args.full_grid_time, runtime_model=graphs["openvino"], progress=False)  # fmt: skip
+        full = pomt.profile_latency(model, Target(runtime="openvino", batch_size=1), layer=layer, progress=False,
+                                    search=SearchConfig(grid=full_grid(2, n_total)),
+                                    timing=Timing(min_run_time=args.full_grid_time))  # fmt: skip
         out["full_grid_s"] = time.perf_counter() - start
         lat = full.latency_ms
         out["full_grid_dominated"] = sum(dominated(lat, n) for n in lat)
@@ -188,8 +192,8 @@ def full_grid_check(model, work, out, graphs, ov_search, layer, n_total, args) -
             if n == n_total:
                 pairs[name] = (1.0, 1.0, 1.0)
                 continue
-            samples, _ = paired_speedups((graphs["openvino"].call(n), None), (graphs["openvino"].call(n_total), None),
-                                         max_time=3.0, min_pairs=60, blocks=6)  # fmt: skip
+            samples, _ = paired_speedups(Call(graphs["openvino"].call(n)), Call(graphs["openvino"].call(n_total)),
+                                         max_time=3.0, min_pairs=60, groups=6)  # fmt: skip
             pairs[name] = median_interval(samples)
         out["verified_side_by_side"] = {k: list(v) for k, v in pairs.items()}
         full.save(Path(args.out) / "deploy_runtimes_openvino_full_grid.json")

@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.selection_speed import synthetic_accuracy  # noqa: E402
-from pomt.curves import interpolate  # noqa: E402
-from pomt.finder import SearchConfig, find_r  # noqa: E402
+from pomt import Console, Reuse, Target, Timing  # noqa: E402
 from pomt.models import token_layout  # noqa: E402
-from pomt.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
-from pomt.profiling import profile_latency  # noqa: E402
-from pomt.selection import utility  # noqa: E402
+from pomt.offline.curves import interpolate  # noqa: E402
+from pomt.offline.finder import SearchConfig, find_r  # noqa: E402
+from pomt.offline.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
+from pomt.offline.profiling import profile_latency  # noqa: E402
+from pomt.offline.selection import utility  # noqa: E402
 from pomt.weights import create_model, weights_fingerprint  # noqa: E402
 
 
@@ -75,16 +76,14 @@ def main() -> int:
         runs = []
         for _ in range(args.runs):
             t0, before = time.time(), load()
-            found = find_r(model, None, batch_size=batch, config=config, accuracy_path=acc_path, runtime=runtime,
-                           progress=False, log=lambda _line: None)  # fmt: skip
+            found = find_r(model, None, target=Target(batch_size=batch, runtime=runtime), search=config, reuse=Reuse(accuracy_path=acc_path), console=Console(progress=False, log=lambda _line: None))  # fmt: skip
             runs.append((found, before, load(), time.time() - t0))
             sel = found.selection
             print(f"  {setup} run {len(runs)}: R={sel.r} n*={sel.n_star} {sel.stability_line} "
                   f"({runs[-1][3]:.0f} s, load {before} -> {runs[-1][2]})", flush=True)  # fmt: skip
         chosen = sorted({f.selection.n_star for f, *_ in runs} | {layout.n_total}, reverse=True)
         order = random.Random(0).sample(chosen, len(chosen))
-        judge = profile_latency(model, batch_size=batch, grid=order, runtime=runtime, min_run_time=1.0,
-                                progress=False)  # fmt: skip
+        judge = profile_latency(model, target=Target(batch_size=batch, runtime=runtime), progress=False, search=SearchConfig(grid=order), timing=Timing(min_run_time=1.0))  # fmt: skip
         lat = judge.latency_ms
         a_max = max(acc.values())
         xs = sorted(acc)

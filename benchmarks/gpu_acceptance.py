@@ -12,7 +12,7 @@ H100/H200; never yet run on one).
    in float16 (q, k, v as views of one qkv tensor; x and the output each past 2**31
    elements). Every output lies between guard rows: a store out of bounds or a row left
    unwritten fails. Scores, the tokens kept (ties aside) and the new sequence must match
-   (``pomt.dispatch.mismatch``, the check ``auto`` makes), and an image's result must not
+   (``pomt.method.dispatch.mismatch``, the check ``auto`` makes), and an image's result must not
    change when a batch-mate holds NaN.
 2. **latency**: ``pruning_latency.py`` in float16 with CUDA graphs at batch 1/16/64, POMT
    (r = 28, 56, 100), Top-K and ToMe (r = 8 per block) against their ideals (the same token
@@ -54,8 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pruning_latency  # noqa: E402
 import selection_speed  # noqa: E402
 
-from pomt import dispatch, method, ops  # noqa: E402
-from pomt.verify import speedup_samples  # noqa: E402
+from pomt import SearchConfig, Target  # noqa: E402
+from pomt.method import dispatch, ops  # noqa: E402
+from pomt.method import functional as method
+from pomt.offline.verify import speedups  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 
@@ -135,13 +137,13 @@ def cases(device: torch.device) -> list[Case]:
 
 def check_case(case: Case, device: torch.device) -> str | None:
     """None when the kernels pass on ``case``, else what failed."""
-    from pomt import _triton
+    from pomt.method import _triton
 
     x, q, k, v = case.inputs(device)
     scale = case.head_dim**-0.5
     keep = case.tokens - case.prefix - case.r - 1
     with _triton.guarded_outputs() as check, torch.no_grad(), ops.kernels("triton"):
-        got = ops._pomt_kernels(x, q, k, v, case.prefix, case.r, scale)
+        got = dispatch.launch_kernels(x, q, k, v, case.prefix, case.r, scale)
         try:
             check()
         except AssertionError as err:
@@ -279,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         name, size = ("deit_tiny_patch16_224", 64) if cpu else ("deit_small_patch16_224", None)
         model = create_model(name, pretrained=False, img_size=size).eval()
         dtype = torch.float32 if cpu else torch.float16
-        samples, _ = speedup_samples(
-            model, model, selection.r, layer=3, batch_size=1 if cpu else 16, device=device, dtype=dtype,
-            cuda_graphs=not cpu, max_time=0.3 if cpu else 2.0,
+        target = Target(
+            runtime="torch" if cpu else "cuda_graphs", device=str(device), dtype=str(dtype).removeprefix("torch."),
+            batch_size=1 if cpu else 16,
         )  # fmt: skip
+        with target.prepare(model, layer=3) as prepared:
+            samples, _ = speedups(prepared, selection.r, SearchConfig(verify_max_time=0.3 if cpu else 2.0))
         measured = sorted(samples)[len(samples) // 2]
         predicted = selection.at(selection.n_star).speedup or float("nan")
         verified_gap = measured / predicted - 1.0

@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pomt.grid import full_grid  # noqa: E402
+from pomt import SearchConfig, Target, Timing  # noqa: E402
 from pomt.models import token_layout  # noqa: E402
-from pomt.profiling import profile_latency  # noqa: E402
+from pomt.offline.grid import full_grid  # noqa: E402
+from pomt.offline.profiling import profile_latency  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 
@@ -47,11 +48,10 @@ def main() -> None:
     before, t0 = load(), time.time()
     profile = profile_latency(
         model,
-        batch_size=args.batch_size,
-        grid=[grid[i] for i in order],
-        min_run_time=args.min_run_time,
-        runtime=args.runtime,
+        target=Target(batch_size=args.batch_size, runtime=args.runtime),
         progress=False,
+        search=SearchConfig(grid=[grid[i] for i in order]),
+        timing=Timing(min_run_time=args.min_run_time),
     )
     after = load()
     profile.save(args.out)

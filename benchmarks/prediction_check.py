@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deploy_runtimes import accuracy_profile  # noqa: E402
 
-from pomt.finder import SearchConfig, find_r  # noqa: E402
-from pomt.runtimes import runtime_version  # noqa: E402
+from pomt import Console, Reuse, SearchConfig, Target, find_r  # noqa: E402
+from pomt.deploy.targets import RUNTIMES as ALL_RUNTIMES  # noqa: E402
 from pomt.timing import device_name  # noqa: E402
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
+assert set(RUNTIMES) <= set(ALL_RUNTIMES)
 MISS = 0.05
 
 
@@ -66,7 +67,7 @@ def header() -> list[str]:
     versions = [f"torch {torch.__version__}"]
     for runtime in RUNTIMES[1:]:
         try:
-            versions.append(f"{runtime} {runtime_version(runtime)}")
+            versions.append(f"{runtime} {Target(runtime=runtime).backend.version()}")
         except Exception as err:  # noqa: BLE001 - a missing runtime is reported, not fatal
             versions.append(f"{runtime} unavailable ({err})")
     import timm
@@ -102,9 +103,9 @@ def main() -> None:
         for runtime in args.runtimes:
             for run in range(1, args.runs + 1):
                 start = time.perf_counter()
-                search = find_r(model, None, layer=3, batch_size=1, device="cpu", config=SearchConfig(),
-                                accuracy_path=acc_path, progress=False, log=lambda line: None,
-                                runtime=runtime)  # fmt: skip
+                target = Target(runtime=runtime, device="cpu", batch_size=1)
+                search = find_r(model, None, target, layer=3, search=SearchConfig(), reuse=Reuse(accuracy_path=acc_path),
+                                console=Console(progress=False, log=lambda line: None))  # fmt: skip
                 sel = search.selection
                 row = {
                     "runtime": runtime, "run": run, "precision": search.latency.precision, "r": sel.r,

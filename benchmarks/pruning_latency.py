@@ -17,7 +17,7 @@ scoring, ranking and gathering are free.
 Ratios are medians of round-by-round ratios (each pair timed moments apart), so a drifting
 machine cancels out. ``ops`` counts what one eager forward launches (torch.profiler): aten
 operators on the CPU, CUDA kernels on a GPU. ``kernels:`` says which implementation POMT's
-block ran (``pomt.ops.kernel_backend``). The last line is
+block ran (``pomt.method.ops.kernel_backend``). The last line is
 ``pruned/ideal=X.XXX topk/ideal=Y.YYY tome/ideal=Z.ZZZ``: the worst ratio of each method.
 
     python benchmarks/pruning_latency.py                  # CPU: batch 1 and 4, about 5 minutes on 2 cores
@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 import pomt
-from pomt import ops
-from pomt import rope as eva
-from pomt.blocks import BlockSpec, attention_residual, check_room, mlp_residual, qkv_heads
+from pomt.method import ops
+from pomt.method import rope as eva
+from pomt.method.blocks import BlockSpec, attention_residual, check_room, mlp_residual, qkv_heads
 from pomt.models import vit_blocks
 from pomt.timing import cuda_graph, device_name, interleaved_samples, paired_ratio
 
@@ -260,7 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (samples per variant)")
     parser.add_argument("--cuda-graphs", action="store_true", help="time CUDA-graph replays (CUDA only)")
-    parser.add_argument("--kernels", choices=ops.KERNEL_MODES, default="auto", help="pomt.ops implementation")
+    parser.add_argument(
+        "--kernels", choices=ops.KERNEL_MODES, default="auto", help="pomt.method.ops implementation"
+    )
     parser.add_argument("--legacy", action="store_true", help="also time the first version's blocks")
     parser.add_argument("--quick", action="store_true", help="batch 1, r=56, 15 rounds")
     parser.add_argument("--malloc-tuned", action="store_true", help="keep large buffers in glibc's heap")

@@ -3,8 +3,8 @@
 Replays measured full-grid latency profiles whose points keep their rounds (every sample,
 ``values_ms``, stored in ``benchmarks/results/replay/``). For each of ``--resamples``
 bootstrap draws, every point's samples are drawn again with replacement: the full grid
-chooses n* on that draw, and the fast search (``pomt.grid.adaptive_search`` guided by A,
-then ``pomt.grid.retime``) runs on the same draw, a point timed again getting a fresh draw
+chooses n* on that draw, and the fast search (``pomt.offline.grid.adaptive_grid`` guided by A,
+then ``pomt.offline.grid.retime``) runs on the same draw, a point timed again getting a fresh draw
 of its rounds. Both choices are judged on the deterministic curve (the stored medians, the
 authors' raw argmax): gap = (max U - U(n*)) / max U, in %. The fast search is held to no
 more than 0.5 points above the full grid's gap at the median and at p90 on every curve (exit
@@ -36,9 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.selection_speed import synthetic_accuracy  # noqa: E402
-from pomt.grid import adaptive_search, known_period, pooled, retime  # noqa: E402
-from pomt.profiles import LatencyProfile  # noqa: E402
-from pomt.selection import select_r  # noqa: E402
+from pomt.offline.grid import adaptive_grid, known_period, pooled, retime  # noqa: E402
+from pomt.offline.profiles import LatencyProfile  # noqa: E402
+from pomt.offline.selection import select_r  # noqa: E402
 from pomt.timing import TimingStats  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,7 +113,7 @@ def replay(lat: LatencyProfile, acc: dict[int, float], resamples: int, budget: i
             return first[n] if calls.count(n) == 1 else draw(rounds[n], rng)
 
         fn = pooled(measure)
-        points = adaptive_search(fn, lo, hi, accuracy=acc, alpha=alpha, period="auto")
+        points = adaptive_grid(fn, lo, hi, accuracy=acc, alpha=alpha, period="auto")
         retime(fn, points, acc, alpha=alpha, budget=budget, period=known_period(points, "auto"))
         fast = select_r(points, acc, alpha=alpha, n_total=hi).n_star
         timed.append(len(calls))

@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pomt.grid import coarse_grid, full_grid  # noqa: E402
+from pomt import SearchConfig, Target, Timing  # noqa: E402
 from pomt.models import token_layout  # noqa: E402
-from pomt.profiling import profile_latency  # noqa: E402
-from pomt.selection import select_r  # noqa: E402
+from pomt.offline.grid import coarse_grid, full_grid  # noqa: E402
+from pomt.offline.profiling import profile_latency  # noqa: E402
+from pomt.offline.selection import select_r  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 
@@ -106,22 +107,13 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(model_name, pretrained=False, img_size=img_size).eval()
-    dtype = getattr(torch, args.dtype)
     layout = token_layout(model)
     n_total, prefix = layout.n_total, layout.prefix
     acc = synthetic_accuracy(n_total, prefix)
-    timer = dict(
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=dtype,
-        cuda_graphs=args.cuda_graphs,
-        layer=args.layer,
-        warmup=warmup,
-        min_run_time=min_run_time,
-        progress=False,
-        name=model_name,
-        relative=args.relative,
-    )
+    runtime = "cuda_graphs" if args.cuda_graphs else "torch"
+    target = Target(runtime=runtime, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    timing = Timing(warmup=warmup, min_run_time=min_run_time, relative=args.relative)
+    timer = dict(layer=args.layer, progress=False)
     print(
         f"model={model_name} (random weights) N={n_total} p={prefix} batch={args.batch_size} device={args.device} "
         f"threads={torch.get_num_threads()} warmup={warmup} min_run_time={min_run_time}s alpha={args.alpha}"
@@ -131,18 +123,20 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 
     # one untimed warm-up of the whole process (allocator, kernel selection) so that the
     # run measured first does not pay for it
-    profile_latency(model, **(timer | dict(warmup=1, min_run_time=0.0)), grid=[n_total, prefix + 1])
+    warm = Timing(warmup=1, min_run_time=0.0, relative=args.relative)
+    profile_latency(model, target, search=SearchConfig(grid=[n_total, prefix + 1]), timing=warm, **timer)
     runs = {}
     plan = [
-        ("ours (guided by A)", dict(accuracy=acc, alpha=args.alpha)),
+        ("ours (guided by A)", dict(accuracy=acc, search=SearchConfig(alpha=args.alpha))),
         ("ours (latency only)", {}),
-        ("full grid", dict(grid=shuffled(full_grid(prefix + 1, n_total)))),
+        ("full grid", dict(search=SearchConfig(grid=shuffled(full_grid(prefix + 1, n_total))))),
     ]
     if args.repeat_full:  # the noise floor: how far a second full grid's n* lands on the first's curve
-        plan.append(("full grid, again", dict(grid=shuffled(full_grid(prefix + 1, n_total), seed=1))))
+        grid = shuffled(full_grid(prefix + 1, n_total), seed=1)
+        plan.append(("full grid, again", dict(search=SearchConfig(grid=grid))))
     for label, kwargs in plan:
         start = time.perf_counter()
-        lat = profile_latency(model, **timer, **kwargs)
+        lat = profile_latency(model, target, timing=timing, **timer, **kwargs)
         runs[label] = (lat, time.perf_counter() - start)
         print(f"  {label:<20} {len(lat.points):4d} points in {runs[label][1]:8.1f} s", flush=True)
 

@@ -108,22 +108,21 @@ def log_pomt(
     trainer: Any,
     pl_module: Any,
     stage: str,
+    pruning: Any,
     *,
-    method: str,
-    layer: int,
-    r: int | None,
-    schedule: list[int] | None,
     result: Any,
     r_source: str | None,
     log_plots: bool,
 ) -> dict[str, float]:
-    """Everything found for a pruned stage, to the Trainer's loggers: scalars (through
+    """Everything found for a stage pruned as ``pruning`` says (a ``PruningConfig``: method, r,
+    layer, schedule), to the Trainer's loggers: scalars (through
     ``pl_module.log`` where Lightning allows it, so ``trainer.test`` returns them), run summary
     values, and, where R was searched (``r_source="search"``), the curves of ``result`` (a
-    :class:`pomt.Search` or None) as a table, line plots and a figure. Returns the scalars."""
+    :class:`pomt.SearchResult` or None) as a table, line plots and a figure. Returns the scalars."""
     latency = None if result is None else result.latency
     sel = result.selection if result is not None and r_source == "search" else None
-    scalars = pomt_scalars(r, schedule, sel)
+    method, layer = pruning.method, pruning.layer
+    scalars = pomt_scalars(pruning.r, list(pruning.schedule), sel)
     if stage in ("validate", "test"):  # epoch-level values, returned by trainer.validate/test
         for key, value in scalars.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
@@ -157,9 +156,9 @@ def log_pomt(
 
 def log_token_maps(trainer: Any, vit: Any, images: Any, label: str) -> None:
     """``images`` with the token each patch ended in under ``vit``'s pruning (``label``), as a figure."""
+    from pomt.method.pruning import token_groups
     from pomt.models import token_layout
     from pomt.plots import plot_token_groups
-    from pomt.pruning import token_groups
 
     layout = token_layout(vit, tuple(images.shape[-2:]))
     figure = plot_token_groups(

@@ -22,12 +22,14 @@ from pomt.callbacks import logs
 from pomt.callbacks import stage_support as support
 from pomt.callbacks.stage_support import SPLITS, STAGES
 from pomt.data import split_batch
-from pomt.finder import Search, SearchConfig
+from pomt.deploy.targets import Target
+from pomt.errors import PomtValueError
+from pomt.method.pruning import PruningConfig, apply_pruning, pruning_config, remove_pruning, token_schedule
 from pomt.models import find_vit, restore_train_modes, train_modes
-from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.pruning import apply_pruning, pruning_config, remove_pruning, token_schedule
-from pomt.runtimes import check_runtime
-from pomt.selection import Selection
+from pomt.offline.config import SearchConfig
+from pomt.offline.finder import Reuse, SearchResult
+from pomt.offline.profiles import AccuracyProfile, LatencyProfile
+from pomt.offline.selection import Selection
 
 __all__ = ["POMTCallback", "STAGES", "SPLITS"]
 
@@ -40,15 +42,16 @@ class POMTCallback(Callback):
         r: tokens to remove; given, the search is skipped (``pomt``: removed once at ``layer``;
             ``topk``/``tome``: removed at every block).
         layer: block where POMT prunes (the authors use 3, the fourth block).
-        runtime: where latency is measured and R verified: ``torch`` (this module, default), or
-            ``onnxruntime``/``openvino`` (its export, for an exported deployment; ``pomt[deploy]``).
-            A saved or earlier profile is reused only for the same runtime, version and precision.
+        target: where and how latency is measured and R verified: a :class:`pomt.Target`, a
+            runtime's name (``torch``, ``cuda_graphs``, or ``onnxruntime``/``openvino`` for an
+            exported deployment, ``pomt[deploy]``) or a mapping of its fields. What it leaves open
+            is the Trainer's: its device and precision, the stage dataloader's batch size. A saved
+            or earlier profile is reused only for the same Target (runtime, version, precision, ...).
         search: how R is chosen, measured and verified: a :class:`pomt.SearchConfig` or a mapping
             of its fields (a dict, or Hydra's ``DictConfig``); an unknown key is a ValueError.
-        batch_size: batch size of the latency profile; default: the stage dataloader's.
         accuracy_data: a Dataset/DataLoader of ``(image, label)`` for the accuracy estimate.
-        accuracy_split: the datamodule's split for the estimate (``selection``, ``val``, ``train``,
-            ``test``) without ``accuracy_data``; default: ``selection_dataloader()``, else the stage's.
+        accuracy_split: the datamodule's split for the estimate (``holdout``, ``val``, ``train``,
+            ``test``) without ``accuracy_data``; default: ``holdout_dataloader()``, else the stage's.
         latency_profile_path, accuracy_profile_path: JSON profiles, reused when they are valid
             for this model and setup, written after measuring otherwise.
         restore: put the model back after the stage; ``False`` keeps it pruned (not after an error).
@@ -68,7 +71,7 @@ class POMTCallback(Callback):
         layer: int = 3,
         *,
         search: SearchConfig | Mapping[str, Any] | None = None,
-        batch_size: int | None = None,
+        target: Target | str | Mapping[str, Any] | None = None,
         accuracy_data: Any = None,
         accuracy_split: str | None = None,
         latency_profile_path: str | None = None,
@@ -79,21 +82,19 @@ class POMTCallback(Callback):
         stages: tuple[str, ...] = ("validate", "test", "predict"),
         log_plots: bool = True,
         log_token_maps: int = 0,
-        runtime: str = "torch",
     ) -> None:
         super().__init__()
-        self.runtime = check_runtime(runtime)
-        support.check_options(method, r, batch_size=batch_size, accuracy_split=accuracy_split, stages=stages)
+        support.check_options(method, r, accuracy_split=accuracy_split, stages=stages)
         try:
-            search = SearchConfig.coerce(search)
+            search, target = SearchConfig.coerce(search), Target.coerce(target)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"POMTCallback: {err}") from err
-        self.method, self.r, self.layer, self.search_config = method, r, layer, search
-        self.batch_size, self.accuracy_data, self.accuracy_split = batch_size, accuracy_data, accuracy_split
+            raise type(err)(f"POMTCallback: {err}") from err
+        self.method, self.r, self.layer, self.search_config, self.target = method, r, layer, search, target
+        self.accuracy_data, self.accuracy_split = accuracy_data, accuracy_split
         self.latency_profile_path, self.accuracy_profile_path = latency_profile_path, accuracy_profile_path
         self.restore, self.reuse, self.vit_path = restore, reuse, vit_path
         self.stages, self.log_plots, self.log_token_maps = frozenset(stages), log_plots, log_token_maps
-        self.result: Search | None = None  # results, as BatchSizeFinder.optimal_batch_size: the search,
+        self.result: SearchResult | None = None  # results, as BatchSizeFinder.optimal_batch_size: the search,
         self.applied_r: int | None = None  # and what was applied: R,
         self.applied_schedule: list[int] | None = None  # the tokens leaving each block
         self.trained_r: int | None = None  # the R training ran at ("train"): later stages use it
@@ -122,7 +123,7 @@ class POMTCallback(Callback):
             self.found_vit_path, self._vit = find_vit(pl_module, self.vit_path)
             token_schedule(self._vit, self.method, 0 if self.r is None else self.r, self.layer)
         except ValueError as err:
-            raise ValueError(f"POMTCallback: {err}{support.vit_hint(pl_module, self.vit_path)}") from err
+            raise PomtValueError(f"POMTCallback: {err}{support.vit_hint(pl_module, self.vit_path)}") from err
         if self.r is None:
             data, _ = support.accuracy_data(trainer, None, vit=self._vit, **self._data())
             if data is not None:
@@ -212,7 +213,7 @@ class POMTCallback(Callback):
         any) leaves the results in memory, which are still reused only where valid."""
         if state_dict.get("trained_r") is not None:  # weights trained at that R are tested at it
             self.trained_r = int(state_dict["trained_r"])
-        loaded = Search.from_dict(state_dict)
+        loaded = SearchResult.from_dict(state_dict)
         if loaded is None:
             if self.result is not None:
                 support.say("the checkpoint holds no POMT results: keeping the ones measured here")
@@ -246,10 +247,10 @@ class POMTCallback(Callback):
         self.applied_r, self.applied_schedule, self.r_source = r, schedule, source
         found = dict(r_source=source, selection=self.selection)
         support.say(logs.describe(self.method, r, schedule, where=self.found_vit_path, **found))
+        pruning = PruningConfig(self.method, r, self.layer, tuple(schedule))  # also at R = 0 (not applied)
         logs.log_pomt(
-            trainer, pl_module, stage, method=self.method, layer=self.layer, r=r, schedule=schedule,
-            result=self.result, r_source=source, log_plots=self.log_plots,
-        )  # fmt: skip
+            trainer, pl_module, stage, pruning, result=self.result, r_source=source, log_plots=self.log_plots
+        )
         if self.log_token_maps and trainer.loggers and trainer.is_global_zero:
             images = split_batch(next(iter(support.stage_loader(trainer, stage))))[0][: self.log_token_maps]
             label = f"{self.method} r={self.applied_r}"
@@ -283,12 +284,15 @@ class POMTCallback(Callback):
     def _data(self) -> dict[str, Any]:
         return dict(data=self.accuracy_data, split=self.accuracy_split, warned=self._warned_split)
 
-    def _find_r(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Search:
+    def _find_r(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> SearchResult:
         """The search on this rank, from the callback's settings and results (explicit arguments)."""
         data, self._warned_split = support.accuracy_data(trainer, stage, vit=self._vit, **self._data())
+        reuse = Reuse(
+            previous=self.result if self.reuse else None, origin=self._result_origin,
+            latency_path=self.latency_profile_path, accuracy_path=self.accuracy_profile_path,
+        )  # fmt: skip
+        target = support.trainer_target(trainer, pl_module, stage, self.target)
         return support.choose_r(
-            trainer, pl_module, stage, vit=self._vit, data=data, layer=self.layer, batch_size=self.batch_size,
-            config=self.search_config, latency_path=self.latency_profile_path,
-            accuracy_path=self.accuracy_profile_path, previous=self.result if self.reuse else None,
-            previous_origin=self._result_origin, runtime=self.runtime,
+            trainer, pl_module, stage, target, data, layer=self.layer, search=self.search_config, vit=self._vit,
+            reuse=reuse,
         )  # fmt: skip

@@ -11,6 +11,7 @@ while nothing is configured, they are printed to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,14 +29,15 @@ from torch import nn
 
 import pomt
 from pomt.data import UnlabelledDataError, check_accuracy_data
-from pomt.errors import is_int
-from pomt.finder import Search, SearchConfig, find_r
+from pomt.deploy.targets import Target
+from pomt.errors import PomtValueError, is_int
+from pomt.method.pruning import PruningConfig, pruning_config
 from pomt.models import find_vit, image_size, restore_train_modes, train_modes
-from pomt.profiles import AccuracyProfile
-from pomt.pruning import PruningConfig, pruning_config
+from pomt.offline.finder import Console, SearchResult, find_r
+from pomt.offline.profiles import AccuracyProfile
 
 STAGES = ("validate", "test", "predict", "fit", "train")
-SPLITS = ("selection", "val", "train", "test")
+SPLITS = ("holdout", "val", "train", "test")
 
 __all__ = [
     "STAGES",
@@ -48,6 +50,7 @@ __all__ = [
     "stage_loader",
     "accuracy_data",
     "check_data",
+    "trainer_target",
     "choose_r",
     "report_pruning",
     "on_rank_zero",
@@ -58,7 +61,7 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__.rsplit(".", 1)[0])  # "pomt.callbacks": printed as pomt's loggers are
 
 STAGES = ("validate", "test", "predict", "fit", "train")
-SPLITS = ("selection", "val", "train", "test")
+SPLITS = ("holdout", "val", "train", "test")
 LOADERS = {
     "train": "train_dataloader",
     "validate": "val_dataloaders",
@@ -66,7 +69,7 @@ LOADERS = {
     "predict": "predict_dataloaders",
 }
 FIXES = (
-    "give the datamodule a selection_dataloader() (a held-out split), set accuracy_split='val' (or "
+    "give the datamodule a holdout_dataloader() (a held-out split), set accuracy_split='val' (or "
     "'train'), or pass accuracy_data="
 )
 
@@ -81,25 +84,25 @@ _INTERNAL = tuple(
 )
 
 
-def check_options(
-    method: str, r: int | None, *, batch_size: int | None, accuracy_split: str | None, stages: Sequence[str]
-) -> None:
+def check_options(method: str, r: int | None, *, accuracy_split: str | None, stages: Sequence[str]) -> None:
     """The callback's options that need no model: a ValueError naming the value and the valid range."""
     if method not in ("pomt", "topk", "tome"):
-        raise ValueError(f"method must be one of pomt, topk, tome, got {method!r}")
+        raise PomtValueError(f"method must be one of pomt, topk, tome, got {method!r}")
     if method != "pomt" and r is None:
-        raise ValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
+        raise PomtValueError(f"method={method!r} needs a fixed r (the search selects R for 'pomt' only)")
     if r is not None and (not is_int(r) or r < 0):
-        raise ValueError(f"r must be a non-negative int or None, got {r!r}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise PomtValueError(f"r must be a non-negative int or None, got {r!r}")
     if accuracy_split is not None and accuracy_split not in SPLITS:
-        raise ValueError(f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {accuracy_split!r}")
+        raise PomtValueError(
+            f"accuracy_split must be one of {', '.join(SPLITS)} or None, got {accuracy_split!r}"
+        )
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
+        raise PomtValueError(f"unknown stages {unknown}; valid: {', '.join(STAGES)}")
     if {"fit", "train"} <= set(stages):
-        raise ValueError("stages has 'fit' and 'train': 'train' already prunes the validations inside fit")
+        raise PomtValueError(
+            "stages has 'fit' and 'train': 'train' already prunes the validations inside fit"
+        )
 
 
 @rank_zero_only
@@ -166,23 +169,23 @@ def check_data(vit: nn.Module, data: Any, stage: str = "the search") -> None:
     except UnlabelledDataError as err:
         raise unlabelled(stage) from err
     except ValueError as err:
-        raise ValueError(f"POMTCallback: {err}") from err
+        raise PomtValueError(f"POMTCallback: {err}") from err
 
 
 def accuracy_data(
     trainer: pl.Trainer, stage: str | None, *, vit: nn.Module, data: Any, split: str | None, warned: bool
 ) -> tuple[Any, bool]:
     """The data of the accuracy estimate (None at setup when it is the stage's own data): ``data``,
-    else the datamodule's ``split`` (or its selection split), else the stage's own data, which
+    else the datamodule's ``split`` (or its holdout split), else the stage's own data, which
     is warned about unless ``warned`` already. Returns the data and whether that was warned."""
     if data is not None:
         return data, warned
     datamodule = getattr(trainer, "datamodule", None)
-    split = split or ("selection" if hasattr(datamodule, "selection_dataloader") else None)
+    split = split or ("holdout" if hasattr(datamodule, "holdout_dataloader") else None)
     if split is not None:
         method = getattr(datamodule, f"{split}_dataloader", None)
         if not callable(method):
-            raise ValueError(
+            raise PomtValueError(
                 f"POMTCallback: accuracy_split={split!r} but the datamodule has no {split}_dataloader()"
             )
         return method(), warned
@@ -199,47 +202,31 @@ def accuracy_data(
     return loader, warned
 
 
+def trainer_target(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, target: Target) -> Target:
+    """``target`` with what it leaves open taken from the Trainer: the module's device, the
+    Trainer's precision (``32-true``, ``bf16-mixed``), the stage dataloader's batch size."""
+    batch_size = target.batch_size or getattr(stage_loader(trainer, stage), "batch_size", None) or 1
+    return dataclasses.replace(
+        target,
+        device=target.device or str(pl_module.device),
+        precision=target.precision or str(trainer.precision),
+        batch_size=int(batch_size),
+    )
+
+
 def choose_r(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    stage: str,
-    *,
-    vit: nn.Module,
-    data: Any,
-    layer: int,
-    batch_size: int | None,
-    config: SearchConfig,
-    latency_path: str | None,
-    accuracy_path: str | None,
-    previous: Search | None,
-    previous_origin: str,
-    runtime: str = "torch",
-) -> Search:
-    """``find_r`` on the Trainer's device and precision (under its autocast), the RNG and each
-    module's train/eval mode kept; ``batch_size`` None: the stage dataloader's."""
-    batch_size = batch_size or getattr(stage_loader(trainer, stage), "batch_size", None) or 1
+    trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, target: Target, data: Any, **options: Any
+) -> SearchResult:
+    """``find_r`` on ``target`` (the Trainer's, see :func:`trainer_target`) under the Trainer's
+    autocast, the RNG and each module's train/eval mode kept; ``options`` are find_r's
+    (``layer``, ``search``, ``vit``, ``reuse``)."""
     modes = train_modes(pl_module)  # each module's, put back as found (not one flag for all)
     pl_module.eval()
+    # under a Trainer, its progress bar is the only one; each step is logged
+    console = Console(log=say, warn=warn, progress=False)
     try:
         with isolate_rng(include_cuda=True), trainer.precision_plugin.forward_context():
-            return find_r(
-                pl_module,
-                data,
-                layer=layer,
-                batch_size=int(batch_size),
-                device=pl_module.device,
-                config=config,
-                vit=vit,
-                latency_path=latency_path,
-                accuracy_path=accuracy_path,
-                previous=previous,
-                previous_origin=previous_origin,
-                progress=False,  # under a Trainer, its progress bar is the only one; each step is logged
-                log=say,
-                precision=str(trainer.precision),
-                warn=warn,
-                runtime=runtime,
-            )
+            return find_r(pl_module, data, target, console=console, **options)
     except UnlabelledDataError as err:
         raise unlabelled(stage) from err
     finally:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pomt.data import balanced_indices
+from pomt.errors import PomtValueError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -44,7 +45,7 @@ def stratified_split(labels: Sequence[int], sizes: Sequence[int], seed: int) -> 
     parts = []
     for k, size in enumerate(sizes):
         if size > len(remaining):
-            raise ValueError(f"split sizes {list(sizes)} exceed the {len(labels)} images available")
+            raise PomtValueError(f"split sizes {list(sizes)} exceed the {len(labels)} images available")
         picked = balanced_indices([labels[i] for i in remaining], size, seed + k)
         picked_set = set(picked)
         parts.append([remaining[i] for i in picked])
@@ -110,12 +111,12 @@ def image_files(folder: Path) -> list[Path]:
 class ClassificationDataModule(pl.LightningDataModule):
     """What every datamodule of the project offers.
 
-    ``train``/``val``/``test``/``predict``/``selection`` datasets and dataloaders, where
-    ``selection`` is a seeded, class-balanced held-out split for the accuracy estimate during
+    ``train``/``val``/``test``/``predict``/``holdout`` datasets and dataloaders, where
+    ``holdout`` is a seeded, class-balanced held-out split for the accuracy estimate during
     R selection, disjoint from the reported split (``val``/``test``). Also ``num_classes``,
     ``class_names`` and ``data_config`` (the preprocessing used). Subclasses fill the datasets
     in :meth:`_build` (``pin_memory=None``: pin when CUDA is available); the dataloader methods build them on first use, so a library user can
-    call ``selection_dataloader()`` without a trainer.
+    call ``holdout_dataloader()`` without a trainer.
     """
 
     def __init__(
@@ -123,26 +124,26 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         *,
-        selection_size: int = 1024,
+        holdout_size: int = 1024,
         seed: int = 0,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise PomtValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if selection_size < 1:
-            raise ValueError(f"selection_size must be >= 1, got {selection_size}")
+            raise PomtValueError(f"num_workers must be >= 0, got {num_workers}")
+        if holdout_size < 1:
+            raise PomtValueError(f"holdout_size must be >= 1, got {holdout_size}")
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.selection_size = selection_size
+        self.holdout_size = holdout_size
         self.seed = seed
         self.pin_memory = pin_memory
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
-        self.selection_dataset: Dataset | None = None
+        self.holdout_dataset: Dataset | None = None
         self.data_config: dict[str, Any] = {}
         self._built = False
 
@@ -168,7 +169,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.setup()
         dataset = getattr(self, attribute)
         if dataset is None:
-            raise ValueError(f"{type(self).__name__} has no {split} split ({self._describe_source()})")
+            raise PomtValueError(f"{type(self).__name__} has no {split} split ({self._describe_source()})")
         return dataset
 
     def _describe_source(self) -> str:
@@ -210,9 +211,9 @@ class ClassificationDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def selection_dataloader(self) -> DataLoader:
+    def holdout_dataloader(self) -> DataLoader:
         """The held-out, class-balanced split for accuracy estimation (never the reported split)."""
-        return self._loader(self._require("selection_dataset", "selection"), shuffle=False)
+        return self._loader(self._require("holdout_dataset", "holdout"), shuffle=False)
 
 
 def take_balanced(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pomt.datamodules._common import ClassificationDataModule, stratified_split, trainer_vit
-from pomt.errors import require
+from pomt.errors import PomtValueError, require
 from pomt.models import image_size
 
 __all__ = ["DigitsDataModule", "DigitsDataset", "load_digit_images"]
@@ -66,8 +66,8 @@ class DigitsDataset(Dataset):
 class DigitsDataModule(ClassificationDataModule):
     """Handwritten digits (10 classes, 1,797 images) in four disjoint, seeded, stratified splits.
 
-    ``test`` (``test_fraction`` of the images) is the reported split, ``selection``
-    (``selection_size`` images, class-balanced) is for the accuracy estimate of R selection,
+    ``test`` (``test_fraction`` of the images) is the reported split, ``holdout``
+    (``holdout_size`` images, class-balanced) is for the accuracy estimate of R selection,
     ``val`` (``val_fraction``) monitors training, and ``train`` is the rest. ``img_size=None``
     takes the input size of the model the trainer runs (32 without one).
     """
@@ -78,21 +78,19 @@ class DigitsDataModule(ClassificationDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         *,
-        selection_size: int = 200,
+        holdout_size: int = 200,
         test_fraction: float = 0.2,
         val_fraction: float = 0.1,
         augment: bool = True,
         seed: int = 0,
         pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(
-            batch_size, num_workers, selection_size=selection_size, seed=seed, pin_memory=pin_memory
-        )
+        super().__init__(batch_size, num_workers, holdout_size=holdout_size, seed=seed, pin_memory=pin_memory)
         if img_size is not None and img_size < 8:
-            raise ValueError(f"img_size must be >= 8 (the digits are 8x8), got {img_size}")
+            raise PomtValueError(f"img_size must be >= 8 (the digits are 8x8), got {img_size}")
         for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
             if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {value}")
+                raise PomtValueError(f"{name} must be in (0, 1), got {value}")
         self.img_size = img_size
         self.test_fraction = test_fraction
         self.val_fraction = val_fraction
@@ -112,7 +110,7 @@ class DigitsDataModule(ClassificationDataModule):
         if self.img_size is None:
             return model_size or 32
         if model_size is not None and model_size != self.img_size:
-            raise ValueError(
+            raise PomtValueError(
                 f"DigitsDataModule img_size={self.img_size} but the model expects {model_size}x{model_size} "
                 "inputs: set data img_size to the model's, or to null to follow the model"
             )
@@ -131,15 +129,15 @@ class DigitsDataModule(ClassificationDataModule):
         total = len(labels)
         n_test = round(self.test_fraction * total)
         n_val = round(self.val_fraction * total)
-        if n_test + n_val + self.selection_size >= total:
-            raise ValueError(
-                f"test ({n_test}) + val ({n_val}) + selection ({self.selection_size}) images leave no "
-                f"training images out of {total}: lower test_fraction, val_fraction or selection_size"
+        if n_test + n_val + self.holdout_size >= total:
+            raise PomtValueError(
+                f"test ({n_test}) + val ({n_val}) + selection ({self.holdout_size}) images leave no "
+                f"training images out of {total}: lower test_fraction, val_fraction or holdout_size"
             )
         test, selection, val, train = stratified_split(
-            labels.tolist(), [n_test, self.selection_size, n_val], self.seed
+            labels.tolist(), [n_test, self.holdout_size, n_val], self.seed
         )
-        self.split_indices = {"train": train, "val": val, "test": test, "selection": selection}
+        self.split_indices = {"train": train, "val": val, "test": test, "holdout": selection}
 
         def subset(idx: list[int], augment: bool = False) -> DigitsDataset:
             index = torch.as_tensor(idx, dtype=torch.long)
@@ -148,7 +146,7 @@ class DigitsDataModule(ClassificationDataModule):
         self.train_dataset = subset(train, augment=self.augment)
         self.val_dataset = subset(val)
         self.test_dataset = subset(test)
-        self.selection_dataset = subset(selection)
+        self.holdout_dataset = subset(selection)
         self.data_config = {
             "input_size": (3, size, size),
             "interpolation": "bilinear",

@@ -43,7 +43,7 @@ from pomt.datamodules.sources import (
     load_hub_split,
     split_samples,
 )
-from pomt.errors import require
+from pomt.errors import PomtValueError, require
 from pomt.preprocessing import (
     class_labels,
     create_transforms,
@@ -63,15 +63,15 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- datamodule
 class ImageNetDataModule(ClassificationDataModule):
-    """ImageNet-1k (hub or local) or any labelled image folder, with a held-out selection split.
+    """ImageNet-1k (hub or local) or any labelled image folder, with a held-out holdout split.
 
     Source: ``root`` (a local ILSVRC tree or image folder) if given, else ``hub_id`` through
     ``datasets.load_dataset`` (``hub_kwargs`` are passed on, e.g. ``cache_dir``, ``revision``;
     ``streaming=True`` reads it without a full download).
 
     Splits: the reported split is the validation split (``val_dataloader`` and
-    ``test_dataloader``). The selection split (``selection_size`` images, seeded and
-    class-balanced) for the accuracy estimate during R selection comes from ``selection_from``:
+    ``test_dataloader``). The holdout split (``holdout_size`` images, seeded and
+    class-balanced) for the accuracy estimate during R selection comes from ``holdout_from``:
     ``"val"`` holds it out of the validation split, which is then reported without it (only
     the validation split is read); ``"train"`` draws it from the training split. Streaming
     always draws it from the (seeded, shuffled) training stream.
@@ -93,8 +93,8 @@ class ImageNetDataModule(ClassificationDataModule):
         label_key: str = "label",
         model_name: str | None = None,
         data_config: dict[str, Any] | None = None,
-        selection_from: Literal["val", "train"] = "val",
-        selection_size: int = 1024,
+        holdout_from: Literal["val", "train"] = "val",
+        holdout_size: int = 1024,
         batch_size: int = 64,
         num_workers: int | None = None,
         seed: int = 0,
@@ -102,9 +102,9 @@ class ImageNetDataModule(ClassificationDataModule):
         stream_scan_limit: int = 100_000,
     ) -> None:
         workers = default_num_workers() if num_workers is None else num_workers
-        super().__init__(batch_size, workers, selection_size=selection_size, seed=seed, pin_memory=pin_memory)
-        if selection_from not in ("val", "train"):
-            raise ValueError(f"selection_from must be 'val' or 'train', got {selection_from!r}")
+        super().__init__(batch_size, workers, holdout_size=holdout_size, seed=seed, pin_memory=pin_memory)
+        if holdout_from not in ("val", "train"):
+            raise PomtValueError(f"holdout_from must be 'val' or 'train', got {holdout_from!r}")
         self.root = root
         self.hub_id = hub_id
         self.hub_kwargs = dict(hub_kwargs or {})
@@ -115,7 +115,7 @@ class ImageNetDataModule(ClassificationDataModule):
         self.label_key = label_key
         self.model_name = model_name
         self.data_config_overrides = dict(data_config or {})
-        self.selection_from = selection_from
+        self.holdout_from = holdout_from
         self.stream_scan_limit = stream_scan_limit
         self._model: nn.Module | None = None
         self._class_names: list[str] | None = None
@@ -163,7 +163,7 @@ class ImageNetDataModule(ClassificationDataModule):
             train_tf, eval_tf = self._transforms()
             self._train_tf = train_tf
             for dataset in {
-                id(d): d for d in (self.val_dataset, self.test_dataset, self.selection_dataset)
+                id(d): d for d in (self.val_dataset, self.test_dataset, self.holdout_dataset)
             }.values():
                 if dataset is not None:
                     dataset.transform = eval_tf
@@ -182,12 +182,12 @@ class ImageNetDataModule(ClassificationDataModule):
     # ------------------------------------------------------------------ splits
     def _hold_out(self, labels: list[int], where: str) -> tuple[list[int], list[int]]:
         """(selection, rest) positions: a class-balanced selection sample and what remains."""
-        if self.selection_size >= len(labels):
-            raise ValueError(
-                f"selection_size={self.selection_size} leaves nothing of the {len(labels)} images in {where}: "
-                "lower selection_size or use selection_from='train'"
+        if self.holdout_size >= len(labels):
+            raise PomtValueError(
+                f"holdout_size={self.holdout_size} leaves nothing of the {len(labels)} images in {where}: "
+                "lower holdout_size or use holdout_from='train'"
             )
-        chosen = balanced_indices(labels, self.selection_size, self.seed)
+        chosen = balanced_indices(labels, self.holdout_size, self.seed)
         taken = set(chosen)
         return chosen, [i for i in range(len(labels)) if i not in taken]
 
@@ -201,23 +201,23 @@ class ImageNetDataModule(ClassificationDataModule):
         tree = self.tree = find_local_tree(self.root)
         train = split_samples(tree.train, None) if tree.train is not None else []
         if tree.val is None:
-            raise ValueError(f"no validation split under {tree.root}: {LAYOUT_HELP}")
+            raise PomtValueError(f"no validation split under {tree.root}: {LAYOUT_HELP}")
         val = split_samples(tree.val, tree.val_csv)
         index = self._class_index({name for _, name in train} | {name for _, name in val})
         val_samples = [(p, index[n]) for p, n in val]
         train_samples = [(p, index[n]) for p, n in train]
-        if self.selection_from == "val":
+        if self.holdout_from == "val":
             chosen, rest = self._hold_out([label for _, label in val_samples], str(tree.val))
-            self.selection_dataset = ImageFileDataset([val_samples[i] for i in chosen], eval_tf)
+            self.holdout_dataset = ImageFileDataset([val_samples[i] for i in chosen], eval_tf)
             val_samples = [val_samples[i] for i in rest]
         else:
             if not train_samples:
-                raise ValueError(
-                    f"selection_from='train' but {tree.root} has no train split: add train/<class>/ folders "
-                    "or use selection_from='val'"
+                raise PomtValueError(
+                    f"holdout_from='train' but {tree.root} has no train split: add train/<class>/ folders "
+                    "or use holdout_from='val'"
                 )
             chosen, rest = self._hold_out([label for _, label in train_samples], str(tree.train))
-            self.selection_dataset = ImageFileDataset([train_samples[i] for i in chosen], eval_tf)
+            self.holdout_dataset = ImageFileDataset([train_samples[i] for i in chosen], eval_tf)
             train_samples = [train_samples[i] for i in rest]
         self.train_dataset = ImageFileDataset(train_samples, train_tf) if train_samples else None
         self.val_dataset = self.test_dataset = ImageFileDataset(val_samples, eval_tf)
@@ -226,26 +226,26 @@ class ImageNetDataModule(ClassificationDataModule):
         val = load_hub_split(self.hub_id, self.val_split, False, self.hub_kwargs)
         self._hub_classes(val)
         if len(val) == 0:
-            raise ValueError(f"split {self.val_split!r} of {self.hub_id} is empty")
+            raise PomtValueError(f"split {self.val_split!r} of {self.hub_id} is empty")
         self._train_tf = train_tf
         self._train_source = None
-        if self.selection_from == "train":
+        if self.holdout_from == "train":
             train = load_hub_split(self.hub_id, self.train_split, False, self.hub_kwargs)
             labels = self._hub_dataset(train, None).labels
             chosen, rest = self._hold_out(labels, f"{self.hub_id}:{self.train_split}")
-            self.selection_dataset = self._hub_dataset(train.select(chosen), eval_tf)
+            self.holdout_dataset = self._hub_dataset(train.select(chosen), eval_tf)
             self._train_source = train.select(rest)
         else:
             labels = self._hub_dataset(val, None).labels
             chosen, rest = self._hold_out(labels, f"{self.hub_id}:{self.val_split}")
-            self.selection_dataset = self._hub_dataset(val.select(chosen), eval_tf)
+            self.holdout_dataset = self._hub_dataset(val.select(chosen), eval_tf)
             val = val.select(rest)
         self.val_dataset = self.test_dataset = self._hub_dataset(val, eval_tf)
 
     def _hub_dataset(self, ds: Any, transform: Callable | None) -> HubImageDataset:
         missing = [k for k in (self.image_key, self.label_key) if k not in ds.column_names]
         if missing:
-            raise ValueError(
+            raise PomtValueError(
                 f"{self.hub_id} has no column(s) {missing}; its columns are {ds.column_names}: "
                 "set image_key/label_key"
             )
@@ -255,7 +255,7 @@ class ImageNetDataModule(ClassificationDataModule):
         """Class names and the map from the dataset's label ids to ours (wnid names: ImageNet order)."""
         names = hub_label_names(ds, self.label_key)
         if names is None:
-            raise ValueError(
+            raise PomtValueError(
                 f"{self.hub_id}: the {self.label_key!r} column is not a ClassLabel: cannot name classes"
             )
         index = imagenet_labels(names)
@@ -287,14 +287,14 @@ class ImageNetDataModule(ClassificationDataModule):
             self._label_map,
         )
         items = take_balanced(
-            iter(shuffled), self.selection_size, len(self.class_names), self.stream_scan_limit
+            iter(shuffled), self.holdout_size, len(self.class_names), self.stream_scan_limit
         )
-        if len(items) < self.selection_size:
-            raise ValueError(
+        if len(items) < self.holdout_size:
+            raise PomtValueError(
                 f"scanned {self.stream_scan_limit} streamed images of {self.hub_id}:{self.train_split} and found "
-                f"only {len(items)} for a balanced selection of {self.selection_size}: raise stream_scan_limit"
+                f"only {len(items)} for a balanced selection of {self.holdout_size}: raise stream_scan_limit"
             )
-        self.selection_dataset = LabelledItems(items, eval_tf)
+        self.holdout_dataset = LabelledItems(items, eval_tf)
         self.val_dataset = self.test_dataset = HubStreamDataset(
             self._node(val), eval_tf, self.image_key, self.label_key, self._label_map
         )
@@ -314,5 +314,5 @@ class ImageNetDataModule(ClassificationDataModule):
                 self._train_source = load_hub_split(self.hub_id, self.train_split, False, self.hub_kwargs)
             self.train_dataset = self._hub_dataset(self._train_source, self._train_tf)
         if self.train_dataset is None:
-            raise ValueError(f"no train split in {self._describe_source()}: {LAYOUT_HELP}")
+            raise PomtValueError(f"no train split in {self._describe_source()}: {LAYOUT_HELP}")
         return self._loader(self.train_dataset, shuffle=True)

@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.data import Dataset, IterableDataset
 
 from pomt.datamodules._common import IMAGE_EXTENSIONS, image_files
-from pomt.errors import require
+from pomt.errors import PomtValueError, require
 
 __all__ = [
     "DEFAULT_HUB_ID",
@@ -68,7 +68,7 @@ def find_local_tree(root: str | os.PathLike[str]) -> LocalTree:
     if not root.exists():
         raise FileNotFoundError(f"dataset root not found: {root} ({LAYOUT_HELP})")
     if not root.is_dir():
-        raise ValueError(f"dataset root {root} is a file, not a folder ({LAYOUT_HELP})")
+        raise PomtValueError(f"dataset root {root} is a file, not a folder ({LAYOUT_HELP})")
     bases = [root, root / "CLS-LOC", root / "Data" / "CLS-LOC", root / "ILSVRC" / "Data" / "CLS-LOC"]
     for base in bases:
         train = base / "train" if (base / "train").is_dir() else None
@@ -78,8 +78,8 @@ def find_local_tree(root: str | os.PathLike[str]) -> LocalTree:
     if _subdirs(root):
         return LocalTree(root, None, root, None)  # a plain image folder: one labelled split
     if image_files(root):
-        raise ValueError(f"{root} holds images but no class folders: {LAYOUT_HELP}")
-    raise ValueError(f"no images or class folders found in {root}: {LAYOUT_HELP}")
+        raise PomtValueError(f"{root} holds images but no class folders: {LAYOUT_HELP}")
+    raise PomtValueError(f"no images or class folders found in {root}: {LAYOUT_HELP}")
 
 
 def _scan_class_folders(folder: Path) -> dict[str, list[str]]:
@@ -100,7 +100,7 @@ def _read_val_csv(csv_path: Path) -> dict[str, str]:
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise ValueError(
+            raise PomtValueError(
                 f"{csv_path} is not an ILSVRC val solution file: expected the columns ImageId,PredictionString"
             )
         for row in reader:
@@ -108,14 +108,14 @@ def _read_val_csv(csv_path: Path) -> dict[str, str]:
             if parts:
                 labels[row["ImageId"]] = parts[0]
     if not labels:
-        raise ValueError(f"{csv_path} has no labelled rows")
+        raise PomtValueError(f"{csv_path} has no labelled rows")
     return labels
 
 
 def _flat_val_samples(val: Path, csv_path: Path | None) -> list[tuple[str, str]]:
     files = image_files(val)
     if not files:
-        raise ValueError(f"no images found in {val}: {LAYOUT_HELP}")
+        raise PomtValueError(f"no images found in {val}: {LAYOUT_HELP}")
     if csv_path is None:
         raise FileNotFoundError(
             f"{val} is a flat ILSVRC val folder but no {VAL_SOLUTION_CSV} was found beside it or in a parent "
@@ -124,7 +124,7 @@ def _flat_val_samples(val: Path, csv_path: Path | None) -> list[tuple[str, str]]
     labels = _read_val_csv(csv_path)
     unlabelled = [p.name for p in files if p.stem not in labels]
     if unlabelled:
-        raise ValueError(
+        raise PomtValueError(
             f"{len(unlabelled)} images in {val} have no row in {csv_path} (e.g. {', '.join(unlabelled[:3])})"
         )
     return [(str(p), labels[p.stem]) for p in files]
@@ -135,7 +135,7 @@ def split_samples(folder: Path, csv_path: Path | None) -> list[tuple[str, str]]:
     if _subdirs(folder):
         samples = [(p, name) for name, files in _scan_class_folders(folder).items() for p in files]
         if not samples:
-            raise ValueError(f"the class folders in {folder} hold no images: {LAYOUT_HELP}")
+            raise PomtValueError(f"the class folders in {folder} hold no images: {LAYOUT_HELP}")
         return samples
     return _flat_val_samples(folder, csv_path)
 
@@ -221,7 +221,7 @@ def load_hub_split(hub_id: str, split: str, streaming: bool, hub_kwargs: dict[st
     datasets = require("datasets", "imagenet")
 
     if hub_id in GATED_HUB_IDS and not _offline() and _hub_token(hub_kwargs) is None:
-        raise ValueError(
+        raise PomtValueError(
             f"{hub_id} is a gated dataset and no Hugging Face token was found (HF_TOKEN unset, not logged in). "
             + _hub_help(hub_id)
         )
@@ -229,22 +229,22 @@ def load_hub_split(hub_id: str, split: str, streaming: bool, hub_kwargs: dict[st
         return datasets.load_dataset(hub_id, split=split, streaming=streaming, **hub_kwargs)
     except (ConnectionError, TimeoutError, OSError) as err:
         if isinstance(err, FileNotFoundError) and "offline" not in str(err).lower():
-            raise ValueError(
+            raise PomtValueError(
                 f"hub dataset {hub_id!r} (split {split!r}) not found: {err}. " + _hub_help(hub_id)
             ) from err
-        raise ValueError(
+        raise PomtValueError(
             f"cannot reach the Hugging Face hub for {hub_id!r} (split {split!r}): no network, offline mode, "
             f"or nothing cached ({type(err).__name__}: {err}). " + _hub_help(hub_id)
         ) from err
     except Exception as err:
         name = type(err).__name__
         if name in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError", "HfHubHTTPError"):
-            raise ValueError(
+            raise PomtValueError(
                 f"hub dataset {hub_id!r} (split {split!r}) is not accessible ({name}: {err}). "
                 + _hub_help(hub_id)
             ) from err
         if isinstance(err, ValueError) and "split" in str(err).lower():
-            raise ValueError(f"hub dataset {hub_id!r} has no split {split!r}: {err}") from err
+            raise PomtValueError(f"hub dataset {hub_id!r} has no split {split!r}: {err}") from err
         raise
 
 

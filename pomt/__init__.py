@@ -3,7 +3,7 @@
 Importing ``pomt`` imports torch only; what a function needs besides is imported when it is
 called: timm (building models, preprocessing), torchmetrics (``estimate_accuracy``), tqdm
 (progress bars), matplotlib (``pomt.plots``). The Lightning layer (``pomt.lightning``,
-``pomt.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported here.
+``pomt.lightning.sweep``, ``pomt.callbacks``, ``pomt.datamodules``) is not imported here.
 """
 
 import logging as _logging
@@ -12,12 +12,9 @@ from pomt import (
     _imports,  # noqa: F401 (finds pomt.callbacks/.datamodules in a source checkout)
     plots,  # (matplotlib itself is imported only when plotting)
 )
-from pomt.export import export_onnx
-from pomt.finder import Search, SearchConfig, find_r
-from pomt.models import TokenLayout, find_vit, token_layout
-from pomt.profiles import AccuracyProfile, LatencyProfile
-from pomt.profiling import estimate_accuracy, profile_latency
-from pomt.pruning import (
+from pomt.deploy.export import export_onnx
+from pomt.deploy.targets import Target
+from pomt.method.pruning import (
     METHODS,
     apply_pruning,
     pruned,
@@ -27,7 +24,14 @@ from pomt.pruning import (
     token_groups,
     token_schedule,
 )
-from pomt.selection import Selection, select_r
+from pomt.models import TokenLayout, find_vit, token_layout
+from pomt.offline.config import SearchConfig
+from pomt.offline.finder import Console, Reuse, SearchResult, find_r
+from pomt.offline.profiles import AccuracyProfile, LatencyProfile
+from pomt.offline.profiling import estimate_accuracy, profile_latency
+from pomt.offline.selection import Selection, select_r
+from pomt.offline.verify import verify
+from pomt.timing import Timing
 from pomt.weights import create_model, load_weights
 
 __version__ = "0.1.0"
@@ -50,10 +54,14 @@ _logger.addHandler(_UnlessConfigured())
 __all__ = [
     "METHODS",
     "AccuracyProfile",
+    "Console",
     "LatencyProfile",
-    "Search",
+    "Reuse",
     "SearchConfig",
+    "SearchResult",
     "Selection",
+    "Target",
+    "Timing",
     "TokenLayout",
     "apply_pruning",
     "create_model",
@@ -72,4 +80,5 @@ __all__ = [
     "token_groups",
     "token_layout",
     "token_schedule",
+    "verify",
 ]

@@ -1,5 +1,4 @@
-"""How ``pomt``'s subpackages are found when ``pomt`` is imported from a source checkout,
-and the old names of moved modules.
+"""How ``pomt``'s subpackages are found when ``pomt`` is imported from a source checkout.
 
 The repository's top-level ``callbacks/`` and ``datamodules/`` install as ``pomt.callbacks``
 and ``pomt.datamodules`` (``package-dir`` in pyproject.toml). Run from a checkout
@@ -14,12 +13,9 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-import warnings
 from pathlib import Path
-from types import ModuleType
 
 SOURCE_FOLDERS = {"pomt.callbacks": "callbacks", "pomt.datamodules": "datamodules"}
-MOVED = {"pomt.loggers": "pomt.lightning.loggers"}
 
 
 def checkout_root(package_dir: Path) -> Path | None:
@@ -49,34 +45,11 @@ class _SourceFolders(importlib.abc.MetaPathFinder):
         )
 
 
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports a moved module under its old name too (the same module object), with a
-    DeprecationWarning: class paths in users' YAML (``pomt.loggers.OfflineWandbLogger``) keep
-    working, and nothing is imported before someone asks for the old name."""
-
-    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001
-        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
-
-    def create_module(self, spec) -> None:  # noqa: ANN001
-        return None
-
-    def exec_module(self, module: ModuleType) -> None:
-        new = MOVED[module.__name__]
-        warnings.warn(
-            f"{module.__name__} moved to {new}: import {new} (the old name will be removed)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        sys.modules[module.__name__] = importlib.import_module(new)  # the import system returns it
-
-
 def install(package_dir: Path) -> None:
     """Put the finders first on ``sys.meta_path`` (once); they answer for their names only."""
-    finders = [f for f in sys.meta_path if isinstance(f, _SourceFolders | _MovedModules)]
-    if finders:
+    if any(isinstance(f, _SourceFolders) for f in sys.meta_path):
         return
     root = checkout_root(package_dir)
-    sys.meta_path.insert(0, _MovedModules())
     if root is not None:
         sys.meta_path.insert(0, _SourceFolders(root))
 

@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pomt.errors import PomtError
+from pomt.deploy.targets import RUNTIMES
+from pomt.errors import PomtError, PomtValueError
 from pomt.timing import MIN_RUN_TIME
-
-RUNTIMES = ("torch", "onnxruntime", "openvino")  # pomt.runtimes
 
 __all__ = ["profile_latency_main", "estimate_accuracy_main", "select_r_main", "export_main", "main", "parser"]
 
@@ -76,12 +75,12 @@ def select_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...): {err}") from err
+        raise PomtValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...): {err}") from err
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available here; use --device cpu")
+        raise PomtValueError(f"--device {device!r}: CUDA is not available here; use --device cpu")
     if parsed.type == "cuda" and parsed.index is not None:
         if parsed.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise PomtValueError(
                 f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                 f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
             )
@@ -153,15 +152,14 @@ def latency_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
     )
     period = lambda v: v if v == "auto" else (None if v == "none" else int(v))  # noqa: E731
     parser.add_argument("--period", default="auto", type=period, help="sawtooth period: 16, auto, none")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="torch", help="docs/deploy.md (pomt[deploy])")
+    parser.add_argument(
+        "--runtime", choices=list(RUNTIMES), default="torch", help="what runs the model (docs/deploy.md)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per point")
     parser.add_argument(
         "--min-run-time", type=float, default=MIN_RUN_TIME, help="seconds of timed calls per point"
     )
     parser.add_argument("--repeats", type=int, help="fixed number of timed calls per point instead")
-    parser.add_argument(
-        "--cuda-graphs", action="store_true", help="replay CUDA graphs (removes launch overhead)"
-    )
     parser.add_argument(
         "--relative",
         action=argparse.BooleanOptionalAction,
@@ -178,12 +176,16 @@ def latency_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
 
 
 def _profile_latency(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
-    from pomt.finder import LATENCY_SETTINGS, SearchConfig
-    from pomt.grid import full_grid
-    from pomt.profiles import AccuracyProfile
-    from pomt.profiling import profile_latency
+    from pomt.deploy.targets import Target
+    from pomt.offline.config import SearchConfig
+    from pomt.offline.grid import full_grid
+    from pomt.offline.profiles import AccuracyProfile
+    from pomt.offline.profiling import profile_latency
+    from pomt.timing import Timing
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,20 +197,22 @@ def _profile_latency(args: argparse.Namespace) -> int:
 
         layout = token_layout(model, args.img_size)
         grid = full_grid(layout.prefix + 1, layout.n_total)
-    config = SearchConfig(**{name: getattr(args, name) for name in LATENCY_SETTINGS} | {"grid": grid})
-    lat = profile_latency(
-        model,
-        batch_size=args.batch_size,
-        device=args.device,
-        layer=args.layer,
-        dtype=args.dtype,
-        img_size=args.img_size,
-        repeats=args.repeats,
-        progress=not args.no_progress,
-        name=args.model,
-        runtime=args.runtime,
-        **config.latency_kwargs(accuracy, args.device),
+    search = SearchConfig(
+        grid=grid, alpha=args.alpha, coarse_points=args.coarse_points, max_points=args.max_points,
+        period=args.period,
+    )  # fmt: skip
+    timing = Timing(
+        warmup=args.warmup, min_run_time=args.min_run_time, repeats=args.repeats, relative=args.relative
     )
+    target = Target(
+        runtime=args.runtime, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        img_size=args.img_size,
+    )  # fmt: skip
+    lat = profile_latency(
+        model, target, layer=args.layer, search=search, timing=timing, accuracy=accuracy,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    lat = dataclasses.replace(lat, model=args.model)
     what = f"{len(lat.points)} points, {lat.device}, batch {lat.batch_size}, POMT block: {lat.kernels} path"
     _save(lat, args.output, what, lambda p: f"median={p.median_ms:10.3f} ms  IQR={p.iqr_ms:8.3f} ms")
     if args.plot:
@@ -270,7 +274,7 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
     try:
         dataset = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as err:
-        raise ValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
+        raise PomtValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
     outputs = getattr(model, "num_classes", None)
     imagenet = {"folder": False, "imagenet": True, "auto": None if outputs == 1000 else False}[class_map]
     index, is_imagenet = class_labels(dataset.classes, imagenet=imagenet)  # ValueError names the fix
@@ -283,28 +287,22 @@ def image_folder(root: str | Path, model, class_map: str = "auto"):
 
 
 def _estimate_accuracy(args: argparse.Namespace) -> int:
-    from pomt.finder import SearchConfig
-    from pomt.profiling import estimate_accuracy
+    import dataclasses
+
+    from pomt.offline.config import SearchConfig
+    from pomt.offline.profiling import estimate_accuracy
 
     model = _build_model(args)
     dataset = image_folder(args.data, model, args.class_map)
-    config = SearchConfig(
-        accuracy_samples=args.num_samples,
-        accuracy_grid=args.grid,
-        accuracy_batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    search = SearchConfig(
+        accuracy_samples=args.num_samples, accuracy_grid=args.grid, accuracy_batch_size=args.batch_size,
+        accuracy_points=args.points, accuracy_workers=args.num_workers, seed=args.seed,
+    )  # fmt: skip
     acc = estimate_accuracy(
-        model,
-        dataset,
-        device=args.device,
-        points=args.points,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-        name=args.model,
+        model, dataset, search=search, device=args.device, progress=not args.no_progress,
         dataset=str(Path(args.data).resolve()),
-        **config.accuracy_kwargs(),
-    )
+    )  # fmt: skip
+    acc = dataclasses.replace(acc, model=args.model)
     balanced = "class-balanced" if acc.class_balanced else "not class-balanced"
     what = f"{acc.num_samples} images, {balanced}, seed {acc.seed}"
     _save(acc, args.output, what, lambda p: f"top-1={p.accuracy:.4f} (± {p.stderr:.4f})")
@@ -337,7 +335,7 @@ def select_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     parser.add_argument("--no-denoise", action="store_true", help="use the raw medians (not recommended)")
     parser.add_argument(
         "--runtime",
-        choices=RUNTIMES,
+        choices=list(RUNTIMES),
         help="the runtime the latency profile was measured in (pomt profile-latency --runtime); a profile "
         "from another runtime is refused (default: the profile's)",
     )
@@ -366,8 +364,8 @@ def select_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
 
 
 def _select_r(args: argparse.Namespace) -> int:
-    from pomt.profiles import AccuracyProfile, LatencyProfile, write_json
-    from pomt.selection import select_r
+    from pomt.offline.profiles import AccuracyProfile, LatencyProfile, write_json
+    from pomt.offline.selection import select_r
 
     expect_lat = {
         k: v for k, v in (("model", args.model), ("batch_size", args.batch_size), ("dtype", args.dtype)) if v
@@ -402,11 +400,11 @@ def _select_r(args: argparse.Namespace) -> int:
 
 
 def _verify_selection(sel, lat, args: argparse.Namespace):
-    """``sel`` timed against the unpruned model as the profile was measured (``pomt.verify_profile``)."""
-    from pomt.verify_profile import verify_for_profile
+    """``sel`` timed against the unpruned model as the profile was measured (``pomt.offline.verify_profile``)."""
+    from pomt.offline.verify_profile import verify_for_profile
 
     if not args.model:
-        raise ValueError(
+        raise PomtValueError(
             "select-r --verify needs --model (the timm model the latency profile was measured for)"
         )
     if args.img_size is None and getattr(lat, "img_size", None):
@@ -434,20 +432,23 @@ def export_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Arg
     parser.add_argument("--layer", type=int, default=3, help="block where POMT prunes (0-based)")
     parser.add_argument("--batch-size", type=int, default=1, help="the static batch size of the graph")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |ONNX Runtime - PyTorch|")
-    parser.add_argument("--openvino", action="store_true", help="also write OpenVINO IR (.xml/.bin)")
+    parser.add_argument(
+        "--runtime", choices=list(RUNTIMES), default="torch",
+        help="the runtime the file is for (openvino: also writes OpenVINO IR, .xml/.bin)",
+    )  # fmt: skip
     return parser
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pomt.export import export_onnx
-    from pomt.pruning import apply_pruning
+    from pomt.deploy.export import export_onnx
+    from pomt.deploy.targets import Target
+    from pomt.method.pruning import apply_pruning
 
     model = _build_model(args)
     apply_pruning(model, args.method, r=args.r, layer=args.layer)
-    record = export_onnx(
-        model, args.output, batch_size=args.batch_size, tolerance=args.tolerance, openvino=args.openvino
-    )
-    ir = f"; OpenVINO IR {record.openvino_path}" if record.openvino_path else ""
+    target = Target(runtime=args.runtime, batch_size=args.batch_size)
+    record = export_onnx(model, args.output, target, tolerance=args.tolerance)
+    ir = f"; for {args.runtime}: {record.converted_path}" if record.converted_path else ""
     print(
         f"wrote {record.path} ({record.method} r={record.r}, batch {record.batch_size}, {record.export_s:.1f} s{ir})"
     )

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from pomt.errors import PomtValueError
+
 __all__ = [
     "balanced_indices",
     "split_batch",
@@ -59,9 +61,9 @@ def balanced_indices(labels: Sequence[int], size: int, seed: int) -> list[int]:
     members simply runs out; the rest is filled from the others.
     """
     if size < 0:
-        raise ValueError(f"sample size must be >= 0, got {size}")
+        raise PomtValueError(f"sample size must be >= 0, got {size}")
     if size > len(labels):
-        raise ValueError(f"cannot draw {size} samples from a split of {len(labels)} images")
+        raise PomtValueError(f"cannot draw {size} samples from a split of {len(labels)} images")
     rng = random.Random(seed)
     members: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
@@ -92,16 +94,18 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = next((batch[k] for k in ("image", "images", "pixel_values", "x") if k in batch), None)
         y = next((batch[k] for k in ("label", "labels", "target", "y") if k in batch), None)
         if x is None:
-            raise ValueError(f"batch dict has no image key (image/images/pixel_values/x): {sorted(batch)}")
+            raise PomtValueError(
+                f"batch dict has no image key (image/images/pixel_values/x): {sorted(batch)}"
+            )
         return x, y
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise ValueError(
+    raise PomtValueError(
         f"unsupported batch type {type(batch).__name__}: expected (images, labels), dict or tensor"
     )
 
 
-class UnlabelledDataError(ValueError):
+class UnlabelledDataError(PomtValueError):
     """The accuracy estimate was given data without labels."""
 
 
@@ -117,7 +121,7 @@ def labelled_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
             f"got a {type(batch).__name__}"
         )
     if not isinstance(image, torch.Tensor):
-        raise ValueError(
+        raise PomtValueError(
             f"images must be tensors, got {type(image).__name__}: give the dataset a transform "
             "(e.g. timm.data.create_transform(**timm.data.resolve_model_data_config(model)))"
         )
@@ -145,7 +149,7 @@ def check_accuracy_data(data: object, size: tuple[int, int] | None) -> None:
         raise UnlabelledDataError("the accuracy data yields images only, without labels")
     shape = tuple(getattr(images, "shape", ())[-2:])
     if size is not None and len(shape) == 2 and shape != tuple(size):
-        raise ValueError(
+        raise PomtValueError(
             f"the accuracy data has {shape[0]}x{shape[1]} images, the ViT takes {size[0]}x{size[1]}: "
             "resize the data or build the model for this size"
         )
@@ -153,7 +157,7 @@ def check_accuracy_data(data: object, size: tuple[int, int] | None) -> None:
 
 def check_labels(labels: torch.Tensor, classes: int) -> None:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise ValueError(
+        raise PomtValueError(
             f"labels must be in 0..{classes - 1} for a model with {classes} outputs; "
             f"got labels in {int(labels.min())}..{int(labels.max())}"
         )
@@ -174,7 +178,7 @@ def sample_loader(
         ds = data
         batch_size = batch_size or 32
     else:
-        raise ValueError(f"data must be a torch Dataset or DataLoader, got {type(data).__name__}")
+        raise PomtValueError(f"data must be a torch Dataset or DataLoader, got {type(data).__name__}")
     if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
         warnings.warn(
             "data is an iterable dataset: using its first num_samples samples (no class balancing); "
@@ -196,7 +200,7 @@ def sample_loader(
         return first(source), False, num_samples
     size = len(ds)  # type: ignore[arg-type]
     if size == 0:
-        raise ValueError("data is empty")
+        raise PomtValueError("data is empty")
     count = min(num_samples, size)
     labels = dataset_labels(ds)
     if labels is not None and len(labels) == size:

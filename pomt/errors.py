@@ -12,7 +12,17 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["PomtError", "PruningError", "UnavailableError", "MissingExtraError", "is_int", "require"]
+__all__ = [
+    "PomtError",
+    "PomtValueError",
+    "PomtTypeError",
+    "PruningError",
+    "TargetError",
+    "UnavailableError",
+    "MissingExtraError",
+    "is_int",
+    "require",
+]
 
 # What to pip install for each optional module, when it is not the module's own name.
 _PIP_NAMES = {"sklearn": "scikit-learn", "jsonargparse": "'jsonargparse[signatures]'"}
@@ -22,9 +32,23 @@ class PomtError(Exception):
     """Base of the errors ``pomt`` raises on purpose."""
 
 
-class PruningError(PomtError, ValueError):
+class PomtValueError(PomtError, ValueError):
+    """A value ``pomt`` cannot take (a setting out of range, a file that is not a profile); the
+    message names the value and what would be valid."""
+
+
+class PomtTypeError(PomtError, TypeError):
+    """An argument of the wrong type (the message names what was given and what is taken)."""
+
+
+class PruningError(PomtValueError):
     """A pruning request this model cannot take: an unknown method, or an r or layer out of
     its range (the message names the value, the valid range and the fix)."""
+
+
+class TargetError(PomtValueError):
+    """A target the model cannot run on: an unknown runtime, a device that runtime does not
+    run on, a bad dtype, thread count or batch size (``pomt.deploy.targets``)."""
 
 
 class UnavailableError(PomtError, RuntimeError):

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from pomt.errors import PomtValueError
 
 __all__ = [
     "TokenLayout",
@@ -28,11 +30,15 @@ __all__ = [
     "dtype_of",
     "vit_blocks",
     "unsupported_reason",
+    "is_eva",
+    "eva_block_unsupported_reason",
+    "require_supported",
     "is_supported_vit",
     "find_vit",
     "uncompiled",
     "unwrap_compiled",
     "architecture",
+    "model_name",
     "train_modes",
     "restore_train_modes",
 ]
@@ -78,7 +84,7 @@ def vit_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of ``model`` in execution order."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Module):
-        raise ValueError(f"{type(model).__name__} has no `blocks` module: it is not a supported ViT")
+        raise PomtValueError(f"{type(model).__name__} has no `blocks` module: it is not a supported ViT")
     return list(_flatten_blocks(blocks))
 
 
@@ -90,6 +96,35 @@ def _prefix_tokens(model: nn.Module) -> int | None:
         regs = int(getattr(model, "num_register_tokens", 0) or 0)
         dist = 1 if getattr(model, "dist_token", None) is not None else 0
         return cls + regs + dist
+    return None
+
+
+def is_eva(vit: nn.Module) -> bool:
+    """Whether the blocks of ``vit`` are timm's Eva blocks (which take a rotary table)."""
+    from timm.models.eva import EvaBlock, EvaBlockPostNorm  # timm is imported where it is needed
+
+    blocks = getattr(vit, "blocks", None)
+    eva = (EvaBlock, EvaBlockPostNorm)
+    return isinstance(blocks, nn.Module) and any(isinstance(b, eva) for b in blocks.children())
+
+
+def eva_block_unsupported_reason(where: str, block: nn.Module, prefix: int) -> str | None:
+    """Why an Eva block cannot be pruned (``where`` names it), or None."""
+    attn = getattr(block, "attn", None)
+    if attn is None:
+        return f"{where} ({type(block).__name__}) has no attn"
+    missing = [
+        a for a in ("num_heads", "proj", "q_norm", "k_norm", "num_prefix_tokens") if not hasattr(attn, a)
+    ]
+    if getattr(attn, "qkv", None) is None and getattr(attn, "q_proj", None) is None:
+        missing.append("qkv or q_proj/k_proj/v_proj")
+    if missing:
+        return f"{where}.attn ({type(attn).__name__}) lacks {', '.join(missing)}"
+    if attn.num_prefix_tokens != prefix:
+        return (
+            f"{where}.attn rotates all but {attn.num_prefix_tokens} prefix tokens, the model has {prefix}: "
+            "the rotary table would not line up with the tokens"
+        )
     return None
 
 
@@ -112,12 +147,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     blocks = vit_blocks(model)
     if not blocks:
         return f"{name}.blocks is empty"
-    from pomt import rope  # Eva blocks (rotary positions) have their own contract
-
-    eva = rope.is_eva(model)
+    eva = is_eva(model)  # Eva blocks (rotary positions) have their own contract
     for i, block in enumerate(blocks):
         if eva:
-            why = rope.block_unsupported_reason(f"{name}.blocks[{i}]", block, _prefix_tokens(model))
+            why = eva_block_unsupported_reason(f"{name}.blocks[{i}]", block, _prefix_tokens(model))
             if why is not None:
                 return why
             continue
@@ -134,10 +167,10 @@ def is_supported_vit(model: nn.Module) -> bool:
     return unsupported_reason(model) is None
 
 
-def _require_supported(model: nn.Module) -> None:
+def require_supported(model: nn.Module) -> None:
     reason = unsupported_reason(model)
     if reason is not None:
-        raise ValueError(
+        raise PomtValueError(
             f"unsupported model {type(model).__name__}: {reason}. Supported are timm VisionTransformer "
             "models (vit_*, deit_*, vit_*_dinov2*), timm Eva models (vit_*_dinov3*, eva02_*, vit_*_rope_*, "
             "vit_pe_*) and models whose blocks use timm's attribute names "
@@ -158,11 +191,13 @@ def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None
     if img_size is not None:
         patch = getattr(pe, "patch_size", None)
         if patch is None:
-            raise ValueError(f"{type(pe).__name__} has no `patch_size`: cannot derive tokens for img_size")
+            raise PomtValueError(
+                f"{type(pe).__name__} has no `patch_size`: cannot derive tokens for img_size"
+            )
         ph, pw = _pair(patch)
         h, w = _pair(img_size)
         if h < ph or w < pw:
-            raise ValueError(f"img_size {img_size} is smaller than the patch size {(ph, pw)}")
+            raise PomtValueError(f"img_size {img_size} is smaller than the patch size {(ph, pw)}")
         grid = (h // ph, w // pw)
     elif getattr(pe, "grid_size", None) is not None:
         grid = _pair(pe.grid_size)
@@ -172,7 +207,7 @@ def token_layout(model: nn.Module, img_size: int | tuple[int, int] | None = None
         side = int(pe.num_patches**0.5)
         grid = (side, pe.num_patches // max(side, 1))
     else:
-        raise ValueError(f"{type(pe).__name__} has no grid_size/patches_resolution/num_patches")
+        raise PomtValueError(f"{type(pe).__name__} has no grid_size/patches_resolution/num_patches")
     prefix = _prefix_tokens(model)
     blocks = vit_blocks(model)
     embed_dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
@@ -253,8 +288,8 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
             names = [name for name, _ in root.named_modules() if name]
             close = found[:1] or difflib.get_close_matches(path, names, n=1)
             hint = f"; did you mean vit_path={close[0]!r}?" if close else ""
-            raise ValueError(f"{type(root).__name__} has no submodule at path {path!r}{hint}") from err
-        _require_supported(module)
+            raise PomtValueError(f"{type(root).__name__} has no submodule at path {path!r}{hint}") from err
+        require_supported(module)
         return path, module
     if is_supported_vit(root):
         return "", root
@@ -264,7 +299,7 @@ def find_vit(root: nn.Module, path: str | None = None) -> tuple[str, nn.Module]:
             return name, module
         searched.append(f"{name or '<root>'} ({type(module).__name__}: {why})")
     detail = "; candidates rejected: " + "; ".join(searched) if searched else ""
-    raise ValueError(
+    raise PomtValueError(
         f"no supported ViT found inside {type(root).__name__}: {unsupported_reason(root)}; searched all "
         f"submodules for one with `patch_embed` and `blocks` of timm-style blocks{detail}. Supported are "
         "timm VisionTransformer models (vit_*, deit_*, vit_*_dinov2*), timm Eva models (vit_*_dinov3*, "
@@ -308,6 +343,15 @@ def uncompiled(model: nn.Module) -> Iterator[tuple[nn.Module, list[str]]]:
             setattr(module, child_name, child)
 
 
+def model_name(model: nn.Module) -> str:
+    """timm architecture name of ``model`` (or of the ViT inside it), else its class name."""
+    for module in (model, *model.modules()):
+        cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+        if isinstance(cfg, Mapping) and cfg.get("architecture"):
+            return str(cfg["architecture"])
+    return type(model).__name__
+
+
 def architecture(vit: nn.Module, img_size: int | tuple[int, int] | None = None) -> str:
     """What latency depends on besides the device: the class, depth, width, heads, patch size,
     token count and prefix, as one string (equal strings: same shapes in every kernel)."""
@@ -317,19 +361,3 @@ def architecture(vit: nn.Module, img_size: int | tuple[int, int] | None = None) 
         f"{type(vit).__name__} depth={layout.depth} embed_dim={layout.embed_dim} heads={layout.num_heads} "
         f"patch={patch[0]}x{patch[1]} n_total={layout.n_total} prefix={layout.prefix}"
     )
-
-
-_MOVED_TO_WEIGHTS = ("create_model", "load_weights", "read_state_dict", "weights_fingerprint")
-
-
-def __getattr__(name: str) -> object:
-    """The weights functions' old home: ``pomt.models.create_model`` still works, with a
-    DeprecationWarning (they live in ``pomt.weights``)."""
-    if name in _MOVED_TO_WEIGHTS:
-        import warnings
-
-        from pomt import weights
-
-        warnings.warn(f"pomt.models.{name} moved to pomt.weights.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(weights, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

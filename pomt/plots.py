@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pomt.curves import as_curve
 from pomt.errors import require
-from pomt.selection import Selection, select_r
+from pomt.offline.curves import as_curve
+from pomt.offline.selection import Selection, select_r
 
 __all__ = [
     "plot_profiles",
@@ -193,7 +193,11 @@ def _healed_front(rows: Sequence[Any]) -> list[Any]:
     return sorted(out, key=lambda row: row.latency_ms) if healed else []
 
 
-_RUNTIME_MARKERS = {"torch": "o", "onnxruntime": "D", "openvino": "P"}
+def _runtime_marker(label: str) -> str:
+    """The marker of a runtime's rows (its label: a runtime's name, with its options)."""
+    from pomt.deploy.targets import RUNTIMES
+
+    return getattr(RUNTIMES.get(label.split("[")[0]), "marker", "x")
 
 
 def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
@@ -215,7 +219,7 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
         )
         color, marker, label = _STYLES.get(method, ("tab:gray", "x", method))
         if several:
-            marker = _RUNTIME_MARKERS.get(runtime, "x")
+            marker = _runtime_marker(runtime)
             label = f"{label}, {runtime}"
         xs = [row.latency_ms for row in group]
         ys = [100 * row.acc1 for row in group]
@@ -264,7 +268,7 @@ def _draw_tradeoff(ax: Any, rows: Sequence[Any]) -> None:
 def plot_tradeoff(
     rows: Sequence[Any], latency: Any = None, accuracy: Any = None, selection: Any = None
 ) -> Any:
-    """Accuracy against latency, one marker per ``pomt.sweep.report.ReportRow``, POMT highlighted, and
+    """Accuracy against latency, one marker per ``pomt.lightning.sweep.report.ReportRow``, POMT highlighted, and
     the accuracy-latency Pareto front (the rows marked ``pareto``) as a dashed staircase; healed
     rows (``healed``) as hollow markers, with their own front (dash-dotted). Rows of several
     runtimes (``runtime``): one marker style per runtime, the method's colour; the front is

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from pomt.errors import PomtValueError
 from pomt.models import find_vit, image_size
 
 __all__ = [
@@ -54,7 +55,7 @@ def model_data_config(
             cfg["input_size"] = (cfg["input_size"][0], *size)
     elif model_name is not None:
         if not timm.is_model(model_name):
-            raise ValueError(f"unknown timm model name {model_name!r} for the data config")
+            raise PomtValueError(f"unknown timm model name {model_name!r} for the data config")
         pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
         if pretrained_cfg is None:
             built = timm.create_model(model_name, pretrained=False)
@@ -129,7 +130,7 @@ def class_labels(names: Iterable[str], *, imagenet: bool | None = None) -> tuple
     if imagenet and index is None:
         wnids = set(imagenet_wnids())
         bad = [name for name in names if name not in wnids][:5]
-        raise ValueError(
+        raise PomtValueError(
             f"ImageNet labels need wnid class names (e.g. n01440764); not wnids: {bad}: "
             "rename the folders or label them by their sorted position"
         )

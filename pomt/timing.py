@@ -12,14 +12,16 @@ import math
 import random
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pomt.errors import PomtValueError, is_int
+
 __all__ = [
     "MIN_RUN_TIME",
+    "Timing",
     "TimingStats",
     "synchronize",
     "time_call",
@@ -29,7 +31,6 @@ __all__ = [
     "median_interval",
     "time_paired",
     "cuda_graph",
-    "cuda_graph_or_eager",
     "Stopwatch",
     "device_name",
 ]
@@ -39,10 +40,36 @@ __all__ = [
 MIN_RUN_TIME = 0.2
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How a latency is timed (what runs is a Target's): ``warmup`` untimed calls, then timed
+    calls for ``min_run_time`` seconds (or exactly ``repeats`` calls; with ``relative``, that
+    many pairs at least). ``relative`` times every call paired with the unpruned model's and
+    scales the ratios by its pooled median: a machine whose speed drifts between points draws
+    no fake steps. None: relative on the CPU, not on CUDA."""
+
+    warmup: int = 3
+    min_run_time: float = MIN_RUN_TIME
+    repeats: int | None = None
+    relative: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not is_int(self.warmup) or self.warmup < 0:
+            raise PomtValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if not self.min_run_time >= 0:
+            raise PomtValueError(f"min_run_time must be >= 0, got {self.min_run_time!r}")
+        if self.repeats is not None and (not is_int(self.repeats) or self.repeats < 1):
+            raise PomtValueError(f"repeats must be a positive int or None, got {self.repeats!r}")
+
+    def relative_on(self, device: torch.device | str) -> bool:
+        """Whether latency is timed relative to the unpruned model on ``device``."""
+        return torch.device(device).type != "cuda" if self.relative is None else bool(self.relative)
+
+
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]) of already sorted values."""
     if not sorted_values:
-        raise ValueError("no samples to summarise")
+        raise PomtValueError("no samples to summarise")
     if len(sorted_values) == 1:
         return float(sorted_values[0])
     pos = (len(sorted_values) - 1) * q / 100.0
@@ -64,7 +91,7 @@ class TimingStats:
     mean_ms: float
     samples: int
     # the samples themselves, in the order taken (empty when only the summary is known); kept
-    # so that a profile can be resampled (``pomt.stability``) and re-timed points pooled
+    # so that a profile can be resampled (``pomt.offline.stability``) and re-timed points pooled
     values_ms: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -75,7 +102,7 @@ class TimingStats:
     def from_samples(cls, samples_ms: Sequence[float]) -> TimingStats:
         values = sorted(float(v) for v in samples_ms)
         if not values:
-            raise ValueError("TimingStats needs at least one sample")
+            raise PomtValueError("TimingStats needs at least one sample")
         return cls(
             median_ms=_percentile(values, 50),
             p10_ms=_percentile(values, 10),
@@ -261,7 +288,7 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     """
     xs = sorted(float(v) for v in values)
     if not xs:
-        raise ValueError("median_interval needs at least one value")
+        raise PomtValueError("median_interval needs at least one value")
     m, tail, k, below = len(xs), (1.0 - confidence) / 2.0, 1, 0.0
     for j in range(m):
         below += math.comb(m, j) / 2.0**m  # P(X <= j)
@@ -285,18 +312,6 @@ def cuda_graph(fn: Callable[[], object], device: torch.device | str) -> Callable
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
-
-
-def cuda_graph_or_eager(
-    fn: Callable[[], object], device: torch.device | str, what: str = ""
-) -> tuple[Callable[[], object], str]:
-    """``(replay, "cuda_graphs")`` where ``fn`` can be captured, else ``(fn, "eager (...)")`` with
-    a warning (a model with data-dependent shapes or host syncs cannot be captured)."""
-    try:
-        return cuda_graph(fn, device), "cuda_graphs"
-    except Exception as err:
-        warnings.warn(f"{what}CUDA graph capture failed ({err}); timing eager calls", stacklevel=3)
-        return fn, f"eager (graph capture failed: {type(err).__name__})"
 
 
 def time_paired(

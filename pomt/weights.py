@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pomt.errors import UnavailableError
-from pomt.models import _require_supported
+from pomt.errors import PomtValueError, UnavailableError
+from pomt.models import require_supported
 
 __all__ = ["create_model", "load_weights", "read_state_dict", "weights_fingerprint"]
 
@@ -56,12 +56,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt file or pickled code
-            raise ValueError(f"cannot read weights from {path}: {err}") from err
+            raise PomtValueError(f"cannot read weights from {path}: {err}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+        raise PomtValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
     return state
 
 
@@ -97,7 +97,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
         if shape:
             parts.append(f"{len(shape)} with other shapes (e.g. {', '.join(shape[:5])})")
-        raise ValueError(f"weights in {path} do not match {type(model).__name__}: " + "; ".join(parts))
+        raise PomtValueError(f"weights in {path} do not match {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(state, strict=strict)
     return model
 
@@ -123,7 +123,7 @@ def create_model(
     if not timm.is_model(name):
         close = [m for m in timm.list_models(f"*{name.split('.')[0]}*")][:8]
         hint = f" Similar names: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown timm model {name!r}.{hint}")
+        raise PomtValueError(f"unknown timm model {name!r}.{hint}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if img_size is not None:
@@ -138,12 +138,12 @@ def create_model(
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
         if weights is not None:
-            raise ValueError(f"weights in {weights} do not match {name}: {err}") from err
+            raise PomtValueError(f"weights in {weights} do not match {name}: {err}") from err
         if pretrained:
             raise UnavailableError(
                 f"could not fetch pretrained weights for {name!r} ({err}). Without network access, "
                 "download them elsewhere and pass `weights=PATH`, or set pretrained=False."
             ) from err
         raise
-    _require_supported(model)
+    require_supported(model)
     return model

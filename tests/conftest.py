@@ -8,6 +8,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from pomt import SearchConfig, Target
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,14 +81,19 @@ def cpu_trainer(**overrides):
 def staircase_profile(module, path, batch_size: int = 8, layer: int = 1):
     """A saved latency profile of ``module`` (17 tokens) on this CPU, as if measured: 10 ms for
     n >= 12 tokens, 5 ms below (a staircase with one step)."""
-    from pomt.profiling import profile_latency
+    from pomt.offline.profiling import profile_latency
     from pomt.timing import TimingStats
 
     def fake(n: int) -> TimingStats:
         return TimingStats.from_samples([10.0 if n >= 12 else 5.0] * 5)
 
     lat = profile_latency(
-        module, batch_size=batch_size, layer=layer, grid=range(2, 18), measure=fake, progress=False
+        module,
+        target=Target(batch_size=batch_size),
+        layer=layer,
+        timing=fake,
+        progress=False,
+        search=SearchConfig(grid=range(2, 18)),
     )
     lat.save(path)
     return path

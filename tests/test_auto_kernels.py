@@ -17,7 +17,7 @@ from _interpreter import INTERPRETING, needs_interpreter, parent_only, run_inter
 from conftest import make_tiny_vit
 
 import pomt
-from pomt import dispatch, ops
+from pomt.method import dispatch, ops
 
 pytest.importorskip("triton")
 
@@ -43,7 +43,7 @@ def auto_on_cpu(monkeypatch):
 @pytest.fixture
 def kernels_win(monkeypatch):
     """The timing made to favour the kernels; counts the timings and the kernels' selections."""
-    from pomt import _triton
+    from pomt.method import _triton
 
     calls = {"timed": 0, "select_tokens": 0}
     select = _triton.select_tokens
@@ -72,8 +72,8 @@ def _inputs(b=2, n=40, h=3, d=16, c=24, dtype=torch.float32, seed=0, scale_x=1.0
 def test_auto_uses_kernels_only_when_equal_and_faster(auto_on_cpu, kernels_win, monkeypatch):
     inputs = _inputs()
     with torch.no_grad():
-        assert ops._use_kernels(*inputs)
-        assert ops._use_kernels(*inputs) and kernels_win["timed"] == 1  # measured once, then cached
+        assert ops.use_kernels(*inputs)
+        assert ops.use_kernels(*inputs) and kernels_win["timed"] == 1  # measured once, then cached
     line = auto_on_cpu[0]
     assert len(auto_on_cpu) == 1 and "triton path for every r" in line, line
     assert "x (2, 40, 24) float32" in line and "3 heads of dim 16" in line and "no autocast" in line
@@ -84,7 +84,7 @@ def test_auto_uses_kernels_only_when_equal_and_faster(auto_on_cpu, kernels_win, 
     monkeypatch.setattr(dispatch, "_faster", lambda fn, ref, device: (False, 1.08))
     x, q, k, v, prefix, r, scale = inputs
     with torch.no_grad():  # another batch size: another key, measured again
-        assert not ops._use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)
+        assert not ops.use_kernels(x[:1], q[:1], k[:1], v[:1], prefix, r, scale)
     assert "torch path for every r" in auto_on_cpu[1] and "but not faster at r=19 (x1.08" in auto_on_cpu[1]
     assert ops.kernel_backend("cpu") == "auto: torch+triton"
 
@@ -106,7 +106,7 @@ def test_kernels_win_then_every_r_runs_through_them(auto_on_cpu, kernels_win):
 
 @needs_interpreter
 def test_auto_rejects_kernels_that_differ(auto_on_cpu, kernels_win, monkeypatch):
-    from pomt import _triton
+    from pomt.method import _triton
 
     select = _triton.select_tokens
 
@@ -116,7 +116,7 @@ def test_auto_rejects_kernels_that_differ(auto_on_cpu, kernels_win, monkeypatch)
 
     monkeypatch.setattr(_triton, "select_tokens", wrong)
     with torch.no_grad():
-        assert not ops._use_kernels(*_inputs())
+        assert not ops.use_kernels(*_inputs())
     assert "torch path for every r (the kernels differ from the float32 torch path at r=0" in auto_on_cpu[0]
 
     def broken(*args):
@@ -124,7 +124,7 @@ def test_auto_rejects_kernels_that_differ(auto_on_cpu, kernels_win, monkeypatch)
 
     monkeypatch.setattr(_triton, "select_tokens", broken)
     with torch.no_grad():
-        assert not ops._use_kernels(*_inputs(b=1))  # a shape not measured yet
+        assert not ops.use_kernels(*_inputs(b=1))  # a shape not measured yet
     assert "the kernels failed at r=0: RuntimeError: no kernel image for this device" in auto_on_cpu[1]
     assert kernels_win["timed"] == 0
 
@@ -150,14 +150,14 @@ def test_under_autocast_the_reference_is_float32_and_the_key_says_so(auto_on_cpu
     pomt.apply_pruning(model, "pomt", r=20, layer=1)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     scored_under = []
-    scores = pomt.method.pomt_scores
+    scores = pomt.method.functional.pomt_scores
 
     def spy(q, k, v, *args, **kwargs):
         if q.dtype == torch.float32:
             scored_under.append(torch.is_autocast_enabled("cpu"))
         return scores(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(pomt.method, "pomt_scores", spy)
+    monkeypatch.setattr(pomt.method.functional, "pomt_scores", spy)
     with torch.no_grad():
         model(images)  # float32, no autocast
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -176,9 +176,9 @@ def test_bfloat16_at_residual_stream_magnitudes():
     # puts the fused mean far more than 2e-3 from the float32 mean
     x, q, k, v, prefix, r, scale = _inputs(b=3, n=90, d=64, c=96, dtype=torch.bfloat16, seed=2, scale_x=50.0)
     keep = x.shape[1] - prefix - r - 1
-    reference = pomt.method.pomt_scores(q.float(), k.float(), v.float(), prefix, scale)
+    reference = pomt.method.functional.pomt_scores(q.float(), k.float(), v.float(), prefix, scale)
     with torch.no_grad():
-        got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
+        got = dispatch.launch_kernels(x, q, k, v, prefix, r, scale)
     assert dispatch.mismatch(got, x, reference, prefix, keep, q.dtype) is None  # a correct kernel passes
     kept = got[2] >= 0
     mean32 = (x[:, prefix:].float() * (~kept)[..., None]).sum(1) / (~kept).sum(1, keepdim=True)
@@ -223,7 +223,7 @@ def test_faster_compares_side_by_side():
 def test_auto_on_the_cpu_is_the_torch_path():
     with ops.kernels("auto"), torch.no_grad():
         assert ops.kernel_backend("cpu") == "torch"
-        assert not ops._use_kernels(*_inputs())
+        assert not ops.use_kernels(*_inputs())
     with ops.kernels("torch"):
         assert ops.kernel_backend("cuda") == "torch"
 
@@ -245,7 +245,7 @@ def test_two_threads_measure_a_key_once(auto_on_cpu, monkeypatch):
 
     def forward():
         with ops.kernels("auto"), torch.no_grad():
-            results.append(ops._use_kernels(*inputs))
+            results.append(ops.use_kernels(*inputs))
 
     threads = [threading.Thread(target=forward) for _ in range(2)]
     for thread in threads:
@@ -291,12 +291,12 @@ def _rank(rank: int, init: str, out: str) -> None:
     used = {}
     with ops.kernels("auto"), torch.no_grad():
         time.sleep(0.3 * rank)  # rank 0 reaches this shape first
-        used["both"] = ops._use_kernels(*_inputs(b=2))
+        used["both"] = ops.use_kernels(*_inputs(b=2))
         if rank == 1:  # a last batch only this rank has: it decides alone, no one waits
-            used["alone"] = ops._use_kernels(*_inputs(b=1))
+            used["alone"] = ops.use_kernels(*_inputs(b=1))
         dist.barrier()
         time.sleep(0.3 * (1 - rank))  # rank 1 reaches this shape first
-        used["later"] = ops._use_kernels(*_inputs(b=3))
+        used["later"] = ops.use_kernels(*_inputs(b=3))
     reasons = {str(key[2][0]): choice.reason for key, choice in ops.kernel_choices().items()}
     with open(f"{out}/{rank}.json", "w") as f:
         json.dump({"used": used, "measured": calls, "reasons": reasons}, f)
@@ -324,7 +324,7 @@ def test_the_method_and_the_kernel_dispatch_do_not_import_the_timer():
     import ast
     from pathlib import Path
 
-    for name in ("method.py", "ops.py"):
+    for name in ("method/functional.py", "method/ops.py"):
         tree = ast.parse((Path(pomt.__file__).parent / name).read_text())
         imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]

@@ -20,8 +20,8 @@ from torch import nn
 from pomt import SearchConfig
 from pomt.callbacks import POMTCallback
 from pomt.lightning import ViTClassifier
-from pomt.profiles import LatencyProfile
-from pomt.pruning import apply_pruning, pruning_config
+from pomt.method.pruning import apply_pruning, pruning_config
+from pomt.offline.profiles import LatencyProfile
 
 REPO = Path(__file__).resolve().parents[1]
 N = 17  # 16 patches + CLS
@@ -260,7 +260,7 @@ def test_predict_uses_given_labelled_data_and_needs_labels_otherwise():
     # unlabelled predict data and nothing else to estimate A(n) on: an error that says what to do
     with pytest.raises(ValueError, match="POMTCallback needs labelled images") as error:
         trainer(callbacks=[POMTCallback(**fast(grid=(17, 9)))]).predict(tiny_module(), loader(labels=False))
-    for fix in ("selection_dataloader()", "accuracy_split='val'", "accuracy_data=", "fix r="):
+    for fix in ("holdout_dataloader()", "accuracy_split='val'", "accuracy_data=", "fix r="):
         assert fix in str(error.value)
 
 

@@ -19,12 +19,12 @@ from conftest import cpu_trainer, image_loader, make_tiny_vit, staircase_profile
 from torch import nn
 
 import pomt.timing
-from pomt import SearchConfig, find_r
+from pomt import Console, Reuse, SearchConfig, Target, find_r
 from pomt.callbacks import POMTCallback
-from pomt.finder import _check_accuracy_kept
-from pomt.profiles import LatencyProfile
-from pomt.pruning import apply_pruning, pruning_config
-from pomt.selection import select_r
+from pomt.method.pruning import apply_pruning, pruning_config
+from pomt.offline.finder import _check_accuracy_kept
+from pomt.offline.profiles import LatencyProfile
+from pomt.offline.selection import select_r
 
 N, LAYER = 17, 1
 FAST = dict(accuracy_samples=16, accuracy_grid=(17, 9, 5), min_run_time=0.0, warmup=1, verify=False)
@@ -169,10 +169,10 @@ def test_find_r_keys_the_latency_profile_to_the_precision(tmp_path):
     model, path = tiny_classifier(), tmp_path / "latency.json"
     config = SearchConfig(**FAST, grid=(17, 9))
 
-    def run(**kwargs) -> tuple[object, list[str]]:
+    def run(precision: str | None = None) -> tuple[object, list[str]]:
         lines: list[str] = []
-        result = find_r(model, image_loader(), layer=LAYER, batch_size=4, config=config, latency_path=path,
-                        progress=False, log=lines.append, **kwargs)  # fmt: skip
+        result = find_r(model, image_loader(), Target(batch_size=4, precision=precision), layer=LAYER, search=config,
+                        reuse=Reuse(latency_path=path), console=Console(progress=False, log=lines.append))  # fmt: skip
         return result, lines
 
     result, _ = run()
@@ -240,7 +240,7 @@ def test_hydra_instantiates_the_callback_with_a_plain_search_mapping():
 
 def test_constructor_options_are_keyword_only_after_method_r_layer():
     params = list(inspect.signature(POMTCallback).parameters.values())
-    # 16: runtime= (issue 22: R chosen in the runtime of an exported deployment)
+    # target= (issue 28: where and how R is chosen, one Target) replaced runtime= and batch_size=
     assert [p.name for p in params[:3]] == ["method", "r", "layer"] and len(params) <= 16
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[3:])
     source = Path(inspect.getsourcefile(POMTCallback)).read_text()
@@ -289,8 +289,8 @@ def test_verification_does_not_confirm_a_burst_that_made_one_profile_point_fast(
         accuracy_grid=(17, 9, 5), verify_max_time=1.2, verify_pairs=12, verify_groups=6,
     )  # fmt: skip
     lines: list[str] = []
-    result = find_r(model, image_loader(), layer=LAYER, batch_size=2, config=config, progress=False,
-                    log=lines.append)  # fmt: skip
+    result = find_r(model, image_loader(), Target(batch_size=2), layer=LAYER, search=config,
+                    console=Console(progress=False, log=lines.append))  # fmt: skip
     profile = result.latency.latency_ms
     assert profile[5] == pytest.approx(profile[17] / 2)  # the burst drew a false step at n = 5...
     (r, speedup, low, high), *_ = result.selection.measurements
@@ -358,12 +358,12 @@ def test_the_callback_lines_reach_a_log_file_the_application_configured(tmp_path
 
 
 def test_under_a_trainer_the_search_draws_no_bar_of_its_own(monkeypatch):
-    import pomt.profiling
+    import pomt.offline.profiling
 
     bars: list[bool] = []
-    real = pomt.profiling._progress
+    real = pomt.offline.profiling._progress
     monkeypatch.setattr(
-        pomt.profiling,
+        pomt.offline.profiling,
         "_progress",
         lambda total, desc, enabled: bars.append(enabled) or real(total, desc, enabled),
     )

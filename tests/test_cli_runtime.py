@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pomt.cli import main
-from pomt.profiles import LatencyProfile
+from pomt.offline.profiles import LatencyProfile
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow  # two exports and an ONNX Runtime profile: minutes on a loaded 2-core CPU

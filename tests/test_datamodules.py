@@ -1,5 +1,5 @@
 """Datamodules: the embedded digits, local ILSVRC trees and image folders, the hub path (mocked
-or a local ``imagefolder``), the selection split, per-model preprocessing and the errors."""
+or a local ``imagefolder``), the holdout split, per-model preprocessing and the errors."""
 
 from __future__ import annotations
 
@@ -74,19 +74,19 @@ def test_balanced_indices_is_balanced_seeded_and_checked():
 
 # ----------------------------------------------------------------------------- digits
 def test_digits_splits_are_disjoint_stratified_and_reproducible():
-    dm = DigitsDataModule(img_size=32, batch_size=50, selection_size=100, seed=1)
+    dm = DigitsDataModule(img_size=32, batch_size=50, holdout_size=100, seed=1)
     dm.setup("fit")
     parts = dm.split_indices
     every = [i for part in parts.values() for i in part]
     assert len(every) == len(set(every)) == 1797  # disjoint and complete
     assert len(parts["test"]) == round(0.2 * 1797)
-    assert Counter(dm.selection_dataset.labels.tolist()) == {d: 10 for d in range(10)}
+    assert Counter(dm.holdout_dataset.labels.tolist()) == {d: 10 for d in range(10)}
     test_counts = Counter(dm.test_dataset.labels.tolist())
     assert max(test_counts.values()) - min(test_counts.values()) <= 1
-    again = DigitsDataModule(img_size=32, selection_size=100, seed=1)
+    again = DigitsDataModule(img_size=32, holdout_size=100, seed=1)
     again.setup()
     assert again.split_indices == parts
-    other = DigitsDataModule(img_size=32, selection_size=100, seed=2)
+    other = DigitsDataModule(img_size=32, holdout_size=100, seed=2)
     other.setup()
     assert other.split_indices["test"] != parts["test"]
     assert dm.num_classes == 10 and dm.class_names[3] == "3"
@@ -103,7 +103,7 @@ def test_digits_batches_are_vit_ready_real_images():
     assert torch.equal(next(iter(dm.test_dataloader()))[0], x)
     train = dm.train_dataset
     assert not torch.equal(train[0][0], train[0][0]) and train[0][1] == train[0][1]
-    for loader in (dm.val_dataloader(), dm.selection_dataloader(), dm.predict_dataloader()):
+    for loader in (dm.val_dataloader(), dm.holdout_dataloader(), dm.predict_dataloader()):
         assert next(iter(loader))[0].shape[1:] == (3, 48, 48)
 
 
@@ -125,14 +125,14 @@ def test_digits_rejects_bad_arguments():
     with pytest.raises(ValueError, match="test_fraction"):
         DigitsDataModule(test_fraction=1.5)
     with pytest.raises(ValueError, match="no training images"):
-        DigitsDataModule(selection_size=1500).setup()
+        DigitsDataModule(holdout_size=1500).setup()
 
 
 # ----------------------------------------------------------------------------- local trees
 def test_ilsvrc_flat_val_with_csv_uses_standard_labels_and_holds_out_selection(tmp_path):
     root = _ilsvrc_kaggle(tmp_path)
     dm = ImageNetDataModule(
-        root=str(root), data_config=SMALL, selection_size=8, batch_size=4, num_workers=0, seed=0
+        root=str(root), data_config=SMALL, holdout_size=8, batch_size=4, num_workers=0, seed=0
     )
     dm.setup("test")
     assert dm.tree.val_csv == root / "LOC_val_solution.csv"
@@ -141,7 +141,7 @@ def test_ilsvrc_flat_val_with_csv_uses_standard_labels_and_holds_out_selection(t
         line.split(",")[0]: line.split(",")[1].split()[0]
         for line in (root / "LOC_val_solution.csv").read_text().splitlines()[1:]
     }
-    selection = dm.selection_dataset.samples
+    selection = dm.holdout_dataset.samples
     reported = dm.test_dataset.samples
     assert len(selection) == 8 and len(reported) == 24 - 8
     assert not {p for p, _ in selection} & {p for p, _ in reported}  # never estimate on the reported split
@@ -160,24 +160,22 @@ def test_ilsvrc_val_in_wnid_folders_with_selection_from_train(tmp_path):
     _class_tree(tmp_path / "CLS-LOC" / "train", CLASSES, 6)
     _class_tree(tmp_path / "CLS-LOC" / "val", CLASSES, 3, ext=".png")
     dm = ImageNetDataModule(
-        root=str(tmp_path), data_config=SMALL, selection_from="train", selection_size=4, num_workers=0
+        root=str(tmp_path), data_config=SMALL, holdout_from="train", holdout_size=4, num_workers=0
     )
     dm.setup()
     assert len(dm.test_dataset) == 12  # the whole val split is reported
-    assert len(dm.selection_dataset) == 4 and len(dm.train_dataset) == 20
-    assert not {p for p, _ in dm.selection_dataset.samples} & {p for p, _ in dm.train_dataset.samples}
-    assert sorted(label for _, label in dm.selection_dataset.samples) == sorted(
-        WNIDS.index(w) for w in CLASSES
-    )
+    assert len(dm.holdout_dataset) == 4 and len(dm.train_dataset) == 20
+    assert not {p for p, _ in dm.holdout_dataset.samples} & {p for p, _ in dm.train_dataset.samples}
+    assert sorted(label for _, label in dm.holdout_dataset.samples) == sorted(WNIDS.index(w) for w in CLASSES)
     for path, label in dm.test_dataset.samples:
         assert label == _expected_label(path)
-    x, y = next(iter(dm.selection_dataloader()))
+    x, y = next(iter(dm.holdout_dataloader()))
     assert x.shape[1:] == (3, 16, 16)
 
 
 def test_plain_image_folder_with_own_class_names(tmp_path):
     _class_tree(tmp_path, ["dog", "cat", "bird"], 4, ext=".png")
-    dm = ImageNetDataModule(root=str(tmp_path), data_config=SMALL, selection_size=3, num_workers=0)
+    dm = ImageNetDataModule(root=str(tmp_path), data_config=SMALL, holdout_size=3, num_workers=0)
     assert dm.class_names == ["bird", "cat", "dog"] and dm.num_classes == 3
     assert dm.wnids is None
     for path, label in dm.test_dataset.samples:
@@ -189,9 +187,9 @@ def test_plain_image_folder_with_own_class_names(tmp_path):
 
 def test_preprocessing_comes_from_each_model(tmp_path):
     _class_tree(tmp_path / "val", CLASSES[:2], 3)
-    deit = ImageNetDataModule(root=str(tmp_path), model_name="deit_small_patch16_224", selection_size=2)
+    deit = ImageNetDataModule(root=str(tmp_path), model_name="deit_small_patch16_224", holdout_size=2)
     augreg = ImageNetDataModule(
-        root=str(tmp_path), model_name="vit_base_patch16_224.augreg_in21k", selection_size=2
+        root=str(tmp_path), model_name="vit_base_patch16_224.augreg_in21k", holdout_size=2
     )
     deit.setup()
     augreg.setup()
@@ -200,19 +198,19 @@ def test_preprocessing_comes_from_each_model(tmp_path):
     assert deit.data_config["mean"] != augreg.data_config["mean"]
     # a built model: its actual input size wins over the pretrained one (timm reports 224 here)
     tiny = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
-    dm = ImageNetDataModule(root=str(tmp_path), selection_size=2, num_workers=0).use_model(tiny)
+    dm = ImageNetDataModule(root=str(tmp_path), holdout_size=2, num_workers=0).use_model(tiny)
     assert next(iter(dm.test_dataloader()))[0].shape[1:] == (3, 32, 32)
     with pytest.warns(UserWarning, match="no model to take the preprocessing from"):
-        ImageNetDataModule(root=str(tmp_path), selection_size=2).setup()
+        ImageNetDataModule(root=str(tmp_path), holdout_size=2).setup()
     # and the model the trainer runs is used when nothing else is given
-    via_trainer = ImageNetDataModule(root=str(tmp_path), selection_size=2, num_workers=0)
+    via_trainer = ImageNetDataModule(root=str(tmp_path), holdout_size=2, num_workers=0)
     assert via_trainer.num_classes == 1000  # builds the splits before any model is known
     assert via_trainer.test_dataset[0][0].shape[1:] == (224, 224)
     via_trainer.trainer = SimpleNamespace(lightning_module=SimpleNamespace(vit=tiny))
     via_trainer.setup()
     assert via_trainer.data_config["input_size"] == (3, 32, 32)
     assert via_trainer.test_dataset[0][0].shape[1:] == (32, 32)
-    assert via_trainer.selection_dataset[0][0].shape[1:] == (32, 32)
+    assert via_trainer.holdout_dataset[0][0].shape[1:] == (32, 32)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -248,10 +246,10 @@ def test_wrong_layouts_and_empty_splits(tmp_path):
     with pytest.raises(ValueError, match="no images or class folders"):
         ImageNetDataModule(root=str(tmp_path / "nothing")).setup()
     _class_tree(tmp_path / "small" / "val", CLASSES[:2], 2)
-    with pytest.raises(ValueError, match="selection_size=4 leaves nothing"):
-        ImageNetDataModule(root=str(tmp_path / "small"), data_config=SMALL, selection_size=4).setup()
-    with pytest.raises(ValueError, match="selection_from"):
-        ImageNetDataModule(selection_from="test")
+    with pytest.raises(ValueError, match="holdout_size=4 leaves nothing"):
+        ImageNetDataModule(root=str(tmp_path / "small"), data_config=SMALL, holdout_size=4).setup()
+    with pytest.raises(ValueError, match="holdout_from"):
+        ImageNetDataModule(holdout_from="test")
 
 
 # ----------------------------------------------------------------------------- hub
@@ -293,14 +291,14 @@ def test_hub_path_with_a_local_imagefolder(tmp_path, monkeypatch):
         hub_id="imagefolder",
         hub_kwargs={"data_dir": str(data), "cache_dir": str(tmp_path / "cache")},
         data_config=SMALL,
-        selection_size=4,
+        holdout_size=4,
         batch_size=4,
         num_workers=0,
     )
     dm.setup()
     assert dm.num_classes == 1000  # wnid folders map onto the standard order
-    assert len(dm.selection_dataset) == 4 and len(dm.test_dataset) == 8
-    assert sorted(dm.selection_dataset.labels) == sorted(WNIDS.index(w) for w in CLASSES)
+    assert len(dm.holdout_dataset) == 4 and len(dm.test_dataset) == 8
+    assert sorted(dm.holdout_dataset.labels) == sorted(WNIDS.index(w) for w in CLASSES)
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (4, 3, 16, 16) and set(y.tolist()) <= {WNIDS.index(w) for w in CLASSES}
     x, y = next(iter(dm.train_dataloader()))
@@ -321,7 +319,7 @@ def test_trainer_runs_the_imagenet_module_with_the_models_preprocessing(tmp_path
         img_size=32,
         model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2),
     )
-    dm = ImageNetDataModule(root=str(tmp_path), selection_size=2, batch_size=2, num_workers=0)
+    dm = ImageNetDataModule(root=str(tmp_path), holdout_size=2, batch_size=2, num_workers=0)
     trainer = pl.Trainer(
         fast_dev_run=True,
         accelerator="cpu",

@@ -1,4 +1,4 @@
-"""The latency denoising (``pomt.curves.step_fit``) against known truths: it never invents a
+"""The latency denoising (``pomt.offline.curves.step_fit``) against known truths: it never invents a
 level across a rise, and on the issue's noiseless repro the prediction holds."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from pomt.curves import step_fit
-from pomt.selection import select_r
+from pomt.offline.curves import step_fit
+from pomt.offline.selection import select_r
 from pomt.timing import TimingStats
 
 

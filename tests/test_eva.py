@@ -18,8 +18,8 @@ from torch import nn
 
 import pomt
 from pomt.errors import PruningError
+from pomt.method.rope import rope_rows
 from pomt.models import unsupported_reason
-from pomt.rope import rope_rows
 
 FAMILIES = list(BUILDERS)
 CASES = [("pomt", 6, 1), ("topk", 2, 0), ("tome", 3, 0)]
@@ -270,7 +270,7 @@ def test_random_token_subset_keeps_each_tokens_rotation():
     x = image_batch(model, batch=1)
     p = model.num_prefix_tokens
     with torch.no_grad():
-        with pomt.pruning.random_token_subset(model, 12, torch.Generator().manual_seed(0)):
+        with pomt.method.pruning.random_token_subset(model, 12, torch.Generator().manual_seed(0)):
             ours = model(x)
         index = torch.rand(1, pomt.token_layout(model).n_patches, generator=torch.Generator().manual_seed(0))
         kept = index.argsort(dim=1)[0, : 12 - p].sort().values.tolist()

@@ -17,12 +17,12 @@ from conftest import cpu_trainer, image_loader
 from torch import nn
 
 import pomt
-from pomt import SearchConfig
+from pomt import Console, SearchConfig, Target, Timing
 from pomt.callbacks import POMTCallback
-from pomt.export import export_onnx, run_onnxruntime
+from pomt.deploy.export import export_onnx, run_onnxruntime
+from pomt.lightning.sweep.configurations import Configuration, token_maps_figure
 from pomt.models import unsupported_reason
-from pomt.sweep.configurations import Configuration, token_maps_figure
-from pomt.verify import speedup_samples
+from pomt.offline.verify import speedups
 
 QUICK = dict(min_run_time=0.0, warmup=1, accuracy_samples=16, verify_max_time=0.0, verify_pairs=6)
 
@@ -66,25 +66,33 @@ def test_contract_search_callback_maps_and_healing(project):
     n, p = layout.n_total, layout.prefix
     loader = image_loader(n=16, size=size)
 
-    accuracy = pomt.estimate_accuracy(project, loader, num_samples=16, grid=[n, n - 8, p + 1], progress=False)
+    accuracy = pomt.estimate_accuracy(
+        project,
+        loader,
+        search=SearchConfig(accuracy_samples=16, accuracy_grid=[n, n - 8, p + 1]),
+        progress=False,
+    )
     assert sorted(accuracy.accuracy) == sorted([n, n - 8, p + 1])
 
-    latency = pomt.profile_latency(project, batch_size=2, layer=1, grid=[n, n - 8], min_run_time=0.0, warmup=1,
-                                   progress=False)  # fmt: skip
+    latency = pomt.profile_latency(project, target=Target(batch_size=2), layer=1, progress=False, search=SearchConfig(grid=[n, n - 8]), timing=Timing(min_run_time=0.0, warmup=1))  # fmt: skip
     assert latency.grid == [n - 8, n] and all(ms > 0 for ms in latency.latency_ms)
     assert pomt.pruning_config(project) is None
 
     lines: list[str] = []
     config = SearchConfig(**QUICK, grid=(n, n - 8, n - 16), accuracy_grid=(n, n - 8, n - 16), verify=True)
     result = pomt.find_r(
-        project, loader, layer=1, batch_size=2, config=config, progress=False, log=lines.append
+        project,
+        loader,
+        target=Target(batch_size=2),
+        layer=1,
+        search=config,
+        console=Console(progress=False, log=lines.append),
     )
     assert result.selection.r in (0, 8, 16) and pomt.pruning_config(project) is None
     assert result.selection.verification  # verified, or R = 0 said to need none
-    samples, unpruned_ms = speedup_samples(
-        vit, vit, 16, layer=1, batch_size=2, device=torch.device("cpu"), dtype=torch.float32,
-        warmup=1, min_run_time=0.0, min_pairs=4, groups=2,
-    )  # fmt: skip
+    search = SearchConfig(warmup=1, verify_max_time=0.0, verify_pairs=4, verify_groups=2)
+    with Target(batch_size=2, device="cpu", dtype="float32").prepare(vit, layer=1) as prepared:
+        samples, unpruned_ms = speedups(prepared, 16, search)
     assert len(samples) == 2 and unpruned_ms > 0 and all(s > 0 for s in samples)  # what verify() times
     assert pomt.pruning_config(vit) is None
 
@@ -127,12 +135,14 @@ def test_onnx_runtime_openvino_and_compile(tmp_path, family, method, r):
     x = image_batch(model)
     with torch.no_grad():
         expected = model(x).numpy()
-    record = export_onnx(model, tmp_path / "m.onnx", x, openvino=True, tolerance=1e-4)
+    record = export_onnx(
+        model, tmp_path / "m.onnx", target=Target(runtime="openvino"), example=x, tolerance=1e-4
+    )
     assert record.max_abs_diff <= 1e-4
     onnxruntime = run_onnxruntime(record.path, {"x": x.numpy()})
     core = ov.Core()
     compiled = core.compile_model(
-        core.read_model(record.openvino_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        core.read_model(record.converted_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
     assert np.abs(compiled({0: x.numpy()})[0] - expected).max() <= 1e-4
     assert np.abs(onnxruntime - expected).max() <= 1e-4
@@ -154,7 +164,7 @@ def test_the_sweep_runs_on_a_dinov3_style_model(tmp_path, monkeypatch):
         "--data=pomt.datamodules.DigitsDataModule",
         "--data.img_size=16",
         "--data.batch_size=16",
-        "--data.selection_size=32",
+        "--data.holdout_size=32",
         "--data.augment=false",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",

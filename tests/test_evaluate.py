@@ -14,8 +14,8 @@ from conftest import make_tiny_vit
 
 import evaluate
 import pomt
-from pomt.sweep.configurations import matching_r_values
-from pomt.sweep.report import ReportRow, comparisons, format_table, mark_pareto, write_report
+from pomt.lightning.sweep.configurations import matching_r_values
+from pomt.lightning.sweep.report import ReportRow, comparisons, format_table, mark_pareto, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "--data=pomt.datamodules.DigitsDataModule",
         "--data.img_size=16",
         "--data.batch_size=32",
-        "--data.selection_size=40",
+        "--data.holdout_size=40",
         "--data.augment=false",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
@@ -222,7 +222,7 @@ def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tm
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = tiny_args(
         tmp_path,
-        "--sweep.runtimes=[onnxruntime]",
+        "--sweep.targets=[onnxruntime]",
         "--sweep.wandb=false",
         "--sweep.methods=[none, pomt, tome]",
     )

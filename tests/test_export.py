@@ -1,4 +1,4 @@
-"""Export of pruned ViTs to ONNX (checked in ONNX Runtime) and OpenVINO IR: ``pomt.export``."""
+"""Export of pruned ViTs to ONNX (checked in ONNX Runtime) and OpenVINO IR: ``pomt.deploy.export``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from conftest import make_tiny_vit
 
 import pomt
-from pomt.export import ExportMismatch, export_onnx, export_token_graph, require, run_onnxruntime
+from pomt import Target
+from pomt.deploy.export import ExportMismatch, export_onnx, export_token_graph, require, run_onnxruntime
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -23,7 +24,7 @@ def test_export_of_each_method_is_checked_in_onnxruntime_and_records_what_it_is(
     pomt.apply_pruning(model, method, r=r, layer=1)
     x = torch.randn(3, 3, 32, 32)
     path = tmp_path / f"{method}.onnx"
-    record = pomt.export_onnx(model, path, x)
+    record = pomt.export_onnx(model, path, example=x)
     assert record.max_abs_diff is not None and record.max_abs_diff <= record.tolerance
     assert (record.method, record.r, record.batch_size, record.export_s > 0) == (method, r, 3, True)
     # the file really computes the pruned model (not the unpruned one), at the static batch size
@@ -49,11 +50,11 @@ def test_export_of_each_method_is_checked_in_onnxruntime_and_records_what_it_is(
 def test_export_fails_loudly_when_the_file_differs_from_pytorch(tmp_path, monkeypatch):
     model = make_tiny_vit()
     pomt.apply_pruning(model, "pomt", r=4, layer=1)
-    import pomt.export as export
+    import pomt.deploy.export as export
 
     monkeypatch.setattr(export, "run_onnxruntime", lambda path, feeds: np.zeros((2, 10), np.float32) + 5)
     with pytest.raises(ExportMismatch, match="differs from PyTorch"):
-        export_onnx(model, tmp_path / "m.onnx", batch_size=2)
+        export_onnx(model, tmp_path / "m.onnx", target=Target(batch_size=2))
 
 
 def test_export_rejects_bad_arguments_naming_them(tmp_path):
@@ -61,9 +62,9 @@ def test_export_rejects_bad_arguments_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"\.onnx"):
         export_onnx(model, tmp_path / "m.bin")
     with pytest.raises(ValueError, match="batch_size"):
-        export_onnx(model, tmp_path / "m.onnx", batch_size=0)
+        export_onnx(model, tmp_path / "m.onnx", target=Target(batch_size=0))
     with pytest.raises(ValueError, match="example must be an image batch"):
-        export_onnx(model, tmp_path / "m.onnx", torch.randn(3, 32, 32))
+        export_onnx(model, tmp_path / "m.onnx", example=torch.randn(3, 32, 32))
 
 
 def test_a_missing_runtime_names_the_deploy_extra():
@@ -79,12 +80,12 @@ def test_openvino_compiles_each_export_and_computes_the_same(tmp_path, method, r
     model = make_tiny_vit()
     pomt.apply_pruning(model, method, r=r, layer=1)
     x = torch.randn(2, 3, 32, 32)
-    record = export_onnx(model, tmp_path / "m.onnx", x, openvino=True)
+    record = export_onnx(model, tmp_path / "m.onnx", target=Target(runtime="openvino"), example=x)
     core = ov.Core()
     with torch.inference_mode():
         expected = model(x).numpy()
     onnxruntime = run_onnxruntime(record.path, {"x": x.numpy()})
-    for source in (record.openvino_path, record.path):
+    for source in (record.converted_path, record.path):
         compiled = core.compile_model(core.read_model(source), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         got = compiled({0: x.numpy()})[0]
         assert np.abs(got - expected).max() <= 1e-4, source
@@ -95,16 +96,20 @@ def test_openvino_compiles_each_export_and_computes_the_same(tmp_path, method, r
 def test_an_export_leaves_no_traced_tensor_in_the_caches(tmp_path, method):
     """A model exported before it ever ran eagerly still runs eagerly afterwards (a cache once
     kept the exporter's FakeTensor, and the next forward returned one)."""
-    import pomt.method
+    import pomt.method.functional
 
-    for cache in (pomt.method._LAST, pomt.method._ROWS, pomt.method._PROTECTED):
+    for cache in (
+        pomt.method.functional._LAST,
+        pomt.method.functional._ROWS,
+        pomt.method.functional._PROTECTED,
+    ):
         cache.clear()
     model = make_tiny_vit()
     if method == "token graph":
         export_token_graph(model, tmp_path / "m.onnx", layer=1, batch_size=2)
     else:
         pomt.apply_pruning(model, method, r=2, layer=1)
-        export_onnx(model, tmp_path / "m.onnx", batch_size=2, check=False)
+        export_onnx(model, tmp_path / "m.onnx", target=Target(batch_size=2), check=False)
     pomt.apply_pruning(model, method if method != "token graph" else "pomt", r=2, layer=1)
     with torch.inference_mode():
         assert type(model(torch.randn(2, 3, 32, 32))) is torch.Tensor
@@ -139,3 +144,20 @@ def test_pomt_export_command_writes_a_checked_file(tmp_path, capsys):
         main(["export", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--r", "999", "-o", str(out)])
         == 2
     )
+
+
+def test_the_token_graph_takes_its_block_from_chunked_blocks_too(tmp_path):
+    """The DINOv2 authors' blocks come in chunks (``blocks[0]`` holds them all): the token graph
+    prunes the block ``layer`` counts in execution order, and equals PyTorch there."""
+    from test_pruning import HubDinoV2
+
+    from pomt.deploy.export import TOKENS_INPUT
+
+    torch.manual_seed(0)
+    model = HubDinoV2().eval()
+    path = export_token_graph(model, tmp_path / "tokens.onnx", layer=1, batch_size=1)
+    x, n = torch.randn(1, 3, 56, 56), 10
+    got = run_onnxruntime(path, {"x": x.numpy(), TOKENS_INPUT: np.zeros(n, np.float32)})
+    with pomt.pruned(model, "pomt", r=21 - n, layer=1), torch.inference_mode():
+        expected = model(x).numpy()
+    assert np.abs(got - expected).max() <= 1e-4

@@ -13,8 +13,8 @@ import pytest
 from test_evaluate import report_rows, tiny_args
 
 import evaluate
-from pomt.sweep import TradeoffEvaluation
-from pomt.sweep.report import ReportRow, comparisons, format_table, front, mark_pareto
+from pomt.lightning.sweep.report import ReportRow, comparisons, format_table, front, mark_pareto
+from pomt.lightning.sweep.settings import SweepSettings
 
 HEAL = ("--sweep.heal_epochs=1", "--sweep.heal_batches=2")
 TOME_TOPK = ("--sweep.tome_r=[2, 4]", "--sweep.topk_r=[2]")
@@ -168,4 +168,4 @@ def test_fronts_and_sentences_for_training_free_and_healed_rows():
 @pytest.mark.parametrize(("epochs", "batches"), [(-1, None), (1.5, None), (True, None), (1, 0)])
 def test_bad_heal_settings_are_named(epochs, batches):
     with pytest.raises(ValueError, match="heal_epochs must be|heal_batches must be"):
-        TradeoffEvaluation(heal_epochs=epochs, heal_batches=batches)
+        SweepSettings(heal_epochs=epochs, heal_batches=batches)

@@ -20,10 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import pomt
-from pomt import SearchConfig
+from pomt import Console, Reuse, SearchConfig, Target
 from pomt.callbacks import POMTCallback
-from pomt.sweep.configurations import Configuration
-from pomt.sweep.healing import _fit
+from pomt.lightning.sweep.configurations import Configuration
+from pomt.lightning.sweep.healing import _fit
 
 N, LAYER = 17, 1
 METHODS = [("pomt", 6), ("topk", 2), ("tome", 2)]
@@ -73,7 +73,7 @@ def test_a_pruned_model_loaded_from_torch_save_exports_to_onnx(tmp_path, method,
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     x = torch.randn(2, 3, 32, 32)
-    record = pomt.export_onnx(loaded, tmp_path / f"{method}.onnx", x)  # checked against PyTorch
+    record = pomt.export_onnx(loaded, tmp_path / f"{method}.onnx", example=x)  # checked against PyTorch
     assert (record.method, record.r) == (method, r)
     assert record.max_abs_diff is not None and record.max_abs_diff <= record.tolerance
     with torch.no_grad():  # the file computes the saved model, pruned
@@ -164,7 +164,7 @@ def test_the_sweep_heals_in_train_mode_with_drop_path_on_and_puts_the_modes_back
     sweep = SimpleNamespace(
         model=module, datamodule=Data(), heal_batch_size=None, trainer_factory=cpu_trainer
     )
-    settings = SimpleNamespace(heal_batches=2, layer=LAYER, search_config=SearchConfig())
+    settings = SimpleNamespace(heal_batches=2, layer=LAYER, search=SearchConfig())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(sweep, settings, Configuration("tome", 2, heal_epochs=1))
@@ -230,13 +230,15 @@ def test_a_one_thread_cpu_profile_is_not_reused_at_two_threads(tmp_path):
         warmup=1,
         verify=False,
     )
-    kwargs = dict(
-        layer=LAYER, batch_size=8, config=quick, latency_path=path, progress=False, log=lambda _: None
+    kwargs = dict(layer=LAYER, search=quick, console=Console(progress=False, log=lambda _: None))
+    same = pomt.find_r(
+        vit, image_loader(n=16), Target(batch_size=8), reuse=Reuse(latency_path=path), **kwargs
     )
-    same = pomt.find_r(vit, image_loader(n=16), **kwargs)
     assert "reusing the latency profile" in " ".join(same.notes)
     torch.set_num_threads(2)  # (the autouse fixture puts the count back)
-    other = pomt.find_r(vit, image_loader(n=16), previous=same, **kwargs)
+    other = pomt.find_r(
+        vit, image_loader(n=16), Target(batch_size=8), reuse=Reuse(previous=same, latency_path=path), **kwargs
+    )
     notes = [note for note in other.notes if "latency profile" in note]
     assert len(notes) == 1 and notes[0].startswith("not reusing")  # one line for both sources, same reason
     assert "measured earlier or the latency profile" in notes[0]

@@ -17,11 +17,11 @@ from conftest import cpu_trainer, image_loader, make_tiny_vit, staircase_profile
 from torch import nn
 
 import pomt
-import pomt.finder
-from pomt import SearchConfig
+import pomt.offline.finder
+from pomt import Console, Reuse, SearchConfig, Target
 from pomt.callbacks import POMTCallback
-from pomt.selection import select_r
-from pomt.verify import verify
+from pomt.offline.selection import select_r
+from pomt.offline.verify import check_candidates
 
 N, LAYER = 17, 1
 QUICK = dict(accuracy_samples=16, accuracy_grid=(17, 9, 5), grid=(17, 13, 9, 5), min_run_time=0.0, warmup=1)
@@ -67,7 +67,7 @@ class Project(pl.LightningModule):
 
 
 class ProjectData(pl.LightningDataModule):
-    """A project's datamodule: train/val/test, no selection split."""
+    """A project's datamodule: train/val/test, no holdout split."""
 
     def __init__(self, size: int = 32) -> None:
         super().__init__()
@@ -128,7 +128,12 @@ def test_a_compiled_network_is_searched_eagerly_and_stays_compiled():
     compiled_before = sum(counters["frames"].values())
     lines: list[str] = []
     result = pomt.find_r(
-        module, image_loader(), layer=LAYER, batch_size=4, config=search(), progress=False, log=lines.append
+        module,
+        image_loader(),
+        target=Target(batch_size=4),
+        layer=LAYER,
+        search=search(),
+        console=Console(progress=False, log=lines.append),
     )
     assert sum(counters["frames"].values()) == compiled_before  # no compilation: no recompile storm
     assert result.latency.grid == [5, 9, 13, 17]
@@ -166,13 +171,13 @@ def test_mistakes_that_need_no_timing_fail_at_setup_before_training():
 
 def test_choosing_r_on_the_reported_split_is_said_once_and_a_split_can_be_named(monkeypatch, caplog):
     seen: list[object] = []
-    real = pomt.finder.estimate_accuracy
+    real = pomt.offline.finder.estimate_accuracy
 
     def estimate(model, data, **kwargs):
         seen.append(data)
         return real(model, data, **kwargs)
 
-    monkeypatch.setattr(pomt.finder, "estimate_accuracy", estimate)
+    monkeypatch.setattr(pomt.offline.finder, "estimate_accuracy", estimate)
     callback = POMTCallback(layer=LAYER, search=search())
     caplog.set_level("WARNING", logger="pomt.callbacks")  # logging is configured (by pytest)
     cpu_trainer(callbacks=[callback]).test(Project(), datamodule=ProjectData())
@@ -186,8 +191,8 @@ def test_choosing_r_on_the_reported_split_is_said_once_and_a_split_can_be_named(
     named = POMTCallback(layer=LAYER, search=search(), accuracy_split="val")
     cpu_trainer(callbacks=[named]).test(Project(), datamodule=ProjectData())
     assert torch.equal(seen[-1].dataset.tensors[0], ProjectData().val_dataloader().dataset.tensors[0])
-    with pytest.raises(ValueError, match="accuracy_split must be one of selection, val, train, test"):
-        POMTCallback(accuracy_split="holdout")
+    with pytest.raises(ValueError, match="accuracy_split must be one of holdout, val, train, test"):
+        POMTCallback(accuracy_split="selection")  # the old name of the split: not a split any more
 
 
 # ----------------------------------------------------------------------------- selections follow the weights
@@ -220,12 +225,10 @@ def test_a_checkpointed_selection_is_reused_only_for_the_same_weights(tmp_path):
 
 def test_a_latency_profile_is_reused_only_for_the_same_architecture(tmp_path):
     path = tmp_path / "latency.json"
-    pomt.find_r(Project(depth=2), image_loader(), layer=LAYER, batch_size=4, config=search(),
-                latency_path=path, progress=False, log=lambda line: None)  # fmt: skip
+    pomt.find_r(Project(depth=2), image_loader(), target=Target(batch_size=4), layer=LAYER, search=search(), reuse=Reuse(latency_path=path), console=Console(progress=False, log=lambda line: None))  # fmt: skip
     for net, reason in ((dict(depth=4), "depth=4"), (dict(patch_size=4), "patch=4x4")):
         lines: list[str] = []
-        result = pomt.find_r(Project(**net), image_loader(), layer=LAYER, batch_size=4, config=search(),
-                             latency_path=path, progress=False, log=lines.append)  # fmt: skip
+        result = pomt.find_r(Project(**net), image_loader(), target=Target(batch_size=4), layer=LAYER, search=search(), reuse=Reuse(latency_path=path), console=Console(progress=False, log=lines.append))  # fmt: skip
         stale = next(line for line in lines if line.startswith(f"not reusing the latency profile {path}"))
         assert "architecture" in stale and reason in stale  # said, with the reason, and measured again
         assert any(line.startswith("measured L(n)") for line in lines)
@@ -252,34 +255,34 @@ def _fake(speedups: dict[int, float]):
 def test_verification_keeps_a_real_speedup_and_falls_back_otherwise():
     selection = select_r(STAIRCASE, ACCURACY, alpha=0.5)
     assert (selection.n_star, selection.candidates[:3]) == (9, (9, 5, 17))  # best first
-    kept = verify(selection, _fake({8: 1.9}), log=lambda line: None)
+    kept = check_candidates(selection, _fake({8: 1.9}), log=lambda line: None)
     assert (kept.r, kept.verified) == (8, True) and kept.measured_speedup == pytest.approx(1.9)
     low, high = kept.measured_speedup_interval
     assert low < 1.9 < high and "verified" in kept.verification and "x1.900 measured" in kept.summary()
 
     lines: list[str] = []
-    noise = verify(selection, _fake({}), log=lines.append)  # the step was a timing fluke
+    noise = check_candidates(selection, _fake({}), log=lines.append)  # the step was a timing fluke
     assert noise.r == 0 and noise.rejected == (9, 5) and not noise.verified  # n = 17 is next: R = 0
     assert "not significantly faster" in lines[0] and "keeping the unpruned model" in lines[-1]
-    second = verify(selection, _fake({12: 3.0}), log=lambda line: None)  # the next candidate pays
+    second = check_candidates(selection, _fake({12: 3.0}), log=lambda line: None)  # the next candidate pays
     assert (second.r, second.rejected, second.measured_speedup) == (12, (9,), pytest.approx(3.0))
     # a dominated count is no fallback: with n = 5 as slow as n = 9 on the profile, a failed
     # n* = 9 goes straight to R = 0 (n = 13 is dominated by 17 as well)
     flat = select_r(STAIRCASE | {5: 5.0}, ACCURACY, alpha=0.5)
     assert (flat.n_star, flat.candidates) == (9, (9, 17))
-    assert verify(flat, _fake({12: 3.0}), log=lambda line: None).rejected == (9,)
+    assert check_candidates(flat, _fake({12: 3.0}), log=lambda line: None).rejected == (9,)
 
     # significantly faster, but by too little for the accuracy it costs: not worth it either
     costly = select_r(STAIRCASE | {5: 5.0}, {17: 0.9, 13: 0.9, 9: 0.3, 5: 0.2}, alpha=0.9)
     assert costly.n_star == 9
-    rejected = verify(costly, _fake({8: 1.05}), log=lambda line: None)
+    rejected = check_candidates(costly, _fake({8: 1.05}), log=lambda line: None)
     assert rejected.r == 0 and "does not beat R = 0" in rejected.verification
 
 
 def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, tmp_path):
     # a profile with a step at n = 12 (R = 6 at alpha 0.9); what the timing then finds is faked
     path = str(staircase_profile(tiny_classifier(), tmp_path / "latency.json"))
-    monkeypatch.setattr(pomt.finder, "speedup_samples", lambda model, vit, r, **k: _fake({r: 1.25})(r))
+    monkeypatch.setattr(pomt.offline.finder, "speedups", lambda prepared, r, search, decided=None: _fake({r: 1.25})(r))
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     with caplog.at_level("INFO"):
         result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
@@ -295,7 +298,7 @@ def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, 
     assert "measured x1.25" in caplog.text and "verified" in caplog.text
 
     monkeypatch.setattr(
-        pomt.finder, "speedup_samples", lambda model, vit, r, **k: _fake({})(r)
+        pomt.offline.finder, "speedups", lambda prepared, r, search, decided=None: _fake({})(r)
     )  # no real gain
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]
@@ -305,21 +308,19 @@ def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, 
 
 
 def test_timing_relative_to_the_unpruned_model_is_the_cpu_default():
-    assert SearchConfig().relative_on("cpu") and not SearchConfig().relative_on("cuda")
-    assert not SearchConfig(relative=False).relative_on("cpu")
-    result = pomt.find_r(Project(), image_loader(), layer=LAYER, batch_size=4,
-                         config=SearchConfig(**(QUICK | {"verify": False})), progress=False, log=lambda line: None)  # fmt: skip
+    assert SearchConfig().timing.relative_on("cpu") and not SearchConfig().timing.relative_on("cuda")
+    assert not SearchConfig(relative=False).timing.relative_on("cpu")
+    result = pomt.find_r(Project(), image_loader(), target=Target(batch_size=4), layer=LAYER, search=SearchConfig(**(QUICK | {"verify": False})), console=Console(progress=False, log=lambda line: None))  # fmt: skip
     assert result.latency.sampling.endswith("relative to N")
 
 
 def test_a_real_verification_on_this_machine_measures_both_models():
-    from pomt.verify import speedup_samples
+    from pomt.offline.verify import speedups
 
     vit = make_tiny_vit()
-    samples, unpruned_ms = speedup_samples(
-        vit, vit, 15, layer=0, batch_size=8, device=torch.device("cpu"), dtype=torch.float32,
-        warmup=1, max_time=0.0, min_pairs=8, groups=4,
-    )  # fmt: skip
+    search = SearchConfig(warmup=1, verify_max_time=0.0, verify_pairs=8, verify_groups=4)
+    with Target(batch_size=8, device="cpu", dtype="float32").prepare(vit, layer=0) as prepared:
+        samples, unpruned_ms = speedups(prepared, 15, search)
     assert len(samples) == 4 and unpruned_ms > 0 and all(s > 0 for s in samples)  # one speed-up per block
     assert pomt.pruning_config(vit) is None  # put back as it was
 

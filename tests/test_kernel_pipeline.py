@@ -15,7 +15,8 @@ from _interpreter import INTERPRETING, needs_interpreter, run_interpreted
 from conftest import cpu_trainer, image_loader, make_tiny_vit, staircase_profile, tiny_classifier
 
 import pomt
-from pomt import SearchConfig, ops
+from pomt import Console, SearchConfig, Target, Timing
+from pomt.method import ops
 
 pytest.importorskip("triton")
 
@@ -55,7 +56,7 @@ def forced(monkeypatch):
 def auto_picks_kernels(monkeypatch):
     """``auto`` as on a CUDA device where the kernels measure faster: it checks them for
     equality for real and is told they win; the r of each selection the kernels made."""
-    from pomt import dispatch
+    from pomt.method import dispatch
 
     seen = _count_selections(monkeypatch)
     monkeypatch.setattr(ops, "_auto_device", lambda t: True)
@@ -71,29 +72,20 @@ def test_auto_picks_the_kernels_then_the_search_runs_every_r_through_them(auto_p
     # the first GPU run's crash: auto chose the kernels at one r, then the profile reached
     # keep = 0 (n = prefix + 1) and the search died there
     model = make_tiny_vit()
-    profile = pomt.profile_latency(
-        model, batch_size=2, layer=LAYER, grid=range(PREFIX + 1, N + 1), warmup=1, repeats=2,
-        min_run_time=0.0, progress=False,
-    )  # fmt: skip
+    profile = pomt.profile_latency(model, target=Target(batch_size=2), layer=LAYER, progress=False, search=SearchConfig(grid=range(PREFIX + 1, N + 1)), timing=Timing(warmup=1, repeats=2, min_run_time=0.0))  # fmt: skip
     assert profile.grid == list(range(PREFIX + 1, N + 1))
     choices = ops.kernel_choices()
     assert choices and all(c.backend == "triton" for c in choices.values()), choices
     assert N - PREFIX - 1 in auto_picks_kernels  # keep = 0 ran through the kernels
     config = SearchConfig(grid=(17, 13, 9, 5, 2), accuracy_grid=(17, 13, 9, 5, 2), **QUICK)
-    search = pomt.find_r(
-        model, image_loader(n=16, batch_size=8), layer=LAYER, batch_size=2, config=config,
-        progress=False, log=lambda s: None,
-    )  # fmt: skip
+    search = pomt.find_r(model, image_loader(n=16, batch_size=8), target=Target(batch_size=2), layer=LAYER, search=config, console=Console(progress=False, log=lambda s: None))  # fmt: skip
     assert search.selection.verification and search.selection.r == N - search.selection.n_star
 
 
 @needs_interpreter
 def test_latency_profile_over_every_token_count(forced):
     model = make_tiny_vit()
-    profile = pomt.profile_latency(
-        model, batch_size=2, layer=LAYER, grid=range(PREFIX + 1, N + 1), warmup=1, repeats=2,
-        min_run_time=0.0, progress=False,
-    )  # fmt: skip
+    profile = pomt.profile_latency(model, target=Target(batch_size=2), layer=LAYER, progress=False, search=SearchConfig(grid=range(PREFIX + 1, N + 1)), timing=Timing(warmup=1, repeats=2, min_run_time=0.0))  # fmt: skip
     assert profile.grid == list(range(PREFIX + 1, N + 1)) and all(ms > 0 for ms in profile.latency_ms)
     assert profile.kernels == "triton"
     assert set(forced) == set(range(1, N - PREFIX))  # every r that prunes, keep = 0 (r = 15) too
@@ -105,7 +97,12 @@ def test_find_r_verifies_and_the_model_runs_at_every_r(forced):
     data = image_loader(n=16, batch_size=8)
     config = SearchConfig(grid=(17, 13, 9, 5, 2), accuracy_grid=(17, 13, 9, 5, 2), **QUICK)
     search = pomt.find_r(
-        model, data, layer=LAYER, batch_size=2, config=config, progress=False, log=lambda s: None
+        model,
+        data,
+        target=Target(batch_size=2),
+        layer=LAYER,
+        search=config,
+        console=Console(progress=False, log=lambda s: None),
     )
     assert search.selection.r == N - search.selection.n_star
     assert search.selection.verification and N - PREFIX - 1 in forced  # verified; keep = 0 timed
@@ -153,7 +150,7 @@ def test_a_digits_sweep(forced, tmp_path, monkeypatch):
         "--data=pomt.datamodules.DigitsDataModule",
         "--data.img_size=16",
         "--data.batch_size=16",
-        "--data.selection_size=16",
+        "--data.holdout_size=16",
         "--data.augment=false",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",

@@ -15,7 +15,7 @@ from _interpreter import INTERPRETING, needs_interpreter, run_interpreted
 from conftest import make_tiny_vit
 
 import pomt
-from pomt import dispatch, ops
+from pomt.method import dispatch, ops
 from pomt.models import vit_blocks
 
 triton = pytest.importorskip("triton")
@@ -33,9 +33,11 @@ def test_the_torch_scoring_paths_agree(prefix):
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
     scale = 16**-0.5
     probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
-    expected = pomt.method.pomt_scores_from_probabilities(probs, v, prefix)
+    expected = pomt.method.functional.pomt_scores_from_probabilities(probs, v, prefix)
     for align in (False, True):  # True pads the 37 keys to 40, as on CUDA
-        torch.testing.assert_close(pomt.method.pomt_scores(q, k, v, prefix, scale, align=align), expected)
+        torch.testing.assert_close(
+            pomt.method.functional.pomt_scores(q, k, v, prefix, scale, align=align), expected
+        )
     assert expected.shape == (2, 37 - prefix) and (expected.amax(dim=1) > 1).all()
 
 
@@ -64,7 +66,7 @@ def interpreted(monkeypatch):
 @pytest.fixture
 def guarded():
     """Guard rows around every kernel output; calling it checks them (see ``guarded_outputs``)."""
-    from pomt import _triton
+    from pomt.method import _triton
 
     with _triton.guarded_outputs() as check:
         yield check
@@ -85,13 +87,15 @@ def _both_paths(x, q, k, v, prefix, r):
     """(the kernels' (out, scores, positions), the torch path's output), both from these inputs."""
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
-        got = ops._pomt_kernels(x, q, k, v, prefix, r, scale)
-        expected = pomt.method.pomt_select(x, pomt.method.pomt_scores(q, k, v, prefix, scale), prefix, r)
+        got = dispatch.launch_kernels(x, q, k, v, prefix, r, scale)
+        expected = pomt.method.functional.pomt_select(
+            x, pomt.method.functional.pomt_scores(q, k, v, prefix, scale), prefix, r
+        )
     return got, expected
 
 
 def _float32_scores(q, k, v, prefix):
-    return pomt.method.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
+    return pomt.method.functional.pomt_scores(q.float(), k.float(), v.float(), prefix, q.shape[-1] ** -0.5)
 
 
 @needs_interpreter
@@ -123,7 +127,7 @@ def test_triton_block_keeps_exactly_the_chosen_tokens(interpreted):
 @needs_interpreter
 @pytest.mark.parametrize("d", [16, 40, 48, 80, 128])
 def test_triton_scores_equal_the_torch_scores(guarded, d):
-    from pomt import _triton
+    from pomt.method import _triton
 
     q, k, v, x = _qkvx(d=d, n=70, seed=d)
     scale = d**-0.5
@@ -133,9 +137,11 @@ def test_triton_scores_equal_the_torch_scores(guarded, d):
     col, val = _triton.column_scores(q, k, v, lse, 2, scale)
     out, scores, pos = _triton.select_tokens(x, col, val, 2, 30)
     guarded()
-    torch.testing.assert_close(scores, pomt.method.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        out, pomt.method.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6
+        scores, pomt.method.functional.pomt_scores(q, k, v, 2, scale), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        out, pomt.method.functional.pomt_select(x, scores, 2, 70 - 2 - 30 - 1), atol=1e-6, rtol=1e-6
     )
     assert sorted(pos[pos >= 0].tolist()) == sorted(list(range(30)) * 2)
 
@@ -217,7 +223,7 @@ def test_non_finite_inputs_give_the_same_output_on_both_paths(guarded, where, ba
 
 @needs_interpreter
 def test_non_finite_scores_rank_last_with_ties_to_the_lower_index(guarded):
-    from pomt import _triton
+    from pomt.method import _triton
 
     g = torch.Generator().manual_seed(3)
     prefix, n, keep = 1, 40, 12
@@ -233,14 +239,14 @@ def test_non_finite_scores_rank_last_with_ties_to_the_lower_index(guarded):
     assert pos[1].tolist() == list(range(keep)) + [-1] * (n - prefix - keep)
     torch.testing.assert_close(out[1, prefix : prefix + keep], x[1, prefix : prefix + keep], atol=0, rtol=0)
     torch.testing.assert_close(
-        out, pomt.method.pomt_select(x, scores, prefix, n - prefix - keep - 1), atol=1e-6, rtol=0
+        out, pomt.method.functional.pomt_select(x, scores, prefix, n - prefix - keep - 1), atol=1e-6, rtol=0
     )
     # the torch path: a NaN makes the image's scores -inf as well, and keeps its first tokens
     probs = torch.rand(2, 2, n, n, generator=g)
     probs[0, :, :, prefix + 5] = float("nan")
-    scores = pomt.method.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
+    scores = pomt.method.functional.pomt_scores_from_probabilities(probs, torch.randn(2, 2, n, 4), prefix)
     assert not scores.isnan().any() and (scores[0] == -torch.inf).all()
-    kept = pomt.method.pomt_select(x, scores, prefix, n - prefix - keep - 1)
+    kept = pomt.method.functional.pomt_select(x, scores, prefix, n - prefix - keep - 1)
     torch.testing.assert_close(kept[0, prefix : prefix + keep], x[0, prefix : prefix + keep], atol=0, rtol=0)
 
 
@@ -282,7 +288,7 @@ def test_low_precision_kernels_against_a_float32_reference(guarded, dtype, d):
 
 def choice_is_equal(x, q, k, v, prefix, r) -> bool:
     """What ``auto``'s check says of the kernels on this input (speed aside)."""
-    got = ops._pomt_kernels(x, q, k, v, prefix, r, q.shape[-1] ** -0.5)
+    got = dispatch.launch_kernels(x, q, k, v, prefix, r, q.shape[-1] ** -0.5)
     keep = x.shape[1] - prefix - r - 1
     return dispatch.mismatch(got, x, _float32_scores(q, k, v, prefix), prefix, keep, q.dtype) is None
 
@@ -356,7 +362,7 @@ def test_a_bad_pomt_kernels_value_is_a_clear_error(monkeypatch):
         ops.kernel_backend("cpu")
     q, k, v, x = _qkvx(b=2, n=40)
     with pytest.raises(ValueError, match="POMT_KERNELS must be one of"):
-        ops._use_kernels(x, q, k, v, 1, 8, 0.25)
+        ops.use_kernels(x, q, k, v, 1, 8, 0.25)
 
 
 @pytest.mark.gpu
@@ -365,7 +371,7 @@ def test_kernels_launch_on_the_tensors_device():
     q, k, v, x = (t.to("cuda:1", torch.float16) for t in _qkvx(b=2, n=70))
     torch.cuda.set_device(0)
     with ops.kernels("triton"), torch.no_grad():
-        out, scores, _ = ops._pomt_kernels(x, q, k, v, 1, 20, 0.25)
+        out, scores, _ = dispatch.launch_kernels(x, q, k, v, 1, 20, 0.25)
     torch.testing.assert_close(scores.cpu(), _float32_scores(q, k, v, 1).cpu(), atol=1e-4, rtol=1e-4)
 
 
@@ -416,7 +422,7 @@ def _compile_sm90(kernel, dtype: torch.dtype, constants: dict, num_warps: int):
 @pytest.mark.skipif(INTERPRETING, reason="interpreted kernels cannot be compiled")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_build_for_sm90_without_spills(dtype, tmp_path):
-    from pomt import _triton as kernels
+    from pomt.method import _triton as kernels
 
     flags = dict(IEEE=dtype == torch.float32, UPCAST=False)
     builds = {}
@@ -445,7 +451,7 @@ def test_kernels_build_for_sm90_without_spills(dtype, tmp_path):
 
 
 def test_guard_rows_catch_a_row_left_unwritten_and_a_store_outside():
-    from pomt import _triton
+    from pomt.method import _triton
 
     with _triton.guarded_outputs() as check:
         buffer = _triton._empty((4, 3), torch.empty(0), torch.float32)

@@ -1,6 +1,6 @@
 """The layers: the method (every ``pomt`` module but the Lightning layer and the sweep) imports
 with Lightning, datasets and wandb absent, and imports nothing from either; nothing in the
-package but the sweep itself imports the sweep (``pomt.sweep``, the driver of evaluate.py)."""
+package but the sweep itself imports the sweep (``pomt.lightning.sweep``, the driver of evaluate.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pomt"
-SWEEP = "pomt.sweep"
+SWEEP = "pomt.lightning.sweep"
 LIGHTNING_LAYER = ("pomt.lightning", "pomt.callbacks", "pomt.datamodules", SWEEP)
 LIGHTNING = ("lightning", "pytorch_lightning")
 
@@ -23,13 +23,13 @@ def _core_modules() -> list[str]:
     names = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = _module_name(path)
-        if not name.startswith(LIGHTNING_LAYER) and name != "pomt._triton":  # _triton needs triton
+        if not name.startswith(LIGHTNING_LAYER) and name != "pomt.method._triton":  # _triton needs triton
             names.append(name)
     return names
 
 
 def _imported(path: Path) -> list[str]:
-    """Every module ``path`` imports, by absolute name (``from pomt import sweep`` -> pomt.sweep)."""
+    """Every module ``path`` imports, by absolute name (``from pomt import sweep`` -> pomt.lightning.sweep)."""
     names = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -41,7 +41,7 @@ def _imported(path: Path) -> list[str]:
 
 def test_the_method_imports_without_lightning_datasets_or_wandb():
     modules = _core_modules()
-    assert "pomt.finder" in modules and "pomt.ops" in modules
+    assert "pomt.offline.finder" in modules and "pomt.method.ops" in modules
     code = (
         "import sys, importlib\n"
         "class Block:\n"
@@ -73,7 +73,7 @@ def test_nothing_in_the_method_imports_the_lightning_layer_or_the_sweep():
 def test_no_core_module_imports_lightning_anywhere_in_its_code():
     """Not at module level and not inside a function: Lightning glue lives in the layer."""
     core = _core_modules()
-    assert {"pomt", "pomt.models", "pomt.profiling", "pomt.cli"} <= set(core)
+    assert {"pomt", "pomt.models", "pomt.offline.profiling", "pomt.cli"} <= set(core)
     for name in core:
         path = PACKAGE.parent / (name.replace(".", "/") + ".py")
         if not path.is_file():
@@ -82,36 +82,22 @@ def test_no_core_module_imports_lightning_anywhere_in_its_code():
             assert imported.split(".")[0] not in LIGHTNING, f"{name} imports {imported}"
 
 
-def test_the_old_name_of_the_loggers_module_still_imports_the_moved_module():
+def test_moved_modules_and_functions_have_one_name_only():
     import importlib
-    import sys
 
     import pytest
 
     import pomt.lightning.loggers
 
-    sys.modules.pop("pomt.loggers", None)
-    with pytest.warns(DeprecationWarning, match="pomt.loggers moved to pomt.lightning.loggers"):
-        old = importlib.import_module("pomt.loggers")
-    assert old is pomt.lightning.loggers
-    assert old.OfflineWandbLogger is pomt.lightning.loggers.OfflineWandbLogger
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("pomt.loggers")  # the old name is gone, not aliased
+    with pytest.raises(ImportError):
+        from pomt.models import load_weights  # noqa: F401  (it lives in pomt.weights)
     from pomt.lightning import ViTClassifier
     from pomt.lightning.classifier import ViTClassifier as defined
 
     assert ViTClassifier is defined  # pomt.lightning.ViTClassifier, the configs' class path
-
-
-def test_the_weights_functions_old_home_still_answers():
-    import pytest
-
-    import pomt.models
-    import pomt.weights
-
-    with pytest.warns(DeprecationWarning, match="pomt.models.load_weights moved to pomt.weights"):
-        from pomt.models import load_weights
-    assert load_weights is pomt.weights.load_weights
-    with pytest.raises(AttributeError):
-        pomt.models.no_such_function  # noqa: B018
+    assert pomt.lightning.loggers.OfflineWandbLogger.__module__ == "pomt.lightning.loggers"
 
 
 def test_importing_pomt_imports_no_lightning_module():
@@ -122,8 +108,12 @@ def test_importing_pomt_imports_no_lightning_module():
 
 
 def test_only_the_sweep_and_the_entry_points_import_the_sweep():
-    sweep = [_module_name(path) for path in (PACKAGE / "sweep").glob("*.py")]
-    assert {"pomt.sweep.evaluation", "pomt.sweep.report", "pomt.sweep.rundir"} <= set(sweep)
+    sweep = [_module_name(path) for path in (PACKAGE / "lightning" / "sweep").glob("*.py")]
+    assert {
+        "pomt.lightning.sweep.evaluation",
+        "pomt.lightning.sweep.report",
+        "pomt.lightning.sweep.rundir",
+    } <= set(sweep)
     for path in sorted(PACKAGE.rglob("*.py")):
         if not _module_name(path).startswith(SWEEP):
             for imported in _imported(path):
@@ -131,17 +121,17 @@ def test_only_the_sweep_and_the_entry_points_import_the_sweep():
 
 
 def _sweep_graph() -> dict[str, set[str]]:
-    """Each module of ``pomt.sweep`` and the ``pomt.sweep`` modules it imports, under
-    ``TYPE_CHECKING`` or in a function included (``from pomt.sweep import x``: the submodule x
+    """Each module of ``pomt.lightning.sweep`` and the ``pomt.lightning.sweep`` modules it imports, under
+    ``TYPE_CHECKING`` or in a function included (``from pomt.lightning.sweep import x``: the submodule x
     when there is one, else the package)."""
-    modules = {_module_name(path): path for path in (PACKAGE / "sweep").glob("*.py")}
+    modules = {_module_name(path): path for path in (PACKAGE / "lightning" / "sweep").glob("*.py")}
     graph = {}
     for name, path in modules.items():
         edges = set()
         for imported in _imported(path):
             if imported in modules:
                 edges.add(imported)
-            elif imported.rpartition(".")[0] in modules:  # from pomt.sweep.x import Name
+            elif imported.rpartition(".")[0] in modules:  # from pomt.lightning.sweep.x import Name
                 edges.add(imported.rpartition(".")[0])
         graph[name] = edges - {name}
     return graph
@@ -149,8 +139,12 @@ def _sweep_graph() -> dict[str, set[str]]:
 
 def test_the_sweep_imports_form_a_dag():
     graph = _sweep_graph()
-    assert {"pomt.sweep.evaluation", "pomt.sweep.plan", "pomt.sweep.settings"} <= set(graph)
-    assert "pomt.sweep.settings" in graph["pomt.sweep.plan"]  # the graph sees real edges
+    assert {
+        "pomt.lightning.sweep.evaluation",
+        "pomt.lightning.sweep.plan",
+        "pomt.lightning.sweep.settings",
+    } <= set(graph)
+    assert "pomt.lightning.sweep.settings" in graph["pomt.lightning.sweep.plan"]  # the graph sees real edges
     done: set[str] = set()
 
     def visit(name: str, path: tuple[str, ...]) -> None:
@@ -165,8 +159,10 @@ def test_the_sweep_imports_form_a_dag():
 
 
 def test_no_sweep_step_imports_the_driver():
-    """The steps take the frozen settings (``pomt.sweep.settings``), not the driver."""
+    """The steps take the frozen settings (``pomt.lightning.sweep.settings``), not the driver."""
     graph = _sweep_graph()
     for name, edges in graph.items():
-        if name not in ("pomt.sweep", "pomt.sweep.evaluation"):
-            assert "pomt.sweep.evaluation" not in edges and "pomt.sweep" not in edges, name
+        if name not in ("pomt.lightning.sweep", "pomt.lightning.sweep.evaluation"):
+            assert "pomt.lightning.sweep.evaluation" not in edges and "pomt.lightning.sweep" not in edges, (
+                name
+            )

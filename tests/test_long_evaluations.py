@@ -20,7 +20,8 @@ import evaluate
 from pomt import SearchConfig
 from pomt.datamodules import DigitsDataModule
 from pomt.lightning import ViTClassifier
-from pomt.sweep import TradeoffEvaluation
+from pomt.lightning.sweep import TradeoffEvaluation
+from pomt.lightning.sweep.settings import SweepSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_SPLIT = [a for a in tiny_args(Path("/unused")) if "limit_test_batches" not in a and "out_dir" not in a]
@@ -71,13 +72,15 @@ def _tiny_sweep(tmp_path: Path, **kwargs) -> tuple[ViTClassifier, DigitsDataModu
         img_size=16,
         model_kwargs=dict(patch_size=4, embed_dim=32, depth=3, num_heads=2),
     )
-    data = DigitsDataModule(img_size=16, batch_size=32, selection_size=40, augment=False)
+    data = DigitsDataModule(img_size=16, batch_size=32, holdout_size=40, augment=False)
     grid = (17, 9, 5)
     search = SearchConfig(
         grid=grid, accuracy_grid=grid, accuracy_samples=40, min_run_time=0.0, warmup=1, verify=False
     )
     sweep = TradeoffEvaluation(
-        layer=1, search=search, out_dir=str(tmp_path), run_name="cut", latency_rounds=2, **kwargs
+        SweepSettings(
+            layer=1, search=search, out_dir=str(tmp_path), run_name="cut", latency_rounds=2, **kwargs
+        )
     )
     return model, data, sweep
 
@@ -160,7 +163,7 @@ def test_the_other_ranks_stop_with_rank_zeros_error_instead_of_waiting(tmp_path,
     model, _, sweep = _tiny_sweep(tmp_path, wandb=False, token_maps=0)
 
     class NoSelectionSplit(DigitsDataModule):
-        selection_dataloader = None  # rank 0 cannot choose R
+        holdout_dataloader = None  # rank 0 cannot choose R
 
     class OtherRank(pl.Trainer):
         @property
@@ -168,7 +171,7 @@ def test_the_other_ranks_stop_with_rank_zeros_error_instead_of_waiting(tmp_path,
             return False
 
     def data():
-        return NoSelectionSplit(img_size=16, batch_size=32, selection_size=40, augment=False)
+        return NoSelectionSplit(img_size=16, batch_size=32, holdout_size=40, augment=False)
 
     errors: list[BaseException] = []
 
@@ -180,12 +183,12 @@ def test_the_other_ranks_stop_with_rank_zeros_error_instead_of_waiting(tmp_path,
 
     waiting = threading.Thread(target=rank_one, daemon=True)
     waiting.start()  # waits for rank 0's plan
-    with pytest.raises(ValueError, match="NoSelectionSplit has no selection_dataloader"):
+    with pytest.raises(ValueError, match="NoSelectionSplit has no holdout_dataloader"):
         sweep.run(model, data(), _cpu_trainer)
     waiting.join(timeout=120)
     assert not waiting.is_alive(), "the other rank is still waiting for a plan that will never come"
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
-    assert "global rank 0 stopped while measuring: ValueError: NoSelectionSplit has no" in str(errors[0])
+    assert "global rank 0 stopped while measuring: PomtValueError: NoSelectionSplit has no" in str(errors[0])
 
 
 def test_a_limited_run_is_never_reused_as_a_full_one(tmp_path, caplog):
@@ -218,7 +221,7 @@ def test_the_trainers_own_test_limit_is_rejected_for_the_sweeps(tmp_path):
         sweep.run(model, data, lambda **kwargs: _cpu_trainer(limit_test_batches=3, **kwargs))
     assert list(tmp_path.iterdir()) == []  # rejected before anything was measured or written
     with pytest.raises(ValueError, match=r"limit_test_batches must be a fraction in \(0, 1\] or a number"):
-        TradeoffEvaluation(limit_test_batches=1.5)
+        SweepSettings(limit_test_batches=1.5)
 
 
 def test_several_runtimes_in_one_evaluation_and_adding_a_runtime_times_only_that_one(
@@ -231,7 +234,7 @@ def test_several_runtimes_in_one_evaluation_and_adding_a_runtime_times_only_that
         tmp_path, "--sweep.methods=[none, pomt, tome]", "--sweep.tome_r=[2]", "--sweep.token_maps=0"
     )
     with caplog.at_level("INFO"):
-        first = evaluate.main([*args, "--sweep.runtimes=[torch, onnxruntime]"])
+        first = evaluate.main([*args, "--sweep.targets=[torch, onnxruntime]"])
     out = capsys.readouterr().out
     run_dir = tmp_path / "tiny"
     assert [row.runtime for row in first.rows] == ["torch"] * 3 + ["onnxruntime"] * 3  # ordered by runtime
@@ -266,7 +269,7 @@ def test_several_runtimes_in_one_evaluation_and_adding_a_runtime_times_only_that
     caplog.clear()  # adding a runtime: only it chooses R and times; only its new configurations are tested
     with caplog.at_level("INFO"):
         second = evaluate.main(
-            [*args, "--sweep.runtimes=[torch, onnxruntime, openvino]", "--sweep.wandb=false"]
+            [*args, "--sweep.targets=[torch, onnxruntime, openvino]", "--sweep.wandb=false"]
         )
     log = caplog.text
     assert "selecting R in openvino" in log and "side by side in openvino" in log
@@ -284,7 +287,7 @@ def test_several_runtimes_in_one_evaluation_and_adding_a_runtime_times_only_that
         third = evaluate.main(
             [
                 *args,
-                "--sweep.runtimes=[torch, onnxruntime, openvino]",
+                "--sweep.targets=[torch, onnxruntime, openvino]",
                 "--sweep.wandb=false",
                 "--sweep.tome_r=[2, 3]",
             ]

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from pomt.offline.selection import Selection, select_r
+from pomt.offline.verify import check_candidates
 from pomt.plots import plot_profiles
-from pomt.selection import Selection, select_r
-from pomt.verify import verify
 
 # n* = 9 on the profile: predicted x2.000 (10 ms at N = 17 against 5 ms)
 STAIRCASE = {17: 10.0, 13: 10.0, 9: 5.0, 5: 4.0}
@@ -25,7 +25,9 @@ def _measured(speedup: float):
 
 
 def _verified(speedup: float) -> Selection:
-    return verify(select_r(STAIRCASE, ACCURACY, alpha=0.5), _measured(speedup), log=lambda line: None)
+    return check_candidates(
+        select_r(STAIRCASE, ACCURACY, alpha=0.5), _measured(speedup), log=lambda line: None
+    )
 
 
 def test_a_prediction_inside_the_measured_interval_passes_silently():
@@ -56,6 +58,7 @@ def test_r0_kept_after_a_missed_prediction_still_says_so():
 
 def test_the_wandb_summary_carries_the_line(monkeypatch):
     from pomt.callbacks import logs
+    from pomt.method.pruning import PruningConfig
 
     logged: dict = {}
     monkeypatch.setattr(logs, "log_summary", lambda trainer, values: logged.update(values))
@@ -66,8 +69,10 @@ def test_the_wandb_summary_carries_the_line(monkeypatch):
     for speedup, off in ((1.4, True), (2.0, False)):
         logged.clear()
         result = SimpleNamespace(selection=_verified(speedup), latency=None, accuracy=None)
-        scalars = logs.log_pomt(trainer, None, "fit", method="pomt", layer=3, r=8, schedule=[9],
-                                result=result, r_source="search", log_plots=False)  # fmt: skip
+        pruning = PruningConfig(method="pomt", r=8, layer=3, schedule=(9,))
+        scalars = logs.log_pomt(
+            trainer, None, "fit", pruning, result=result, r_source="search", log_plots=False
+        )
         assert scalars["pomt/prediction_off"] == float(off)
         assert ("pomt/prediction_check" in logged) == off
         if off:

@@ -15,14 +15,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pomt
-from pomt import cli
+from pomt import SearchConfig, Target, Timing, cli
 from pomt.data import balanced_indices
-from pomt.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
-from pomt.profiling import estimate_accuracy, profile_latency
-from pomt.pruning import apply_pruning, pruning_config
-from pomt.timing import TimingStats, cuda_graph_or_eager, time_paired
+from pomt.deploy.runtimes import cuda_graph_or_eager
+from pomt.method.pruning import apply_pruning, pruning_config
+from pomt.offline.profiles import AccuracyPoint, AccuracyProfile, LatencyProfile
+from pomt.offline.profiling import estimate_accuracy, profile_latency
+from pomt.timing import TimingStats, time_paired
 
-FAST = dict(warmup=0, repeats=2, progress=False, relative=False)
+FAST = dict(timing=Timing(warmup=0, repeats=2, relative=False), progress=False)
 
 
 class Wrapper(nn.Module):
@@ -54,7 +55,7 @@ def labelled_data(n: int = 60, classes: int = 10, seed: int = 0) -> TensorDatase
 def test_profile_latency_of_a_tiny_vit_on_cpu():
     model = make_tiny_vit()
     model.train()
-    lat = profile_latency(model, batch_size=2, **FAST)
+    lat = profile_latency(model, target=Target(batch_size=2), **FAST)
     n_total = 17  # 4 x 4 patches + CLS
     assert lat.n_total == n_total and lat.prefix == 1
     assert lat.grid[-1] == n_total and lat.grid[0] == 2  # N and p + 1 always measured
@@ -71,14 +72,11 @@ def test_relative_profile_pairs_every_point_with_the_unpruned_model():
     hook = model.blocks[-1].register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
     lat = profile_latency(
         model,
-        batch_size=2,
-        grid=[17, 9, 3],
+        target=Target(batch_size=2),
         layer=1,
-        relative=True,
-        warmup=0,
-        min_run_time=0.0,
-        repeats=4,
         progress=False,
+        search=SearchConfig(grid=[17, 9, 3]),
+        timing=Timing(relative=True, warmup=0, min_run_time=0.0, repeats=4),
     )
     hook.remove()
     assert lat.grid == [3, 9, 17] and lat.sampling.endswith("relative to N")
@@ -110,7 +108,9 @@ def test_profile_latency_times_the_deployed_model_inside_a_wrapper():
     apply_pruning(model.backbone, "pomt", r=5, layer=1)
     before = pruning_config(model.backbone)
     seen, handle = tokens_leaving(model.backbone.blocks[2])
-    lat = profile_latency(model, batch_size=1, layer=2, grid=[17, 9, 3], **FAST)
+    lat = profile_latency(
+        model, target=Target(batch_size=1), layer=2, search=SearchConfig(grid=[17, 9, 3]), **FAST
+    )
     handle.remove()
     assert lat.grid == [3, 9, 17]
     assert set(seen) == {3, 9, 17}  # n tokens leave the pruning block, N means unpruned
@@ -119,7 +119,12 @@ def test_profile_latency_times_the_deployed_model_inside_a_wrapper():
 
 def test_cuda_graphs_degrade_gracefully_on_cpu():
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
-        lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], cuda_graphs=True, **FAST)
+        lat = profile_latency(
+            make_tiny_vit(),
+            target=Target(batch_size=1, runtime="cuda_graphs"),
+            search=SearchConfig(grid=[2, 17]),
+            **FAST,
+        )
     assert lat.cuda_graphs is False and lat.grid == [2, 17]
 
 
@@ -138,11 +143,11 @@ def test_profile_latency_rejects_bad_arguments():
     with pytest.raises(ValueError, match="layer must be an int in 0..3"):
         profile_latency(model, layer=4, **FAST)
     with pytest.raises(ValueError, match=r"outside the valid range 2..17"):
-        profile_latency(model, grid=[1, 17], **FAST)
+        profile_latency(model, search=SearchConfig(grid=[1, 17]), **FAST)
     with pytest.raises(ValueError, match="batch_size"):
-        profile_latency(model, batch_size=0, **FAST)
+        profile_latency(model, target=Target(batch_size=0), **FAST)
     with pytest.raises(ValueError, match="dtype"):
-        profile_latency(model, dtype="int8", **FAST)
+        profile_latency(model, target=Target(dtype="int8"), **FAST)
 
 
 def test_injected_timer_drives_the_default_search():
@@ -153,7 +158,7 @@ def test_injected_timer_drives_the_default_search():
         calls.append(n)
         return TimingStats.from_samples([10.0 + 5 * (n > 40), 10.0 + 5 * (n > 40)])
 
-    lat = profile_latency(model, measure=fake, progress=False)
+    lat = profile_latency(model, timing=fake, progress=False)
     assert lat.grid == sorted(calls) and len(calls) < 64 and lat.sampling == "fast"
     assert {40, 41} <= set(lat.grid)  # the one step was located exactly
     assert pomt.select_r(lat, {n: n / 65 for n in range(2, 66)}, alpha=0.5).n_star in (40, 65)
@@ -164,15 +169,18 @@ def test_guided_search_through_profile_latency_and_a_foreign_accuracy_profile():
     steps = (20, 40)
     fake = lambda n: TimingStats.from_samples([10.0 + 4 * sum(n > s for s in steps)] * 3)  # noqa: E731
     acc = {n: 0.8 * (1 - math.exp(-n / 12)) for n in (2, 10, 20, 30, 40, 50, 65)}
-    lat = profile_latency(model, measure=fake, accuracy=acc, alpha=0.5, progress=False)
+    lat = profile_latency(model, timing=fake, accuracy=acc, progress=False, search=SearchConfig(alpha=0.5))
     assert lat.sampling.startswith("fast-guided")
     full = {n: fake(n) for n in range(2, 66)}
     assert pomt.select_r(lat, acc).n_star == pomt.select_r(full, acc).n_star
     foreign = estimate_accuracy(
-        make_tiny_vit(), labelled_data(), num_samples=10, grid=[2, 17], progress=False
+        make_tiny_vit(),
+        labelled_data(),
+        search=SearchConfig(accuracy_samples=10, accuracy_grid=[2, 17]),
+        progress=False,
     )
     with pytest.raises(ValueError, match="accuracy profile is for N=17"):
-        profile_latency(model, measure=fake, accuracy=foreign, progress=False)
+        profile_latency(model, timing=fake, accuracy=foreign, progress=False)
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -183,18 +191,29 @@ def test_estimate_accuracy_is_reproducible_and_leaves_the_global_rng_alone():
     data = labelled_data()
     state = torch.get_rng_state()
     acc = estimate_accuracy(
-        model, data, num_samples=30, grid=[2, 5, 17], seed=3, batch_size=8, progress=False
+        model,
+        data,
+        search=SearchConfig(accuracy_samples=30, accuracy_grid=[2, 5, 17], seed=3, accuracy_batch_size=8),
+        progress=False,
     )
     assert torch.equal(torch.get_rng_state(), state)
     again = estimate_accuracy(
-        model, data, num_samples=30, grid=[17, 5, 2], seed=3, batch_size=8, progress=False
+        model,
+        data,
+        search=SearchConfig(accuracy_samples=30, accuracy_grid=[17, 5, 2], seed=3, accuracy_batch_size=8),
+        progress=False,
     )
     assert again.points == acc.points
     assert acc.grid == [2, 5, 17] and acc.num_samples == 30 and acc.class_balanced
     assert acc.num_classes == 10 and acc.n_total == 17
     loader = DataLoader(data, batch_size=8, shuffle=True)
     assert (
-        estimate_accuracy(model, loader, num_samples=30, grid=[2, 5, 17], seed=3, progress=False).points
+        estimate_accuracy(
+            model,
+            loader,
+            search=SearchConfig(accuracy_samples=30, accuracy_grid=[2, 5, 17], seed=3),
+            progress=False,
+        ).points
         == acc.points
     )
 
@@ -204,7 +223,12 @@ def test_accuracy_is_micro_top1_on_the_seeded_sample_with_tokens_kept():
     labels = torch.tensor([0] * 40 + [1, 2, 3, 4, 5])  # imbalanced even after balancing
     data = TensorDataset(torch.randn(45, 3, 32, 32, generator=torch.Generator().manual_seed(1)), labels)
     seen, handle = tokens_leaving(model.backbone.blocks[0])
-    acc = estimate_accuracy(model, data, num_samples=20, grid=[4, 17], seed=0, batch_size=7, progress=False)
+    acc = estimate_accuracy(
+        model,
+        data,
+        search=SearchConfig(accuracy_samples=20, accuracy_grid=[4, 17], seed=0, accuracy_batch_size=7),
+        progress=False,
+    )
     handle.remove()
     assert set(seen) == {4, 17}  # the random subset is active while A(n) is measured
     idx = balanced_indices(labels.tolist(), 20, seed=0)
@@ -221,7 +245,12 @@ def test_estimate_accuracy_on_a_hugging_face_dataset_with_a_transform():
     ds = datasets.Dataset.from_dict({"image": images.tolist(), "label": [i % 3 for i in range(12)]})
     ds = ds.with_transform(lambda b: {"pixel_values": torch.tensor(b["image"]), "label": b["label"]})
     model = make_tiny_vit(num_classes=3)
-    acc = estimate_accuracy(model, ds, num_samples=9, grid=[3, 17], batch_size=4, progress=False)
+    acc = estimate_accuracy(
+        model,
+        ds,
+        search=SearchConfig(accuracy_samples=9, accuracy_grid=[3, 17], accuracy_batch_size=4),
+        progress=False,
+    )
     assert acc.class_balanced and acc.num_samples == 9 and acc.grid == [3, 17]
 
 
@@ -229,7 +258,9 @@ def test_estimate_accuracy_errors():
     model = make_tiny_vit()
     bad = TensorDataset(torch.randn(8, 3, 32, 32), torch.full((8,), 12))
     with pytest.raises(ValueError, match=r"labels must be in 0..9"):
-        estimate_accuracy(model, bad, num_samples=8, grid=[17], progress=False)
+        estimate_accuracy(
+            model, bad, search=SearchConfig(accuracy_samples=8, accuracy_grid=[17]), progress=False
+        )
     with pytest.raises(ValueError, match="Dataset or DataLoader"):
         estimate_accuracy(model, 42, progress=False)
     assert pruning_config(model) is None
@@ -239,21 +270,27 @@ def test_estimate_accuracy_errors():
 
 
 def test_latency_profile_sampling_reads_its_old_key_search(tmp_path):
-    lat = profile_latency(make_tiny_vit(), batch_size=2, grid=[2, 17], **FAST)
+    lat = profile_latency(
+        make_tiny_vit(), target=Target(batch_size=2), search=SearchConfig(grid=[2, 17]), **FAST
+    )
     data = lat.to_dict()
     assert data["sampling"] == "grid" and "search" not in data
     data["search"] = data.pop("sampling")  # as a profile saved before the rename
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = LatencyProfile.load(tmp_path / "old.json")
-    assert old == lat
-    with pytest.warns(DeprecationWarning, match="sampling"):
-        assert old.search == "grid"
+    assert old == lat and old.sampling == "grid"
+    assert not hasattr(old, "search")  # "search" is find_r's word only: no alias on the record
 
 
 def test_profiles_round_trip_through_json(tmp_path):
     model = make_tiny_vit()
-    lat = profile_latency(model, batch_size=2, grid=[2, 9, 17], **FAST)
-    acc = estimate_accuracy(model, labelled_data(), num_samples=20, grid=[2, 17], progress=False)
+    lat = profile_latency(model, target=Target(batch_size=2), search=SearchConfig(grid=[2, 9, 17]), **FAST)
+    acc = estimate_accuracy(
+        model,
+        labelled_data(),
+        search=SearchConfig(accuracy_samples=20, accuracy_grid=[2, 17]),
+        progress=False,
+    )
     lat_path, acc_path = lat.save(tmp_path / "a" / "lat.json"), acc.save(tmp_path / "acc.json")
     data = json.loads(lat_path.read_text())
     assert data["schema"] == "pomt.latency_profile" and data["schema_version"] == 2
@@ -295,14 +332,18 @@ def test_profiles_round_trip_through_json(tmp_path):
     ],
 )
 def test_a_mismatched_profile_is_rejected_naming_the_field(tmp_path, field, value):
-    lat = profile_latency(make_tiny_vit(), batch_size=2, grid=[2, 17], **FAST)
+    lat = profile_latency(
+        make_tiny_vit(), target=Target(batch_size=2), search=SearchConfig(grid=[2, 17]), **FAST
+    )
     path = lat.save(tmp_path / "lat.json")
     with pytest.raises(ValueError, match=f"measured with {field}="):
         LatencyProfile.load(path, expect={field: value})
 
 
 def test_profiles_for_different_models_or_token_counts_do_not_combine():
-    lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], **FAST)
+    lat = profile_latency(
+        make_tiny_vit(), target=Target(batch_size=1), search=SearchConfig(grid=[2, 17]), **FAST
+    )
     other = AccuracyProfile(
         model=lat.model,
         device="x",
@@ -326,7 +367,9 @@ def test_profiles_for_different_models_or_token_counts_do_not_combine():
 
 
 def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path):
-    lat = profile_latency(make_tiny_vit(), batch_size=1, grid=[2, 17], **FAST)
+    lat = profile_latency(
+        make_tiny_vit(), target=Target(batch_size=1), search=SearchConfig(grid=[2, 17]), **FAST
+    )
     text = lat.save(tmp_path / "lat.json").read_text()
     cases = {
         "truncated.json": (text[: len(text) // 2], "not valid JSON"),
@@ -356,8 +399,10 @@ def test_corrupt_truncated_and_foreign_files_give_clear_errors(tmp_path):
 
 def test_selected_r_leaves_exactly_n_star_tokens_after_the_pruning_block():
     model = make_tiny_vit()
-    lat = profile_latency(model, batch_size=2, layer=2, **FAST)
-    acc = estimate_accuracy(model, labelled_data(), num_samples=20, points=6, progress=False)
+    lat = profile_latency(model, target=Target(batch_size=2), layer=2, **FAST)
+    acc = estimate_accuracy(
+        model, labelled_data(), search=SearchConfig(accuracy_samples=20, accuracy_points=6), progress=False
+    )
     for alpha in (0.0, 0.5, 1.0):
         sel = pomt.select_r(lat, acc, alpha=alpha)
         assert sel.n_star == sel.n_total - sel.r and sel.layer == 2
@@ -507,7 +552,13 @@ def test_the_latency_profile_records_the_kernels_it_timed(tmp_path):
     from pomt import LatencyProfile, profile_latency
 
     model = make_tiny_vit()
-    lat = profile_latency(model, batch_size=1, grid=[17, 12], warmup=0, repeats=1, progress=False)
+    lat = profile_latency(
+        model,
+        target=Target(batch_size=1),
+        progress=False,
+        search=SearchConfig(grid=[17, 12]),
+        timing=Timing(warmup=0, repeats=1),
+    )
     assert lat.kernels == "torch"  # the CPU: POMT's block runs the torch path
     lat.save(tmp_path / "lat.json")
     assert LatencyProfile.load(tmp_path / "lat.json").kernels == "torch"
@@ -515,13 +566,18 @@ def test_the_latency_profile_records_the_kernels_it_timed(tmp_path):
 
 def test_timing_in_a_narrower_dtype_leaves_the_weights_bit_for_bit():
     """Casting to bf16 and back rounds every weight; the profiler puts the originals back."""
-    from pomt.models import weights_fingerprint
+    from pomt.weights import weights_fingerprint
 
     model = make_tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fingerprint = weights_fingerprint(model)
     pomt.profile_latency(
-        model, batch_size=1, layer=1, dtype="bfloat16", grid=[17, 9], min_run_time=0.0, progress=False
+        model,
+        target=Target(batch_size=1, dtype="bfloat16"),
+        layer=1,
+        progress=False,
+        search=SearchConfig(grid=[17, 9]),
+        timing=Timing(min_run_time=0.0),
     )
     assert weights_fingerprint(model) == fingerprint
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

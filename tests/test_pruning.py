@@ -14,9 +14,9 @@ from conftest import make_tiny_vit
 from torch import nn
 
 import pomt
-from pomt.method import tome_merge
+from pomt.method.functional import tome_merge
+from pomt.method.pruning import random_token_subset
 from pomt.models import vit_blocks
-from pomt.pruning import random_token_subset
 
 MODELS_224 = {
     "deit_small_patch16_224": {},

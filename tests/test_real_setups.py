@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import cpu_trainer, image_loader, tiny_classifier
 
-from pomt import SearchConfig
+from pomt import SearchConfig, Target
 from pomt.callbacks import POMTCallback
-from pomt.pruning import pruning_config
+from pomt.method.pruning import pruning_config
 
 N = 17
 FAST = dict(accuracy_samples=32, accuracy_grid=(17, 13, 9, 5), min_run_time=0.0, warmup=1)
@@ -34,7 +34,8 @@ def test_the_callback_searches_under_lightnings_true_precision(precision):
 def _reference_precisions(monkeypatch):
     """Run ``dispatch.measure`` with kernels that fail after the reference; return the float32
     matmul precision the reference was computed at."""
-    from pomt import dispatch, method, ops
+    from pomt.method import dispatch
+    from pomt.method import functional as method
 
     seen = []
     scores = method.pomt_scores
@@ -47,7 +48,7 @@ def _reference_precisions(monkeypatch):
         raise RuntimeError("no kernels in this test")
 
     monkeypatch.setattr(method, "pomt_scores", recording)
-    monkeypatch.setattr(ops, "_pomt_kernels", no_kernels)
+    monkeypatch.setattr(dispatch, "launch_kernels", no_kernels)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 16, generator=g)
     q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
@@ -68,7 +69,7 @@ def test_autos_float32_reference_runs_at_highest_and_the_users_setting_comes_bac
 
 
 def test_a_per_backend_fp32_setting_is_honoured_and_restored(monkeypatch):
-    from pomt.dispatch import full_float32
+    from pomt.method.dispatch import full_float32
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
@@ -84,7 +85,7 @@ def test_a_per_backend_fp32_setting_is_honoured_and_restored(monkeypatch):
 def test_kernels_is_context_local_a_thread_started_inside_keeps_the_default():
     import threading
 
-    from pomt import ops
+    from pomt.method import ops
 
     default = ops.kernel_backend("cpu")
     seen = {}
@@ -328,7 +329,7 @@ def test_the_near_chance_warning_never_suggests_r0(caplog):
 def test_a_runtime_runs_record_does_not_name_torchs_kernels(runtime):
     from types import SimpleNamespace
 
-    from pomt.sweep.evaluation import TradeoffEvaluation
+    from pomt.lightning.sweep.evaluation import TradeoffEvaluation
 
     evaluation = SimpleNamespace(settings=SimpleNamespace(max_accuracy_drop=0.5, limit_test_batches=1.0))
     evaluation._kernels = lambda sweep, name: TradeoffEvaluation._kernels(evaluation, sweep, name)
@@ -336,7 +337,10 @@ def test_a_runtime_runs_record_does_not_name_torchs_kernels(runtime):
     sweep = SimpleNamespace(
         device=torch.device("cpu"),
         conditions={},
-        runtimes={"torch": SimpleNamespace(conditions={}), runtime: SimpleNamespace(conditions=conditions)},
+        runtimes={
+            "torch": SimpleNamespace(conditions={}, target=Target()),
+            runtime: SimpleNamespace(conditions=conditions, target=Target(runtime=runtime)),
+        },
     )
     info = TradeoffEvaluation._run_info(evaluation, sweep)
     kernels = info["runtimes"][runtime]["kernels"]
@@ -348,7 +352,7 @@ def test_a_runtime_runs_record_does_not_name_torchs_kernels(runtime):
 def test_a_flat_profile_is_said_in_one_line_and_a_staircase_is_not():
     from types import SimpleNamespace
 
-    from pomt.finder import flat_profile
+    from pomt.offline.finder import flat_profile
 
     flat = flat_profile(SimpleNamespace(latency_ms={17: 10.0, 13: 10.02, 9: 9.95, 5: 9.98}))
     assert flat.startswith("L(n) is flat on this device") and "n=9" in flat and "\n" not in flat
@@ -358,8 +362,8 @@ def test_a_flat_profile_is_said_in_one_line_and_a_staircase_is_not():
 def test_one_not_reusing_line_per_decision(tmp_path):
     from conftest import make_tiny_vit, staircase_profile
 
-    from pomt.finder import _reuse
-    from pomt.profiles import LatencyProfile
+    from pomt.offline.finder import _reuse
+    from pomt.offline.profiles import LatencyProfile
 
     path = staircase_profile(make_tiny_vit(), tmp_path / "latency.json")
     earlier = LatencyProfile.load(path)

@@ -1,4 +1,4 @@
-"""R chosen in the runtime a model is deployed with (``pomt.runtimes``): ONNX Runtime and OpenVINO
+"""R chosen in the runtime a model is deployed with (``pomt.deploy.runtimes``): ONNX Runtime and OpenVINO
 time the exported graph, and a profile is never reused across runtimes."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import torch
 from conftest import image_loader, make_tiny_vit
 
 import pomt
-from pomt.finder import SearchConfig, find_r
-from pomt.runtimes import RuntimeModel, check_runtime, compile_onnx, runtime_precision
+from pomt import Console, Reuse, SearchConfig, Target
+from pomt.deploy.graphs import RuntimeModel
+from pomt.deploy.runtimes import OpenVINO, compile_onnx
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -20,8 +21,8 @@ FAST = dict(min_run_time=0.02, warmup=1, accuracy_samples=16, verify_max_time=0.
 
 
 def _find(model, runtime, path, lines):
-    return find_r(model, image_loader(), layer=1, batch_size=2, config=SearchConfig(**FAST), runtime=runtime,
-                  latency_path=path, progress=False, log=lines.append)  # fmt: skip
+    return pomt.find_r(model, image_loader(), Target(runtime=runtime, batch_size=2), layer=1, search=SearchConfig(**FAST),
+                       reuse=Reuse(latency_path=path), console=Console(progress=False, log=lines.append))  # fmt: skip
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
@@ -31,7 +32,7 @@ def test_find_r_in_a_runtime_times_the_exported_graph_and_keys_the_profile_to_it
     model, path, lines = make_tiny_vit(), tmp_path / "latency.json", []
     search = _find(model, runtime, path, lines)
     lat = search.latency
-    real = runtime_precision(runtime)
+    real = Target(runtime=runtime).backend.default_precision(torch.device("cpu"))
     assert (lat.runtime, lat.precision, lat.threads) == (runtime, f"{runtime}:{real}", 1)
     assert lat.runtime_version and "export_s" in lat.runtime_options and lat.kernels == f"{runtime} graph"
     assert lat.grid == [5, 9, 13, 17]
@@ -53,8 +54,9 @@ def test_openvino_records_the_precision_it_really_runs_in():
     pytest.importorskip("openvino")
     model = make_tiny_vit()
     graphs = RuntimeModel(model, "openvino", layer=1, batch_size=1)
-    assert graphs.info.precision == runtime_precision("openvino")  # bf16 on CPUs with bf16 units
-    f32 = RuntimeModel(model, "openvino", layer=1, batch_size=1, precision="f32")
+    real = OpenVINO().default_precision(torch.device("cpu"))
+    assert graphs.info.precision == real  # bf16 on CPUs with bf16 units
+    f32 = RuntimeModel(model, OpenVINO(precision="f32"), layer=1, batch_size=1)
     assert f32.info.precision == "f32"
     # each n is the static graph of POMT at r = N - n, equal to PyTorch in f32
     x = graphs._x
@@ -82,17 +84,22 @@ def test_onnxruntime_fixes_the_token_axis_per_n(tmp_path):
 
 
 def test_bad_runtimes_are_named():
-    with pytest.raises(ValueError, match="runtime must be one of torch, onnxruntime, openvino"):
-        check_runtime("tensorrt")
+    with pytest.raises(ValueError, match="runtime must be one of torch, cuda_graphs, onnxruntime, openvino"):
+        Target(runtime="tensorrt")
     with pytest.raises(ValueError, match="use device='cpu'"):
-        check_runtime("openvino", "cuda")
+        Target(runtime="openvino", device="cuda")
     with pytest.raises(ValueError, match="dtype=float32"):
-        pomt.profile_latency(make_tiny_vit(), runtime="openvino", dtype="bfloat16", grid=[17], progress=False)
+        pomt.profile_latency(
+            make_tiny_vit(),
+            target=Target(runtime="openvino", dtype="bfloat16"),
+            progress=False,
+            search=SearchConfig(grid=[17]),
+        )
 
 
 def test_onnxruntime_gpu_providers_are_used_where_installed_else_the_test_says_why():
     ort = pytest.importorskip("onnxruntime")
-    from pomt.runtimes import _providers
+    from pomt.deploy.runtimes import _providers
 
     if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
         with pytest.raises(ValueError, match="onnxruntime-gpu"):
@@ -109,9 +116,9 @@ def test_the_callback_chooses_r_in_a_runtime(tmp_path):
     from pomt.callbacks import POMTCallback
 
     with pytest.raises(ValueError, match="runtime must be one of"):
-        POMTCallback(runtime="tensorrt")
+        POMTCallback(target="tensorrt")
     search = {k: v for k, v in FAST.items()} | {"accuracy_grid": (17, 9, 5)}
-    callback = POMTCallback(layer=1, search=search, runtime="onnxruntime", accuracy_data=image_loader())
+    callback = POMTCallback(layer=1, search=search, target="onnxruntime", accuracy_data=image_loader())
     cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())
     assert callback.result.latency.runtime == "onnxruntime"
     assert callback.result.latency.precision == "onnxruntime:f32"
@@ -119,7 +126,7 @@ def test_the_callback_chooses_r_in_a_runtime(tmp_path):
 
 def test_profile_latency_command_takes_a_runtime(tmp_path, capsys):
     from pomt.cli import main
-    from pomt.profiles import LatencyProfile
+    from pomt.offline.profiles import LatencyProfile
 
     out = tmp_path / "lat.json"
     args = [
@@ -138,21 +145,24 @@ def test_profile_latency_command_takes_a_runtime(tmp_path, capsys):
 
 
 def test_a_configuration_the_runtime_cannot_compile_is_left_out_with_a_warning(monkeypatch):
-    import pomt.runtimes as runtimes
-    from pomt.sweep.configurations import Configuration, SideBySide, time_exported
+    import pomt.deploy.runtimes as runtimes
+    from pomt.lightning.sweep.configurations import Configuration, SideBySide, time_configurations
 
-    real = runtimes.compile_onnx
+    real = runtimes.OnnxRuntime.compile
 
-    def refuses_tome(path, runtime, **kwargs):
+    def refuses_tome(self, path, **kwargs):
         if "tome" in str(path):
             raise RuntimeError("Exception from core.cpp\n-- Conversion is failed for: ScatterND-20")
-        return real(path, runtime, **kwargs)
+        return real(self, path, **kwargs)
 
-    monkeypatch.setattr(runtimes, "compile_onnx", refuses_tome)
+    monkeypatch.setattr(runtimes.OnnxRuntime, "compile", refuses_tome)
     configs = [Configuration("none", 0), Configuration("tome", 2)]
-    how = SideBySide(rounds=2, warmup=1, cuda_graphs=False, runtime="onnxruntime")
+    how, target = SideBySide(rounds=2, warmup=1), Target(runtime="onnxruntime")
     with pytest.warns(
         UserWarning, match=r"tome r=2: onnxruntime cannot compile its export \(-- Conversion is failed"
     ):
-        timed = time_exported(make_tiny_vit(), torch.randn(2, 3, 32, 32), configs, layer=1, how=how)
+        model = make_tiny_vit()
+        timed = time_configurations(
+            model, model, torch.randn(2, 3, 32, 32), configs, layer=1, target=target, how=how
+        )
     assert list(timed) == ["unpruned"] and timed["unpruned"]["mode"].startswith("onnxruntime:f32 export")

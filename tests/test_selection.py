@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from pomt.curves import isotonic_increasing, step_fit
-from pomt.grid import adaptive_search, default_max_points
-from pomt.selection import select_r
+from pomt.offline.curves import isotonic_increasing, step_fit
+from pomt.offline.grid import adaptive_grid, default_max_points
+from pomt.offline.selection import select_r
 from pomt.timing import TimingStats
 
 # N = 6 tokens, 1 prefix token: candidates n = 2..6.
@@ -148,7 +148,7 @@ def test_accuracy_guided_search_matches_the_full_grid_on_a_noisy_staircase(seed,
     want = select_r(full, ACC_197, alpha=alpha, n_total=197)
     assert want.n_star in steps or want.n_star == 197  # the right end of a step: a true step
     measure, calls = _staircase(steps, seed + 100)
-    fast = adaptive_search(measure, 2, 197, accuracy=ACC_197, alpha=alpha)
+    fast = adaptive_grid(measure, 2, 197, accuracy=ACC_197, alpha=alpha)
     assert len(calls) == len(fast) <= default_max_points(2, 197, 9) < 196 // 10 + 1
     assert 197 in fast and 2 in fast
     got = select_r(fast, ACC_197, alpha=alpha, n_total=197)
@@ -160,7 +160,7 @@ def test_latency_only_search_locates_the_steps(steps, max_points):
     # without an accuracy profile the refinement budget goes to the largest jumps, about
     # five bisections per step on the default coarse grid
     measure, calls = _staircase(steps, seed=1, height=3.0)
-    fast = adaptive_search(measure, 2, 197, max_points=max_points)
+    fast = adaptive_grid(measure, 2, 197, max_points=max_points)
     assert len(calls) <= max_points
     for s in steps:  # both sides of every step were measured
         assert s in fast and s + 1 in fast
@@ -178,9 +178,9 @@ def test_flat_curve_needs_no_refinement_and_small_ranges_are_measured_in_full():
         calls.append(n)
         return _stats([5 + rng.gauss(0, 0.05) for _ in range(9)])
 
-    assert sorted(adaptive_search(flat, 2, 197)) == sorted(set(calls)) and len(calls) == 9
+    assert sorted(adaptive_grid(flat, 2, 197)) == sorted(set(calls)) and len(calls) == 9
     calls.clear()
-    assert sorted(adaptive_search(flat, 2, 12)) == list(range(2, 13))
+    assert sorted(adaptive_grid(flat, 2, 12)) == list(range(2, 13))
 
 
 def _sawtooth(seed: int, period: int = 16, amplitude: float = 0.18, noise: float = 0.014):
@@ -203,13 +203,13 @@ def _sawtooth(seed: int, period: int = 16, amplitude: float = 0.18, noise: float
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.7])
 def test_search_lands_within_half_a_percent_of_the_full_grid_on_a_sawtooth(seed, alpha):
-    from pomt.grid import detect_period
+    from pomt.offline.grid import detect_period
 
     measure, _, true = _sawtooth(seed)
     full = {n: measure(n) for n in range(197, 1, -1)}
     want = select_r(full, ACC_197, alpha=alpha, n_total=197)
     measure, calls, _ = _sawtooth(seed + 100)
-    fast = adaptive_search(measure, 2, 197, accuracy=ACC_197, alpha=alpha, period="auto")
+    fast = adaptive_grid(measure, 2, 197, accuracy=ACC_197, alpha=alpha, period="auto")
     assert len(calls) == len(fast) <= 45  # a quarter of the full grid at most
     got = select_r(fast, ACC_197, alpha=alpha, n_total=197)
     # judged on the full grid's curve: the utility of the fast n* there, against the optimum
@@ -223,7 +223,7 @@ def test_search_lands_within_half_a_percent_of_the_full_grid_on_a_sawtooth(seed,
 
 @pytest.mark.parametrize("period", [8, 32])
 def test_period_detection_finds_other_periods_and_none_on_staircases_or_smooth_curves(period):
-    from pomt.grid import detect_period
+    from pomt.offline.grid import detect_period
 
     measure, _, _ = _sawtooth(0, period=period)
     taken: dict[int, TimingStats] = {}

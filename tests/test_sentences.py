@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from pomt.sweep.report import ReportRow, format_table, mark_pareto
-from pomt.sweep.sentences import accuracy_se, comparisons, recommendation
+from pomt.lightning.sweep.report import ReportRow, format_table, mark_pareto
+from pomt.lightning.sweep.sentences import accuracy_se, comparisons, recommendation
 
 IMAGES = 400  # s.e. of 89 %: 100 * sqrt(0.89 * 0.11 / 400) = 1.56 points
 

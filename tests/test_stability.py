@@ -1,5 +1,5 @@
-"""Re-timing where the decision is made, and the stability of the choice (pomt.grid.retime,
-pomt.stability), on fake timers whose true curve is known."""
+"""Re-timing where the decision is made, and the stability of the choice (pomt.offline.grid.retime,
+pomt.offline.stability), on fake timers whose true curve is known."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from collections import Counter
 import pytest
 
 import pomt
-from pomt.grid import retime
-from pomt.profiles import LatencyPoint, LatencyProfile
-from pomt.profiling import profile_latency
-from pomt.stability import resample_points, stability
+from pomt import Console, Reuse, SearchConfig, Target
+from pomt.offline.grid import retime
+from pomt.offline.profiles import LatencyPoint, LatencyProfile
+from pomt.offline.profiling import profile_latency
+from pomt.offline.stability import resample_points, stability
 from pomt.timing import TimingStats
 from conftest import make_tiny_vit
 
@@ -86,9 +87,8 @@ def test_profile_latency_retimes_within_its_budget_and_lands_on_the_true_argmax(
             calls.append(n)
             return samples(sawtooth(n), 0.05, rng)
 
-        lat = profile_latency(
-            model, measure=fake, accuracy=ACC, alpha=0.5, progress=False, retime_points=budget
-        )
+        lat = profile_latency(model, timing=fake, accuracy=ACC, progress=False,
+                              search=SearchConfig(alpha=0.5, retime_points=budget))  # fmt: skip
         return lat, calls
 
     first, first_calls = run(0)
@@ -101,7 +101,13 @@ def test_profile_latency_retimes_within_its_budget_and_lands_on_the_true_argmax(
     assert any(k > 1 for k in times.values())
     assert all(p.samples == 7 * times[p.n] for p in lat.points)  # the samples of a re-timed n are pooled
     with pytest.raises(ValueError, match="retime_points"):
-        profile_latency(model, measure=lambda n: truth[n], accuracy=ACC, retime_points=-1, progress=False)
+        profile_latency(
+            model,
+            timing=lambda n: truth[n],
+            accuracy=ACC,
+            search=SearchConfig(retime_points=-1),
+            progress=False,
+        )
 
 
 def noisy_profile(levels: dict[int, list[float]]) -> LatencyProfile:
@@ -152,7 +158,7 @@ def test_a_noiseless_choice_is_chosen_in_every_resample_and_its_runner_up_is_the
 
 
 def test_find_r_retimes_n_star_and_prints_logs_and_plots_the_stability(tmp_path):
-    from pomt.finder import SearchConfig, find_r
+    from pomt.offline.finder import SearchConfig, find_r
     from pomt.plots import plot_profiles
     from conftest import image_loader
 
@@ -162,7 +168,12 @@ def test_find_r_retimes_n_star_and_prints_logs_and_plots_the_stability(tmp_path)
     )
     lines: list[str] = []
     found = find_r(
-        model, image_loader(), layer=1, batch_size=2, config=config, progress=False, log=lines.append
+        model,
+        image_loader(),
+        target=Target(batch_size=2),
+        layer=1,
+        search=config,
+        console=Console(progress=False, log=lines.append),
     )
     sel = found.selection
     assert sel.stability is not None and 0 < sel.stability <= 1 and sel.stability_resamples == 100
@@ -174,8 +185,7 @@ def test_find_r_retimes_n_star_and_prints_logs_and_plots_the_stability(tmp_path)
     assert again.stability_line == sel.stability_line
     fig = plot_profiles(found.latency, found.accuracy, sel)
     assert sel.stability_line in [ax.get_title() for ax in fig.axes]
-    off = find_r(model, image_loader(), layer=1, batch_size=2, progress=False, log=lines.append,
-                 config=SearchConfig(**(config.to_dict() | {"stability_resamples": 0})), previous=found)  # fmt: skip
+    off = find_r(model, image_loader(), target=Target(batch_size=2), layer=1, search=SearchConfig(**(config.to_dict() | {"stability_resamples": 0})), reuse=Reuse(previous=found), console=Console(progress=False, log=lines.append))  # fmt: skip
     assert off.selection.stability is None and "resamples" not in off.selection.summary()
     with pytest.raises(ValueError, match="stability_resamples"):
         SearchConfig(stability_resamples=-1)

@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 import pomt
 from pomt.callbacks import POMTCallback
-from pomt.method import tome_merge
-from pomt.sweep.configurations import Configuration, token_maps_figure
+from pomt.lightning.sweep.configurations import Configuration, token_maps_figure
+from pomt.method.functional import tome_merge
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_topk_drops_r_per_block_and_tome_leaves_as_many_groups_as_tokens(deit_sm
 def test_tome_groups_are_its_sizes_and_its_weighted_means():
     torch.manual_seed(0)
     x, keys, r, prefix = torch.randn(2, 21, 8), torch.randn(2, 2, 21, 4), 6, 5
-    trace = pomt.method.Trace()
+    trace = pomt.method.functional.Trace()
     trace.where = torch.arange(prefix, 21).expand(2, -1).clone()
     merged, size = tome_merge(x, keys, torch.ones(2, 21, 1), r, prefix, trace)
     for b in range(2):

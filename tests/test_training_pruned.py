@@ -12,7 +12,7 @@ from torch import nn
 from pomt import SearchConfig, token_schedule
 from pomt.callbacks import POMTCallback
 from pomt.callbacks import stage_support as support
-from pomt.pruning import pruning_config
+from pomt.method.pruning import pruning_config
 
 N, LAYER = 17, 1
 FAST_SEARCH = SearchConfig(

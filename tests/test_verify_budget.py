@@ -11,8 +11,9 @@ import pytest
 
 import pomt.timing
 from pomt import SearchConfig
-from pomt.selection import select_r
-from pomt.verify import ROUND_TIME, paired_speedups, verify
+from pomt.deploy.targets import Call
+from pomt.offline.selection import select_r
+from pomt.offline.verify import ROUND_TIME, check_candidates, paired_speedups
 
 # n* = 9 on the profile (R = 8 of N = 17), predicted x2.000
 STAIRCASE = {17: 10.0, 13: 10.0, 9: 5.0, 5: 4.0}
@@ -39,7 +40,7 @@ class Machine:
         return call
 
     def sides(self):
-        return (self._call(self.pruned), None), (self._call(self.unpruned), None)
+        return Call(self._call(self.pruned)), Call(self._call(self.unpruned))
 
     def pairs(self, warmup: int) -> int:
         return self.calls // 2 - warmup
@@ -86,7 +87,7 @@ def test_a_noisy_undecidable_candidate_stops_at_the_cap_and_keeps_r0_saying_why(
         return out
 
     lines: list[str] = []
-    sel = verify(select_r(STAIRCASE, ACCURACY, alpha=0.5), measure, log=lines.append)
+    sel = check_candidates(select_r(STAIRCASE, ACCURACY, alpha=0.5), measure, log=lines.append)
     assert sel.r == 0 and not sel.verified and sel.rejected == (9, 5)
     assert "undecided when the verification's cap was reached" in sel.verification
     at_r8, at_r12 = calls_per_candidate

@@ -2,7 +2,7 @@
 around a timm ViT) and ``loggers`` (what the callback and the sweep send to any Lightning
 logger, and ``OfflineWandbLogger``).
 
-With ``pomt.callbacks``, ``pomt.datamodules`` and ``pomt.sweep`` this is the Lightning
+With ``pomt.callbacks``, ``pomt.datamodules`` and ``pomt.lightning.sweep`` this is the Lightning
 layer, which the method (every other ``pomt`` module) never imports. ``ViTClassifier`` is
 imported on first use, so ``import pomt.lightning.loggers`` does not build the classifier's
 module; ``pomt.lightning.ViTClassifier`` (the class path in the configs) stays valid.

@@ -5,7 +5,7 @@ model the user passes, or puts a DINOv2 backbone under the linear head layout of
 DINOv2 authors. It logs top-1/top-5 accuracy and the per-batch forward latency, so a
 pruned and an unpruned run can be compared from their logged metrics alone.
 
-Part of the Lightning layer (with ``pomt.lightning.loggers``, ``pomt.sweep``, ``pomt.callbacks`` and
+Part of the Lightning layer (with ``pomt.lightning.loggers``, ``pomt.lightning.sweep``, ``pomt.callbacks`` and
 ``pomt.datamodules``), which the method core does not import; ``pomt/__init__`` does not
 import it either.
 """
@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from pomt.data import split_batch
+from pomt.errors import PomtValueError
 from pomt.timing import Stopwatch, TimingStats
 from pomt.weights import create_model, load_weights
 
@@ -92,20 +93,20 @@ class ViTClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         if head is not None and head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)} or None")
+            raise PomtValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)} or None")
         if head_weights is not None and head is None:
-            raise ValueError("head_weights given without head: set head='dinov2_linear'")
+            raise PomtValueError("head_weights given without head: set head='dinov2_linear'")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise PomtValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if latency_warmup_batches < 0:
-            raise ValueError(f"latency_warmup_batches must be >= 0, got {latency_warmup_batches}")
+            raise PomtValueError(f"latency_warmup_batches must be >= 0, got {latency_warmup_batches}")
         if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise PomtValueError(f"lr must be > 0, got {lr}")
 
         if head == "dinov2_linear":
             backbone = model if model is not None else self._build(num_classes=0)
             if num_classes is None:
-                raise ValueError("head='dinov2_linear' needs num_classes (e.g. 1000 for ImageNet-1k)")
+                raise PomtValueError("head='dinov2_linear' needs num_classes (e.g. 1000 for ImageNet-1k)")
             self.backbone = backbone
             embed_dim = int(getattr(backbone, "embed_dim", None) or backbone.num_features)
             self.head = nn.Linear(2 * embed_dim, num_classes)
@@ -121,7 +122,7 @@ class ViTClassifier(pl.LightningModule):
             if num_classes is None:
                 num_classes = getattr(self.model, "num_classes", None)
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"cannot tell the number of classes ({num_classes!r}): pass num_classes")
+            raise PomtValueError(f"cannot tell the number of classes ({num_classes!r}): pass num_classes")
         self.num_classes = num_classes
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
@@ -161,7 +162,7 @@ class ViTClassifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = split_batch(batch)
         if y is None:
-            raise ValueError("training batches need labels: (images, labels)")
+            raise PomtValueError("training batches need labels: (images, labels)")
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.metrics["train_acc1"](logits, y)

@@ -21,7 +21,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from pomt.errors import require
+from pomt.errors import PomtValueError, require
 
 __all__ = [
     "logger_dir",
@@ -194,7 +194,7 @@ def wandb_logger(
     if offline is None:
         offline = os.environ.get("WANDB_MODE", "offline") not in ("online", "run")
     if not offline and not _has_wandb_credentials():
-        raise ValueError(
+        raise PomtValueError(
             "W&B online mode needs credentials: set WANDB_API_KEY or run `wandb login`, "
             "or use offline=True (the run can be uploaded later with `wandb sync`)"
         )

@@ -1,0 +1,208 @@
+"""Curves against the token count n: reading them from profiles or ``{n: value}`` mappings,
+validating them, and fitting them (the denoising ``select_r`` and the search use).
+
+``step_fit`` turns latency differences within the measured noise into ties, so a flat noisy
+curve has no spurious steps; ``isotonic_increasing`` makes accuracy non-decreasing in n;
+``interpolate`` reads a curve between its measured points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pomt.errors import PomtValueError, is_int
+from pomt.timing import TimingStats
+
+__all__ = ["Curve", "as_curve", "check_n", "validate_curve", "step_fit", "isotonic_increasing", "interpolate"]
+
+
+# --------------------------------------------------------------------------- curve fitting
+
+
+def isotonic_increasing(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    if weights is None:
+        weights = [1.0] * len(values)
+    blocks: list[list[float]] = []  # [level, weight, count]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            b = blocks.pop()
+            a = blocks[-1]
+            total = a[1] + b[1]
+            a[0] = (a[0] * a[1] + b[0] * b[1]) / total if total > 0 else (a[0] + b[0]) / 2
+            a[1] = total
+            a[2] += b[2]
+    out: list[float] = []
+    for level, _, count in blocks:
+        out.extend([level] * int(count))
+    return out
+
+
+def step_fit(
+    values: Sequence[float], noise: Sequence[float], positions: Sequence[float] | None = None
+) -> list[float]:
+    """Piecewise-constant fit that only makes a level where the points are level.
+
+    ``values`` are medians in order of n, ``noise[i]`` the tie tolerance of point i (e.g. its
+    IQR), ``positions`` the token counts (default 0, 1, 2, ...). Adjacent groups are merged,
+    closest levels first, while the merged group passes two tests:
+
+    - every member's value lies within its own tolerance of the group's level (the mean of
+      the members weighted by 1 / noise^2), so a precise point pins its level and a point
+      disturbed during its measurement (large IQR) can join any level without moving it;
+    - the group has no trend: the weighted least-squares line through its members rises
+      (or falls) across the group by no more than the lower median of its members'
+      tolerances (one noisy point cannot widen it).
+
+    The second test is what keeps a steady rise a rise: each step of a smooth ramp may be
+    within the noise, but a level spanning more than one tolerance of the ramp is refused,
+    so the fit stays within about half a tolerance of a noiseless ramp. Wiggles within the
+    noise on a flat curve still become one level (they have no trend), real steps and real
+    dips larger than the noise survive.
+    """
+    if len(values) != len(noise):
+        raise PomtValueError("step_fit: values and noise differ in length")
+    xs = [float(i) for i in range(len(values))] if positions is None else [float(x) for x in positions]
+    if len(xs) != len(values):
+        raise PomtValueError("step_fit: values and positions differ in length")
+    ys = [float(v) for v in values]
+    tols = [max(0.0, float(t)) for t in noise]
+    ws = [1.0 / (t * t + (1e-3 * v) ** 2 + 1e-12) for v, t in zip(ys, tols, strict=True)]
+    groups = [[i, i + 1] for i in range(len(ys))]  # [start, stop) of each group
+
+    def level(lo: int, hi: int) -> float:
+        w = ws[lo:hi]
+        return sum(wi * yi for wi, yi in zip(w, ys[lo:hi], strict=True)) / sum(w)
+
+    def admissible(lo: int, hi: int) -> bool:
+        m = level(lo, hi)
+        if any(abs(ys[k] - m) > tols[k] for k in range(lo, hi)):
+            return False
+        w, x, y = ws[lo:hi], xs[lo:hi], ys[lo:hi]
+        sw = sum(w)
+        mx = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / sw
+        sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x, strict=True))
+        if sxx <= 0:
+            return True
+        slope = sum(wi * (xi - mx) * (yi - m) for wi, xi, yi in zip(w, x, y, strict=True)) / sxx
+        members = sorted(tols[lo:hi])  # the lower median: one noisy point cannot widen it
+        return abs(slope) * (x[-1] - x[0]) <= members[(len(members) - 1) // 2]
+
+    levels = list(ys)
+    while len(groups) > 1:
+        order = sorted(range(len(groups) - 1), key=lambda i: abs(levels[i] - levels[i + 1]))
+        for i in order:
+            lo, hi = groups[i][0], groups[i + 1][1]
+            if admissible(lo, hi):
+                groups[i : i + 2] = [[lo, hi]]
+                levels[i : i + 2] = [level(lo, hi)]
+                break
+        else:
+            break
+    out: list[float] = []
+    for (lo, hi), lv in zip(groups, levels, strict=True):
+        out.extend([lv] * (hi - lo))
+    return out
+
+
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear interpolation at ``x`` inside [xs[0], xs[-1]] (xs ascending)."""
+    if not xs[0] <= x <= xs[-1]:
+        raise PomtValueError(f"cannot interpolate at {x}: outside [{xs[0]}, {xs[-1]}]")
+    lo, hi = 0, len(xs) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if xs[mid] <= x:
+            lo = mid
+        else:
+            hi = mid
+    if xs[lo] == x or hi == lo:
+        return float(ys[lo])
+    t = (x - xs[lo]) / (xs[hi] - xs[lo])
+    return float(ys[lo] + t * (ys[hi] - ys[lo]))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One curve against n, from a profile or a plain mapping: the values (median latency or
+    accuracy), the tie tolerance of each (a latency's IQR), its spread for plotting (IQR, or
+    accuracy +- one standard error; empty when unknown) and what the profile says of N."""
+
+    values: dict[int, float]
+    noise: dict[int, float]
+    spread: dict[int, tuple[float, float]]
+    n_total: int | None
+    model: str | None
+    layer: int | None
+    precision: str | None = None
+
+    @property
+    def grid(self) -> list[int]:
+        return sorted(self.values)
+
+
+def check_n(n: object, what: str) -> int:
+    if not is_int(n):
+        if isinstance(n, str) and n.strip().lstrip("-").isdigit():
+            return int(n)
+        raise PomtValueError(f"{what}: token counts must be ints, got {n!r}")
+    return int(n)
+
+
+def as_curve(profile: object, what: str) -> Curve:
+    """A profile (anything with ``points``) or a plain ``{n: value}`` mapping."""
+    values: dict[int, float] = {}
+    noise: dict[int, float] = {}
+    spread: dict[int, tuple[float, float]] = {}
+    if isinstance(profile, Mapping):
+        for key, value in profile.items():
+            n = check_n(key, what)
+            if isinstance(value, TimingStats):
+                values[n], noise[n] = value.median_ms, value.iqr_ms
+                spread[n] = (value.p25_ms, value.p75_ms)
+            else:
+                values[n], noise[n] = float(value), 0.0
+        return Curve(values, noise, spread, None, None, None)
+    points = getattr(profile, "points", None)
+    if points is None:
+        raise PomtValueError(
+            f"{what} must be a LatencyProfile/AccuracyProfile or a {{n: value}} dict, "
+            f"got {type(profile).__name__}"
+        )
+    for point in points:
+        n = int(point.n)
+        if hasattr(point, "median_ms"):
+            values[n], noise[n] = float(point.median_ms), float(point.p75_ms - point.p25_ms)
+            spread[n] = (float(point.p25_ms), float(point.p75_ms))
+        else:
+            values[n], noise[n] = float(point.accuracy), 0.0
+            spread[n] = (max(0.0, point.accuracy - point.stderr), min(1.0, point.accuracy + point.stderr))
+    return Curve(
+        values,
+        noise,
+        spread,
+        getattr(profile, "n_total", None),
+        getattr(profile, "model", None) or None,
+        getattr(profile, "layer", None),
+        getattr(profile, "precision", None) or None,
+    )
+
+
+def validate_curve(curve: Curve, what: str, unit_interval: bool) -> None:
+    if not curve.values:
+        raise PomtValueError(f"{what} is empty: it needs at least one measured token count")
+    for n, v in curve.values.items():
+        if n < 1:
+            raise PomtValueError(f"{what}: token count {n} is not positive")
+        if not math.isfinite(v):
+            raise PomtValueError(f"{what}: value at n={n} is not finite ({v})")
+        if unit_interval and not 0.0 <= v <= 1.0:
+            raise PomtValueError(f"{what}: accuracy at n={n} is {v}; accuracies are fractions in [0, 1]")
+        if not unit_interval and v <= 0:
+            raise PomtValueError(f"{what}: latency at n={n} is {v} ms; latencies must be positive")
