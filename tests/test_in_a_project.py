@@ -282,7 +282,9 @@ def test_verification_keeps_a_real_speedup_and_falls_back_otherwise():
 def test_the_callback_logs_and_prints_the_verified_speedup(monkeypatch, caplog, tmp_path):
     # a profile with a step at n = 12 (R = 6 at alpha 0.9); what the timing then finds is faked
     path = str(staircase_profile(tiny_classifier(), tmp_path / "latency.json"))
-    monkeypatch.setattr(pomt.offline.finder, "speedups", lambda prepared, r, search, decided=None: _fake({r: 1.25})(r))
+    monkeypatch.setattr(
+        pomt.offline.finder, "speedups", lambda prepared, r, search, decided=None: _fake({r: 1.25})(r)
+    )
     callback = POMTCallback(layer=LAYER, latency_profile_path=path, search=search(verify=True, alpha=0.9))
     with caplog.at_level("INFO"):
         result = cpu_trainer(callbacks=[callback]).test(tiny_classifier(), image_loader())[0]

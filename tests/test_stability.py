@@ -8,6 +8,7 @@ import random
 from collections import Counter
 
 import pytest
+from conftest import make_tiny_vit
 
 import pomt
 from pomt import Console, Reuse, SearchConfig, Target
@@ -16,7 +17,6 @@ from pomt.offline.profiles import LatencyPoint, LatencyProfile
 from pomt.offline.profiling import profile_latency
 from pomt.offline.stability import resample_points, stability
 from pomt.timing import TimingStats
-from conftest import make_tiny_vit
 
 ACC = {n: 0.8 * (1 - math.exp(-(n - 1) / 20)) for n in (2, 10, 20, 30, 40, 50, 60, 65)}
 
@@ -158,9 +158,10 @@ def test_a_noiseless_choice_is_chosen_in_every_resample_and_its_runner_up_is_the
 
 
 def test_find_r_retimes_n_star_and_prints_logs_and_plots_the_stability(tmp_path):
+    from conftest import image_loader
+
     from pomt.offline.finder import SearchConfig, find_r
     from pomt.plots import plot_profiles
-    from conftest import image_loader
 
     model = make_tiny_vit()
     config = SearchConfig(
