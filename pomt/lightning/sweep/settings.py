@@ -88,7 +88,7 @@ class SweepSettings:
     batch_sizes: tuple[int, ...] | None = None
     token_maps: int = 4
     resume: bool = True
-    limit_test_batches: float | int | None = None
+    limit_test_batches: int | float | None = None  # int first: "2" is two batches, not 2.0
     heal_epochs: int = 0
     heal_batches: int | None = None
     targets: tuple[Target | str, ...] = ("torch",)
