@@ -238,3 +238,16 @@ def test_the_sweep_in_a_runtime_chooses_r_and_times_every_configuration_there(tm
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
     assert report["timing"]["onnxruntime"].startswith("onnxruntime (onnxruntime:f32)")
     assert "accuracy from PyTorch after the equality check" in report["timing"]["onnxruntime"]
+
+
+def test_a_test_limit_reads_the_same_whatever_the_parser_made_of_it():
+    """'--sweep.limit_test_batches=2' is two batches whether the command-line parser produced
+    2 or 2.0 (jsonargparse's reading of a float/int union depends on the environment); a
+    fraction stays a fraction, 1.0 is every batch, and a fractional count is refused."""
+    from pomt.errors import PomtValueError
+    from pomt.lightning.sweep.context import check_limit
+
+    assert check_limit(2) == 2 and check_limit(2.0) == 2 and isinstance(check_limit(2.0), int)
+    assert check_limit(0.5) == 0.5 and check_limit(1.0) is None and check_limit(None) is None
+    with pytest.raises(PomtValueError, match="got 2.5"):
+        check_limit(2.5)

@@ -129,6 +129,8 @@ def check_limit(limit: float | int | None) -> float | int | None:
     that "all" has one form in what a rerun compares)."""
     if limit is None:
         return None
+    if isinstance(limit, float) and limit > 1 and limit.is_integer():
+        limit = int(limit)  # "2" read as 2.0 by a parser that tries float first: two batches
     fraction = isinstance(limit, float) and 0 < limit <= 1
     count = is_int(limit) and limit >= 1
     if not (fraction or count):
