@@ -76,13 +76,13 @@ def test_healed_rows_fronts_wandb_and_a_rerun_that_reuses_the_healed_checkpoints
     caplog.clear()
     with caplog.at_level("INFO"):
         again = evaluate.main(
-            tiny_args(tmp_path, *TOME_TOPK, *HEAL, "--sweep.wandb=false", "--sweep.limit_test_batches=1")
+            tiny_args(tmp_path, *TOME_TOPK, *HEAL, "--sweep.wandb=false", "--sweep.limit_test_batches=3")
         )
     assert "healing " not in caplog.text.replace("healing and testing", "")
     assert "reusing the healed checkpoint of tome r=2 healed" in caplog.text
     assert "reused the healed checkpoints of" in caplog.text
     assert len([row for row in again.rows if row.healed]) == len(healed)
-    assert all(row.images == 32 for row in again.rows)
+    assert all(row.images == 96 for row in again.rows)  # three batches of 32
 
     # other epochs are another healing, never the stored one
     caplog.clear()

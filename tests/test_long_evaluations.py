@@ -115,10 +115,11 @@ def test_ctrl_c_leaves_every_finished_row_and_closes_the_wandb_runs(tmp_path, mo
 
 
 def test_a_quick_estimate_on_part_of_the_split_says_so(tmp_path):
-    result = evaluate.main(tiny_args(tmp_path, "--sweep.wandb=false", "--sweep.limit_test_batches=1"))
-    assert {row.images for row in result.rows} == {32}  # one batch of 32 of the 359 test images
+    # 3 batches, not 1: in some environments LightningCLI reads "1" as 1.0, which is every batch
+    result = evaluate.main(tiny_args(tmp_path, "--sweep.wandb=false", "--sweep.limit_test_batches=3"))
+    assert {row.images for row in result.rows} == {96}  # three batches of 32 of the 359 test images
     report = json.loads((tmp_path / "tiny" / "report.json").read_text())
-    assert report["run"]["limit_test_batches"] == 1
+    assert report["run"]["limit_test_batches"] == 3
     assert "eager calls, precision 32-true, warm-up 1" in report["timing"]["torch"]
     assert (tmp_path / "tiny" / "token_maps.png").stat().st_size > 5_000
 
@@ -199,14 +200,16 @@ def test_a_limited_run_is_never_reused_as_a_full_one(tmp_path, caplog):
         "--sweep.methods=[none, tome]",
         "--sweep.tome_r=[2]",
     )
-    quick = evaluate.main([*args, "--sweep.limit_test_batches=1"])
-    assert {row.images for row in quick.rows} == {32}
+    quick = evaluate.main(
+        [*args, "--sweep.limit_test_batches=3"]
+    )  # (not 1: read as 1.0 in some environments)
+    assert {row.images for row in quick.rows} == {96}
     caplog.clear()
     with caplog.at_level("INFO"):
         full = evaluate.main([*args, "--sweep.limit_test_batches=null"])
     assert full.reused == [] and {row.images for row in full.rows} == {359}  # tested again, on every image
     assert "not reusing unpruned" in caplog.text
-    assert "it was made with limit_test_batches=1, now limit_test_batches=None" in caplog.text
+    assert "it was made with limit_test_batches=3, now limit_test_batches=None" in caplog.text
     assert "timing " not in caplog.text  # the latency does not depend on the test limit: reused
     again = evaluate.main([*args, "--sweep.limit_test_batches=1.0"])  # a fraction of 1.0 is every batch
     assert again.reused == ["unpruned", "tome r=2"]
