@@ -260,35 +260,10 @@ def accuracy_parser(parser: argparse.ArgumentParser | None = None) -> argparse.A
     return parser
 
 
-def image_folder(root: str | Path, model, class_map: str = "auto"):
-    """``torchvision.datasets.ImageFolder`` with the model's own eval preprocessing (timm
-    data config), labelled per ``class_map`` (see ``pomt-estimate-accuracy --help``)."""
-    from torchvision.datasets import ImageFolder
-
-    from pomt.preprocessing import class_labels, create_transforms, model_data_config
-
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    transform = create_transforms(model_data_config(model))[1]  # at the model's size, if overridden
-    try:
-        dataset = ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise PomtValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
-    outputs = getattr(model, "num_classes", None)
-    imagenet = {"folder": False, "imagenet": True, "auto": None if outputs == 1000 else False}[class_map]
-    index, is_imagenet = class_labels(dataset.classes, imagenet=imagenet)  # ValueError names the fix
-    if is_imagenet:  # ImageFolder labels by sorted position already
-        label = [index[c] for c in dataset.classes]
-        dataset.targets = [label[t] for t in dataset.targets]
-        dataset.samples = [(path, label[t]) for path, t in dataset.samples]
-        dataset.imgs = dataset.samples
-    return dataset
-
-
 def _estimate_accuracy(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from pomt.data import image_folder
     from pomt.offline.config import SearchConfig
     from pomt.offline.profiling import estimate_accuracy
 

@@ -10,11 +10,13 @@ import random
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pomt.errors import PomtValueError
+from pomt.preprocessing import class_labels, create_transforms, model_data_config
 
 __all__ = [
     "balanced_indices",
@@ -23,6 +25,7 @@ __all__ = [
     "dataset_labels",
     "sample_loader",
     "check_labels",
+    "image_folder",
 ]
 
 
@@ -212,3 +215,27 @@ def sample_loader(
     if collate is not None:
         kwargs["collate_fn"] = collate
     return DataLoader(Subset(ds, indices), **kwargs), balanced, len(indices)
+
+
+def image_folder(root: str | Path, model, class_map: str = "auto"):
+    """``torchvision.datasets.ImageFolder`` with the model's own eval preprocessing (timm
+    data config), labelled per ``class_map`` (see ``pomt-estimate-accuracy --help``)."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    transform = create_transforms(model_data_config(model))[1]  # at the model's size, if overridden
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise PomtValueError(f"{root} is not an image folder with one subfolder per class: {err}") from err
+    outputs = getattr(model, "num_classes", None)
+    imagenet = {"folder": False, "imagenet": True, "auto": None if outputs == 1000 else False}[class_map]
+    index, is_imagenet = class_labels(dataset.classes, imagenet=imagenet)  # ValueError names the fix
+    if is_imagenet:  # ImageFolder labels by sorted position already
+        label = [index[c] for c in dataset.classes]
+        dataset.targets = [label[t] for t in dataset.targets]
+        dataset.samples = [(path, label[t]) for path, t in dataset.samples]
+        dataset.imgs = dataset.samples
+    return dataset
