@@ -8,6 +8,7 @@ so the asynchronous launch queue is never mistaken for the work itself; on the C
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
@@ -289,14 +290,22 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     xs = sorted(float(v) for v in values)
     if not xs:
         raise PomtValueError("median_interval needs at least one value")
-    m, tail, k, below = len(xs), (1.0 - confidence) / 2.0, 1, 0.0
+    k = _order_index(len(xs), confidence)
+    return statistics.median(xs), xs[k - 1], xs[len(xs) - k]
+
+
+@functools.lru_cache(maxsize=4096)
+def _order_index(m: int, confidence: float) -> int:
+    """The k of :func:`median_interval` for m values (exact binomial tail, in log space: no
+    overflow for the thousands of samples of a profile's unpruned point)."""
+    tail, k, below = (1.0 - confidence) / 2.0, 1, 0.0
+    log_half = m * math.log(0.5)
     for j in range(m):
-        below += math.comb(m, j) / 2.0**m  # P(X <= j)
+        below += math.exp(math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1) + log_half)
         if below > tail:
             break
         k = j + 1
-    k = max(1, min(k, (m + 1) // 2))
-    return statistics.median(xs), xs[k - 1], xs[m - k]
+    return max(1, min(k, (m + 1) // 2))
 
 
 def cuda_graph(fn: Callable[[], object], device: torch.device | str) -> Callable[[], object]:

@@ -58,6 +58,19 @@ def test_retime_stops_at_the_budget_when_the_noise_never_decides():
         retime(lambda n: samples(20.0, 0.3, rng), measured, ACC, budget=-1)
 
 
+def test_retime_takes_points_with_thousands_of_samples():
+    # a fast model timed for 0.2 s per point: its unpruned point pools thousands of samples,
+    # whose median interval once overflowed (2.0 ** m for m > 1023)
+    rng = random.Random(2)
+    true = {n: 0.05 + 0.001 * n for n in range(2, 66)}
+    measured = {n: samples(true[n], 0.05, rng, k=3000 if n == 65 else 40) for n in range(2, 66, 3)}
+    measured[65] = samples(true[65], 0.05, rng, k=3000)
+    taken = retime(lambda n: samples(true[n], 0.05, rng, k=40), measured, ACC, alpha=0.5, budget=4)
+    assert 0 < len(taken) <= 4
+    median, low, high = pomt.timing.median_interval(measured[65].values_ms)
+    assert low < median < high and (high - low) < 0.01 * median  # 3000 samples pin the median down
+
+
 def sawtooth(n: int) -> float:
     """Multiples of 16 are 20 % faster than their neighbours (OpenVINO bf16 on AMX)."""
     return (10 + 0.15 * n) * (0.8 if n % 16 == 0 else 1.0)
