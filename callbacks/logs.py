@@ -85,7 +85,7 @@ def pomt_scalars(r: int | None, schedule: list[int] | None, selection: Any) -> d
             {
                 "pomt/n_star": float(sel.n_star),
                 "pomt/utility": float(sel.utility),
-                "pomt/predicted_latency_ms": float(sel.predicted_latency_ms),
+                "pomt/predicted_latency_ms": float(sel.measured_latency_ms),
                 "pomt/selection_estimate": float(sel.predicted_accuracy),  # the console's A(n*)
                 "pomt/rejected_candidates": float(len(sel.rejected)),
             }

@@ -96,3 +96,18 @@ def test_the_issue_repro_predicts_within_three_percent():
     # no level from n = 124 to N any more: the denoised curve rises there
     levels = dict(zip(sel.curve_n, sel.curve_latency_ms, strict=True))
     assert levels[124] < levels[148] < levels[191]
+
+
+def test_the_prediction_is_the_measured_medians_ratio_not_the_tied_level():
+    # n = 93 and 100 tie within their IQR on a gentle rise: their level chooses n* = 100 (the
+    # more accurate end), but 100 was measured slower than the level, and so it is predicted
+    ns = [2, 51, 93, 100, 150, 197]
+    medians = {2: 30.0, 51: 45.0, 93: 62.3, 100: 62.7, 150: 76.0, 197: 88.0}
+    lat = {n: _stats(medians[n], 2.0) for n in ns}
+    acc = {n: 0.8 * (1 - math.exp(-(n - 1) / 39.4)) for n in range(1, 198)}
+    sel = select_r(lat, acc, alpha=0.5, n_total=197)
+    levels = dict(zip(sel.curve_n, sel.curve_latency_ms, strict=True))
+    assert sel.n_star == 100 and levels[93] == levels[100] < medians[100]  # tied, level flatters 100
+    assert sel.measured_latency_ms == medians[100]
+    assert sel.speedup == pytest.approx(88.0 / 62.7)
+    assert sel.unpruned_latency_ms == 88.0

@@ -102,16 +102,23 @@ class Selection:
 
     @property
     def unpruned_latency_ms(self) -> float | None:
-        """Denoised latency at N tokens, when N was measured."""
+        """Latency measured at N tokens (its median), when N was measured."""
         if self.curve_n and self.curve_n[-1] == self.n_total:
-            return self.curve_latency_ms[-1]
+            return self.curve_raw_latency_ms[-1]
         return None
 
     @property
     def speedup(self) -> float | None:
-        """Predicted L(N) / L(n*), when N was measured."""
+        """Predicted L(N) / L(n*), when N was measured: the ratio of the two points' measured
+        medians (``measured_latency_ms`` at n*).
+
+        The denoised levels choose n*; they do not predict its speed. n* is the right end of its
+        level (equal latency: the more accurate n wins), and a level that joins n* to faster
+        neighbours on a gentle rise credits it with their speed: replaying measured curves
+        (``benchmarks/selection_replay.py``), the level's ratio was optimistic by 1.2-1.9 % on
+        average, the medians' by 0.5-1.2 %."""
         base = self.unpruned_latency_ms
-        return None if base is None else base / self.predicted_latency_ms
+        return None if base is None or self.measured_latency_ms <= 0 else base / self.measured_latency_ms
 
     @property
     def verified(self) -> bool:
@@ -179,7 +186,7 @@ class Selection:
             speed += f", x{self.measured_speedup:.3f} measured [{low:.3f}, {high:.3f}]"
         return (
             f"R={self.r} (keep {self.n_star} of {self.n_total} tokens) mode={self.mode} "
-            f"alpha={self.alpha:g} utility={self.utility:.4f} latency={self.predicted_latency_ms:.3f} ms "
+            f"alpha={self.alpha:g} utility={self.utility:.4f} latency={self.measured_latency_ms:.3f} ms "
             f"selection estimate A({self.n_star})={self.predicted_accuracy:.4f} ({self.n_star} random tokens, "
             f"not the pruned model's accuracy){speed}"
             + (f" (timed at {self.precision})" if self.precision else "")

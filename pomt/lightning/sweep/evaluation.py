@@ -263,7 +263,7 @@ class TradeoffEvaluation:
                 getattr(getattr(sweep.model, "hparams", {}), "model_name", "") or type(sweep.vit).__name__
             ),
             selected=config.selected,
-            predicted_latency_ms=None if chosen is None else chosen.predicted_latency_ms,
+            predicted_latency_ms=None if chosen is None else chosen.measured_latency_ms,
             samples=timed.stats.samples,
             verified_speedup=None if chosen is None else chosen.measured_speedup,
             timer_mode=timed.mode,
