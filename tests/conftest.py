@@ -16,6 +16,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def reference_merge(
+    tokens: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, prefix: int, merges: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """ToMe's bipartite soft matching, token by token: the tests' reference for one block.
+
+    ``tokens`` (n, c), their ``size`` (n,) and ``keys`` (n, d, the keys' mean over heads).
+    Tokens at even positions after the ``prefix`` form set A, odd ones set B; each A token's
+    most similar B token by cosine similarity; the ``merges`` most similar edges merge their A
+    token into the B token by size-weighted average. The prefix leaves first, then the unmerged
+    A tokens, then the B tokens, each in position order. Returns the tokens, their sizes and
+    the index each came from (a merged token: its B token's)."""
+    n = tokens.shape[0]
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    set_a = [i for i in range(prefix, n) if i % 2 == 0]
+    set_b = [i for i in range(prefix, n) if i % 2 == 1]
+    best, where = (keys[set_a] @ keys[set_b].T).max(dim=1)
+    edges = sorted(range(len(set_a)), key=lambda e: -float(best[e]))[:merges]
+    mass = {i: tokens[i] * size[i] for i in range(n)}
+    weight = {i: size[i] for i in range(n)}
+    for e in edges:
+        a, b = set_a[e], set_b[int(where[e])]
+        mass[b], weight[b] = mass[b] + mass.pop(a), weight[b] + weight.pop(a)
+    order = list(range(prefix)) + [i for i in set_a if i in mass] + set_b
+    return torch.stack([mass[i] / weight[i] for i in order]), torch.stack([weight[i] for i in order]), order
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests run on one thread: deterministic, and two busy-waiting threads on a shared

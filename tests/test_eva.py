@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _eva_models import BUILDERS, image_batch, make_eva
+from conftest import reference_merge
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import EvaBlockPostNorm
 from torch import nn
@@ -126,20 +127,7 @@ def reference(model, x, method: str, r: int, layer: int, rotate_scores: bool = T
                 y = torch.cat([y[:p], y[p:][kept]])
                 positions = [positions[j] for j in kept]
             else:
-                keys = k[0].mean(dim=0)
-                keys = keys / keys.norm(dim=-1, keepdim=True)
-                set_a = [i for i in range(p, n) if i % 2 == 0]
-                set_b = [i for i in range(p, n) if i % 2 == 1]
-                best, where = (keys[set_a] @ keys[set_b].T).max(dim=1)
-                edges = sorted(range(len(set_a)), key=lambda e: -float(best[e]))[: min(r, (n - p) // 2)]
-                mass = {i: y[i] * size[i] for i in range(n)}
-                weight = {i: size[i] for i in range(n)}
-                for e in edges:
-                    a, b = set_a[e], set_b[int(where[e])]
-                    mass[b], weight[b] = mass[b] + mass.pop(a), weight[b] + weight.pop(a)
-                order = list(range(p)) + [i for i in set_a if i in mass] + set_b
-                y = torch.stack([mass[i] / weight[i] for i in order])
-                size = torch.stack([weight[i] for i in order])
+                y, size, order = reference_merge(y, size, k[0].mean(dim=0), p, min(r, (n - p) // 2))
                 positions = [positions[i - p] for i in order[p:]]  # merged: the destination's row
             t = mlp_branch(block, y[None])
         outputs.append(model.forward_head(model.norm(t))[0])

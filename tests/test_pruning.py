@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import make_tiny_vit
+from conftest import make_tiny_vit, reference_merge
 from torch import nn
 
 import pomt
@@ -228,21 +228,7 @@ def reference_tome_logits(model: nn.Module, x: torch.Tensor, r: int, p: int) -> 
             logits = q @ k.transpose(-1, -2) * (c // h) ** -0.5 + size.log()[None, None, :]
             img = img + block.ls1(block.attn.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c)))
             merges = min(r, (n - p) // 2)
-            keys = k.mean(dim=0)
-            keys = keys / keys.norm(dim=-1, keepdim=True)
-            set_a = [i for i in range(p, n) if i % 2 == 0]
-            set_b = [i for i in range(p, n) if i % 2 == 1]
-            similarity = keys[set_a] @ keys[set_b].T
-            best, where = similarity.max(dim=1)
-            edges = sorted(range(len(set_a)), key=lambda e: -float(best[e]))[:merges]
-            mass = {i: img[i] * size[i] for i in range(n)}
-            weight = {i: size[i] for i in range(n)}
-            for e in edges:
-                a, b = set_a[e], set_b[int(where[e])]
-                mass[b], weight[b] = mass[b] + mass.pop(a), weight[b] + weight.pop(a)
-            order = list(range(p)) + [i for i in set_a if i in mass] + set_b
-            img = torch.stack([mass[i] / weight[i] for i in order])
-            size = torch.stack([weight[i] for i in order])
+            img, size, _ = reference_merge(img, size, k.mean(dim=0), p, merges)
             img = img + block.ls2(block.mlp(block.norm2(img)))
         outputs.append(model.forward_head(model.norm(img[None]))[0])
     return torch.stack(outputs)
