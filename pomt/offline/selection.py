@@ -40,7 +40,8 @@ class Selection:
     entering the blocks (R = 0 keeps them all); ``unpruned_latency_ms`` is the latency at N.
 
     Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
-    n* (before denoising; ``predicted_latency_ms`` is the denoised level the choice used),
+    n* (before denoising; ``predicted_latency_ms`` is the denoised level the choice used; the
+    predicted speed-up, ``speedup``, and the logged ``pomt/predicted_latency_ms`` use the median),
     while ``measured_speedup`` comes from the verification after the choice (``pomt.offline.verify``:
     the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
     its interval are those of the chosen R (None before verification and when R = 0 was
@@ -114,9 +115,9 @@ class Selection:
 
         The denoised levels choose n*; they do not predict its speed. n* is the right end of its
         level (equal latency: the more accurate n wins), and a level that joins n* to faster
-        neighbours on a gentle rise credits it with their speed: replaying measured curves
-        (``benchmarks/selection_replay.py``), the level's ratio was optimistic by 1.2-1.9 % on
-        average, the medians' by 0.5-1.2 %."""
+        neighbours on a gentle rise credits it with their speed: replaying the quiet curves of
+        ``benchmarks/results/replay/`` (docs/profiling.md), the levels' ratio was optimistic by
+        1.2-1.9 % on average, the medians' by 0.8-1.4 %."""
         base = self.unpruned_latency_ms
         return None if base is None or self.measured_latency_ms <= 0 else base / self.measured_latency_ms
 
