@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.selection_speed import synthetic_accuracy  # noqa: E402
+from pomt.offline.config import SearchConfig  # noqa: E402
 from pomt.offline.grid import adaptive_grid, known_period, pooled, retime  # noqa: E402
 from pomt.offline.profiles import LatencyProfile  # noqa: E402
 from pomt.offline.selection import select_r  # noqa: E402
@@ -114,7 +115,15 @@ def replay(lat: LatencyProfile, acc: dict[int, float], resamples: int, budget: i
 
         fn = pooled(measure)
         points = adaptive_grid(fn, lo, hi, accuracy=acc, alpha=alpha, period="auto")
-        retime(fn, points, acc, alpha=alpha, budget=budget, period=known_period(points, "auto"))
+        retime(
+            fn,
+            points,
+            acc,
+            alpha=alpha,
+            budget=budget,
+            tolerance=SearchConfig.retime_tolerance,
+            period=known_period(points, "auto"),
+        )
         fast = select_r(points, acc, alpha=alpha, n_total=hi).n_star
         timed.append(len(calls))
         for key, n in (("full", full), ("fast", fast), ("full_denoised", denoised)):
@@ -136,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--resamples", type=int, default=100)
-    parser.add_argument("--retime", type=int, default=32, help="re-timing budget (points) of the fast search")
+    parser.add_argument(
+        "--retime",
+        type=int,
+        default=SearchConfig.retime_points,
+        help="re-timing budget (points) of the fast search",
+    )
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--prepare-sawtooth", action="store_true")
     parser.add_argument(

@@ -106,7 +106,7 @@ def plot_profiles(
         "-",
         color="#ff7f0e",
         lw=1.5,
-        label="denoised: ties within the IQR merged, straight between measured n",
+        label="denoised: ties within the noise merged, straight between measured n",
     )
     if sel.latency_budget_ms is not None:
         ax_l.axhline(sel.latency_budget_ms, color="gray", ls="--", lw=1, label="budget")

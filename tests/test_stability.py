@@ -38,14 +38,19 @@ def test_retime_times_the_points_whose_intervals_overlap_the_leader_and_no_other
         calls.append(n)
         return samples(true[n], 0.001, rng)
 
-    taken = retime(measure, measured, ACC, alpha=0.5, budget=10)
-    assert rival in taken and leader in taken
+    before = dict(measured)
+    taken = retime(measure, measured, ACC, alpha=0.5, budget=10, tolerance=0.0)
+    assert rival in taken and leader in taken  # no tolerance: until no interval overlaps the leader's
     truth = pomt.select_r({n: true[n] for n in measured}, ACC, alpha=0.5, n_total=65)
     u = dict(zip(truth.curve_n, truth.curve_utility, strict=True))
     far = [n for n in taken if u[n] < u[leader] - 0.01]  # 1 % of utility: far outside the 0.1 % noise
     assert not far, f"re-timed {far}, whose utility is clearly below the leader {leader}'s"
     assert taken == calls and len(taken) <= 10
     assert taken[0] == rival  # the widest interval first
+    # the default tolerance (0.5 % of the leader's utility): once the rival's timing shows that it
+    # cannot beat the leader by more than that, the leader is decided and the budget is kept
+    calls.clear()
+    assert retime(measure, dict(before), ACC, alpha=0.5, budget=10) == [rival] == calls
 
 
 def test_retime_stops_at_the_budget_when_the_noise_never_decides():
@@ -100,8 +105,13 @@ def test_profile_latency_retimes_within_its_budget_and_lands_on_the_true_argmax(
             calls.append(n)
             return samples(sawtooth(n), 0.05, rng)
 
-        lat = profile_latency(model, timing=fake, accuracy=ACC, progress=False,
-                              search=SearchConfig(alpha=0.5, retime_points=budget))  # fmt: skip
+        lat = profile_latency(
+            model,
+            timing=fake,
+            accuracy=ACC,
+            progress=False,
+            search=SearchConfig(alpha=0.5, retime_points=budget, retime_tolerance=0.0),
+        )  # fmt: skip (0: the budget is the cap)
         return lat, calls
 
     first, first_calls = run(0)
@@ -215,3 +225,36 @@ def test_the_replay_rebuilds_five_samples_exactly_from_their_stored_percentiles(
     stored["mean_ms"] += 0.5
     with pytest.raises(ValueError, match="n=50"):
         five_rounds(stored)
+
+
+def spread_samples(level: float, repeats: int) -> TimingStats:
+    """5 samples at level * (1 +- 3 %), ``repeats`` times over: IQR 3 % of the level, at any count."""
+    return TimingStats.from_samples([level * (1 + d) for d in (-0.03, -0.015, 0.0, 0.015, 0.03)] * repeats)
+
+
+def test_a_tie_on_a_gentle_rise_is_broken_by_timing_its_points_longer():
+    # n = 93 and 100 differ by 1.4 %, well within their 3 % IQRs: at the profile's usual count they
+    # are one level and 100 borrows 93's speed; timed 16 times as long (a median 4 times as precise)
+    # they are two levels, each point its own latency
+    rise = {2: 5.0, 30: 7.0, 60: 8.5, 93: 10.0, 100: 10.14, 130: 11.5, 160: 12.5, 197: 14.0}
+    usual = {n: spread_samples(v, 1) for n, v in rise.items()}
+    acc = {n: 0.8 * (1 - math.exp(-(n - 1) / 35)) for n in rise}
+    tied = pomt.select_r(usual, acc, alpha=0.5, n_total=197)
+    level = dict(zip(tied.curve_n, tied.curve_latency_ms, strict=True))
+    assert level[93] == level[100] < 10.14
+    longer = usual | {93: spread_samples(10.0, 16), 100: spread_samples(10.14, 16)}
+    untied = pomt.select_r(longer, acc, alpha=0.5, n_total=197)
+    level = dict(zip(untied.curve_n, untied.curve_latency_ms, strict=True))
+    assert level[93] == pytest.approx(10.0) and level[100] == pytest.approx(10.14)
+    tolerance = pomt.offline.curves.tie_tolerances(longer)
+    assert tolerance[2] == pytest.approx(usual[2].iqr_ms) and tolerance[100] == pytest.approx(
+        usual[100].iqr_ms / 4
+    )
+
+
+def test_a_bad_retime_tolerance_is_refused():
+    measured = {n: spread_samples(10.0 + n / 20, 1) for n in (2, 30, 65)}
+    with pytest.raises(ValueError, match="tolerance must be a fraction"):
+        retime(lambda n: measured[n], measured, ACC, tolerance=1.5)
+    with pytest.raises(ValueError, match="retime_tolerance"):
+        SearchConfig(retime_tolerance=-0.1)

@@ -85,7 +85,8 @@ class SearchConfig:
     verify_max_pairs: int | None = None
     verify_candidates: int = 3
     verify_groups: int = 6
-    retime_points: int = 32  # timings spent after the adaptive grid where they decide n* (0: none)
+    retime_points: int = 96  # most timings spent after the adaptive grid where they decide n* (0: none)
+    retime_tolerance: float = 0.005  # re-timing stops once no rival can beat n* by more (of its utility)
     stability_resamples: int = 100  # bootstrap resamples of the profile for the stability figure (0: none)
 
     @classmethod
@@ -132,6 +133,14 @@ class SearchConfig:
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
         _positive("verify_candidates", self.verify_candidates, allow_none=False)
         _positive("verify_groups", self.verify_groups, allow_none=False)
+        if (
+            isinstance(self.retime_tolerance, bool)
+            or not isinstance(self.retime_tolerance, (int, float))
+            or not (0 <= self.retime_tolerance < 1)
+        ):
+            raise PomtValueError(
+                f"retime_tolerance must be a fraction in [0, 1), got {self.retime_tolerance!r}"
+            )
         for name in ("retime_points", "stability_resamples"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise PomtValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")

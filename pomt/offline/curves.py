@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from pomt.errors import PomtValueError, is_int
 from pomt.timing import TimingStats
 
-__all__ = ["Curve", "as_curve", "check_n", "validate_curve", "step_fit", "isotonic_increasing", "interpolate"]
+__all__ = [
+    "Curve",
+    "as_curve",
+    "tie_tolerances",
+    "check_n",
+    "validate_curve",
+    "step_fit",
+    "isotonic_increasing",
+    "interpolate",
+]
 
 
 # --------------------------------------------------------------------------- curve fitting
@@ -131,8 +140,9 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
 @dataclass(frozen=True)
 class Curve:
     """One curve against n, from a profile or a plain mapping: the values (median latency or
-    accuracy), the tie tolerance of each (a latency's IQR), its spread for plotting (IQR, or
-    accuracy +- one standard error; empty when unknown) and what the profile says of N."""
+    accuracy), the tie tolerance of each (a latency's IQR, narrowed where the point was timed
+    longer than most: see :func:`tie_tolerances`), its spread for plotting (IQR, or accuracy
+    +- one standard error; empty when unknown) and what the profile says of N."""
 
     values: dict[int, float]
     noise: dict[int, float]
@@ -145,6 +155,26 @@ class Curve:
     @property
     def grid(self) -> list[int]:
         return sorted(self.values)
+
+
+def tie_tolerances(points: Mapping[int, TimingStats]) -> dict[int, float]:
+    """Each timed point's tie tolerance for ``step_fit``: its IQR, divided by sqrt(m / m0) where
+    the point holds m samples, more than the m0 that most points hold (the lower median of the
+    counts).
+
+    The IQR is the spread of single samples; it calls two points level when the profile's
+    usual timing cannot tell them apart. A point timed k times as long as most (the re-timing
+    pass) has a median sqrt(k) times as precise, but the same IQR: without the division,
+    timing it again could never break the tie it was timed for (a gentle rise, fitted as one
+    level, lends the right end the left end's speed). Points timed as long as most keep their
+    IQR, so a flat noisy curve still fits as one level."""
+    if not points:
+        return {}
+    counts = sorted(max(1, int(s.samples)) for s in points.values())
+    usual = counts[(len(counts) - 1) // 2]
+    return {
+        n: max(0.0, s.iqr_ms) * min(1.0, math.sqrt(usual / max(1, int(s.samples)))) for n, s in points.items()
+    }
 
 
 def check_n(n: object, what: str) -> int:
@@ -161,31 +191,33 @@ def as_curve(profile: object, what: str) -> Curve:
     noise: dict[int, float] = {}
     spread: dict[int, tuple[float, float]] = {}
     if isinstance(profile, Mapping):
+        stats: dict[int, TimingStats] = {}
         for key, value in profile.items():
             n = check_n(key, what)
             if isinstance(value, TimingStats):
-                values[n], noise[n] = value.median_ms, value.iqr_ms
+                values[n], stats[n] = value.median_ms, value
                 spread[n] = (value.p25_ms, value.p75_ms)
             else:
                 values[n], noise[n] = float(value), 0.0
-        return Curve(values, noise, spread, None, None, None)
+        return Curve(values, noise | tie_tolerances(stats), spread, None, None, None)
     points = getattr(profile, "points", None)
     if points is None:
         raise PomtValueError(
             f"{what} must be a LatencyProfile/AccuracyProfile or a {{n: value}} dict, "
             f"got {type(profile).__name__}"
         )
+    timed: dict[int, TimingStats] = {}
     for point in points:
         n = int(point.n)
         if hasattr(point, "median_ms"):
-            values[n], noise[n] = float(point.median_ms), float(point.p75_ms - point.p25_ms)
+            values[n], timed[n] = float(point.median_ms), point
             spread[n] = (float(point.p25_ms), float(point.p75_ms))
         else:
             values[n], noise[n] = float(point.accuracy), 0.0
             spread[n] = (max(0.0, point.accuracy - point.stderr), min(1.0, point.accuracy + point.stderr))
     return Curve(
         values,
-        noise,
+        noise | tie_tolerances(timed),
         spread,
         getattr(profile, "n_total", None),
         getattr(profile, "model", None) or None,

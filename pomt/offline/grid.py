@@ -215,10 +215,9 @@ def retime(
     accuracy: object,
     *,
     alpha: float = 0.5,
-    budget: int = 32,
+    budget: int = 96,
+    tolerance: float = 0.005,
     period: int = 0,
-    lo: int | None = None,
-    hi: int | None = None,
     on_point: Callable[[int, TimingStats], None] | None = None,
 ) -> list[int]:
     """Spend up to ``budget`` more timings where they decide the argmax; returns the n timed, in order.
@@ -226,19 +225,22 @@ def retime(
     ``measure(n)`` times n again and returns everything measured at n so far (the samples
     pooled); ``measured`` is updated in place. The leader is :func:`pomt.select_r`'s n* on the
     points measured so far (utility at ``alpha`` with ``accuracy``). A point's utility interval
-    comes from the confidence interval of its median latency (its p25-p75 without samples).
+    comes from the confidence interval of its median latency (its p25-p75 without samples). A
+    rival is a point whose interval reaches more than ``tolerance`` (a fraction of the leader's
+    utility) above the low end of the leader's: it might beat the leader by more than that.
 
     - With a sawtooth ``period`` P > 1, both sides of the steps next to the leader are timed
       first: m - 1, m and m + 1 for the multiples m of P just below and above it (then the same
       for each rival as it appears), so that no fast multiple or slow neighbour is guessed.
     - Then, one timing at a time, the point with the widest utility interval among the leader
-      and the points whose intervals overlap the leader's is timed again, until no interval
-      overlaps the leader's (the leader is decided) or the budget is spent.
+      and its rivals is timed again, until no rival is left (the leader is decided to within
+      ``tolerance``) or the budget is spent.
     """
     if not is_budget(budget):
         raise PomtValueError(f"the re-timing budget must be a non-negative int, got {budget!r}")
-    lo = min(measured) if lo is None else lo
-    hi = max(measured) if hi is None else hi
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise PomtValueError(f"the re-timing tolerance must be a fraction in [0, 1), got {tolerance!r}")
+    lo, hi = min(measured), max(measured)
     taken: list[int] = []
 
     def take(n: int) -> None:
@@ -258,12 +260,12 @@ def retime(
             if len(taken) < budget and n not in measured:
                 take(n)
 
-    leader, _, _ = _rivals(measured, accuracy, alpha, hi)
+    leader, _, _ = _rivals(measured, accuracy, alpha, hi, tolerance)
     fill(sides(leader))
     while len(taken) < budget:
-        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi)
+        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi, tolerance)
         fill([k for n in (leader, *rivals) for k in sides(n)])
-        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi)
+        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi, tolerance)
         if not rivals or len(taken) >= budget:
             break
         # the widest interval among the leader and its rivals: the measurement that narrows most
@@ -317,15 +319,16 @@ def utility_interval(
 
 
 def _rivals(
-    measured: dict[int, TimingStats], accuracy: object, alpha: float, n_total: int
+    measured: dict[int, TimingStats], accuracy: object, alpha: float, n_total: int, tolerance: float = 0.0
 ) -> tuple[int, list[int], dict[int, tuple[float, float]]]:
-    """The leader n*, the points whose utility intervals overlap its own (closest first), and
-    every point's utility interval."""
+    """The leader n*, the points whose utility intervals reach more than ``tolerance`` (a
+    fraction of its utility) above the low end of its own (strongest first), and every point's
+    utility interval."""
     sel = select_r(measured, accuracy, alpha=alpha, n_total=n_total)
     max_l, max_a = max(sel.curve_latency_ms), max(sel.curve_accuracy)
     accs = dict(zip(sel.curve_n, sel.curve_accuracy, strict=True))
     spans = {n: utility_interval(measured[n], accs[n], alpha, max_l, max_a) for n in sel.curve_n}
-    low = spans[sel.n_star][0]
+    low = spans[sel.n_star][0] + tolerance * abs(sel.utility)
     rivals = [n for n in sel.curve_n if n != sel.n_star and spans[n][1] >= low]
     rivals.sort(key=lambda n: (-spans[n][1], -n))
     return sel.n_star, rivals, spans

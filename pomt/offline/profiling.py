@@ -139,7 +139,8 @@ def _sample(
         if accuracy is not None and search.retime_points:  # more timings where they decide n*
             found = known_period(points, search.period)
             again = retime(
-                measure, points, accuracy, alpha=search.alpha, budget=search.retime_points, period=found,
+                measure, points, accuracy, alpha=search.alpha, budget=search.retime_points,
+                tolerance=search.retime_tolerance, period=found,
                 on_point=on_point,
             )  # fmt: skip
             sampling += f", {len(again)} re-timed" if again else ""
