@@ -433,6 +433,10 @@ def test_selection_round_trips_through_a_dict():
     sel = pomt.select_r({2: 5.0, 4: 8.0, 6: 10.0}, {2: 0.2, 6: 0.7})
     again = pomt.Selection.from_dict(json.loads(json.dumps(sel.to_dict())))
     assert again == sel
+    saved_before = {
+        ("predicted_latency_ms" if k == "level_latency_ms" else k): v for k, v in sel.to_dict().items()
+    }
+    assert pomt.Selection.from_dict(saved_before) == sel  # JSON saved before the field's rename
     with pytest.raises(ValueError, match="missing"):
         pomt.Selection.from_dict({"r": 1})
 

@@ -28,7 +28,7 @@ def test_utility_argmax_on_hand_made_curves():
     assert (sel.n_star, sel.r, sel.n_total, sel.mode) == (3, 3, 6, "utility")
     assert sel.n_star == sel.n_total - sel.r
     assert sel.utility == pytest.approx(utility(3, 0.5))
-    assert sel.predicted_latency_ms == 5.0 and sel.predicted_accuracy == 0.5
+    assert sel.level_latency_ms == 5.0 and sel.predicted_accuracy == 0.5
     assert list(sel.curve_utility) == pytest.approx([utility(n, 0.5) for n in sorted(LAT)])
 
 

@@ -40,7 +40,7 @@ class Selection:
     entering the blocks (R = 0 keeps them all); ``unpruned_latency_ms`` is the latency at N.
 
     Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
-    n* (before denoising; ``predicted_latency_ms`` is the denoised level the choice used; the
+    n* (before denoising; ``level_latency_ms`` is the denoised level the choice used; the
     predicted speed-up, ``speedup``, and the logged ``pomt/predicted_latency_ms`` use the median),
     while ``measured_speedup`` comes from the verification after the choice (``pomt.offline.verify``:
     the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
@@ -55,7 +55,7 @@ class Selection:
     mode: str
     alpha: float
     utility: float
-    predicted_latency_ms: float
+    level_latency_ms: float
     predicted_accuracy: float
     measured_latency_ms: float
     layer: int | None
@@ -154,7 +154,7 @@ class Selection:
             r=self.n_total - n,
             n_star=n,
             utility=self.curve_utility[i],
-            predicted_latency_ms=self.curve_latency_ms[i],
+            level_latency_ms=self.curve_latency_ms[i],
             predicted_accuracy=self.curve_accuracy[i],
             measured_latency_ms=self.curve_raw_latency_ms[i],
             retimed_latency_ms=None if n != self.n_star else self.retimed_latency_ms,
@@ -169,7 +169,10 @@ class Selection:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Selection:
-        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored)."""
+        """Inverse of ``to_dict`` (JSON lists become tuples; derived keys are ignored; a dict saved
+        before ``level_latency_ms`` was named so holds it as ``predicted_latency_ms``)."""
+        if "level_latency_ms" not in data and "predicted_latency_ms" in data:
+            data = {**data, "level_latency_ms": data["predicted_latency_ms"]}
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - set(data))
@@ -305,7 +308,7 @@ def select_r(
         mode=mode,
         alpha=float(alpha),
         utility=util[best],
-        predicted_latency_ms=lat_used[best],
+        level_latency_ms=lat_used[best],
         predicted_accuracy=acc_used[best],
         measured_latency_ms=raw[best],
         layer=lcurve.layer,
