@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.selection_speed import synthetic_accuracy  # noqa: E402
+from benchmarks.timing_spread import round_robin  # noqa: E402
 from pomt import Console, Reuse, Target, Timing  # noqa: E402
 from pomt.models import token_layout  # noqa: E402
 from pomt.offline.curves import interpolate, isotonic_increasing  # noqa: E402
@@ -42,7 +43,7 @@ from pomt.offline.grid import full_grid  # noqa: E402
 from pomt.offline.profiles import AccuracyPoint, AccuracyProfile  # noqa: E402
 from pomt.offline.profiling import profile_latency  # noqa: E402
 from pomt.offline.selection import utility  # noqa: E402
-from pomt.timing import median_interval, time_paired  # noqa: E402
+from pomt.timing import median_interval  # noqa: E402
 from pomt.weights import create_model, weights_fingerprint  # noqa: E402
 
 
@@ -54,17 +55,8 @@ def judge(
     model: torch.nn.Module, target: Target, ns: list[int], rounds: int
 ) -> dict[int, tuple[float, float, float]]:
     """n -> (median, low, high) of L(n)/L(N) over ``rounds`` round-robin timings of every n."""
-    pooled: dict[int, list[float]] = {n: [] for n in ns}
-    with target.prepare(model, layer=3) as prepared:
-        reference = prepared.at(prepared.n_total)
-        rng = random.Random(1)
-        for _ in range(rounds):
-            for n in rng.sample(ns, len(ns)):
-                call = prepared.at(n)
-                ratios, _ = time_paired(call.run, reference.run, device=prepared.device, prepare=call.setup,
-                                        prepare_reference=reference.setup)  # fmt: skip
-                pooled[n].extend(ratios)
-    return {n: median_interval(v) for n, v in pooled.items()}
+    timings = round_robin(model, target, ns, rounds, seed=1)
+    return {n: median_interval([r for ratios in timings[n] for r in ratios]) for n in ns}
 
 
 def main() -> int:

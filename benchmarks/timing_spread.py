@@ -29,6 +29,24 @@ from pomt.timing import TimingStats, median_interval, time_paired  # noqa: E402
 from pomt.weights import create_model  # noqa: E402
 
 
+def round_robin(
+    model: torch.nn.Module, target: Target, ns: list[int], rounds: int, seed: int = 0
+) -> dict[int, list[list[float]]]:
+    """n -> the ratios L(n)/L(N) of each of ``rounds`` timings (one per round, every n once a round,
+    in a seeded order), each timed as a profile point is."""
+    timings: dict[int, list[list[float]]] = {n: [] for n in ns}
+    with target.prepare(model, layer=3) as prepared:
+        reference = prepared.at(prepared.n_total)
+        rng = random.Random(seed)
+        for _ in range(rounds):
+            for n in rng.sample(ns, len(ns)):
+                call = prepared.at(n)
+                ratios, _ = time_paired(call.run, reference.run, device=prepared.device, prepare=call.setup,
+                                        prepare_reference=reference.setup)  # fmt: skip
+                timings[n].append(ratios)
+    return timings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -41,17 +59,8 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = create_model("deit_small_patch16_224", pretrained=False).eval()
-    groups: dict[int, list[list[float]]] = {n: [] for n in args.n}
     t0 = time.time()
-    with Target(batch_size=args.batch, runtime=args.runtime).prepare(model, layer=3) as prepared:
-        reference = prepared.at(prepared.n_total)
-        rng = random.Random(0)
-        for _ in range(args.rounds):
-            for n in rng.sample(args.n, len(args.n)):
-                call = prepared.at(n)
-                ratios, _ = time_paired(call.run, reference.run, device=prepared.device, prepare=call.setup,
-                                        prepare_reference=reference.setup)  # fmt: skip
-                groups[n].append(ratios)
+    groups = round_robin(model, Target(batch_size=args.batch, runtime=args.runtime), args.n, args.rounds)
     print(f"{args.runtime} batch {args.batch}: {args.rounds} timings per n, {time.time() - t0:.0f} s")
     for n, timings in groups.items():
         medians = [statistics.median(g) for g in timings]

@@ -21,6 +21,7 @@ __all__ = [
     "UnavailableError",
     "MissingExtraError",
     "is_int",
+    "is_fraction",
     "require",
 ]
 
@@ -64,6 +65,11 @@ class MissingExtraError(PomtError, ImportError):
 def is_int(value: object) -> bool:
     """An ``int`` and not a ``bool`` (``True`` is an int to Python, never a count to us)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_fraction(value: object) -> bool:
+    """A real number (not a ``bool``) in [0, 1): a share of something, such as a tolerance."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
 
 
 def require(module: str, extra: str) -> ModuleType:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pomt.errors import PomtTypeError, PomtValueError, is_int
+from pomt.errors import PomtTypeError, PomtValueError, is_fraction, is_int
 from pomt.offline.profiles import AccuracyProfile, LatencyProfile
 from pomt.offline.selection import Selection, check_objective, select_r
 from pomt.timing import MIN_RUN_TIME, Timing
@@ -133,11 +133,7 @@ class SearchConfig:
         _positive("verify_pairs", self.verify_pairs, allow_none=False)
         _positive("verify_candidates", self.verify_candidates, allow_none=False)
         _positive("verify_groups", self.verify_groups, allow_none=False)
-        if (
-            isinstance(self.retime_tolerance, bool)
-            or not isinstance(self.retime_tolerance, (int, float))
-            or not (0 <= self.retime_tolerance < 1)
-        ):
+        if not is_fraction(self.retime_tolerance):
             raise PomtValueError(
                 f"retime_tolerance must be a fraction in [0, 1), got {self.retime_tolerance!r}"
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from pomt.errors import PomtValueError
+from pomt.errors import PomtValueError, is_fraction
 from pomt.offline.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
 from pomt.offline.selection import TIE_DECIMALS, check_objective, select_r, utility
 from pomt.timing import TimingStats, median_interval
@@ -238,7 +238,7 @@ def retime(
     """
     if not is_budget(budget):
         raise PomtValueError(f"the re-timing budget must be a non-negative int, got {budget!r}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+    if not is_fraction(tolerance):
         raise PomtValueError(f"the re-timing tolerance must be a fraction in [0, 1), got {tolerance!r}")
     lo, hi = min(measured), max(measured)
     taken: list[int] = []
@@ -319,7 +319,7 @@ def utility_interval(
 
 
 def _rivals(
-    measured: dict[int, TimingStats], accuracy: object, alpha: float, n_total: int, tolerance: float = 0.0
+    measured: dict[int, TimingStats], accuracy: object, alpha: float, n_total: int, tolerance: float
 ) -> tuple[int, list[int], dict[int, tuple[float, float]]]:
     """The leader n*, the points whose utility intervals reach more than ``tolerance`` (a
     fraction of its utility) above the low end of its own (strongest first), and every point's
