@@ -258,3 +258,49 @@ def test_a_bad_retime_tolerance_is_refused():
         retime(lambda n: measured[n], measured, ACC, tolerance=1.5)
     with pytest.raises(ValueError, match="retime_tolerance"):
         SearchConfig(retime_tolerance=-0.1)
+
+
+def test_between_timings_pools_the_spread_of_each_points_timings():
+    # n = 10 timed 3 times (medians 1, e, e^2 in log: 0, 1, 2), n = 20 twice (medians e^0.5, e^1.5),
+    # n = 30 once (no spread of its own)
+    groups = {
+        10: [[1.0] * 3, [math.e] * 5, [math.e**2] * 4],
+        20: [[math.e**0.5] * 2, [math.e**1.5] * 2],
+        30: [[7.0]],
+    }
+    measured = {n: TimingStats.from_samples([v for g in gs for v in g]) for n, gs in groups.items()}
+    sizes = {n: [len(g) for g in gs] for n, gs in groups.items()}
+    spread, df = pomt.offline.grid.between_timings(measured, sizes)
+    assert df == 3  # (3 - 1) + (2 - 1)
+    assert spread == pytest.approx((1 + 0 + 1 + 0.25 + 0.25) / 3)
+    assert pomt.offline.grid.between_timings(measured, {n: s[:1] for n, s in sizes.items()}) == (0.0, 0)
+
+
+def test_timings_that_move_together_are_not_taken_for_a_decided_leader():
+    # every timing's samples agree to 0.1 %: on samples alone the first pass's leader is decided at
+    # once. Re-timing first learns how far whole timings move (the leader and its runner-up timed
+    # again): where they agree it stops there; where each timing lands up to 2 % off (the
+    # machine's moment), the intervals widen to that and re-timing goes on
+    true = {n: 10 + 0.1 * n for n in range(2, 66)}
+
+    def run(shift: float) -> list[int]:
+        rng = random.Random(4)
+
+        def timing(n: int) -> TimingStats:
+            moment = 1 + rng.uniform(-shift, shift)
+            return TimingStats.from_samples(
+                [true[n] * moment * (1 + rng.uniform(-0.001, 0.001)) for _ in range(7)]
+            )
+
+        first = {n: timing(n) for n in sorted({*range(2, 66, 2), 65})}
+        pool = {n: list(s.values_ms) for n, s in first.items()}
+
+        def measure(n: int) -> TimingStats:  # every timing of n so far, pooled (as the profiler's timers do)
+            pool.setdefault(n, []).extend(timing(n).values_ms)
+            return TimingStats.from_samples(pool[n])
+
+        return retime(measure, dict(first), ACC, alpha=0.5, budget=60)
+
+    still = run(0.0)
+    assert len(still) == pomt.offline.grid.MIN_TIMING_DF and len(set(still)) == 2
+    assert len(run(0.02)) > 2 * pomt.offline.grid.MIN_TIMING_DF

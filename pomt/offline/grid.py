@@ -10,6 +10,7 @@ largest steps first. Either way it stops at a point budget (9 % of the full grid
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable
 
 from pomt.errors import PomtValueError, is_fraction
@@ -24,9 +25,15 @@ __all__ = [
     "detect_period",
     "retime",
     "pooled",
+    "between_timings",
     "full_grid",
     "as_grid",
 ]
+
+Z95 = 1.96  # two-sided 95 % of a normal
+# degrees of freedom of the between-timing spread before re-timing may call a leader decided: the
+# leader and its runner-up timed again a few times (each 5-pair timing costs about 2 x 0.2 s)
+MIN_TIMING_DF = 3
 
 
 def coarse_grid(lo: int, hi: int, points: int) -> list[int]:
@@ -225,9 +232,12 @@ def retime(
     ``measure(n)`` times n again and returns everything measured at n so far (the samples
     pooled); ``measured`` is updated in place. The leader is :func:`pomt.select_r`'s n* on the
     points measured so far (utility at ``alpha`` with ``accuracy``). A point's utility interval
-    comes from the confidence interval of its median latency (its p25-p75 without samples). A
-    rival is a point whose interval reaches more than ``tolerance`` (a fraction of the leader's
-    utility) above the low end of the leader's: it might beat the leader by more than that.
+    comes from the confidence interval of its median latency (its p25-p75 without samples),
+    widened to what the spread *between* timings allows (:func:`between_timings`): samples
+    moments apart share the machine's state, so a point's k timings, not its samples, are its
+    independent measurements. A rival is a point whose interval reaches more than ``tolerance``
+    (a fraction of the leader's utility) above the low end of the leader's: it might beat the
+    leader by more than that.
 
     - With a sawtooth ``period`` P > 1, both sides of the steps next to the leader are timed
       first: m - 1, m and m + 1 for the multiples m of P just below and above it (then the same
@@ -235,6 +245,9 @@ def retime(
     - Then, one timing at a time, the point with the widest utility interval among the leader
       and its rivals is timed again, until no rival is left (the leader is decided to within
       ``tolerance``) or the budget is spent.
+    - The leader is decided only once the spread between timings is known (``MIN_TIMING_DF``
+      degrees of freedom): until then the leader or its runner-up, whichever was timed less,
+      is timed again. (A ``measure`` that does not pool, as a test's may, skips this.)
     """
     if not is_budget(budget):
         raise PomtValueError(f"the re-timing budget must be a non-negative int, got {budget!r}")
@@ -242,12 +255,26 @@ def retime(
         raise PomtValueError(f"the re-timing tolerance must be a fraction in [0, 1), got {tolerance!r}")
     lo, hi = min(measured), max(measured)
     taken: list[int] = []
+    sizes = {n: [len(s.values_ms)] for n, s in measured.items() if s.values_ms}  # samples per timing
+    pooling = True
 
     def take(n: int) -> None:
+        nonlocal pooling
+        before = len(measured[n].values_ms) if n in measured else 0
         measured[n] = measure(n)
+        added = len(measured[n].values_ms) - before
+        if added > 0:
+            sizes.setdefault(n, []).append(added)
+        elif measured[n].values_ms:  # the samples were replaced, not pooled: no timing spread
+            pooling, sizes[n] = False, [len(measured[n].values_ms)]
         taken.append(n)
         if on_point is not None:
             on_point(n, measured[n])
+
+    def rivals() -> tuple[int, list[int], dict[int, tuple[float, float]], int]:
+        spread, df = between_timings(measured, sizes)
+        counts = {n: len(c) for n, c in sizes.items()}
+        return (*_rivals(measured, accuracy, alpha, hi, tolerance, spread, counts), df)
 
     def sides(n: int) -> list[int]:  # both sides of the steps at the multiples of P next to n
         if not period or period < 2:
@@ -260,17 +287,45 @@ def retime(
             if len(taken) < budget and n not in measured:
                 take(n)
 
-    leader, _, _ = _rivals(measured, accuracy, alpha, hi, tolerance)
-    fill(sides(leader))
+    fill(sides(rivals()[0]))
     while len(taken) < budget:
-        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi, tolerance)
-        fill([k for n in (leader, *rivals) for k in sides(n)])
-        leader, rivals, spans = _rivals(measured, accuracy, alpha, hi, tolerance)
-        if not rivals or len(taken) >= budget:
+        leader, strong, _, _ = rivals()
+        fill([k for n in (leader, *strong) for k in sides(n)])
+        leader, strong, spans, df = rivals()
+        if len(taken) >= budget:
             break
+        if not strong:
+            if not pooling or df >= MIN_TIMING_DF or len(spans) < 2:
+                break
+            # decided on samples alone: time the leader or its runner-up again, to learn how far
+            # timings spread
+            runner = max((n for n in spans if n != leader), key=lambda n: (spans[n][1], n))
+            take(min((leader, runner), key=lambda n: (len(sizes.get(n, ())), n != leader)))
+            continue
         # the widest interval among the leader and its rivals: the measurement that narrows most
-        take(max((leader, *rivals), key=lambda n: (spans[n][1] - spans[n][0], n == leader, n)))
+        take(max((leader, *strong), key=lambda n: (spans[n][1] - spans[n][0], n == leader, n)))
     return taken
+
+
+def between_timings(measured: dict[int, TimingStats], sizes: dict[int, list[int]]) -> tuple[float, int]:
+    """The variance of one timing's log median latency about its point's mean, pooled over the
+    points timed more than once (``sizes[n]``: how many of ``measured[n]``'s samples, in order,
+    each timing of n took), and its degrees of freedom (0: no point was timed twice)."""
+    squares, df = 0.0, 0
+    for n, counts in sizes.items():
+        if len(counts) < 2:
+            continue
+        values, start, logs = measured[n].values_ms, 0, []
+        for count in counts:
+            median = statistics.median(values[start : start + count])
+            start += count
+            if median > 0:
+                logs.append(math.log(median))
+        if len(logs) >= 2:
+            mean = statistics.fmean(logs)
+            squares += sum((x - mean) ** 2 for x in logs)
+            df += len(logs) - 1
+    return (squares / df if df else 0.0), df
 
 
 def known_period(points: dict[int, TimingStats], period: int | str | None) -> int:
@@ -308,26 +363,40 @@ def is_budget(value: object) -> bool:
 
 
 def utility_interval(
-    stats: TimingStats, acc: float, alpha: float, max_l: float, max_a: float
+    stats: TimingStats, acc: float, alpha: float, max_l: float, max_a: float, half: float = 0.0
 ) -> tuple[float, float]:
-    """The utility of a point at the ends of the confidence interval of its median latency."""
+    """The utility of a point at the ends of the confidence interval of its median latency,
+    widened to at least the median x exp(+-``half``) (a half-width in log latency)."""
     if len(stats.values_ms) >= 2:
         _, low, high = median_interval(stats.values_ms)
     else:
         low, high = stats.p25_ms, stats.p75_ms
+    low, high = min(low, stats.median_ms * math.exp(-half)), max(high, stats.median_ms * math.exp(half))
     return utility(high, acc, alpha, max_l, max_a), utility(low, acc, alpha, max_l, max_a)
 
 
 def _rivals(
-    measured: dict[int, TimingStats], accuracy: object, alpha: float, n_total: int, tolerance: float
+    measured: dict[int, TimingStats],
+    accuracy: object,
+    alpha: float,
+    n_total: int,
+    tolerance: float,
+    spread: float,
+    timings: dict[int, int],
 ) -> tuple[int, list[int], dict[int, tuple[float, float]]]:
     """The leader n*, the points whose utility intervals reach more than ``tolerance`` (a
     fraction of its utility) above the low end of its own (strongest first), and every point's
-    utility interval."""
+    utility interval, at least the 95 % interval of the mean of a point's ``timings[n]``
+    timings whose log medians have variance ``spread``."""
     sel = select_r(measured, accuracy, alpha=alpha, n_total=n_total)
     max_l, max_a = max(sel.curve_latency_ms), max(sel.curve_accuracy)
     accs = dict(zip(sel.curve_n, sel.curve_accuracy, strict=True))
-    spans = {n: utility_interval(measured[n], accs[n], alpha, max_l, max_a) for n in sel.curve_n}
+    spans = {
+        n: utility_interval(
+            measured[n], accs[n], alpha, max_l, max_a, Z95 * math.sqrt(spread / timings.get(n, 1))
+        )
+        for n in sel.curve_n
+    }
     low = spans[sel.n_star][0] + tolerance * abs(sel.utility)
     rivals = [n for n in sel.curve_n if n != sel.n_star and spans[n][1] >= low]
     rivals.sort(key=lambda n: (-spans[n][1], -n))
