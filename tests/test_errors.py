@@ -33,7 +33,7 @@ def _failing_latency_command(monkeypatch, error: BaseException) -> int:
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "_build_model", fail)
+    monkeypatch.setattr(cli.profiling, "build_model", fail)  # what profile-latency calls
     return cli.main(["profile-latency", "--model", "vit_tiny_patch16_224", "-o", "x.json"])
 
 
