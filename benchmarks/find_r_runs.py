@@ -73,7 +73,11 @@ def main() -> int:
         "--judge", nargs="+", default=None, metavar="X", help="SETUP N...: only judge these n*"
     )
     parser.add_argument("--full-grid", action="store_true", help="judge on every n, not only the chosen ones")
-    parser.add_argument("--out", default=None, help="append the table and rows (JSON) to this file stem")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the rows (JSON) and each run's latency profile under this file stem",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -124,6 +128,8 @@ def main() -> int:
             t0, before = time.time(), load()
             found = find_r(model, None, target=target, search=config, reuse=Reuse(accuracy_path=acc_path), console=Console(progress=False, log=lambda _line: None))  # fmt: skip
             runs.append((found, before, load(), time.time() - t0))
+            if args.out:  # every run's profile, with each point's samples: what it timed and how often
+                found.latency.save(Path(f"{args.out}_{runtime}_b{batch}_run{len(runs)}.json"))
             sel = found.selection
             print(f"  {setup} run {len(runs)}: R={sel.r} n*={sel.n_star} {sel.stability_line} "
                   f"({runs[-1][3]:.0f} s, load {before} -> {runs[-1][2]})", flush=True)  # fmt: skip
