@@ -32,7 +32,7 @@ __all__ = [
 
 Z95 = 1.96  # two-sided 95 % of a normal
 # degrees of freedom of the between-timing spread before re-timing may call a leader decided: the
-# leader and its runner-up timed again a few times (each 5-pair timing costs about 2 x 0.2 s)
+# leader and its runner-up timed again a few times (each timing costs its warm-up and its pairs)
 MIN_TIMING_DF = 3
 
 
