@@ -74,6 +74,13 @@ def main() -> int:
     )
     parser.add_argument("--full-grid", action="store_true", help="judge on every n, not only the chosen ones")
     parser.add_argument(
+        "--also",
+        nargs="+",
+        default=[],
+        metavar="SETUP:N,N",
+        help="judge these n beside a setup's choices (e.g. an earlier version's: torch:1:106,85)",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         help="write the rows (JSON) and each run's latency profile under this file stem",
@@ -134,9 +141,16 @@ def main() -> int:
             print(f"  {setup} run {len(runs)}: R={sel.r} n*={sel.n_star} {sel.stability_line} "
                   f"({runs[-1][3]:.0f} s, load {before} -> {runs[-1][2]})", flush=True)  # fmt: skip
         chosen = sorted({f.selection.n_star for f, *_ in runs}, reverse=True)
-        judgement = judged(runtime, batch, chosen)
+        also = [
+            int(n) for a in args.also if a.rsplit(":", 1)[0] == setup for n in a.rsplit(":", 1)[1].split(",")
+        ]
+        judgement = judged(runtime, batch, sorted(set(chosen) | set(also), reverse=True))
         u = {n: v[0] for n, v in judgement.items()}
-        best = max(u.values())
+        best = max(u[n] for n in chosen)  # the runs' own best: their spread is what is judged
+        if also:
+            print("also judged (gap to the runs' best): " + ", ".join(
+                f"n={n}: {100 * (best - u[n]) / best:+.2f} % (+-{50 * (judgement[n][1] - judgement[n][2]) / best:.2f})"
+                for n in sorted(set(also) - set(chosen))), flush=True)  # fmt: skip
         iso, grid_best = {}, None
         if args.full_grid:  # context: the whole curve at 1 s per point, made monotone in n
             grid = full_grid(layout.prefix + 1, layout.n_total)

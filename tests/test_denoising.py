@@ -111,3 +111,28 @@ def test_the_prediction_is_the_measured_medians_ratio_not_the_tied_level():
     assert sel.measured_latency_ms == medians[100]
     assert sel.speedup == pytest.approx(88.0 / 62.7)
     assert sel.unpruned_latency_ms == 88.0
+
+
+def test_a_gentle_rise_measured_densely_is_one_line_and_n_star_is_its_argmax():
+    # L(n) = 20 + 0.1 n with wiggles within a third of the 1 ms tolerance, timed every 2 tokens
+    # from 60 to 100; A(n) gains fast up to n = 80, slowly after: on the true line U peaks at 80.
+    # Flat pieces would lend their right ends their left ends' speed (n* = 84 then).
+    ns = [2, 40, *range(60, 101, 2), 140, 197]
+    wiggle = [0.3, -0.3, 0.1, -0.2, 0.25, -0.1, 0.0, 0.2, -0.25, 0.15, -0.05]
+    lat = {
+        n: _stats(20 + 0.1 * n + (wiggle[i % len(wiggle)] if 60 <= n <= 100 else 0.0), 1.0)
+        for i, n in enumerate(ns)
+    }
+    acc = {n: 0.5 + 0.004 * min(n, 80) + 0.0005 * max(0, n - 80) for n in range(1, 198)}
+    sel = select_r(lat, acc, alpha=0.5, n_total=197)
+    assert sel.n_star == 80
+    fitted = [lv for n, lv in zip(sel.curve_n, sel.curve_latency_ms, strict=True) if 60 <= n <= 100]
+    assert all(b > a for a, b in zip(fitted, fitted[1:], strict=False))  # one rising line, no level
+    assert max(abs(f - (20 + 0.1 * n)) for n, f in zip(range(60, 101, 2), fitted, strict=True)) < 0.2
+
+
+def test_a_step_larger_than_the_noise_is_never_smoothed_into_a_ramp():
+    # a staircase timed densely: 10 ms up to n = 96, 12 ms from 97 (tolerance 0.5 ms)
+    ns = list(range(80, 113))
+    fit = step_fit([10.0 if n <= 96 else 12.0 for n in ns], [0.5] * len(ns), ns)
+    assert fit == pytest.approx([10.0 if n <= 96 else 12.0 for n in ns])

@@ -53,7 +53,8 @@ def isotonic_increasing(values: Sequence[float], weights: Sequence[float] | None
 def step_fit(
     values: Sequence[float], noise: Sequence[float], positions: Sequence[float] | None = None
 ) -> list[float]:
-    """Piecewise-constant fit that only makes a level where the points are level.
+    """Piecewise fit that only makes a level where the points are level, and a line where they rise
+    steadily.
 
     ``values`` are medians in order of n, ``noise[i]`` the tie tolerance of point i (e.g. its
     IQR), ``positions`` the token counts (default 0, 1, 2, ...). Adjacent groups are merged,
@@ -67,10 +68,17 @@ def step_fit(
       tolerances (one noisy point cannot widen it).
 
     The second test is what keeps a steady rise a rise: each step of a smooth ramp may be
-    within the noise, but a level spanning more than one tolerance of the ramp is refused,
-    so the fit stays within about half a tolerance of a noiseless ramp. Wiggles within the
-    noise on a flat curve still become one level (they have no trend), real steps and real
-    dips larger than the noise survive.
+    within the noise, but a level spanning more than one tolerance of the ramp is refused.
+    Wiggles within the noise on a flat curve still become one level (they have no trend), real
+    steps and real dips larger than the noise survive.
+
+    Then the levels of a steady rise become one line. Levels alone would cut a gentle rise into
+    short flat pieces, each lending its right end its left end's speed: the utility's argmax
+    would land on whichever piece's end the noise favours (run to run, n* moved by up to 13
+    tokens on a smooth OpenVINO curve). A run of adjacent groups, three points or more, becomes a
+    ramp when each group follows the last within the tolerance of the two points that meet
+    there (no step) and one rising weighted least-squares line fits every member within its
+    own tolerance. On a ramp, every point's latency comes from all the ramp's samples.
     """
     if len(values) != len(noise):
         raise PomtValueError("step_fit: values and noise differ in length")
@@ -114,7 +122,51 @@ def step_fit(
     out: list[float] = []
     for (lo, hi), lv in zip(groups, levels, strict=True):
         out.extend([lv] * (hi - lo))
+    for lo, hi in _ramps(xs, ys, tols, ws, groups):
+        out[lo:hi] = _line(xs, ys, ws, lo, hi)
     return out
+
+
+def _line(xs: list[float], ys: list[float], ws: list[float], lo: int, hi: int) -> list[float]:
+    """The weighted least-squares line through points lo..hi - 1, at their positions."""
+    w, x, y = ws[lo:hi], xs[lo:hi], ys[lo:hi]
+    sw = sum(w)
+    mx = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / sw
+    my = sum(wi * yi for wi, yi in zip(w, y, strict=True)) / sw
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x, strict=True))
+    slope = (
+        sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y, strict=True)) / sxx if sxx > 0 else 0.0
+    )
+    return [my + slope * (xi - mx) for xi in x]
+
+
+def _ramps(
+    xs: list[float], ys: list[float], tols: list[float], ws: list[float], groups: list[list[int]]
+) -> list[tuple[int, int]]:
+    """The [start, stop) of each ramp: a run of adjacent groups (at least three points) that rises
+    from group to group by no more than the noise of the two neighbouring points, and that one
+    rising line fits, every member within its own tolerance. Runs grow from the left, as long as
+    both hold."""
+
+    def joins(k: int) -> bool:  # groups k and k + 1 are neighbours on a rise within the noise
+        i, j = groups[k][1] - 1, groups[k + 1][0]
+        return abs(ys[j] - ys[i]) <= max(tols[i], tols[j])
+
+    def fits(lo: int, hi: int) -> bool:
+        line = _line(xs, ys, ws, lo, hi)
+        rising = line[-1] > line[0]
+        return rising and all(abs(ys[k] - f) <= tols[k] for k, f in zip(range(lo, hi), line, strict=True))
+
+    found, k = [], 0
+    while k < len(groups):
+        end = k
+        while end + 1 < len(groups) and joins(end) and fits(groups[k][0], groups[end + 1][1]):
+            end += 1
+        lo, hi = groups[k][0], groups[end][1]
+        if end > k and hi - lo >= 3:
+            found.append((lo, hi))
+        k = end + 1
+    return found
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:

@@ -40,8 +40,8 @@ class Selection:
     entering the blocks (R = 0 keeps them all); ``unpruned_latency_ms`` is the latency at N.
 
     Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
-    n* (before denoising; ``level_latency_ms`` is the denoised level the choice used; the
-    predicted speed-up, ``speedup``, and the logged ``pomt/predicted_latency_ms`` use the median),
+    n* (before denoising; ``level_latency_ms`` is the denoised latency the choice used, a level
+    or a ramp's line; the predicted speed-up, ``speedup``, and the logged ``pomt/predicted_latency_ms`` use the median),
     while ``measured_speedup`` comes from the verification after the choice (``pomt.offline.verify``:
     the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
     its interval are those of the chosen R (None before verification and when R = 0 was
