@@ -143,10 +143,10 @@ def _line(xs: list[float], ys: list[float], ws: list[float], lo: int, hi: int) -
 def _ramps(
     xs: list[float], ys: list[float], tols: list[float], ws: list[float], groups: list[list[int]]
 ) -> list[tuple[int, int]]:
-    """The [start, stop) of each ramp: a run of adjacent groups (at least three points) that rises
-    from group to group by no more than the noise of the two neighbouring points, and that one
-    rising line fits, every member within its own tolerance. Runs grow from the left, as long as
-    both hold."""
+    """The [start, stop) of each ramp: a run of adjacent groups (at least three points) whose
+    neighbouring points, where two groups meet, differ by no more than the larger of their
+    tolerances (no step), and that one rising line fits, every member within its own tolerance.
+    Runs grow from the left, as long as both hold."""
 
     def joins(k: int) -> bool:  # groups k and k + 1 are neighbours on a rise within the noise
         i, j = groups[k][1] - 1, groups[k + 1][0]
