@@ -15,7 +15,7 @@ from pomt import Console, Reuse, SearchConfig, Target
 from pomt.offline.grid import retime
 from pomt.offline.profiles import LatencyPoint, LatencyProfile
 from pomt.offline.profiling import profile_latency
-from pomt.offline.stability import resample_points, stability
+from pomt.offline.stability import resample_points, stability, stability_text
 from pomt.timing import TimingStats
 
 ACC = {n: 0.8 * (1 - math.exp(-(n - 1) / 20)) for n in (2, 10, 20, 30, 40, 50, 60, 65)}
@@ -304,3 +304,14 @@ def test_timings_that_move_together_are_not_taken_for_a_decided_leader():
     still = run(0.0)
     assert len(still) == pomt.offline.grid.MIN_TIMING_DF and len(set(still)) == 2
     assert len(run(0.02)) > 2 * pomt.offline.grid.MIN_TIMING_DF
+
+
+def test_the_stability_line_says_when_the_runner_up_is_better_on_the_profile():
+    # verification can reject the utility's argmax and keep a smaller R: the runner-up's utility
+    # is then above n*'s, and the line must not read "within -3.4 %"
+    assert stability_text(81, 0.93, 200, 96, 0.05, 0.002) == (
+        "n* = 81 (chosen in 93 % of 200 resamples; runner-up n = 96, utility within 0.2 %)"
+    )
+    assert stability_text(34, 0.24, 100, 41, 0.5, -0.034) == (
+        "n* = 34 (chosen in 24 % of 100 resamples; runner-up n = 41, utility 3.4 % above n*'s)"
+    )
