@@ -14,7 +14,15 @@ import statistics
 from collections.abc import Callable, Iterable
 
 from pomt.errors import PomtValueError, is_fraction
-from pomt.offline.curves import as_curve, check_n, interpolate, isotonic_increasing, step_fit, validate_curve
+from pomt.offline.curves import (
+    ALIGN,
+    as_curve,
+    check_n,
+    interpolate,
+    isotonic_increasing,
+    step_fit,
+    validate_curve,
+)
 from pomt.offline.selection import TIE_DECIMALS, check_objective, select_r, utility
 from pomt.timing import TimingStats, median_interval
 
@@ -242,6 +250,9 @@ def retime(
     - With a sawtooth ``period`` P > 1, both sides of the steps next to the leader are timed
       first: m - 1, m and m + 1 for the multiples m of P just below and above it (then the same
       for each rival as it appears), so that no fast multiple or slow neighbour is guessed.
+      Without one, the multiples of ``ALIGN`` (16) just below and above each leader are timed:
+      a ripple smaller than one point's noise makes them faster than the trend, which the
+      latency fit can see only where they were timed (``step_fit``).
     - Then, one timing at a time, the point with the widest utility interval among the leader
       and its rivals is timed again, until no rival is left (the leader is decided to within
       ``tolerance``) or the budget is spent.
@@ -282,15 +293,22 @@ def retime(
         base = n - n % period
         return [k for m in (base, base + period) for k in (m - 1, m, m + 1) if lo <= k <= hi]
 
+    def aligned(n: int) -> list[int]:  # the multiples of ALIGN next to n, where no period is known
+        if period and period > 1:
+            return []
+        base = n - n % ALIGN
+        return [m for m in (base, base + ALIGN) if lo <= m <= hi]
+
     def fill(ns: Iterable[int]) -> None:
         for n in ns:
             if len(taken) < budget and n not in measured:
                 take(n)
 
-    fill(sides(rivals()[0]))
+    first = rivals()[0]
+    fill([*sides(first), *aligned(first)])
     while len(taken) < budget:
         leader, strong, _, _ = rivals()
-        fill([k for n in (leader, *strong) for k in sides(n)])
+        fill([*(k for n in (leader, *strong) for k in sides(n)), *aligned(leader)])
         leader, strong, spans, df = rivals()
         if len(taken) >= budget:
             break
