@@ -150,7 +150,9 @@ WIGGLE = [0.004, -0.003, 0.002, -0.004, 0.001, 0.003, -0.002, 0.0, -0.001, 0.004
 
 
 def _searched(truth) -> dict[int, TimingStats]:
-    return {n: _stats(truth(n) * (1 + WIGGLE[i % len(WIGGLE)]), 0.04 * truth(n)) for i, n in enumerate(SEARCHED)}
+    return {
+        n: _stats(truth(n) * (1 + WIGGLE[i % len(WIGGLE)]), 0.04 * truth(n)) for i, n in enumerate(SEARCHED)
+    }
 
 
 def test_a_ripple_below_one_points_noise_still_lands_n_star_on_the_fast_count():

@@ -41,7 +41,8 @@ class Selection:
 
     Two kinds of "measured": ``measured_latency_ms`` is the latency profile's raw median at
     n* (before denoising; ``level_latency_ms`` is the denoised latency the choice used, a level
-    or a ramp's line; the predicted speed-up, ``speedup``, and the logged ``pomt/predicted_latency_ms`` use the median),
+    or a ramp's line, less the ramp's offset at multiples of 16 where it has one; the predicted
+    speed-up, ``speedup``, and the logged ``pomt/predicted_latency_ms`` use the median),
     while ``measured_speedup`` comes from the verification after the choice (``pomt.offline.verify``:
     the pruned model timed side by side with the unpruned one). ``measured_speedup`` and
     its interval are those of the chosen R (None before verification and when R = 0 was
