@@ -585,3 +585,22 @@ def test_timing_in_a_narrower_dtype_leaves_the_weights_bit_for_bit():
     )
     assert weights_fingerprint(model) == fingerprint
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_profile_records_the_sawtooth_period_its_search_found(tmp_path):
+    model = make_tiny_vit(img_size=64)  # N = 65
+
+    def sawtooth(n: int) -> TimingStats:  # every multiple of 16 a fifth faster than the trend
+        return TimingStats.from_samples([(10.0 + 0.1 * n) * (0.8 if n % 16 == 0 else 1.0)] * 3)
+
+    lat = profile_latency(model, timing=sawtooth, progress=False)
+    assert lat.period == 16
+    assert LatencyProfile.load(lat.save(tmp_path / "lat.json")).period == 16
+    flat = profile_latency(
+        model, timing=lambda n: TimingStats.from_samples([10.0 + 0.1 * n] * 3), progress=False
+    )
+    assert flat.period == 0
+    # a profile saved before profiles carried a period loads without one
+    old = lat.to_dict()
+    del old["period"]
+    assert LatencyProfile.from_dict(old).period == 0

@@ -9,6 +9,7 @@ import pytest
 
 from pomt.offline.curves import isotonic_increasing, step_fit
 from pomt.offline.grid import adaptive_grid, default_max_points
+from pomt.offline.profiles import LatencyPoint, LatencyProfile
 from pomt.offline.selection import select_r
 from pomt.timing import TimingStats
 
@@ -243,3 +244,34 @@ def test_the_selection_never_keeps_a_dominated_token_count():
         assert sel.candidates[0] == sel.n_star and len(sel.candidates) > 1, kwargs
         for n in sel.candidates:  # n* and every fallback the verification may try
             assert all(lat[m] > lat[n] for m in lat if m > n), (kwargs, n)
+
+
+def test_a_detected_period_keeps_each_step_out_of_every_level():
+    # a sawtooth of period 16 whose search timed both sides of the step at 96, and measured 97
+    # only 1 % above 96, within their 2 % noise (seen in an OpenVINO bf16 run on an AMX CPU):
+    # fitted as one level, 97 takes 96's speed and wins by its one token more
+    def true(n: int) -> float:
+        return (6.5 + 0.04 * n) * (1 - 0.08 * (n % 16 == 0))
+
+    ns = [2, 16, 32, 48, 64, 80, 95, 96, 97, 104, 112, 113, 128, 144, 160, 176, 192, 197]
+    lat = {n: _stats_iqr(true(n), 0.02 * true(n)) for n in ns}
+    lat[97] = _stats_iqr(true(96) * 1.01, 0.02 * true(96))
+    acc = {n: 0.8 * (1 - math.exp(-(n - 1) / 39.2)) for n in range(1, 198)}
+    truth = select_r({n: true(n) for n in range(2, 198)}, acc, alpha=0.5, n_total=197, denoise=False)
+    assert truth.n_star == 96
+    assert select_r(lat, acc, alpha=0.5, n_total=197).n_star == 97  # no period known: one level
+    sel = select_r(lat, acc, alpha=0.5, n_total=197, period=16)
+    assert sel.n_star == 96
+    fitted = dict(zip(sel.curve_n, sel.curve_latency_ms, strict=True))
+    assert fitted[97] > fitted[96]
+    # the period a profile carries is the default
+    profile = LatencyProfile(
+        model="m", device="cpu", img_size=(224, 224), n_total=197, prefix=1, device_type="cpu", batch_size=1,
+        dtype="float32", layer=3, threads=1, cuda_graphs=False, sampling="fast", period=16,
+        points=[LatencyPoint.from_stats(n, s) for n, s in sorted(lat.items())],
+    )  # fmt: skip
+    assert select_r(profile, acc, alpha=0.5).n_star == 96
+
+
+def _stats_iqr(median: float, iqr: float) -> TimingStats:
+    return TimingStats(median, median - iqr, median - iqr / 2, median + iqr / 2, median + iqr, median, 8)

@@ -58,6 +58,7 @@ def step_fit(
     noise: Sequence[float],
     positions: Sequence[float] | None = None,
     align: int = ALIGN,
+    period: int = 0,
 ) -> list[float]:
     """Piecewise fit that only makes a level where the points are level, and a line where they rise
     steadily.
@@ -94,6 +95,12 @@ def step_fit(
     than two standard errors above zero, so the argmax can land on the fast count the ripple
     offers rather than where the slopes balance. ``align=0`` (and plain indices, no
     ``positions``) fit lines only.
+
+    ``period``: a sawtooth's period P that the search detected. A multiple of P is faster than
+    the count after it, a step the search times on purpose (both sides of it); a level never
+    joins the two, however close they were measured, so the slow side never takes the fast
+    side's speed. (Without a detected period, every multiple of 16 ending its level would cut a
+    flat noisy curve into pieces, one of which the noise makes fastest.)
     """
     if len(values) != len(noise):
         raise PomtValueError("step_fit: values and noise differ in length")
@@ -102,6 +109,7 @@ def step_fit(
         raise PomtValueError("step_fit: values and positions differ in length")
     ys = [float(v) for v in values]
     aligned = [align > 1 and positions is not None and x % align == 0 for x in xs]
+    steps = [period > 1 and positions is not None and x % period == 0 for x in xs]  # a step after each
     tols = [max(0.0, float(t)) for t in noise]
     ws = [1.0 / (t * t + (1e-3 * v) ** 2 + 1e-12) for v, t in zip(ys, tols, strict=True)]
     groups = [[i, i + 1] for i in range(len(ys))]  # [start, stop) of each group
@@ -111,6 +119,8 @@ def step_fit(
         return sum(wi * yi for wi, yi in zip(w, ys[lo:hi], strict=True)) / sum(w)
 
     def admissible(lo: int, hi: int) -> bool:
+        if any(steps[lo : hi - 1]):  # a multiple of the period ends its level
+            return False
         m = level(lo, hi)
         if any(abs(ys[k] - m) > tols[k] for k in range(lo, hi)):
             return False
@@ -268,6 +278,7 @@ class Curve:
     model: str | None
     layer: int | None
     precision: str | None = None
+    period: int = 0  # a sawtooth's period, as the profile's search found it (0: none)
 
     @property
     def grid(self) -> list[int]:
@@ -340,6 +351,7 @@ def as_curve(profile: object, what: str) -> Curve:
         getattr(profile, "model", None) or None,
         getattr(profile, "layer", None),
         getattr(profile, "precision", None) or None,
+        int(getattr(profile, "period", 0) or 0),
     )
 
 

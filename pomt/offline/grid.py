@@ -136,7 +136,12 @@ def adaptive_grid(
                 take(n)
     while len(measured) < max_points + extra:
         ns = sorted(measured)
-        levels = step_fit([measured[n].median_ms for n in ns], [measured[n].iqr_ms for n in ns], positions=ns)
+        levels = step_fit(
+            [measured[n].median_ms for n in ns],
+            [measured[n].iqr_ms for n in ns],
+            positions=ns,
+            period=period or 0,
+        )
         if acc_at is None:
             target = _largest_jump(ns, levels)
         else:
@@ -285,7 +290,7 @@ def retime(
     def rivals() -> tuple[int, list[int], dict[int, tuple[float, float]], int]:
         spread, df = between_timings(measured, sizes)
         counts = {n: len(c) for n, c in sizes.items()}
-        return (*_rivals(measured, accuracy, alpha, hi, tolerance, spread, counts), df)
+        return (*_rivals(measured, accuracy, alpha, hi, tolerance, spread, counts, period), df)
 
     def sides(n: int) -> list[int]:  # both sides of the steps at the multiples of P next to n
         if not period or period < 2:
@@ -401,12 +406,13 @@ def _rivals(
     tolerance: float,
     spread: float,
     timings: dict[int, int],
+    period: int = 0,
 ) -> tuple[int, list[int], dict[int, tuple[float, float]]]:
     """The leader n*, the points whose utility intervals reach more than ``tolerance`` (a
     fraction of its utility) above the low end of its own (strongest first), and every point's
     utility interval, at least the 95 % interval of the mean of a point's ``timings[n]``
     timings whose log medians have variance ``spread``."""
-    sel = select_r(measured, accuracy, alpha=alpha, n_total=n_total)
+    sel = select_r(measured, accuracy, alpha=alpha, n_total=n_total, period=period)
     max_l, max_a = max(sel.curve_latency_ms), max(sel.curve_accuracy)
     accs = dict(zip(sel.curve_n, sel.curve_accuracy, strict=True))
     spans = {

@@ -282,6 +282,9 @@ class LatencyProfile(_Profile):
     runtime: str = "torch"
     runtime_version: str = ""
     runtime_options: str = ""
+    # the sawtooth period the search found (0: none): the latency fit never joins a multiple of it
+    # to the count after it (``pomt.offline.curves.step_fit``)
+    period: int = 0
 
     @property
     def latency_ms(self) -> dict[int, float]:

@@ -105,9 +105,10 @@ def _sample(
     search: SearchConfig,
     accuracy: AccuracyProfile | None,
     progress: bool,
-) -> tuple[dict[int, TimingStats], str]:
+) -> tuple[dict[int, TimingStats], str, int]:
     """The points ``measure`` times: the search's ``grid`` in its order, or the adaptive grid
-    (guided by ``accuracy`` when given); and how they were chosen."""
+    (guided by ``accuracy`` when given); how they were chosen; and the sawtooth period the
+    search found (0: none)."""
     lo, n_total = layout.prefix + 1, layout.n_total
     grid = None if search.grid is None else as_grid(search.grid, lo, n_total)
     if grid is not None:
@@ -130,21 +131,21 @@ def _sample(
             for n in grid:
                 points[n] = measure(n)
                 on_point(n, points[n])
-            return points, "grid"
+            return points, "grid", known_period(points, search.period)
         points = adaptive_grid(
             measure, lo, n_total, coarse_points=search.coarse_points, max_points=search.max_points,
             period=search.period, accuracy=accuracy, alpha=search.alpha, on_point=on_point,
         )  # fmt: skip
         sampling = "fast" if accuracy is None else f"fast-guided(alpha={search.alpha:g})"
+        found = known_period(points, search.period)  # what the search detected
         if accuracy is not None and search.retime_points:  # more timings where they decide n*
-            found = known_period(points, search.period)
             again = retime(
                 measure, points, accuracy, alpha=search.alpha, budget=search.retime_points,
                 tolerance=search.retime_tolerance, period=found,
                 on_point=on_point,
             )  # fmt: skip
             sampling += f", {len(again)} re-timed" if again else ""
-        return points, sampling
+        return points, sampling, found
     finally:
         bar.close()
 
@@ -206,15 +207,17 @@ def latency_profile(
     if isinstance(measure, Prepared):
         timer = _Timer(measure, search.timing if timing is None else timing, device)
         fn = timer if timer.relative else pooled(timer)  # a relative timer pools its ratios itself
-        points, sampling = timer.final(*_sample(fn, layout, search, accuracy, progress))
+        points, sampling, period = _sample(fn, layout, search, accuracy, progress)
+        points, sampling = timer.final(points, sampling)
         record = measure.record()
     else:
-        points, sampling = _sample(pooled(measure), layout, search, accuracy, progress)
+        points, sampling, period = _sample(pooled(measure), layout, search, accuracy, progress)
         threads = torch.get_num_threads() if device.type == "cpu" else None
         kernels = target.backend.kernels(device, target.torch_dtype) or f"{target.runtime} graph"
         record = dict(threads=threads, kernels=kernels)
     record = dict(precision=target.precision, cuda_graphs=False) | record
     return LatencyProfile(
+        period=period,
         model=model_name(vit),
         device=device_name(device),
         device_type=device.type,

@@ -256,6 +256,7 @@ def select_r(
     n_total: int | None = None,
     denoise: bool = True,
     latency_tolerance_ms: float | None = None,
+    period: int | None = None,
 ) -> Selection:
     """Pick R from a latency and an accuracy profile (or ``{n: value}`` dicts).
 
@@ -266,7 +267,9 @@ def select_r(
     ``latency_tolerance_ms`` (default: each point's measured IQR; 0 for plain numbers) are
     ties (see ``step_fit``) and accuracy is made non-decreasing in n. ``latency_budget_ms``
     and ``accuracy_floor`` (a fraction) switch to the constrained modes; giving both is an
-    error. Ties are broken as the module docstring says (larger n last).
+    error. Ties are broken as the module docstring says (larger n last). ``period``: the
+    sawtooth period the latency was searched with (default: the latency profile's ``period``;
+    0 for plain dicts), across whose steps no level is fitted.
     """
     check_objective(alpha, latency_budget_ms, accuracy_floor)
     lcurve, acurve, n_total = _checked_curves(lat, acc, n_total)
@@ -286,7 +289,7 @@ def select_r(
             noise = [float(latency_tolerance_ms)] * len(ns)
         else:
             noise = [lcurve.noise[n] for n in ns]
-        lat_used = step_fit(raw, noise, ns)
+        lat_used = step_fit(raw, noise, ns, period=lcurve.period if period is None else int(period))
     else:
         lat_used = list(raw)
     acc_used = [interpolate(acc_ns, acc_vals, n) for n in ns]
