@@ -115,6 +115,7 @@ def replay(lat: LatencyProfile, acc: dict[int, float], resamples: int, budget: i
 
         fn = pooled(measure)
         points = adaptive_grid(fn, lo, hi, accuracy=acc, alpha=alpha, period="auto")
+        found = known_period(points, "auto")  # what the search detected, as the profile records it
         retime(
             fn,
             points,
@@ -122,9 +123,9 @@ def replay(lat: LatencyProfile, acc: dict[int, float], resamples: int, budget: i
             alpha=alpha,
             budget=budget,
             tolerance=SearchConfig.retime_tolerance,
-            period=known_period(points, "auto"),
+            period=found,
         )
-        fast = select_r(points, acc, alpha=alpha, n_total=hi).n_star
+        fast = select_r(points, acc, alpha=alpha, n_total=hi, period=found).n_star
         timed.append(len(calls))
         for key, n in (("full", full), ("fast", fast), ("full_denoised", denoised)):
             picks[key].append(n)
