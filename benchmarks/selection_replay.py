@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.selection_speed import synthetic_accuracy  # noqa: E402
 from pomt.offline.config import SearchConfig  # noqa: E402
-from pomt.offline.grid import adaptive_grid, known_period, pooled, retime  # noqa: E402
+from pomt.offline.grid import SearchedPoints, adaptive_grid, known_period, pooled, retime  # noqa: E402
 from pomt.offline.profiles import LatencyProfile  # noqa: E402
 from pomt.offline.selection import select_r  # noqa: E402
 from pomt.timing import TimingStats  # noqa: E402
@@ -125,7 +125,7 @@ def replay(lat: LatencyProfile, acc: dict[int, float], resamples: int, budget: i
             tolerance=SearchConfig.retime_tolerance,
             period=found,
         )
-        fast = select_r(points, acc, alpha=alpha, n_total=hi, period=found).n_star
+        fast = select_r(SearchedPoints.of(points, found), acc, alpha=alpha, n_total=hi).n_star
         timed.append(len(calls))
         for key, n in (("full", full), ("fast", fast), ("full_denoised", denoised)):
             picks[key].append(n)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from pomt.offline.curves import isotonic_increasing, step_fit
-from pomt.offline.grid import adaptive_grid, default_max_points
+from pomt.offline.grid import SearchedPoints, adaptive_grid, default_max_points
 from pomt.offline.profiles import LatencyPoint, LatencyProfile
 from pomt.offline.selection import select_r
 from pomt.timing import TimingStats
@@ -260,17 +260,18 @@ def test_a_detected_period_keeps_each_step_out_of_every_level():
     truth = select_r({n: true(n) for n in range(2, 198)}, acc, alpha=0.5, n_total=197, denoise=False)
     assert truth.n_star == 96
     assert select_r(lat, acc, alpha=0.5, n_total=197).n_star == 97  # no period known: one level
-    sel = select_r(lat, acc, alpha=0.5, n_total=197, period=16)
-    assert sel.n_star == 96
-    fitted = dict(zip(sel.curve_n, sel.curve_latency_ms, strict=True))
-    assert fitted[97] > fitted[96]
-    # the period a profile carries is the default
+    # a profile carries the period its search detected
     profile = LatencyProfile(
         model="m", device="cpu", img_size=(224, 224), n_total=197, prefix=1, device_type="cpu", batch_size=1,
         dtype="float32", layer=3, threads=1, cuda_graphs=False, sampling="fast", period=16,
         points=[LatencyPoint.from_stats(n, s) for n, s in sorted(lat.items())],
     )  # fmt: skip
-    assert select_r(profile, acc, alpha=0.5).n_star == 96
+    sel = select_r(profile, acc, alpha=0.5)
+    assert sel.n_star == 96
+    fitted = dict(zip(sel.curve_n, sel.curve_latency_ms, strict=True))
+    assert fitted[97] > fitted[96]
+    # and so do the points the re-timing pass selects from
+    assert select_r(SearchedPoints.of(lat, 16), acc, alpha=0.5, n_total=197).n_star == 96
 
 
 def _stats_iqr(median: float, iqr: float) -> TimingStats:

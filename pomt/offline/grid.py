@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from pomt.errors import PomtValueError, is_fraction
 from pomt.offline.curves import (
@@ -23,6 +24,7 @@ from pomt.offline.curves import (
     step_fit,
     validate_curve,
 )
+from pomt.offline.profiles import LatencyPoint
 from pomt.offline.selection import TIE_DECIMALS, check_objective, select_r, utility
 from pomt.timing import TimingStats, median_interval
 
@@ -36,7 +38,22 @@ __all__ = [
     "between_timings",
     "full_grid",
     "as_grid",
+    "SearchedPoints",
 ]
+
+
+@dataclass(frozen=True)
+class SearchedPoints:
+    """What a search measured and the sawtooth period it detected (0: none), read by
+    ``select_r`` as it reads a latency profile (``points``, ``period``)."""
+
+    points: list[LatencyPoint]
+    period: int = 0
+
+    @classmethod
+    def of(cls, measured: dict[int, TimingStats], period: int = 0) -> SearchedPoints:
+        return cls([LatencyPoint.from_stats(n, s) for n, s in sorted(measured.items())], int(period or 0))
+
 
 Z95 = 1.96  # two-sided 95 % of a normal
 # degrees of freedom of the between-timing spread before re-timing may call a leader decided: the
@@ -412,7 +429,7 @@ def _rivals(
     fraction of its utility) above the low end of its own (strongest first), and every point's
     utility interval, at least the 95 % interval of the mean of a point's ``timings[n]``
     timings whose log medians have variance ``spread``."""
-    sel = select_r(measured, accuracy, alpha=alpha, n_total=n_total, period=period)
+    sel = select_r(SearchedPoints.of(measured, period), accuracy, alpha=alpha, n_total=n_total)
     max_l, max_a = max(sel.curve_latency_ms), max(sel.curve_accuracy)
     accs = dict(zip(sel.curve_n, sel.curve_accuracy, strict=True))
     spans = {

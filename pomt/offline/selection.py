@@ -256,7 +256,6 @@ def select_r(
     n_total: int | None = None,
     denoise: bool = True,
     latency_tolerance_ms: float | None = None,
-    period: int | None = None,
 ) -> Selection:
     """Pick R from a latency and an accuracy profile (or ``{n: value}`` dicts).
 
@@ -267,9 +266,9 @@ def select_r(
     ``latency_tolerance_ms`` (default: each point's measured IQR; 0 for plain numbers) are
     ties (see ``step_fit``) and accuracy is made non-decreasing in n. ``latency_budget_ms``
     and ``accuracy_floor`` (a fraction) switch to the constrained modes; giving both is an
-    error. Ties are broken as the module docstring says (larger n last). ``period``: the
-    sawtooth period the latency was searched with (default: the latency profile's ``period``;
-    0 for plain dicts), across whose steps no level is fitted.
+    error. Ties are broken as the module docstring says (larger n last). A latency profile's
+    ``period`` (the sawtooth period its search detected) keeps each step out of every level
+    (see ``step_fit``); plain dicts have none.
     """
     check_objective(alpha, latency_budget_ms, accuracy_floor)
     lcurve, acurve, n_total = _checked_curves(lat, acc, n_total)
@@ -289,7 +288,7 @@ def select_r(
             noise = [float(latency_tolerance_ms)] * len(ns)
         else:
             noise = [lcurve.noise[n] for n in ns]
-        lat_used = step_fit(raw, noise, ns, period=lcurve.period if period is None else int(period))
+        lat_used = step_fit(raw, noise, ns, period=lcurve.period)
     else:
         lat_used = list(raw)
     acc_used = [interpolate(acc_ns, acc_vals, n) for n in ns]
