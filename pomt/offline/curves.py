@@ -149,63 +149,52 @@ def step_fit(
     for (lo, hi), lv in zip(groups, levels, strict=True):
         out.extend([lv] * (hi - lo))
     for lo, hi in _ramps(xs, ys, tols, ws, aligned, groups):
-        out[lo:hi] = _ramp_fit(xs, ys, ws, aligned, lo, hi)
+        out[lo:hi] = _ramp_fit(xs, ys, ws, aligned, lo, hi)[1]
     return out
 
 
-def _wls(
-    columns: list[list[float]], ys: list[float], ws: list[float]
-) -> tuple[list[float], list[list[float]]]:
-    """Weighted least squares: the coefficients and the inverse of X^T W X (singular: empty)."""
-    k = len(columns)
-    a = [
-        [sum(w * ci * cj for w, ci, cj in zip(ws, columns[i], columns[j], strict=True)) for j in range(k)]
-        for i in range(k)
-    ]
-    rhs = [sum(w * ci * y for w, ci, y in zip(ws, columns[i], ys, strict=True)) for i in range(k)]
-    m = [row[:] + [rhs[i]] + [float(i == j) for j in range(k)] for i, row in enumerate(a)]
-    for col in range(k):  # Gauss-Jordan with partial pivoting on [A | b | I]
-        pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) <= 1e-12 * max(1.0, abs(a[col][col])):
-            return [], []
-        m[col], m[pivot] = m[pivot], m[col]
-        scale = m[col][col]
-        m[col] = [v / scale for v in m[col]]
-        for r in range(k):
-            if r != col and m[r][col]:
-                f = m[r][col]
-                m[r] = [v - f * c for v, c in zip(m[r], m[col], strict=True)]
-    return [m[i][k] for i in range(k)], [m[i][k + 1 :] for i in range(k)]
+def _line(xs: list[float], ys: list[float], ws: list[float], lo: int, hi: int) -> list[float]:
+    """The weighted least-squares line through points lo..hi - 1, at their positions."""
+    w, x, y = ws[lo:hi], xs[lo:hi], ys[lo:hi]
+    sw = sum(w)
+    mx = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / sw
+    my = sum(wi * yi for wi, yi in zip(w, y, strict=True)) / sw
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x, strict=True))
+    slope = (
+        sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y, strict=True)) / sxx if sxx > 0 else 0.0
+    )
+    return [my + slope * (xi - mx) for xi in x]
 
 
 def _ramp_fit(
     xs: list[float], ys: list[float], ws: list[float], aligned: list[bool], lo: int, hi: int
-) -> list[float]:
-    """The ramp through points lo..hi - 1: the weighted least-squares line, less one offset at
-    the aligned counts where the ramp holds at least one of them and three others and its own
-    scatter (the residuals, weighted) puts the offset more than two standard errors above 0."""
-    w, x, y, al = ws[lo:hi], xs[lo:hi], ys[lo:hi], aligned[lo:hi]
-    sw = sum(w)
-    mx = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / sw
-    centred = [xi - mx for xi in x]
-    line, _ = _wls([[1.0] * len(x), centred], y, w)
-    plain = (
-        [line[0] + line[1] * c for c in centred]
-        if line
-        else [sum(wi * yi for wi, yi in zip(w, y, strict=True)) / sw] * len(x)
+) -> tuple[list[float], list[float]]:
+    """The ramp through points lo..hi - 1: its weighted least-squares line, and the fit it gets,
+    which is that line less one offset at the aligned counts where the ramp holds at least one of
+    them and three others and its own scatter puts the offset more than two standard errors above
+    0 (else the line itself).
+
+    The offset is the weighted regression of the line's residuals on the aligned marks' own
+    residuals from a line (the marks with the line projected out): the same estimate and
+    standard error as a least-squares fit of the line and the offset together."""
+    line = _line(xs, ys, ws, lo, hi)
+    marks = [float(a) for a in aligned[lo:hi]]
+    if sum(marks) < 1 or len(marks) - sum(marks) < 3:
+        return line, line
+    w = ws[lo:hi]
+    spread = [m - f for m, f in zip(marks, _line(xs[lo:hi], marks, w, 0, len(w)), strict=True)]
+    residual = [y - f for y, f in zip(ys[lo:hi], line, strict=True)]
+    den = sum(wi * u * u for wi, u in zip(w, spread, strict=True))
+    if den <= 1e-12:
+        return line, line
+    offset = -sum(wi * u * r for wi, u, r in zip(w, spread, residual, strict=True)) / den
+    scatter = sum(wi * (r + offset * u) ** 2 for wi, u, r in zip(w, spread, residual, strict=True)) / (
+        len(w) - 3
     )
-    n_aligned = sum(al)
-    if n_aligned < 1 or len(x) - n_aligned < 3:
-        return plain
-    beta, inverse = _wls([[1.0] * len(x), centred, [-float(a) for a in al]], y, w)
-    if not beta:
-        return plain
-    fit = [beta[0] + beta[1] * c - beta[2] * float(a) for c, a in zip(centred, al, strict=True)]
-    scatter = sum(wi * (yi - fi) ** 2 for wi, yi, fi in zip(w, y, fit, strict=True)) / (len(x) - 3)
-    level = sum(wi * yi for wi, yi in zip(w, y, strict=True)) / sw
-    if beta[2] <= max(2.0 * math.sqrt(max(0.0, scatter * inverse[2][2])), 1e-3 * abs(level)):
-        return plain
-    return fit
+    level = sum(wi * yi for wi, yi in zip(w, ys[lo:hi], strict=True)) / sum(w)
+    if offset <= max(2.0 * math.sqrt(max(0.0, scatter / den)), 1e-3 * abs(level)):
+        return line, line
+    return line, [f - offset * u for f, u in zip(line, spread, strict=True)]
 
 
 def _ramps(
@@ -226,10 +215,9 @@ def _ramps(
         return abs(ys[j] - ys[i]) <= max(tols[i], tols[j])
 
     def fits(lo: int, hi: int) -> bool:
-        line = _ramp_fit(xs, ys, ws, aligned, lo, hi)
-        rising = _ramp_fit(xs, ys, ws, [False] * len(xs), lo, hi)
-        return rising[-1] > rising[0] and all(
-            abs(ys[k] - f) <= tols[k] for k, f in zip(range(lo, hi), line, strict=True)
+        line, fit = _ramp_fit(xs, ys, ws, aligned, lo, hi)
+        return line[-1] > line[0] and all(
+            abs(ys[k] - f) <= tols[k] for k, f in zip(range(lo, hi), fit, strict=True)
         )
 
     found, k = [], 0
