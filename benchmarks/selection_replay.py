@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.selection_speed import synthetic_accuracy  # noqa: E402
 from pomt.offline.config import SearchConfig  # noqa: E402
-from pomt.offline.grid import SearchedPoints, adaptive_grid, known_period, pooled, retime  # noqa: E402
-from pomt.offline.profiles import LatencyProfile  # noqa: E402
+from pomt.offline.grid import adaptive_grid, known_period, pooled, retime  # noqa: E402
+from pomt.offline.profiles import LatencyProfile, SearchedPoints  # noqa: E402
 from pomt.offline.selection import select_r  # noqa: E402
 from pomt.timing import TimingStats  # noqa: E402
 

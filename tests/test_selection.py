@@ -8,8 +8,8 @@ import random
 import pytest
 
 from pomt.offline.curves import isotonic_increasing, step_fit
-from pomt.offline.grid import SearchedPoints, adaptive_grid, default_max_points
-from pomt.offline.profiles import LatencyPoint, LatencyProfile
+from pomt.offline.grid import adaptive_grid, default_max_points
+from pomt.offline.profiles import LatencyPoint, LatencyProfile, SearchedPoints
 from pomt.offline.selection import select_r
 from pomt.timing import TimingStats
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from pomt.errors import PomtValueError, is_fraction
 from pomt.offline.curves import (
@@ -24,7 +23,7 @@ from pomt.offline.curves import (
     step_fit,
     validate_curve,
 )
-from pomt.offline.profiles import LatencyPoint
+from pomt.offline.profiles import SearchedPoints
 from pomt.offline.selection import TIE_DECIMALS, check_objective, select_r, utility
 from pomt.timing import TimingStats, median_interval
 
@@ -38,21 +37,7 @@ __all__ = [
     "between_timings",
     "full_grid",
     "as_grid",
-    "SearchedPoints",
 ]
-
-
-@dataclass(frozen=True)
-class SearchedPoints:
-    """What a search measured and the sawtooth period it detected (0: none), read by
-    ``select_r`` as it reads a latency profile (``points``, ``period``)."""
-
-    points: list[LatencyPoint]
-    period: int = 0
-
-    @classmethod
-    def of(cls, measured: dict[int, TimingStats], period: int = 0) -> SearchedPoints:
-        return cls([LatencyPoint.from_stats(n, s) for n, s in sorted(measured.items())], int(period or 0))
 
 
 Z95 = 1.96  # two-sided 95 % of a normal

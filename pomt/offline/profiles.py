@@ -28,6 +28,7 @@ from pomt.timing import TimingStats, device_name
 __all__ = [
     "SCHEMA_VERSION",
     "LatencyPoint",
+    "SearchedPoints",
     "AccuracyPoint",
     "LatencyProfile",
     "AccuracyProfile",
@@ -57,6 +58,19 @@ class LatencyPoint(TimingStats):
     @classmethod
     def from_stats(cls, n: int, stats: TimingStats) -> LatencyPoint:
         return cls(n=int(n), values_ms=tuple(stats.values_ms), **stats.to_dict())
+
+
+@dataclass(frozen=True)
+class SearchedPoints:
+    """What a search measured and the sawtooth period it detected (0: none), read by
+    ``select_r`` as it reads a latency profile (``points``, ``period``)."""
+
+    points: list[LatencyPoint]
+    period: int = 0
+
+    @classmethod
+    def of(cls, measured: dict[int, TimingStats], period: int = 0) -> SearchedPoints:
+        return cls([LatencyPoint.from_stats(n, s) for n, s in sorted(measured.items())], int(period or 0))
 
 
 @dataclass(frozen=True)
