@@ -89,7 +89,7 @@ def step_fit(
 
     A line alone would also smooth away a ripple: token counts that are multiples of ``align``
     (16: what vector units and kernel tiles take without a remainder) run faster than the trend
-    on every CPU profile measured so far (eager fp32 by 1.5-2.3 %, OpenVINO by 1.4-6.6 %), less
+    on every stored CPU profile (eager fp32 by 1.5-3.0 %, OpenVINO by 1.4-6.6 %), less
     than the noise of one point but not of many. A ramp holding such a count and three others is
     fitted as a line less one offset there, kept only where the ramp's own scatter puts it more
     than two standard errors above zero, so the argmax can land on the fast count the ripple
